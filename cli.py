@@ -1,0 +1,194 @@
+"""rmix command line: click options mapped onto the frozen TrainConfig. Nothing else reads sys.argv."""
+import json
+import sys
+
+import click
+
+from rmix import config as C
+from rmix.checkpoint import CheckpointError
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError)
+
+
+class RmixGroup(click.Group):
+    """A click group whose errors are one line on stderr: `Error: <what>` and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from rmix.engine import TrainingError
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except USER_ERRORS as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except TrainingError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=RmixGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """rmix: RecursiveMix, Mixup and CutMix training with DALI pipelines and a fused mixing op."""
+
+
+# option name -> dotted TrainConfig field; None defaults mean "keep the config's value"
+TRAIN_OPTIONS = [
+    ("--data-dir", "data.data_dir", str, "ImageFolder root with train/ and val/ [default: the embedded synthetic set]"),
+    ("--model", "model", str, "model name, see `rmix models` [default: resnet8]"),
+    ("--epochs", "epochs", int, "number of epochs [default: 15]"),
+    ("--batch-size", "batch_size", int, "global batch size, split over processes [default: 128]"),
+    ("--lr", "optim.lr", float, "peak learning rate [default: 0.1]"),
+    ("--optimizer", "optim.optimizer", click.Choice(C.OPTIMIZERS), "[default: sgd]"),
+    ("--momentum", "optim.momentum", float, "SGD momentum [default: 0.9]"),
+    ("--nesterov/--no-nesterov", "optim.nesterov", None, "Nesterov momentum [default: on]"),
+    ("--weight-decay", "optim.weight_decay", float, "[default: 5e-4]"),
+    ("--schedule", "optim.schedule", click.Choice(C.SCHEDULES), "per-epoch lr schedule [default: cos]"),
+    ("--milestones", "optim.milestones", str, "step schedule epochs, comma separated, e.g. 150,225"),
+    ("--gamma", "optim.gamma", float, "step schedule factor [default: 0.1]"),
+    ("--warmup", "optim.warmup", int, "linear warmup epochs [default: 0]"),
+    ("--aug", "mix.policy", click.Choice(C.AUGS), "mixing policy [default: recursive_mix]"),
+    ("--aug-alpha", "mix.alpha", float, "RM area ratio bound / Mixup-CutMix Beta alpha [default: 0.5]"),
+    ("--aug-omega", "mix.omega", float, "RM consistency loss weight [default: 0.5]"),
+    ("--interpolate", "mix.interpolate", click.Choice(["nearest", "bilinear"]), "RM history resize [default: nearest]"),
+    ("--per-sample-boxes/--batch-box", "mix.per_sample", None, "RM: one box per image [default: one per batch]"),
+    ("--share-fc/--own-fc", "mix.share_fc", None, "RoI head reuses the classifier [default: own fc_roi]"),
+    ("--smoothing", "mix.smoothing", float, "label smoothing [default: 0]"),
+    ("--loader", "data.loader", click.Choice(C.LOADERS), "input pipeline [default: dali]"),
+    ("--dali-device", "data.dali_device", click.Choice(["auto", "cpu", "gpu"]), "DALI decode device [default: auto]"),
+    ("--crop-size", "data.crop_size", int, "train/val crop in pixels [default: 32]"),
+    ("--min-area", "data.min_area", float, "random-resized-crop minimum area [default: 0.25]"),
+    ("--val-resize", "data.val_resize", int, "val shorter side before the centre crop [default: 36]"),
+    ("--aug-plus/--no-aug-plus", "data.aug_plus", None, "colour jitter + PCA lighting [default: off]"),
+    ("--workers", "data.workers", int, "loader threads/workers per process [default: 2]"),
+    ("--device", "device", click.Choice(C.DEVICES), "[default: auto]"),
+    ("--amp", "amp", click.Choice(C.AMPS), "autocast dtype [default: auto = bf16 on cuda]"),
+    ("--seed", "seed", int, "[default: 0]"),
+    ("--out", "out", str, "run directory [default: runs/<model>-<aug>-<time>]"),
+    ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
+    ("--log-every", "log_every", int, "steps between progress lines [default: 20]"),
+    ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs [default: 0 = all]"),
+]
+
+
+def _option(flag, key, typ, help_):
+    dest = key.replace(".", "__")
+    if typ is None:
+        return click.option(flag, dest, default=None, help=help_)
+    return click.option(flag, dest, type=typ, default=None, help=help_)
+
+
+def train_options(f):
+    for flag, key, typ, help_ in reversed(TRAIN_OPTIONS):
+        f = _option(flag, key, typ, help_)(f)
+    return f
+
+
+def config_from_options(opts: dict, base=None) -> C.TrainConfig:
+    """Overlay the options the user gave (not None) onto `base`."""
+    changes = {}
+    for k, v in opts.items():
+        if v is None:
+            continue
+        key = k.replace("__", ".")
+        if key == "optim.milestones":
+            try:
+                v = tuple(int(m) for m in v.split(",") if m.strip())
+            except ValueError:
+                raise ValueError(f"--milestones: expected comma-separated epochs like 150,225, got {v!r}") from None
+        changes[key] = v
+    return C.replace(base or C.TrainConfig(), **changes)
+
+
+@cli.command()
+@train_options
+def train(**opts):
+    """Train a model; prints the best validation top-1 at the end."""
+    from rmix.engine import train as run
+    cfg = config_from_options(opts)
+    result = run(cfg)
+    click.echo(f"run directory: {result['run_dir']}")
+    click.echo(f"best val top-1: {result['best_top1']:.2f}%  (final {result['final_top1']:.2f}%)")
+
+
+@cli.command("eval")
+@click.option("--checkpoint", "path", required=True, help="checkpoint file (rmix, or the paper's layout with --model)")
+@click.option("--data-dir", default=None, help="ImageFolder root [default: the checkpoint's]")
+@click.option("--model", default=None, help="model name, for checkpoints without an rmix config")
+@click.option("--loader", type=click.Choice(C.LOADERS), default=None, help="[default: the checkpoint's]")
+@click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
+@click.option("--device", type=click.Choice(C.DEVICES), default="auto")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_cmd(path, data_dir, model, loader, batch_size, device, as_json):
+    """Evaluate a checkpoint on the validation split (top-1 / top-5 in percent)."""
+    from rmix.engine import evaluate_checkpoint
+    r = evaluate_checkpoint(path, data_dir=data_dir, model=model, loader=loader, batch_size=batch_size,
+                            device=device)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+                   f"({r['images']} images, {r['model']})")
+
+
+@cli.group()
+def data():
+    """Datasets: the embedded synthetic set."""
+
+
+@data.command()
+@click.option("--out", required=True, help="directory to write train/ and val/ into")
+@click.option("--classes", type=int, default=10, show_default=True)
+@click.option("--train-per-class", type=int, default=300, show_default=True)
+@click.option("--val-per-class", type=int, default=100, show_default=True)
+@click.option("--width", type=int, default=40, show_default=True, help="500 for ImageNet-sized files")
+@click.option("--height", type=int, default=40, show_default=True, help="375 for ImageNet-sized files")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality")
+def synth(out, classes, train_per_class, val_per_class, width, height, seed, quality):
+    """Write the deterministic synthetic JPEG dataset (ImageFolder layout)."""
+    from rmix.synth import synth_dataset
+    path = synth_dataset(out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                         width=width, height=height, seed=seed, quality=quality)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def models(as_json):
+    """List the models with their parameter counts (classifier included, RoI head excluded)."""
+    from rmix.models import count_parameters, list_models, build
+    import torch
+    rows = []
+    for name in list_models():
+        if name.startswith("timm/"):
+            continue
+        with torch.device("meta"):
+            m = build(name, 1000 if not _is_cifar(name) else 10)
+        rows.append({"name": name, "params": count_parameters(m), "num_classes": 1000 if not _is_cifar(name) else 10})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<22} {r['params'] / 1e6:8.2f}M  ({r['num_classes']} classes)")
+
+
+def _is_cifar(name):
+    return name.startswith(("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "pyramidnet"))
+
+
+@cli.group()
+def bench():
+    """Benchmarks: each prints the fused/new path beside its baseline, in one run."""
+
+
+def main():
+    cli(prog_name="rmix")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The fused RecursiveMix op: `recursive_mix`, Triton on CUDA tensors, the torch reference elsewhere."""
+from kernels.mix_ref import recursive_mix_ref
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def recursive_mix(images, history, targets, history_targets, boxes, *, mode="nearest",
+                  num_classes=None, mean=None, std=None, out=None, out_dtype=None, backend="auto"):
+    """Normalize `images`, paste resized `history` into `boxes`, mix the labels; one pass.
+
+    Returns (mixed_images (N, C, H, W), mixed_targets float32 (N, K), lam float32 (N,)).
+    See kernels/mix_ref.py for the exact contract.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if images.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        fn = recursive_mix_ref
+    else:
+        from kernels.mix_triton import recursive_mix_triton as fn  # lazy: Triton is GPU-only baggage
+    return fn(images, history, targets, history_targets, boxes, mode=mode, num_classes=num_classes,
+              mean=mean, std=std, out=out, out_dtype=out_dtype)
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,251 @@
+"""The training core: build everything from a TrainConfig, run the epochs, keep the run directory."""
+import contextlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmix import checkpoint, dist
+from rmix import config as C
+from rmix.config import TrainConfig, replace, to_dict, validate
+from rmix.data import make_loaders, resolve_data_dir
+from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
+from rmix.mixing import NoMix, build_policy, roi_boxes
+from rmix.models import build
+from rmix.progress import Progress
+from rmix.schedule import lr_at
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, ...); the message says where."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def amp_dtype(cfg, device):
+    """The autocast dtype, or None for fp32."""
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def build_optimizer(model, o):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def default_run_dir(cfg) -> Path:
+    return Path("runs") / f"{cfg.model}-{cfg.mix.policy}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress):
+    """One pass over `loader`; returns summed (loss, correct, images) as a tensor."""
+    model.train()
+    policy.reset()  # the paper's code clears the history at each epoch start
+    rm = cfg.mix.policy == "recursive_mix"
+    sums = torch.zeros(3, dtype=torch.float64)
+    for step, (images, targets) in enumerate(loader):
+        out = policy(images, targets)
+        h, w = out.images.shape[-2:]
+        with torch.autocast(out.images.device.type, dtype=amp, enabled=amp is not None):
+            if rm:
+                logits, roi_logits = model(out.images, roi_boxes(out, h, w))
+            else:
+                logits, roi_logits = model(out.images), None
+            loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
+                            out.lam, cfg.mix.omega)
+        if not torch.isfinite(loss):  # note: this is a CPU-GPU sync point
+            raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; stopping before the update")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        policy.remember(out.images, out.soft_targets, logits)
+        n = images.shape[0]
+        correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
+        sums += torch.stack([loss.detach().double().cpu() * n, correct.double().cpu(), torch.tensor(n, dtype=torch.float64)])
+        progress.update(n, loss=loss, lr=optimizer.param_groups[0]["lr"])
+        if cfg.max_steps and step + 1 >= cfg.max_steps:
+            break
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model, loader, normalize, amp, d=dist.Dist(), progress=None):
+    """Top-1 / top-5 in percent and mean loss over every image of `loader`, summed over ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for images, targets in loader:
+        x = normalize(images, targets)
+        with torch.autocast(x.images.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x.images)
+        c1, c5 = topk_correct(logits, targets)
+        loss = soft_cross_entropy(logits, x.soft_targets) * len(targets)
+        sums += torch.stack([c1.double().cpu(), c5.double().cpu(), loss.double().cpu(),
+                             torch.tensor(len(targets), dtype=torch.float64)])
+        if progress is not None:
+            progress.update(len(targets))
+    sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
+    n = max(sums[3].item(), 1)
+    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n,
+            "loss": sums[2].item() / n, "images": int(sums[3].item())}
+
+
+def _reduce_device(d):
+    return torch.device("cuda") if d.enabled and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def rng_state(policy):
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [v.tolist() if hasattr(v, "tolist") else v for v in np.random.get_state()], "policy": policy.generator.get_state()}
+
+
+def train(cfg: TrainConfig, *, show_progress=None) -> dict:
+    """Train as `cfg` says; returns {"best_top1", "final_top1", "run_dir", ...}."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    d = dist.setup(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed + d.rank)
+    root = resolve_data_dir(cfg.data.data_dir)
+    train_loader, val_loader = make_loaders(cfg, root, device, d.rank, d.world_size)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    cfg = replace(cfg, num_classes=train_loader.num_classes, out=str(run_dir), **{"data.data_dir": str(root)})
+
+    model = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc).to(device)
+    if cfg.mix.policy != "recursive_mix" and hasattr(model, "fc_roi"):
+        model.fc_roi.requires_grad_(False)  # unused without RM: frozen, so DDP sees no unused grads
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    amp = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)  # one history and RNG per rank
+    mix_kw = dict(smoothing=cfg.mix.smoothing, mean=cfg.data.mean, std=cfg.data.std, generator=gen,
+                  out_dtype=amp or torch.float32, channels_last=channels_last)
+    policy = build_policy(cfg.mix.policy, cfg.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
+                          interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample, **mix_kw)
+    normalize = NoMix(cfg.num_classes, mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32,
+                      channels_last=channels_last)
+
+    start, best, history = 1, -1.0, []
+    if cfg.resume:
+        start, best = _resume(cfg, run_dir, model, optimizer, scaler, policy)
+    raw_model = model
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    show = d.is_main if show_progress is None else (show_progress and d.is_main)
+    final = None
+    for epoch in range(start, cfg.epochs + 1):
+        lr = lr_at(epoch, cfg.optim.lr, cfg.epochs, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup,
+                   milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        with Progress(len(train_loader), f"epoch {epoch}/{cfg.epochs}", enabled=show,
+                      every=cfg.log_every) as bar:
+            sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar)
+        sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
+        seconds = time.perf_counter() - t0
+        val = evaluate(model, val_loader, normalize, amp, d)
+        final = val["top1"]
+        row = {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / sums[2].item(),
+               "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
+               "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
+        history.append(row)
+        if d.is_main:
+            is_best = val["top1"] > best
+            best = max(best, val["top1"])
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best,
+                       "config": to_dict(cfg), "rng": rng_state(policy)}
+            checkpoint.save(run_dir / "latest.pt", payload)
+            if is_best:
+                checkpoint.save(run_dir / "best.pt", payload)
+            if show:
+                Progress.line(f"epoch {epoch}: train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.1f}% | "
+                              f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% (best {best:.2f}%) | "
+                              f"{row['img_s']:.0f} img/s")
+        else:
+            best = max(best, val["top1"])
+        dist.barrier(d)
+    dist.cleanup(d)
+    return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
+            "config": to_dict(cfg)}
+
+
+def _resume(cfg, run_dir, model, optimizer, scaler, policy):
+    """Load model/optimizer/RNG state; returns (first epoch to run, best top-1 so far)."""
+    path = Path(cfg.resume)
+    if cfg.resume == "auto":
+        path = run_dir / "latest.pt"
+        if not path.is_file():
+            return 1, -1.0  # nothing to resume yet: a fresh start (torchrun restarts rely on this)
+    ckpt = checkpoint.read(path)
+    if ckpt["foreign"]:
+        raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
+    saved = ckpt["config"]
+    for field, now in (("model", cfg.model), ("num_classes", cfg.num_classes)):
+        if saved.get(field) != now:
+            raise ValueError(f"--resume: {path} was trained with {field}={saved.get(field)!r}, this run has {now!r}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    policy.generator.set_state(rng["policy"])
+    return ckpt["epoch"] + 1, ckpt["best_top1"]
+
+
+def evaluate_checkpoint(path, *, data_dir=None, model=None, loader=None, batch_size=None, device="auto"):
+    """Evaluate a checkpoint (rmix's, or the paper's layout with `model`) on the val split."""
+    from rmix.models import load_state_dict_flexible
+    ckpt = checkpoint.read(path)
+    if ckpt["foreign"]:
+        if model is None:
+            raise ValueError(f"--model: {path} has no rmix config, so name its model (see `rmix models`)")
+        cfg = TrainConfig(model=model)
+    else:
+        cfg = C.from_dict(ckpt["config"])
+    changes = {k: v for k, v in (("model", model), ("batch_size", batch_size), ("device", device),
+                                 ("data.data_dir", data_dir), ("data.loader", loader)) if v is not None}
+    cfg = replace(cfg, **changes)
+    dev = resolve_device(cfg.device)
+    root = resolve_data_dir(cfg.data.data_dir)
+    _, val_loader = make_loaders(cfg, root, dev)
+    num_classes = val_loader.num_classes
+    if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:
+        raise ValueError(f"--data-dir: {root} has {num_classes} classes, the checkpoint was trained on {cfg.num_classes}")
+    net = build(cfg.model, num_classes, share_fc=cfg.mix.share_fc).to(dev)
+    try:
+        load_state_dict_flexible(net, checkpoint.model_state(ckpt))
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"{path}: {e}") from None
+    normalize = NoMix(num_classes, mean=cfg.data.mean, std=cfg.data.std)
+    r = evaluate(net, val_loader, normalize, amp_dtype(cfg, dev))
+    return {**r, "model": cfg.model, "checkpoint": str(path), "data_dir": str(root)}

@@ -1,0 +1,267 @@
+"""Mixing policies: NoMix, Mixup, CutMix and RecursiveMix, one interface, one fused op underneath.
+
+    policy = RecursiveMix(num_classes=10, mean=MEAN, std=STD)
+    out = policy(images, targets)          # MixOut(images, soft_targets, boxes, lam)
+    logits, roi_logits = model(out.images, roi_boxes(out))
+    ...
+    policy.remember(out.images, out.soft_targets, logits)
+
+Images are uint8 (N, H, W, C) straight from a pipeline (then mean/std, pixel units, are
+required) or float (N, C, H, W) already normalized. Outputs are always normalized float NCHW.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+from kernels import recursive_mix
+
+
+class MixOut(NamedTuple):
+    images: torch.Tensor        # (N, C, H, W) float, normalized, mixed
+    soft_targets: torch.Tensor  # (N, K) float32, rows sum to 1
+    boxes: torch.Tensor         # (N, 4) int64 (x1, y1, x2, y2) pixels; all zero where nothing was pasted
+    lam: torch.Tensor           # (N,) float32, fraction of each image that is its own
+
+
+def smooth(targets, num_classes, smoothing):
+    """Class indices (N,) or probabilities (N, K) -> float32 (N, K), label-smoothed."""
+    if targets.dim() == 1:
+        soft = torch.nn.functional.one_hot(targets.long(), num_classes).float()
+    elif targets.dim() == 2 and targets.shape[1] == num_classes:
+        soft = targets.float()
+    else:
+        raise ValueError(f"targets: expected (N,) indices or (N, {num_classes}) probabilities, "
+                         f"got {tuple(targets.shape)}")
+    if smoothing:
+        soft = soft * (1 - smoothing) + smoothing / num_classes
+    return soft
+
+
+def sample_beta(alpha, generator=None):
+    """One draw of Beta(alpha, alpha) from a torch.Generator (torch's Beta takes none)."""
+    a = _sample_gamma(alpha, generator)
+    b = _sample_gamma(alpha, generator)
+    return a / (a + b) if a + b > 0 else 0.5
+
+
+def _sample_gamma(shape, generator):
+    # Marsaglia and Tsang (2000); shape < 1 is boosted: G(a) = G(a + 1) * U ** (1 / a)
+    boost = 1.0
+    if shape < 1:
+        boost = _rand(generator) ** (1.0 / shape)
+        shape += 1.0
+    d = shape - 1.0 / 3
+    c = 1.0 / math.sqrt(9 * d)
+    while True:
+        x = torch.randn((), generator=generator).item()
+        v = (1 + c * x) ** 3
+        if v <= 0:
+            continue
+        u = _rand(generator)
+        if math.log(max(u, 1e-300)) < 0.5 * x * x + d - d * v + d * math.log(v):
+            return d * v * boost
+
+
+def _rand(generator):
+    return torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def _randint(high, n, generator):
+    return torch.randint(0, high, (n,), generator=generator)
+
+
+def clip_boxes(cx, cy, cut_w, cut_h, h, w):
+    """The paper's clipping: (cx +- cut_w // 2, cy +- cut_h // 2) clipped to the image, int64 (N, 4)."""
+    x1 = (cx - cut_w // 2).clamp(0, w)
+    x2 = (cx + cut_w // 2).clamp(0, w)
+    y1 = (cy - cut_h // 2).clamp(0, h)
+    y2 = (cy + cut_h // 2).clamp(0, h)
+    return torch.stack([x1, y1, x2, y2], dim=1).long()
+
+
+class _Policy:
+    """What every policy shares: normalization, label smoothing, output dtype and layout, RNG."""
+
+    def __init__(self, num_classes, alpha=1.0, *, smoothing=0.0, mean=None, std=None,
+                 out_dtype=torch.float32, channels_last=False, generator=None, backend="auto"):
+        if num_classes < 1:
+            raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+        if alpha <= 0:
+            raise ValueError(f"alpha: must be > 0, got {alpha}")
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing: must be in [0, 1), got {smoothing}")
+        self.num_classes, self.alpha, self.smoothing = num_classes, alpha, smoothing
+        self.mean, self.std = mean, std
+        self.out_dtype, self.channels_last = out_dtype, channels_last
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.backend = backend
+
+    def _empty(self, n, c, h, w, device):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.empty((n, c, h, w), dtype=self.out_dtype, device=device, memory_format=fmt)
+
+    def _normalize(self, images, targets, out=None):
+        """Normalized float NCHW images and smoothed soft targets, via the fused op with no history."""
+        n, c, h, w = _dims(images)
+        out = self._empty(n, c, h, w, images.device) if out is None else out
+        soft = smooth(targets, self.num_classes, self.smoothing).to(images.device)
+        x, soft, lam = recursive_mix(images, None, soft, None, None, mean=self.mean, std=self.std,
+                                     out=out, backend=self.backend)
+        return x, soft, lam
+
+    def reset(self):
+        """Forget any state (only RecursiveMix has some)."""
+
+    def remember(self, images, soft_targets, logits):
+        """Called after the forward pass (only RecursiveMix uses it)."""
+
+
+def _dims(images):
+    if images.dim() != 4:
+        raise ValueError(f"images: expected a batched input with 4 dims, but got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        n, h, w, c = images.shape
+    else:
+        n, c, h, w = images.shape
+    return n, c, h, w
+
+
+def _no_boxes(n, device):
+    return torch.zeros((n, 4), dtype=torch.int64, device=device)
+
+
+class NoMix(_Policy):
+    """Normalize and one-hot (smoothed) labels; lam = 1. Also the eval-time transform."""
+
+    def __call__(self, images, targets):
+        x, soft, lam = self._normalize(images, targets)
+        return MixOut(x, soft, _no_boxes(x.shape[0], x.device), lam)
+
+
+class Mixup(_Policy):
+    """Mixup (Zhang et al. 2018): x = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha) per batch."""
+
+    def __call__(self, images, targets, lam=None):
+        x, soft, _ = self._normalize(images, targets)
+        n = x.shape[0]
+        lam = sample_beta(self.alpha, self.generator) if lam is None else float(lam)
+        perm = torch.randperm(n, generator=self.generator).to(x.device)
+        x = x.mul(lam).add_(x[perm], alpha=1 - lam)  # x[perm] is a copy, so in place is safe
+        soft = soft * lam + soft[perm] * (1 - lam)
+        lam_t = torch.full((n,), lam, dtype=torch.float32, device=x.device)
+        return MixOut(x, soft, _no_boxes(n, x.device), lam_t)
+
+
+class CutMix(_Policy):
+    """CutMix (Yun et al. 2019): paste the same box of x[perm]; lam from the clipped area."""
+
+    def __call__(self, images, targets, boxes=None):
+        x, soft, _ = self._normalize(images, targets)
+        n, _, h, w = x.shape
+        if boxes is None:
+            lam = sample_beta(self.alpha, self.generator)
+            r = math.sqrt(1.0 - lam)
+            cx, cy = _randint(w, 1, self.generator), _randint(h, 1, self.generator)
+            boxes = clip_boxes(cx, cy, int(w * r), int(h * r), h, w).expand(n, 4)
+        x1, y1, x2, y2 = (int(v) for v in boxes[0])  # one box per batch, as the paper
+        perm = torch.randperm(n, generator=self.generator).to(x.device)
+        x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
+        lam = 1.0 - max(x2 - x1, 0) * max(y2 - y1, 0) / (h * w)
+        soft = soft * lam + soft[perm] * (1 - lam)
+        lam_t = torch.full((n,), lam, dtype=torch.float32, device=x.device)
+        return MixOut(x, soft, boxes.to(x.device, torch.int64).contiguous(), lam_t)
+
+
+class RecursiveMix(_Policy):
+    """RecursiveMix (Yang et al. 2022): paste the whole previous mixed batch, resized, into a box.
+
+    History (mixed images, mixed soft targets, logits) is kept on the object: `remember` it after
+    the forward pass, `reset` it at each epoch start. While it is empty nothing is pasted (lam = 1).
+    The output buffer of step t is the history of step t+1, so two buffers alternate: no clone.
+    """
+
+    def __init__(self, num_classes, alpha=0.5, omega=0.5, interpolate="nearest", per_sample=False,
+                 smoothing=0.0, generator=None, **kw):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha: RecursiveMix needs 0 < alpha <= 1 (area ratio), got {alpha}")
+        if omega < 0:
+            raise ValueError(f"omega: must be >= 0, got {omega}")
+        if interpolate not in ("nearest", "bilinear"):
+            raise ValueError(f"interpolate: expected 'nearest' or 'bilinear', got {interpolate!r}")
+        super().__init__(num_classes, alpha, smoothing=smoothing, generator=generator, **kw)
+        self.omega, self.interpolate, self.per_sample = omega, interpolate, per_sample
+        self._buffers = []
+        self.reset()
+
+    def reset(self):
+        """Forget the history (the trainer calls this at each epoch start, as the paper's code)."""
+        self.history = self.history_targets = self.history_logits = None
+        self.prev_logits = None  # logits of the history rows used by the last call, for the loss
+
+    def remember(self, images, soft_targets, logits):
+        """Keep this step's mixed batch as the next step's history (detached, not copied)."""
+        self.history = images.detach()
+        self.history_targets = soft_targets.detach().float()
+        self.history_logits = logits.detach()
+
+    def sample_boxes(self, n, h, w):
+        """Boxes with side sqrt(U(0, alpha)) of the image side: one for the batch, or one per image."""
+        m = n if self.per_sample else 1
+        r = (torch.rand(m, generator=self.generator, dtype=torch.float64) * self.alpha).sqrt()
+        cut_w, cut_h = (w * r).long(), (h * r).long()  # int() truncates, as the paper
+        cx, cy = _randint(w, m, self.generator), _randint(h, m, self.generator)
+        return clip_boxes(cx, cy, cut_w, cut_h, h, w).expand(n, 4).contiguous()
+
+    def __call__(self, images, targets, boxes=None):
+        n, c, h, w = _dims(images)
+        if self.history is None:
+            self.prev_logits = None
+            x, soft, lam = self._normalize(images, targets, out=self._buffer(n, c, h, w, images.device))
+            return MixOut(x, soft, _no_boxes(n, x.device), lam)
+        if self.history.shape[0] < n:
+            raise ValueError(f"history: holds {self.history.shape[0]} images, the batch has {n}; "
+                             "call reset() when the batch size grows")
+        boxes = self.sample_boxes(n, h, w) if boxes is None else boxes.to(torch.int64)
+        boxes = boxes.to(images.device)
+        soft = smooth(targets, self.num_classes, self.smoothing).to(images.device)
+        x, soft, lam = recursive_mix(images, self.history, soft, self.history_targets, boxes,
+                                     mode=self.interpolate, mean=self.mean, std=self.std,
+                                     out=self._buffer(n, c, h, w, images.device), backend=self.backend)
+        self.prev_logits = self.history_logits[:n]
+        return MixOut(x, soft, boxes, lam)
+
+    def _buffer(self, n, c, h, w, device):
+        # Reuse a buffer of the right shape that is not the history being read; keep a few.
+        hist = self.history.data_ptr() if self.history is not None else None
+        for b in self._buffers:
+            if b.shape == (n, c, h, w) and b.device == device and b.data_ptr() != hist:
+                return b
+        b = self._empty(n, c, h, w, device)
+        self._buffers = ([x for x in self._buffers if x.data_ptr() == hist] + [b])[-3:]
+        return b
+
+
+POLICIES = {"none": NoMix, "mixup": Mixup, "cutmix": CutMix, "recursive_mix": RecursiveMix}
+
+
+def build_policy(name, num_classes, *, alpha, omega=0.5, interpolate="nearest", per_sample=False,
+                 **kw):
+    """The policy called `name` ("none" | "mixup" | "cutmix" | "recursive_mix")."""
+    if name not in POLICIES:
+        raise ValueError(f"aug: expected one of {tuple(POLICIES)}, got {name!r}")
+    if name == "recursive_mix":
+        return RecursiveMix(num_classes, alpha, omega, interpolate, per_sample, **kw)
+    return POLICIES[name](num_classes, alpha, **kw)
+
+
+def roi_boxes(out: MixOut, h, w):
+    """Boxes for the RoI head: the pasted box, or the whole image where nothing was pasted.
+
+    The full-image box keeps every RoI-head parameter in the graph every step (with zero loss
+    weight, since lam = 1 there), so DDP needs no find_unused_parameters.
+    """
+    b = out.boxes
+    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    full = torch.tensor([0, 0, w, h], dtype=b.dtype, device=b.device).expand_as(b)
+    return torch.where(empty[:, None], full, b)

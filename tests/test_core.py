@@ -1,0 +1,92 @@
+"""Schedules, losses, accuracy and the config tree."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmix import config as C
+from rmix.losses import consistency_loss, mix_loss, soft_cross_entropy, topk_correct
+from rmix.schedule import lr_at
+
+
+def test_warmup_matches_the_papers_logs():
+    # published CIFAR logs: epoch 1 at lr 0.041667 = 0.25 / 6 with a 5-epoch warmup
+    assert lr_at(1, 0.25, 300, schedule="step", warmup=5, milestones=(150, 225)) == pytest.approx(0.25 / 6)
+    assert lr_at(5, 0.25, 300, schedule="step", warmup=5, milestones=(150, 225)) == pytest.approx(0.25 * 5 / 6)
+
+
+@pytest.mark.parametrize("epoch,factor", [(6, 1), (150, 1), (151, 0.1), (225, 0.1), (226, 0.01), (300, 0.01)])
+def test_step_schedule(epoch, factor):
+    assert lr_at(epoch, 0.25, 300, schedule="step", warmup=5, milestones=(150, 225)) == pytest.approx(0.25 * factor)
+
+
+def test_cosine_schedule_starts_at_peak_after_warmup_and_decreases():
+    lrs = [lr_at(e, 0.2, 300, schedule="cos", warmup=5) for e in range(1, 301)]
+    assert lrs[5] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    assert 0 < lrs[-1] < 0.2 * 1e-3
+    assert lr_at(1, 0.1, 10) == pytest.approx(0.1)  # no warmup: first epoch at the peak
+
+
+def test_lr_at_rejects_bad_epoch():
+    with pytest.raises(ValueError, match="epoch"):
+        lr_at(0, 0.1, 10)
+
+
+def test_soft_cross_entropy_equals_cross_entropy_for_one_hot_and_smoothing():
+    logits = torch.randn(6, 5)
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    assert torch.allclose(soft_cross_entropy(logits, F.one_hot(t, 5).float()), F.cross_entropy(logits, t))
+    smoothed = F.one_hot(t, 5).float() * 0.9 + 0.1 / 5
+    assert torch.allclose(soft_cross_entropy(logits, smoothed), F.cross_entropy(logits, t, label_smoothing=0.1))
+
+
+def test_consistency_loss_weights_by_pasted_area():
+    roi, prev = torch.randn(4, 3), torch.randn(4, 3)
+    ce = -(F.softmax(prev, -1) * F.log_softmax(roi, -1)).sum(-1)
+    lam = torch.full((4,), 0.75)
+    assert torch.allclose(consistency_loss(roi, prev, lam, 0.5), 0.5 * 0.25 * ce.mean())
+    assert consistency_loss(roi, prev, torch.ones(4), 0.5) == 0
+
+
+def test_mix_loss_keeps_roi_in_graph_with_zero_weight():
+    logits = torch.randn(3, 4, requires_grad=True)
+    roi = torch.randn(3, 4, requires_grad=True)
+    soft = F.one_hot(torch.tensor([0, 1, 2]), 4).float()
+    loss = mix_loss(logits, roi, soft, None, torch.ones(3), 0.5)
+    loss.backward()
+    assert roi.grad is not None and torch.all(roi.grad == 0)
+    assert torch.allclose(loss, soft_cross_entropy(logits, soft))
+
+
+def test_topk_correct():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    t = torch.tensor([1, 2, 0])
+    c1, c5 = topk_correct(logits, t)
+    assert c1 == 1 and c5 == 3  # top-5 caps at K = 3
+    c1, c2 = topk_correct(logits, t, ks=(1, 2))
+    assert c2 == 2
+
+
+def test_config_roundtrip_and_dotted_replace():
+    cfg = C.replace(C.TrainConfig(), **{"mix.alpha": 0.3, "optim.milestones": (150, 225), "epochs": 7})
+    assert cfg.mix.alpha == 0.3 and cfg.epochs == 7
+    assert C.from_dict(C.to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown field 'bogus'"):
+        C.from_dict({**C.to_dict(cfg), "bogus": 1})
+
+
+@pytest.mark.parametrize("change,option", [
+    ({"mix.policy": "bogus"}, "--aug"), ({"epochs": 0}, "--epochs"), ({"batch_size": -1}, "--batch-size"),
+    ({"mix.alpha": 1.5}, "--aug-alpha"), ({"mix.alpha": 0.0}, "--aug-alpha"), ({"mix.omega": -0.1}, "--aug-omega"),
+    ({"optim.lr": 0}, "--lr"), ({"optim.warmup": 20, "epochs": 10}, "--warmup"), ({"mix.smoothing": 1.0}, "--smoothing"),
+    ({"data.val_resize": 8}, "--val-resize"), ({"data.min_area": 0}, "--min-area"),
+])
+def test_validate_names_the_option(change, option):
+    with pytest.raises(ValueError, match=option):
+        C.validate(C.replace(C.TrainConfig(), **change))
+
+
+def test_mixup_alpha_above_one_is_valid():
+    C.validate(C.replace(C.TrainConfig(), **{"mix.policy": "mixup", "mix.alpha": 2.0}))

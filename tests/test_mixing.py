@@ -1,0 +1,249 @@
+"""Mixing policies: parity with the paper's procedure, and properties."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmix.losses import mix_loss
+from rmix.mixing import CutMix, Mixup, NoMix, RecursiveMix, build_policy, roi_boxes, sample_beta
+from rmix.models import build
+
+MEAN, STD = (120.0, 110.0, 100.0), (60.0, 50.0, 70.0)
+K = 5
+
+
+def batch(n, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=g),
+            torch.randint(0, K, (n,), generator=g))
+
+
+def normalized(images):
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() - m) / s
+
+
+def paper_loop(steps, model, omega, mode):
+    """The paper's training-step mixing, as literally as DESIGN.md states it (loop locals)."""
+    old_inputs = old_targets = old_out = None
+    results = []
+    for step in steps:
+        if step == "reset":  # epoch start
+            old_inputs = old_targets = old_out = None
+            continue
+        (images, labels), (x1, y1, x2, y2) = step
+        inputs = normalized(images)  # the loader normalizes
+        targets = F.one_hot(labels, K).float()
+        bs, _, H, W = inputs.shape
+        lam, roi = 1.0, None
+        if old_inputs is not None:
+            if x2 - x1 > 0 and y2 - y1 > 0:
+                kw = {} if mode == "nearest" else {"align_corners": True}
+                inputs[:, :, y1:y2, x1:x2] = F.interpolate(old_inputs[:bs], size=(y2 - y1, x2 - x1), mode=mode, **kw)
+                roi = (x1, y1, x2, y2)
+            lam = 1 - (x2 - x1) * (y2 - y1) / (W * H)
+            targets = lam * targets + (1 - lam) * old_targets[:bs]
+        boxes = torch.tensor([roi if roi else (0, 0, W, H)] * bs)
+        logits, roi_logits = model(inputs, boxes)
+        loss = -(targets * F.log_softmax(logits, 1)).sum(1).mean()
+        if old_out is not None:
+            cons = -(F.softmax(old_out[:bs], 1) * F.log_softmax(roi_logits, 1)).sum(1).mean()
+            loss = loss + omega * (1 - lam) * cons
+        old_inputs, old_targets, old_out = inputs.clone().detach(), targets.clone(), logits.detach()
+        results.append((inputs, targets, lam, roi, loss))
+    return results
+
+
+def rmix_loop(steps, model, omega, mode):
+    policy = RecursiveMix(K, alpha=0.5, omega=omega, interpolate=mode, mean=MEAN, std=STD)
+    results = []
+    for step in steps:
+        if step == "reset":
+            policy.reset()
+            continue
+        (images, labels), box = step
+        n, h, w = images.shape[:3]
+        out = policy(images, labels, boxes=torch.tensor([box] * n))
+        logits, roi_logits = model(out.images, roi_boxes(out, h, w))
+        loss = mix_loss(logits, roi_logits, out.soft_targets, policy.prev_logits, out.lam, omega)
+        policy.remember(out.images, out.soft_targets, logits)
+        b = out.boxes[0].tolist()
+        results.append((out.images.clone(), out.soft_targets, out.lam, b if b[2] > b[0] and b[3] > b[1] else None, loss))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_parity_with_the_papers_procedure(mode):
+    torch.manual_seed(0)
+    model = build("resnet8", K)
+    h, w = 10, 14  # non-square: the paper's code crashes on a zero-area box here, we paste nothing
+    steps = [
+        (batch(4, h, w, 1), (0, 0, 3, 3)),      # first step: no history, box ignored
+        (batch(4, h, w, 2), (3, 2, 9, 7)),
+        (batch(4, h, w, 3), (5, 4, 5, 9)),      # zero width: nothing pasted, lam = 1
+        (batch(4, h, w, 4), (0, 6, 14, 10)),    # touches three borders
+        (batch(3, h, w, 5), (8, 0, 14, 4)),     # short last batch
+        "reset",
+        (batch(4, h, w, 6), (1, 1, 8, 8)),      # no history after the reset
+        (batch(4, h, w, 7), (2, 3, 13, 10)),
+    ]
+    want, got = paper_loop(steps, model, 0.5, mode), rmix_loop(steps, model, 0.5, mode)
+    assert len(want) == len(got)
+    tol = dict(rtol=0, atol=0) if mode == "nearest" else dict(rtol=1e-5, atol=1e-5)
+    for i, ((wi, wt, wl, wr, wloss), (gi, gt, gl, gr, gloss)) in enumerate(zip(want, got)):
+        torch.testing.assert_close(gi, wi, **tol, msg=f"images at step {i}")
+        torch.testing.assert_close(gt, wt, rtol=1e-6, atol=1e-6, msg=f"soft targets at step {i}")
+        assert torch.allclose(gl, torch.full_like(gl, wl), atol=1e-7), f"lam at step {i}"
+        assert gr == (list(wr) if wr else None), f"roi box at step {i}"
+        torch.testing.assert_close(gloss, wloss, rtol=1e-5, atol=1e-5, msg=f"loss at step {i}")
+
+
+def test_empty_history_is_normalization():
+    images, labels = batch(3, 8, 9, 0)
+    out = RecursiveMix(K, mean=MEAN, std=STD)(images, labels)
+    torch.testing.assert_close(out.images, normalized(images), rtol=0, atol=0)
+    assert torch.equal(out.soft_targets, F.one_hot(labels, K).float())
+    assert torch.all(out.lam == 1) and torch.all(out.boxes == 0)
+
+
+def test_lam_is_one_minus_box_area_and_targets_sum_to_one():
+    policy = RecursiveMix(K, alpha=1.0, per_sample=True, mean=MEAN, std=STD,
+                          generator=torch.Generator().manual_seed(3))
+    policy.remember(normalized(batch(6, 12, 16, 1)[0]), torch.softmax(torch.randn(6, K), 1), torch.randn(6, K))
+    for seed in range(5):
+        out = policy(*batch(6, 12, 16, seed))
+        b = out.boxes
+        area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).float()
+        torch.testing.assert_close(out.lam, 1 - area / (12 * 16))
+        torch.testing.assert_close(out.soft_targets.sum(1), torch.ones(6))
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= 16).all() and (b[:, 1] >= 0).all() and (b[:, 3] <= 12).all()
+        policy.remember(out.images, out.soft_targets, torch.randn(6, K))
+
+
+def test_remember_detaches_and_reset_clears():
+    policy = RecursiveMix(K, mean=MEAN, std=STD)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True) * 2
+    logits = torch.randn(2, K, requires_grad=True) * 1
+    policy.remember(x, torch.full((2, K), 1 / K, requires_grad=True), logits)
+    assert not policy.history.requires_grad and not policy.history_logits.requires_grad
+    assert not policy.history_targets.requires_grad
+    policy.reset()
+    assert policy.history is None and policy.history_logits is None
+
+
+def test_short_last_batch_still_mixes_and_label_smoothing_applies_first():
+    policy = RecursiveMix(K, alpha=1.0, smoothing=0.1, mean=MEAN, std=STD)
+    first = policy(*batch(4, 8, 8, 0))
+    policy.remember(first.images, first.soft_targets, torch.randn(4, K))
+    images, labels = batch(2, 8, 8, 1)
+    out = policy(images, labels, boxes=torch.tensor([[0, 0, 4, 4]] * 2))
+    assert out.images.shape == (2, 3, 8, 8)
+    smoothed = F.one_hot(labels, K).float() * 0.9 + 0.1 / K
+    torch.testing.assert_close(out.soft_targets, 0.75 * smoothed + 0.25 * first.soft_targets[:2])
+    assert policy.prev_logits.shape == (2, K)
+
+
+def test_output_buffer_alternates_without_clobbering_history():
+    policy = RecursiveMix(K, alpha=1.0, mean=MEAN, std=STD)
+    outs = []
+    for seed in range(4):
+        out = policy(*batch(3, 8, 8, seed), boxes=torch.tensor([[0, 0, 4, 4]] * 3))
+        saved = out.images.clone()
+        policy.remember(out.images, out.soft_targets, torch.randn(3, K))
+        outs.append((out.images, saved))
+    # step t's buffer is step t+1's history: it must be intact when step t+1 reads it
+    assert outs[1][0].data_ptr() != outs[2][0].data_ptr()
+    assert outs[0][0].data_ptr() == outs[2][0].data_ptr()  # two buffers alternate, no clone
+    torch.testing.assert_close(outs[3][0], outs[3][1])
+
+
+def test_box_side_distribution_matches_sqrt_uniform():
+    """Two-sample KS test: rmix's clipped box areas vs the paper's numpy procedure, n = 20000."""
+    alpha, H, W, n = 0.5, 64, 48, 20000
+    policy = RecursiveMix(K, alpha=alpha, per_sample=True, generator=torch.Generator().manual_seed(0))
+    b = policy.sample_boxes(n, H, W)
+    ours = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).double().numpy() / (H * W)
+    rng = np.random.default_rng(1)
+    r = np.sqrt(rng.uniform(0, alpha, n))
+    cw, ch = (W * r).astype(int), (H * r).astype(int)
+    cx, cy = rng.integers(W, size=n), rng.integers(H, size=n)
+    x1, x2 = np.clip(cx - cw // 2, 0, W), np.clip(cx + cw // 2, 0, W)
+    y1, y2 = np.clip(cy - ch // 2, 0, H), np.clip(cy + ch // 2, 0, H)
+    theirs = (x2 - x1) * (y2 - y1) / (H * W)
+    grid = np.union1d(ours, theirs)
+    d = np.max(np.abs(np.searchsorted(np.sort(ours), grid, "right") / n
+                      - np.searchsorted(np.sort(theirs), grid, "right") / n))
+    assert d < 1.95 * math.sqrt(2 / n), f"KS statistic {d:.4f}"  # p > 0.001
+    assert ours.max() <= alpha + 1e-9
+    # and the unclipped side really is sqrt(U(0, alpha)): mean of r^2 is alpha / 2
+    side = (b[:, 2] - b[:, 0]).double()
+    inner = (b[:, 0] > 0) & (b[:, 2] < W)
+    assert side[inner].max() <= W * math.sqrt(alpha)
+
+
+def test_one_box_per_batch_by_default():
+    policy = RecursiveMix(K, generator=torch.Generator().manual_seed(0))
+    b = policy.sample_boxes(7, 32, 32)
+    assert (b == b[0]).all()
+
+
+def test_mixup_label_weights_match_pixel_weights():
+    images, _ = batch(5, 6, 7, 0)
+    labels = torch.arange(5)  # distinct labels reveal the permutation
+    out = Mixup(K, alpha=1.0, mean=MEAN, std=STD, generator=torch.Generator().manual_seed(2))(images, labels)
+    lam = out.lam[0].item()
+    x = normalized(images)
+    partner = [int(row.clone().index_fill_(0, labels[i], 0).argmax()) if lam < 1 else i
+               for i, row in enumerate(out.soft_targets)]
+    for i, j in enumerate(partner):
+        w_self = out.soft_targets[i, i].item() if i != j else 1.0
+        torch.testing.assert_close(out.images[i], w_self * x[i] + (1 - w_self) * x[j], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.soft_targets.sum(1), torch.ones(5))
+
+
+def test_cutmix_label_weights_match_pixel_weights():
+    labels = torch.tensor([0, 1, 2, 3, 4, 4])
+    images = torch.stack([torch.full((16, 20, 3), 10 * i, dtype=torch.uint8) for i in range(6)])  # one value each
+    x = normalized(images)
+    for seed in range(4):
+        out = CutMix(K, alpha=1.0, mean=MEAN, std=STD, generator=torch.Generator().manual_seed(seed))(images, labels)
+        for i in range(6):
+            px = out.images[i, 0].flatten()
+            values = {round(v, 4) for v in px.tolist()}
+            assert len(values) <= 2
+            own = (px == x[i, 0, 0, 0]).float().mean().item()  # fraction of own pixels
+            other = [j for j in range(6) if (px == x[j, 0, 0, 0]).any() and j != i]
+            want = own * F.one_hot(labels[i], K).float()
+            if other:
+                want = want + (1 - own) * F.one_hot(labels[other[0]], K).float()
+            else:
+                assert own == 1.0
+                want = F.one_hot(labels[i], K).float()
+            torch.testing.assert_close(out.soft_targets[i], want, rtol=1e-6, atol=1e-6)
+            if other:
+                assert out.lam[i].item() == pytest.approx(own, abs=1e-6)
+
+
+def test_sample_beta_is_beta():
+    g = torch.Generator().manual_seed(0)
+    for a in (0.2, 1.0, 2.0):
+        s = np.array([sample_beta(a, g) for _ in range(4000)])
+        assert s.min() >= 0 and s.max() <= 1
+        assert abs(s.mean() - 0.5) < 0.03
+        assert abs(s.var() - 1 / (4 * (2 * a + 1))) < 0.01
+
+
+def test_nomix_and_bad_inputs():
+    images, labels = batch(2, 5, 5, 0)
+    out = NoMix(K, mean=MEAN, std=STD)(images, labels)
+    assert torch.all(out.lam == 1)
+    with pytest.raises(ValueError, match="4 dims"):
+        NoMix(K, mean=MEAN, std=STD)(images[0], labels)
+    with pytest.raises(ValueError, match="targets"):
+        NoMix(K, mean=MEAN, std=STD)(images, torch.zeros(2, K + 1))
+    with pytest.raises(ValueError, match="alpha"):
+        RecursiveMix(K, alpha=1.5)
+    with pytest.raises(ValueError, match="aug"):
+        build_policy("mixmix", K, alpha=1.0)
