@@ -161,24 +161,16 @@ def synth(out, classes, train_per_class, val_per_class, width, height, seed, qua
 @click.option("--json", "as_json", is_flag=True)
 def models(as_json):
     """List the models with their parameter counts (classifier included, RoI head excluded)."""
-    from rmix.models import count_parameters, list_models, build
-    import torch
+    from rmix.models import list_models, model_family, param_count
     rows = []
     for name in list_models():
-        if name.startswith("timm/"):
-            continue
-        with torch.device("meta"):
-            m = build(name, 1000 if not _is_cifar(name) else 10)
-        rows.append({"name": name, "params": count_parameters(m), "num_classes": 1000 if not _is_cifar(name) else 10})
+        k = 10 if model_family(name) == "cifar" else 1000
+        rows.append({"name": name, "family": model_family(name), "params": param_count(name, k), "num_classes": k})
     if as_json:
         click.echo(json.dumps(rows))
         return
     for r in rows:
-        click.echo(f"{r['name']:<22} {r['params'] / 1e6:8.2f}M  ({r['num_classes']} classes)")
-
-
-def _is_cifar(name):
-    return name.startswith(("resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "pyramidnet"))
+        click.echo(f"{r['name']:<22} {r['family']:<9} {r['params'] / 1e6:8.2f}M  ({r['num_classes']} classes)")
 
 
 @cli.group()

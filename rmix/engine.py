@@ -76,7 +76,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         sums += torch.stack([loss.detach().double().cpu() * n, correct.double().cpu(), torch.tensor(n, dtype=torch.float64)])
-        progress.update(n, loss=loss, lr=optimizer.param_groups[0]["lr"])
+        progress.update(n, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
         if cfg.max_steps and step + 1 >= cfg.max_steps:
             break
     return sums
