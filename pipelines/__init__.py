@@ -1,0 +1,202 @@
+"""Data loaders: one contract, two implementations (DALI and torchvision).
+
+Every loader yields ``(images, labels)`` already on ``device``:
+``images`` uint8 ``(N, H, W, 3)`` contiguous, ``labels`` int64 ``(N,)``.
+``len(loader)`` is the number of batches per epoch on this rank (the same on every rank) and
+each ``iter(loader)`` is one epoch (train: freshly shuffled). Normalization is not done here.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# The extensions torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS),
+# matched case-insensitively. Both loaders read exactly these files, so labels and sample
+# counts agree; DALI's own file_root scan has a different filter list and does not recurse.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# AlexNet PCA lighting (aug_plus): eigenvalues and eigenvectors (columns) of ImageNet's RGB
+# covariance, pixels in [0, 1].
+PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
+PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                       [-0.5808, -0.0045, -0.8140],
+                       [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
+
+
+class FolderIndex(NamedTuple):
+    """The files of an ImageFolder split, in ImageFolder's order."""
+    root: str
+    classes: list[str]   # sorted class folder names; label i is classes[i]
+    files: list[str]     # paths relative to root, class by class, each class sorted
+    labels: list[int]    # labels[i] is the class index of files[i]
+
+
+def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
+    """List an ImageFolder split the way torchvision's ImageFolder does, failing loudly.
+
+    Raises FileNotFoundError when ``root`` is missing or has no class folders, and ValueError
+    naming the folder when a class folder holds no image (a label no sample has is almost
+    always a broken copy of the dataset).
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset directory not found: {root}")
+    with os.scandir(root) as it:
+        classes = sorted(entry.name for entry in it if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root} (expected root/<class>/<image>)")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(root, name)
+        count = 0
+        for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+            for fname in sorted(fnames):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    files.append(os.path.relpath(os.path.join(dirpath, fname), root))
+                    labels.append(label)
+                    count += 1
+        if count == 0:
+            raise ValueError(f"class folder has no image files ({'/'.join(IMG_EXTENSIONS)}): "
+                             f"{class_dir}")
+    return FolderIndex(root, classes, files, labels)
+
+
+def check_sharding(num_samples: int, *, train: bool, batch_size: int, rank: int, world_size: int):
+    """Validate rank/world_size/batch_size against the split size; raises ValueError."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    if num_samples < world_size:
+        raise ValueError(f"{num_samples} images cannot be split over {world_size} ranks")
+    if train and (num_samples // world_size) // batch_size == 0:
+        raise ValueError(
+            f"{num_samples} images over {world_size} ranks give no full batch of {batch_size} "
+            f"(train drops the partial batch)")
+
+
+def train_batches(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Full batches per rank per train epoch: every rank gets N // world_size samples."""
+    return (num_samples // world_size) // batch_size
+
+
+def val_batches(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Batches per rank per val epoch: enough for the largest shard, ceil(N / world_size).
+
+    A rank whose shard is one image shorter may get a trailing empty batch (N=0).
+    """
+    largest = -(-num_samples // world_size)
+    return -(-largest // batch_size)
+
+
+def shard_indices(num_samples: int, *, train: bool, seed: int, epoch: int, rank: int,
+                  world_size: int) -> list[int]:
+    """This rank's sample indices for one epoch, in order (DistributedSampler's split).
+
+    Train: a permutation of all N seeded with seed + epoch (the same on every rank), cut to
+    (N // world) * world, every world-th from rank. Val: rank::world in file order, no padding.
+    """
+    if not train:
+        return list(range(rank, num_samples, world_size))
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(num_samples, generator=g).tolist()
+    return perm[rank:(num_samples // world_size) * world_size:world_size]
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed from (seed, *parts), e.g. (seed, rank); stable across processes."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFF_FFFF)
+
+
+def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: int = 224,
+                 min_area: float = 0.08, val_resize: int = 256, aug_plus: bool = False,
+                 seed: int = 0, num_threads: int = 2, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1, dali_device: str = "auto"):
+    """Build an ImageFolder loader of ``kind`` "dali" or "torch" (see the module docstring).
+
+    Args:
+        root: an ImageFolder split directory (root/<class>/<image>).
+        train: random-resized crop (area in [min_area, 1], ratio [3/4, 4/3]) + flip, shuffled,
+            partial batch dropped; else resize shorter side to val_resize + centre crop,
+            every image exactly once across ranks.
+        batch_size: per process.
+        aug_plus: colour jitter 0.4 (brightness, contrast, saturation) + PCA lighting 0.1.
+        num_threads: DALI CPU threads, or DataLoader workers (0 = in the main process).
+        dali_device: "auto" (gpu when device is cuda), "cpu" or "gpu" (nvJPEG "mixed" decode).
+    """
+    device = torch.device(device)
+    if kind not in ("dali", "torch"):
+        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    if val_resize < crop_size:
+        raise ValueError(f"val_resize ({val_resize}) must be >= crop_size ({crop_size})")
+    if not 0.0 < min_area <= 1.0:
+        raise ValueError(f"min_area must be in (0, 1], got {min_area}")
+    index = scan_image_folder(root)
+    check_sharding(len(index.files), train=train, batch_size=batch_size, rank=rank,
+                   world_size=world_size)
+    common = dict(train=train, batch_size=batch_size, crop_size=crop_size, min_area=min_area,
+                  val_resize=val_resize, aug_plus=aug_plus, seed=seed, num_threads=num_threads,
+                  device=device, rank=rank, world_size=world_size)
+    if kind == "dali":
+        from pipelines.dali import image_folder_loader  # DALI is imported only when used
+        return image_folder_loader(index, dali_device=dali_device, **common)
+    from pipelines.torch_loader import image_folder_loader
+    return image_folder_loader(index, **common)
+
+
+def load_cifar(root, *, train: bool, cifar100: bool = False):
+    """Read the official python CIFAR batches -> (images, labels, classes).
+
+    images: uint8 (N, 32, 32, 3); labels: int64 (N,); classes: names from the meta file.
+
+    ``root`` is the extracted folder (cifar-10-batches-py / cifar-100-python) or its parent.
+    """
+    root = os.fspath(root)
+    folder = "cifar-100-python" if cifar100 else "cifar-10-batches-py"
+    directory = os.path.join(root, folder) if os.path.isdir(os.path.join(root, folder)) else root
+    if cifar100:
+        names, label_key, meta, names_key = ["train" if train else "test"], b"fine_labels", \
+            "meta", b"fine_label_names"
+    else:
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        label_key, meta, names_key = b"labels", "batches.meta", b"label_names"
+    images, labels = [], []
+    for name in names:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CIFAR batch file not found: {path}")
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # the official format is a pickled dict
+        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    images = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # CHW planes -> HWC
+    labels = np.concatenate(labels)
+    classes = [str(i) for i in range(100 if cifar100 else 10)]
+    if os.path.isfile(os.path.join(directory, meta)):
+        with open(os.path.join(directory, meta), "rb") as f:
+            classes = [n.decode() for n in pickle.load(f, encoding="bytes")[names_key]]
+    return images, labels, classes
+
+
+def build_cifar_loader(kind: str, root, *, train: bool, batch_size: int, seed: int = 0,
+                       num_threads: int = 2, device: torch.device | str = "cpu", rank: int = 0,
+                       world_size: int = 1, cifar100: bool = False, dali_device: str = "auto"):
+    """A CIFAR-10/100 loader with the same contract; train: pad 4 + random crop 32 + flip."""
+    device = torch.device(device)
+    if kind not in ("dali", "torch"):
+        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    images, labels, classes = load_cifar(root, train=train, cifar100=cifar100)
+    check_sharding(len(labels), train=train, batch_size=batch_size, rank=rank,
+                   world_size=world_size)
+    common = dict(train=train, batch_size=batch_size, seed=seed, num_threads=num_threads,
+                  device=device, rank=rank, world_size=world_size)
+    if kind == "dali":
+        from pipelines.dali import cifar_loader
+        return cifar_loader(images, labels, classes, dali_device=dali_device, **common)
+    from pipelines.torch_loader import cifar_loader
+    return cifar_loader(images, labels, classes, **common)

@@ -1,0 +1,205 @@
+"""The torchvision baseline: ImageFolder (or CIFAR arrays) + DataLoader, same transforms and
+contract as the DALI loaders.
+
+Sharding is `pipelines.shard_indices` (DistributedSampler's split, reshuffled per epoch).
+Augmentation randomness is per sample, seeded from (seed, epoch, index) and sent with the
+index, so batches do not depend on num_workers or on which worker decoded which image.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from pipelines import (PCA_EIGVAL, PCA_EIGVEC, FolderIndex, derive_seed, shard_indices,
+                       train_batches, val_batches)
+
+
+class Lighting:
+    """AlexNet PCA lighting noise on a uint8 HWC tensor: x += 255 * V (alpha * eigval)."""
+
+    def __init__(self, std: float = 0.1):
+        self.std = std
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.std
+        offset = (torch.from_numpy(PCA_EIGVEC) @ (alpha * torch.from_numpy(PCA_EIGVAL))) * 255.0
+        return (image.float() + offset).clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _to_hwc_uint8(image) -> torch.Tensor:
+    """PIL RGB image -> uint8 (H, W, 3) tensor."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+
+def build_transform(*, train: bool, crop_size: int, min_area: float, val_resize: int,
+                    aug_plus: bool) -> transforms.Compose:
+    """PIL image -> uint8 (crop_size, crop_size, 3); PIL resizes with BILINEAR (antialiased)."""
+    if not train:
+        return transforms.Compose([transforms.Resize(val_resize), transforms.CenterCrop(crop_size),
+                                   _to_hwc_uint8])
+    steps = [transforms.RandomResizedCrop(crop_size, scale=(min_area, 1.0), ratio=(3 / 4, 4 / 3)),
+             transforms.RandomHorizontalFlip()]
+    if aug_plus:  # ColorJitter applies its three ops in a random order per image
+        steps.append(transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
+    steps.append(_to_hwc_uint8)
+    if aug_plus:
+        steps.append(Lighting(0.1))
+    return transforms.Compose(steps)
+
+
+class IndexedImageFolder(ImageFolder):
+    """ImageFolder over a `FolderIndex` (no second scan); items are keyed by (index, aug_seed)."""
+
+    def __init__(self, index: FolderIndex, transform):
+        self._index = index
+        super().__init__(index.root, transform=transform)
+
+    def find_classes(self, directory):
+        return list(self._index.classes), {c: i for i, c in enumerate(self._index.classes)}
+
+    def make_dataset(self, directory, *args, **kwargs):
+        return [(os.path.join(self._index.root, f), label)
+                for f, label in zip(self._index.files, self._index.labels)]
+
+    def __getitem__(self, key):
+        index, aug_seed = key
+        path, label = self.samples[index]
+        return seeded(self.transform, self.loader(path), aug_seed), label
+
+
+class CifarArrays(Dataset):
+    """uint8 (N, 32, 32, 3) images, (N,) labels; item (index, aug_seed) -> (HWC uint8, label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, aug_seed = key
+        image = torch.from_numpy(self.images[index]).permute(2, 0, 1)  # CHW view for transforms
+        if self.transform is not None:
+            image = seeded(self.transform, image, aug_seed)
+        return image.permute(1, 2, 0).contiguous(), int(self.labels[index])
+
+
+def seeded(transform, image, aug_seed: int):
+    """transform(image) with the global CPU generator seeded to aug_seed, then restored.
+
+    torchvision transforms draw from the global generator; restoring it leaves the main
+    process's RNG (num_workers=0) as it was. torch.default_generator, not torch.manual_seed,
+    which would also reseed CUDA.
+    """
+    state = torch.default_generator.get_state()
+    torch.default_generator.manual_seed(aug_seed)
+    try:
+        return transform(image)
+    finally:
+        torch.default_generator.set_state(state)
+
+
+class ShardBatchSampler(Sampler):
+    """Batches of (index, aug_seed) for one rank; see the module docstring for the split."""
+
+    def __init__(self, num_samples: int, *, train: bool, batch_size: int, seed: int, rank: int,
+                 world_size: int):
+        self.num_samples, self.train, self.batch_size = num_samples, train, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self._len = (train_batches if train else val_batches)(num_samples, batch_size, world_size)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        mine = np.asarray(shard_indices(self.num_samples, train=self.train, seed=self.seed,
+                                        epoch=self.epoch, rank=self.rank,
+                                        world_size=self.world_size), dtype=np.int64)
+        rng = np.random.default_rng([derive_seed(self.seed), self.epoch])
+        aug_seeds = rng.integers(0, 2**63 - 1, size=self.num_samples)  # same on every rank
+        for b in range(self._len):  # val: a rank one image short may end with an empty batch
+            chunk = mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield list(zip(chunk.tolist(), aug_seeds[chunk].tolist()))
+
+
+class _Collate:
+    """[(uint8 (H, W, 3), label)] -> (uint8 (N, H, W, 3), int64 (N,)); N may be 0."""
+
+    def __init__(self, crop_size: int):
+        self.crop_size = crop_size
+
+    def __call__(self, batch):
+        if not batch:
+            return (torch.empty(0, self.crop_size, self.crop_size, 3, dtype=torch.uint8),
+                    torch.empty(0, dtype=torch.int64))
+        images, labels = zip(*batch)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class TorchLoader:
+    """A DataLoader over (index, aug_seed)-keyed items behind the loader contract.
+
+    `iter()` advances the epoch; workers persist across epochs when num_threads > 0.
+    """
+
+    def __init__(self, dataset, *, classes: list[str], train: bool, batch_size: int,
+                 crop_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
+                 world_size: int):
+        self.device = device
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.num_samples = len(dataset)
+        self.batch_sampler = ShardBatchSampler(self.num_samples, train=train, batch_size=batch_size,
+                                               seed=seed, rank=rank, world_size=world_size)
+        workers = max(0, num_threads)
+        self._loader = DataLoader(
+            dataset, batch_sampler=self.batch_sampler, num_workers=workers,
+            collate_fn=_Collate(crop_size), pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0)
+        self._epoch = -1
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        self._epoch += 1
+        self.batch_sampler.set_epoch(self._epoch)  # the sampler runs in this process
+        return self._batches()
+
+    def _batches(self):
+        non_blocking = self.device.type == "cuda"
+        for images, labels in self._loader:
+            yield (images.to(self.device, non_blocking=non_blocking),
+                   labels.to(self.device, non_blocking=non_blocking))
+
+
+def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
+                        min_area: float, val_resize: int, aug_plus: bool, seed: int,
+                        num_threads: int, device: torch.device, rank: int,
+                        world_size: int) -> TorchLoader:
+    """A TorchLoader over an ImageFolder split (PIL decode, torchvision transforms)."""
+    transform = build_transform(train=train, crop_size=crop_size, min_area=min_area,
+                                val_resize=val_resize, aug_plus=aug_plus)
+    return TorchLoader(IndexedImageFolder(index, transform), classes=index.classes, train=train,
+                       batch_size=batch_size, crop_size=crop_size, seed=seed,
+                       num_threads=num_threads, device=device, rank=rank, world_size=world_size)
+
+
+def cifar_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
+                 batch_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
+                 world_size: int) -> TorchLoader:
+    """A TorchLoader over CIFAR arrays; train: RandomCrop(32, padding=4) + flip."""
+    transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                    transforms.RandomHorizontalFlip()]) if train else None
+    return TorchLoader(CifarArrays(images, labels, transform), classes=classes, train=train,
+                       batch_size=batch_size, crop_size=32, seed=seed, num_threads=num_threads,
+                       device=device, rank=rank, world_size=world_size)
