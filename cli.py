@@ -38,7 +38,9 @@ def cli():
 
 # option name -> dotted TrainConfig field; None defaults mean "keep the config's value"
 TRAIN_OPTIONS = [
-    ("--data-dir", "data.data_dir", str, "ImageFolder root with train/ and val/ [default: the embedded synthetic set]"),
+    ("--data-dir", "data.data_dir", str, "ImageFolder root with train/ and val/, or the CIFAR python batches "
+                                         "[default: the embedded synthetic set]"),
+    ("--dataset", "data.dataset", click.Choice(C.DATASETS), "[default: auto, detected from --data-dir]"),
     ("--model", "model", str, "model name, see `rmix models` [default: resnet8]"),
     ("--epochs", "epochs", int, "number of epochs [default: 15]"),
     ("--batch-size", "batch_size", int, "global batch size, split over processes [default: 128]"),
@@ -104,12 +106,59 @@ def config_from_options(opts: dict, base=None) -> C.TrainConfig:
     return C.replace(base or C.TrainConfig(), **changes)
 
 
+def load_config_file(path, base=None) -> C.TrainConfig:
+    """`base` overlaid with a config file (.json, .toml, .yaml): config.json's nested fields, or any subset."""
+    import pathlib
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: {p} is not a file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            d = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError(f"--config: {p} is YAML; install PyYAML or use .toml/.json") from None
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except ValueError as e:
+        if str(e).startswith("--config"):
+            raise
+        raise ValueError(f"--config: {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--config: {p} must hold a table of fields")
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+    try:
+        return C.replace(base or C.TrainConfig(), **flat)
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"--config: {p}: {e}") from None
+
+
 @cli.command()
+@click.option("--preset", default=None, help="start from a named recipe, see `rmix presets`")
+@click.option("--config", "config_file", default=None, help="config file (.toml, .json, .yaml); options override it")
 @train_options
-def train(**opts):
-    """Train a model; prints the best validation top-1 at the end."""
+def train(preset, config_file, **opts):
+    """Train a model; prints the best validation top-1 at the end.
+
+    Settings layer as: defaults < --preset < --config < command-line options.
+    """
     from rmix.engine import train as run
-    cfg = config_from_options(opts)
+    from rmix.presets import preset as get_preset
+    base = get_preset(preset) if preset else None
+    if config_file:
+        base = load_config_file(config_file, base)
+    cfg = config_from_options(opts, base)
     result = run(cfg)
     click.echo(f"run directory: {result['run_dir']}")
     click.echo(f"best val top-1: {result['best_top1']:.2f}%  (final {result['final_top1']:.2f}%)")
@@ -117,22 +166,35 @@ def train(**opts):
 
 @cli.command("eval")
 @click.option("--checkpoint", "path", required=True, help="checkpoint file (rmix, or the paper's layout with --model)")
-@click.option("--data-dir", default=None, help="ImageFolder root [default: the checkpoint's]")
+@click.option("--data-dir", default=None, help="ImageFolder root or CIFAR folder [default: the checkpoint's]")
+@click.option("--dataset", type=click.Choice(C.DATASETS), default=None, help="[default: the checkpoint's, or auto]")
 @click.option("--model", default=None, help="model name, for checkpoints without an rmix config")
 @click.option("--loader", type=click.Choice(C.LOADERS), default=None, help="[default: the checkpoint's]")
 @click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
 @click.option("--device", type=click.Choice(C.DEVICES), default="auto")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_cmd(path, data_dir, model, loader, batch_size, device, as_json):
+def eval_cmd(path, data_dir, dataset, model, loader, batch_size, device, as_json):
     """Evaluate a checkpoint on the validation split (top-1 / top-5 in percent)."""
     from rmix.engine import evaluate_checkpoint
-    r = evaluate_checkpoint(path, data_dir=data_dir, model=model, loader=loader, batch_size=batch_size,
+    r = evaluate_checkpoint(path, data_dir=data_dir, dataset=dataset, model=model, loader=loader, batch_size=batch_size,
                             device=device)
     if as_json:
         click.echo(json.dumps(r))
     else:
         click.echo(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
                    f"({r['images']} images, {r['model']})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print every preset's full resolved config as JSON")
+def presets(as_json):
+    """List the named recipes (the paper's commands)."""
+    from rmix.presets import PRESETS, preset
+    if as_json:
+        click.echo(json.dumps({name: C.to_dict(preset(name)) for name in sorted(PRESETS)}, indent=2))
+        return
+    for name in sorted(PRESETS):
+        click.echo(f"{name:<28} {PRESETS[name][0]}")
 
 
 @cli.group()

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # pixel units: the op normalizes uint8
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
+CIFAR_MEAN = (125.3, 123.0, 113.9)  # the CutMix / RM code's CIFAR normalization, pixel units
+CIFAR_STD = (63.0, 62.1, 66.7)
+
+DATASETS = ("auto", "folder", "imagenet", "cifar10", "cifar100")
 AUGS = ("none", "mixup", "cutmix", "recursive_mix")
 LOADERS = ("dali", "torch")
 OPTIMIZERS = ("sgd", "adamw")
@@ -17,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = ""           # ImageFolder root holding train/ and val/; "" = the embedded set
+    dataset: str = "auto"        # "auto" (detect from data_dir) | "folder" | "imagenet" | "cifar10" | "cifar100"
     loader: str = "dali"         # "dali" | "torch": same transforms, same batch contract
     dali_device: str = "auto"    # "auto" | "cpu" | "gpu" (mixed nvJPEG decode)
     crop_size: int = 32          # train and val crop, pixels (224 for ImageNet)
@@ -116,6 +121,7 @@ def validate(cfg: TrainConfig) -> None:
     def need(ok, option, value, why):
         if not ok:
             raise ValueError(f"{option}: {why}, got {value!r}")
+    need(cfg.data.dataset in DATASETS, "--dataset", cfg.data.dataset, f"expected one of {DATASETS}")
     need(cfg.mix.policy in AUGS, "--aug", cfg.mix.policy, f"expected one of {AUGS}")
     need(cfg.data.loader in LOADERS, "--loader", cfg.data.loader, f"expected one of {LOADERS}")
     need(cfg.optim.optimizer in OPTIMIZERS, "--optimizer", cfg.optim.optimizer, f"expected one of {OPTIMIZERS}")

@@ -12,7 +12,7 @@ import torch
 from rmix import checkpoint, dist
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
-from rmix.data import make_loaders, resolve_data_dir
+from rmix.data import make_loader, make_loaders, resolve_data
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build
@@ -124,10 +124,11 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
-    root = resolve_data_dir(cfg.data.data_dir)
-    train_loader, val_loader = make_loaders(cfg, root, device, d.rank, d.world_size)
+    root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    cfg = replace(cfg, num_classes=train_loader.num_classes, out=str(run_dir), **{"data.data_dir": str(root)})
+    cfg = replace(cfg, num_classes=train_loader.num_classes, out=str(run_dir),
+                  **{"data.data_dir": str(root), "data.dataset": dataset})
 
     model = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc).to(device)
     if cfg.mix.policy != "recursive_mix" and hasattr(model, "fc_roi"):
@@ -224,22 +225,31 @@ def _resume(cfg, run_dir, model, optimizer, scaler, policy):
     return ckpt["epoch"] + 1, ckpt["best_top1"]
 
 
-def evaluate_checkpoint(path, *, data_dir=None, model=None, loader=None, batch_size=None, device="auto"):
+def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader=None, batch_size=None,
+                        device="auto"):
     """Evaluate a checkpoint (rmix's, or the paper's layout with `model`) on the val split."""
-    from rmix.models import load_state_dict_flexible
+    from rmix.models import load_state_dict_flexible, model_family
     ckpt = checkpoint.read(path)
     if ckpt["foreign"]:
         if model is None:
             raise ValueError(f"--model: {path} has no rmix config, so name its model (see `rmix models`)")
         cfg = TrainConfig(model=model)
+        if model_family(model) == "imagenet":  # the paper's ImageNet eval: resize 256, centre crop 224
+            cfg = replace(cfg, **{"data.crop_size": 224, "data.val_resize": 256})
+        # the paper's checkpoints have fc_roi unless trained with a shared fc
+        shared = not any(k.split(".")[-2:-1] == ["fc_roi"] for k in checkpoint.model_state(ckpt))
+        cfg = replace(cfg, **{"mix.share_fc": shared})
     else:
         cfg = C.from_dict(ckpt["config"])
     changes = {k: v for k, v in (("model", model), ("batch_size", batch_size), ("device", device),
-                                 ("data.data_dir", data_dir), ("data.loader", loader)) if v is not None}
+                                 ("data.data_dir", data_dir), ("data.loader", loader),
+                                 ("data.dataset", dataset)) if v is not None}
     cfg = replace(cfg, **changes)
     dev = resolve_device(cfg.device)
-    root = resolve_data_dir(cfg.data.data_dir)
-    _, val_loader = make_loaders(cfg, root, dev)
+    root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    if ckpt["foreign"] and dataset in ("cifar10", "cifar100"):
+        cfg = replace(cfg, **{"data.mean": C.CIFAR_MEAN, "data.std": C.CIFAR_STD})
+    val_loader = make_loader(cfg, root, dataset, dev, train=False)
     num_classes = val_loader.num_classes
     if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:
         raise ValueError(f"--data-dir: {root} has {num_classes} classes, the checkpoint was trained on {cfg.num_classes}")

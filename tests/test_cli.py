@@ -92,3 +92,50 @@ def test_empty_data_dir(tmp_path):
 def _has_mix_stderr():
     import inspect
     return "mix_stderr" in inspect.signature(CliRunner).parameters
+
+
+def test_paper_layout_checkpoint_evaluates(tiny, tmp_path):
+    import torch
+    from rmix.models import build
+    sd = {f"module.{k}": v for k, v in build("resnet8", 4).state_dict().items()}
+    p = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 300, "state_dict": sd, "optimizer": {}}, p)
+    r = run(["eval", "--checkpoint", str(p), "--model", "resnet8", "--data-dir", str(tiny), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["images"] == 12
+    sd.pop("module.fc.bias")
+    torch.save({"epoch": 300, "state_dict": sd}, p)
+    r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(p), "--model", "resnet8", "--data-dir", str(tiny)])
+    assert r.exit_code == 2 and "fc.bias" in r.output and str(p) in r.output
+
+
+def write_cifar10(root, n=16):
+    import pickle
+    import numpy as np
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (d / name).write_bytes(pickle.dumps(batch))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return root
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_cifar_folder_is_detected_and_trains(tmp_path, loader):
+    root = write_cifar10(tmp_path / "cifar")
+    out = tmp_path / "run"
+    r = run(["train", "--data-dir", str(root), "--loader", loader, "--out", str(out), "--epochs", "1",
+             "--batch-size", "16", "--model", "resnet8", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["dataset"] == "cifar10" and cfg["num_classes"] == 10
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+
+
+def test_cifar_missing_files_is_an_error(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tmp_path), "--epochs", "1"])
+    assert r.exit_code == 2 and "cifar-10-batches-py" in r.output and len(r.output.strip().splitlines()) == 1

@@ -1,0 +1,78 @@
+"""Presets equal the paper's commands to the hyper-parameter; config files layer under options."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from rmix import config as C
+from rmix.presets import PRESETS, preset
+
+EXPECTED = {
+    "cifar10-pyramidnet200-rm": dict(model="pyramidnet_200_240", epochs=300, batch_size=64, dataset="cifar10",
+                                     lr=0.25, schedule="step", milestones=(150, 225), gamma=0.1, warmup=5,
+                                     wd=1e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
+    "cifar100-pyramidnet200-rm": dict(model="pyramidnet_200_240", epochs=300, batch_size=64, dataset="cifar100",
+                                      lr=0.25, schedule="step", milestones=(150, 225), gamma=0.1, warmup=5,
+                                      wd=1e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
+    "imagenet-r50-rm": dict(model="resnet50", epochs=300, batch_size=512, dataset="imagenet", lr=0.2,
+                            schedule="cos", milestones=(), gamma=0.1, warmup=5, wd=1e-4, nesterov=False,
+                            policy="recursive_mix", alpha=0.5, omega=0.5),
+    "imagenet-r50-baseline": dict(policy="none"),
+    "imagenet-r50-mixup": dict(policy="mixup", alpha=0.2),
+    "imagenet-r50-cutmix": dict(policy="cutmix", alpha=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_values(name):
+    cfg = preset(name)
+    C.validate(cfg)
+    got = dict(model=cfg.model, epochs=cfg.epochs, batch_size=cfg.batch_size, dataset=cfg.data.dataset,
+               lr=cfg.optim.lr, schedule=cfg.optim.schedule, milestones=cfg.optim.milestones,
+               gamma=cfg.optim.gamma, warmup=cfg.optim.warmup, wd=cfg.optim.weight_decay,
+               nesterov=cfg.optim.nesterov, policy=cfg.mix.policy, alpha=cfg.mix.alpha, omega=cfg.mix.omega)
+    want = EXPECTED[name]
+    assert {k: got[k] for k in want} == want
+    if name.startswith("imagenet"):
+        assert cfg.data.aug_plus and cfg.data.crop_size == 224 and cfg.data.val_resize == 256
+        assert cfg.data.min_area == 0.08 and cfg.optim.momentum == 0.9
+        # the baselines share the RM schedule exactly
+        base = preset("imagenet-r50-rm")
+        assert (cfg.optim, cfg.epochs, cfg.batch_size) == (base.optim, base.epochs, base.batch_size)
+
+
+def test_presets_json_lists_full_configs():
+    r = CliRunner().invoke(cli, ["presets", "--json"])
+    assert r.exit_code == 0
+    d = json.loads(r.output)
+    assert set(d) == set(PRESETS)
+    assert C.from_dict(d["imagenet-r50-rm"]) == preset("imagenet-r50-rm")
+
+
+def test_unknown_preset():
+    r = CliRunner().invoke(cli, ["train", "--preset", "cifar11"])
+    assert r.exit_code == 2 and "--preset" in r.output
+
+
+def test_config_file_layers(tmp_path):
+    from cli import config_from_options, load_config_file
+    f = tmp_path / "c.toml"
+    f.write_text('epochs = 7\n[mix]\nalpha = 0.3\npolicy = "cutmix"\n[optim]\nmilestones = [3, 5]\n')
+    cfg = load_config_file(f, preset("imagenet-r50-rm"))
+    assert cfg.epochs == 7 and cfg.mix.alpha == 0.3 and cfg.optim.milestones == (3, 5)
+    assert cfg.model == "resnet50"  # the preset's value survives
+    cfg = config_from_options({"epochs": 9, "mix__alpha": None}, cfg)
+    assert cfg.epochs == 9 and cfg.mix.alpha == 0.3
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mix]\nalhpa = 1\n")
+    with pytest.raises(ValueError, match="alhpa"):
+        load_config_file(bad)
+
+
+def test_run_config_json_round_trips(tmp_path):
+    from cli import load_config_file
+    cfg = preset("cifar10-pyramidnet200-rm")
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(C.to_dict(cfg)))
+    assert load_config_file(f) == cfg
