@@ -74,6 +74,9 @@ TRAIN_OPTIONS = [
     ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
     ("--log-every", "log_every", int, "steps between progress lines [default: 20]"),
     ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs [default: 0 = all]"),
+    ("--sync-bn/--no-sync-bn", "sync_bn", None, "torchrun: SyncBatchNorm over all ranks, CUDA only [default: off]"),
+    ("--dist-timeout", "dist_timeout", int, "torchrun: seconds a collective waits for the other ranks "
+                                           "[default: 1800]"),
 ]
 
 
@@ -219,6 +222,33 @@ def synth(out, classes, train_per_class, val_per_class, width, height, seed, qua
     click.echo(str(path))
 
 
+@data.command()
+@click.argument("directory")
+@click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali", show_default=True,
+              help="the decoder training will use (--loader dali, or torch's PIL)")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help='print {"ok": n, "bad": [{"path", "reason"}], "classes": k}')
+def check(directory, decoder, threads, as_json):
+    """Decode every image once and name each unreadable file; exit 1 if any."""
+    import pathlib
+    from rmix.preflight import check as run_check, summary
+    root = pathlib.Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
+    result = run_check(splits, decoder, threads, use_cache=False)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for b in result["bad"]:
+            click.echo(f"{b['path']}: {b['reason']}")
+        click.echo(f"{result['ok']} images decode, {len(result['bad'])} do not, {result['classes']} classes")
+    if result["bad"]:
+        if not as_json:
+            click.echo(f"Error: {summary(result)}", err=True)
+        sys.exit(1)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def models(as_json):
@@ -238,6 +268,56 @@ def models(as_json):
 @cli.group()
 def bench():
     """Benchmarks: each prints the fused/new path beside its baseline, in one run."""
+
+
+# --- views: plot, show, export (rmix/plot.py, rmix/show.py, rmix/export.py) ---
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", default="curves.png", show_default=True, help="PNG to write (1000 x 750 px)")
+@click.option("--title", default=None, help="figure title")
+def plot(run_dirs, out, title):
+    """Plot the training curves of one or more run directories, overlaid (needs matplotlib)."""
+    from rmix.plot import plot_runs
+    click.echo(str(plot_runs(run_dirs, out, title=title)))
+
+
+@cli.command()
+@click.option("--data-dir", default=None, help="ImageFolder root or CIFAR folder [default: the embedded synthetic set]")
+@click.option("--aug", type=click.Choice(C.AUGS), default="recursive_mix", show_default=True)
+@click.option("--steps", type=int, default=3, show_default=True, help="steps to run; the last batch is drawn")
+@click.option("--batch", type=int, default=16, show_default=True, help="batch size (images in the grid)")
+@click.option("--loader", type=click.Choice(C.LOADERS), default="dali", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="as train's --aug-alpha")
+@click.option("--crop-size", type=int, default=None, help="crop in pixels [default: 32]")
+@click.option("--tile", type=int, default=128, show_default=True, help="tile side in pixels (nearest upscale)")
+@click.option("--out", default="grid.png", show_default=True, help="PNG to write")
+def show(data_dir, aug, steps, batch, loader, seed, alpha, crop_size, tile, out):
+    """Draw the last mixed batch of a few loader + policy steps as a captioned PNG grid."""
+    from rmix.show import show as run
+    changes = {"data.data_dir": data_dir or "", "mix.policy": aug, "batch_size": batch, "data.loader": loader,
+               "seed": seed, "mix.alpha": alpha, "device": "cpu"}
+    if crop_size is not None:
+        changes.update({"data.crop_size": crop_size, "data.val_resize": max(crop_size, C.DataConfig.val_resize)})
+    path, (w, h) = run(C.replace(C.TrainConfig(), **changes), steps=steps, out=out, tile=tile)
+    click.echo(f"{path} ({w} x {h} px)")
+
+
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["torchvision", "safetensors"]), default=None,
+              help="[default: safetensors for a .safetensors --out, else torchvision]")
+@click.option("--out", required=True, help="file to write")
+@click.option("--drop-classifier", is_flag=True, help="leave out fc.* (for detection / segmentation backbones)")
+@click.option("--ema", is_flag=True, help="export the checkpoint's EMA weights")
+@click.option("--model", default=None, help="model name, for checkpoints without an rmix config")
+def export(checkpoint, fmt, out, drop_classifier, ema, model):
+    """Export a checkpoint's weights under torchvision key names, without the RoI head (docs/EXPORT.md)."""
+    from rmix.export import export as run
+    info = run(checkpoint, out, fmt, model=model, drop_classifier=drop_classifier, ema=ema)
+    click.echo(f"{info['out']}: {info['format']}, {info['model']}, {info['tensors']} tensors "
+               f"(dropped {info['dropped_roi']} RoI-head and {info['dropped_classifier']} classifier tensors)")
+# --- end views ---
 
 
 def main():

@@ -1,0 +1,155 @@
+"""Find unreadable images before training: DALI cannot skip a bad sample, and names none.
+
+Every file is decoded once with the decoder training uses (DALI's CPU decoder, or PIL for the
+torchvision loader). A batch that fails is decoded again file by file, and each failing file is
+given a reason from its bytes. Results are cached by the file list, sizes and mtimes.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import scan_image_folder
+
+BATCH = 64
+MAGIC = [(b"\xff\xd8", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+         (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"P5", "PGM"), (b"P6", "PPM")]
+
+
+def cache_dir() -> Path:
+    """The user cache: $RMIX_CACHE, else $XDG_CACHE_HOME/rmix, else ~/.cache/rmix."""
+    if os.environ.get("RMIX_CACHE"):
+        return Path(os.environ["RMIX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rmix"
+
+
+def image_format(data: bytes):
+    """The container format from the leading bytes, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in MAGIC if data.startswith(magic)), None)
+
+
+def reason(data: bytes, decoder: str) -> str:
+    """Why `data` does not decode: zero-byte, not an image, header-only, truncated, unsupported."""
+    if not data:
+        return "zero-byte"
+    fmt = image_format(data)
+    if fmt is None:
+        return "not an image"
+    if decoder == "dali" and fmt == "GIF":
+        return "unsupported format (GIF)"
+    if fmt == "JPEG":
+        if b"\xff\xda" not in data:  # no start-of-scan: headers only, no pixels
+            return "header-only"
+        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return "truncated"
+    return f"corrupt {fmt}"
+
+
+def _pil_ok(data: bytes) -> bool:
+    import io
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").load()  # what torchvision's default loader does
+        return True
+    except Exception:
+        return False
+
+
+class _DaliDecoder:
+    """A CPU-only DALI pipeline that decodes a list of encoded images (rebuilt after a failure)."""
+
+    def __init__(self, threads):
+        self.threads = threads
+        self.pipe = None
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=BATCH, num_threads=self.threads, device_id=None, prefetch_queue_depth=1)
+        def decode():
+            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+        self.pipe = decode()
+        self.pipe.build()
+
+    def ok(self, blobs) -> bool:
+        if any(len(b) == 0 for b in blobs):
+            return False
+        if self.pipe is None:
+            self._build()
+        try:
+            self.pipe.feed_input("data", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+            self.pipe.run()
+            return True
+        except Exception:  # the pipeline is no longer valid after a decode error
+            self.pipe = None
+            return False
+
+
+def check_split(root, decoder="dali", threads=2):
+    """Decode every file of an ImageFolder split; returns (ok_count, [(path, reason)], classes)."""
+    index = scan_image_folder(root)  # raises on a missing root or an empty class folder
+    paths = [os.path.join(index.root, f) for f in index.files]
+    dali = _DaliDecoder(threads) if decoder == "dali" else None
+    bad = []
+    for i in range(0, len(paths), BATCH):
+        chunk = paths[i:i + BATCH]
+        blobs = [Path(p).read_bytes() for p in chunk]
+        if dali is not None:
+            if dali.ok(blobs):
+                continue
+            failed = [(p, b) for p, b in zip(chunk, blobs) if not dali.ok([b])]
+        else:
+            failed = [(p, b) for p, b in zip(chunk, blobs) if not _pil_ok(b)]
+        bad += [(p, reason(b, decoder)) for p, b in failed]
+    return len(paths) - len(bad), bad, index.classes
+
+
+def _fingerprint(roots, decoder) -> str:
+    h = hashlib.sha256(decoder.encode())
+    for root in roots:
+        index = scan_image_folder(root)
+        for f in index.files:
+            st = os.stat(os.path.join(index.root, f))
+            h.update(f"{root}\0{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def check(roots, decoder="dali", threads=2, use_cache=True) -> dict:
+    """{"ok": n, "bad": [{"path", "reason"}], "classes": k} over the splits in `roots`, cached."""
+    roots = [os.path.abspath(r) for r in roots]
+    key = _fingerprint(roots, decoder)
+    cached = cache_dir() / "preflight" / f"{key}.json"
+    if use_cache and cached.is_file():
+        return json.loads(cached.read_text())
+    total, bad, classes = 0, [], None
+    for root in roots:
+        n, b, c = check_split(root, decoder, threads)
+        total, bad = total + n, bad + [{"path": p, "reason": r} for p, r in b]
+        classes = classes or c
+        if c != classes:
+            raise ValueError(f"{root}: class folders differ from {roots[0]}'s")
+    result = {"ok": total, "bad": bad, "classes": len(classes)}
+    if total == 0 and not bad:
+        raise ValueError(f"{roots[0]}: the dataset holds no images")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs the next run a re-check
+    return result
+
+
+def summary(result, limit=5) -> str:
+    """One line naming the bad files (the first `limit`)."""
+    bad = result["bad"]
+    names = ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:limit])
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return f"{len(bad)} unreadable image file(s): {names}{more}"

@@ -1,0 +1,81 @@
+"""`rmix data check`: every kind of unreadable file is named with its reason; good ones pass."""
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import cli
+from rmix import preflight
+
+
+def encode(fmt, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray((rng.random((20, 30, 3)) * 255).astype("uint8")).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+GOOD = {"rgb.jpg": lambda: encode("JPEG"), "gray.jpg": lambda: encode("JPEG", "L"),
+        "cmyk.jpg": lambda: encode("JPEG", "CMYK"), "png_as.jpg": lambda: encode("PNG")}
+BAD = {"zero.jpg": (lambda: b"", "zero-byte"),
+       "trunc.jpg": (lambda: encode("JPEG")[:-300], "truncated"),
+       "header.jpg": (lambda: encode("JPEG")[:150], "header-only"),
+       "text.jpg": (lambda: b"this is not an image\n" * 20, "not an image"),
+       "gif.jpg": (lambda: encode("GIF"), "unsupported format (GIF)")}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for name, make in GOOD.items():
+                (d / name).write_bytes(make())
+    for name, (make, _) in BAD.items():
+        (tmp_path / "train" / "b" / name).write_bytes(make())
+    return tmp_path
+
+
+def test_dali_names_every_bad_file_with_its_reason(folder):
+    r = CliRunner().invoke(cli, ["data", "check", str(folder), "--json"])
+    assert r.exit_code == 1, r.output
+    res = json.loads(r.output)
+    assert res["ok"] == 4 * len(GOOD) and res["classes"] == 2
+    got = {b["path"].rsplit("/", 1)[-1]: b["reason"] for b in res["bad"]}
+    assert got == {name: why for name, (_, why) in BAD.items()}
+
+
+def test_pil_decoder_accepts_gif(folder):
+    res = preflight.check([folder / "train"], "pil", use_cache=False)
+    got = {b["path"].rsplit("/", 1)[-1] for b in res["bad"]}
+    assert got == set(BAD) - {"gif.jpg"}
+
+
+def test_clean_folder_passes_and_is_cached(folder, monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("RMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    for name in BAD:
+        (folder / "train" / "b" / name).unlink()
+    r = CliRunner().invoke(cli, ["data", "check", str(folder)])
+    assert r.exit_code == 0 and "0 do not" in r.output
+    first = preflight.check([folder / "train", folder / "val"])
+    calls = []
+    monkeypatch.setattr(preflight, "check_split", lambda *a: calls.append(a))
+    assert preflight.check([folder / "train", folder / "val"]) == first and not calls  # cache hit
+    (folder / "val" / "a" / "rgb.jpg").write_bytes(b"")  # a change invalidates the cache
+    monkeypatch.undo()
+    assert preflight.check([folder / "val"], use_cache=True)["bad"][0]["reason"] == "zero-byte"
+
+
+def test_empty_class_folder_and_missing_dir(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(encode("JPEG"))
+    r = CliRunner().invoke(cli, ["data", "check", str(tmp_path)])
+    assert r.exit_code == 2 and "b" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["data", "check", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "nope" in r.output
