@@ -270,6 +270,30 @@ def bench():
     """Benchmarks: each prints the fused/new path beside its baseline, in one run."""
 
 
+@bench.command("mix")
+@click.option("--batch", type=int, default=256, show_default=True)
+@click.option("--size", type=int, default=224, show_default=True, help="image side, pixels")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--mode", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True)
+@click.option("--dtype", "dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="output dtype")
+@click.option("--reps", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
+@click.option("--json", "as_json", is_flag=True)
+def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
+    """The fused mixing op against the paper's unfused steps, same inputs, one run."""
+    import torch
+    from rmix.bench_mix import bench_mix, format_bench
+    for name, v in (("--batch", batch), ("--size", size), ("--reps", reps)):
+        if v < 1:
+            raise ValueError(f"{name}: must be positive, got {v}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was asked for but no CUDA device is available")
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    d = bench_mix(batch=batch, size=size, device=device, reps=reps, mode=mode, out_dtype=dt, threads=threads)
+    click.echo(json.dumps(d) if as_json else format_bench(d))
+
+
 # --- views: plot, show, export (rmix/plot.py, rmix/show.py, rmix/export.py) ---
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True)

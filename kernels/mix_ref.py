@@ -67,7 +67,7 @@ def box_area(boxes):
 
 
 def mix_lam(boxes, h, w):
-    """lam = 1 - box_area / (H W), float32 (N,)."""
+    """lam = 1 - box_area / (H W), float64 (N,)."""
     return 1.0 - box_area(boxes).to(torch.float64) / (h * w)
 
 
@@ -88,14 +88,15 @@ def normalize(images, mean, std, dtype):
     return ((images.permute(0, 3, 1, 2).float() - m) / s).to(dtype)
 
 
-CHUNK_BYTES = 4 << 20  # fp32 working set per step on the CPU: stays in cache between the passes
+CHUNK_BYTES = 16 << 20  # fp32 scratch per step when out isn't fp32: small enough to stay in cache
 
 
 def normalize_into(out, images, mean, std):
     """out[:] = normalize(images, mean, std, float32), cast to out's dtype; the same numbers.
 
-    Equal to `out.copy_(normalize(...))` without its whole-batch float temporaries: on the CPU each
-    chunk of samples is converted, shifted and scaled in place while it sits in cache.
+    Equal to `out.copy_(normalize(...))` without its whole-batch float temporaries: an fp32 `out`
+    is converted, shifted and scaled in place; other dtypes go through a cache-sized fp32 scratch,
+    chunk by chunk (few chunks: every op is a parallel region, and a busy CPU makes each one wait).
     """
     if images.dtype != torch.uint8:
         return out.copy_(images)
@@ -108,16 +109,19 @@ def normalize_into(out, images, mean, std):
     else:
         src, dst = images.permute(0, 3, 1, 2), out
         m, s = m.view(c, 1, 1), s.view(c, 1, 1)
-    step = n if images.is_cuda else max(1, CHUNK_BYTES // max(1, 4 * c * h * w))
-    scratch = None if out.dtype == torch.float32 else torch.empty(
-        (min(step, n),) + tuple(dst.shape[1:]), dtype=torch.float32, device=out.device)
+    if out.dtype == torch.float32:
+        step, scratch = max(n, 1), None  # in place
+    else:
+        step = n if images.is_cuda else CHUNK_BYTES // max(1, 4 * c * h * w)
+        step = max(1, min(n, step))
+        scratch = torch.empty((step,) + tuple(dst.shape[1:]), dtype=torch.float32, device=out.device)
     for i in range(0, n, step):
         d = dst[i:i + step]
         t = d if scratch is None else scratch[:d.shape[0]]
-        # read chunk bytes ; write, then twice read+write, the chunk's floats (in cache)
+        # read N H W C bytes ; write, then twice read+write, N C H W floats
         t.copy_(src[i:i + step]).sub_(m).div_(s)
         if t is not d:
-            d.copy_(t)
+            d.copy_(t)  # one rounding to out's dtype, as the spec's copy_
     return out
 
 
@@ -169,7 +173,9 @@ def recursive_mix_ref(images, history, targets, history_targets, boxes, *, mode=
     for size, idx in groups.items():
         # one interpolate per distinct box size: read len(idx) h w C ; write the boxes
         src = history[:n] if len(idx) == n else history[idx]
-        pasted = F.interpolate(src.float(), size=size, **interp)
+        if mode == "bilinear":  # nearest only copies values: no need for a float copy of the history
+            src = src.float()
+        pasted = F.interpolate(src, size=size, **interp)
         for j, i in enumerate(idx):
             x1, y1, x2, y2 = bx[i]
             out[i, :, y1:y2, x1:x2] = pasted[j]

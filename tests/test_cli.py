@@ -139,3 +139,10 @@ def test_cifar_missing_files_is_an_error(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     r = CliRunner().invoke(cli, ["train", "--data-dir", str(tmp_path), "--epochs", "1"])
     assert r.exit_code == 2 and "cifar-10-batches-py" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_bench_mix_json_at_tiny_size():
+    r = run(["bench", "mix", "--batch", "4", "--size", "16", "--reps", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["fused_ms"] > 0 and d["unfused_ms"] > 0 and d["speedup"] == pytest.approx(d["unfused_ms"] / d["fused_ms"])

@@ -1,0 +1,155 @@
+"""Time the fused RecursiveMix op against the paper's unfused training-loop code, same inputs.
+
+    from rmix.bench_mix import bench_mix, format_bench
+    print(format_bench(bench_mix(batch=256, size=224)))
+
+Both sides use the paper's single box per batch. The unfused side is what the official loop does
+each step: the loader's normalize pass, `F.interpolate` of the kept history into the box, a slice
+assignment, the label lerp, and `clone()` of the mixed batch to keep it as the next history. The
+fused side writes into one of two alternating buffers, the other being its history: no clone.
+"""
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kernels import recursive_mix
+
+MEAN = (123.675, 116.28, 103.53)  # ImageNet, pixel units
+STD = (58.395, 57.12, 57.375)
+NUM_CLASSES = 1000
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM, by a substring of the device name
+
+
+def peak_gbps(device_name):
+    """Peak memory bandwidth in GB/s of a known device, else None."""
+    for key, gbps in PEAK_GBPS.items():
+        if key in device_name:
+            return gbps
+    return None
+
+
+def paper_box(h, w, alpha, generator):
+    """One (x1, y1, x2, y2) for the whole batch, the paper's rule (see DESIGN.md)."""
+    r = math.sqrt(torch.rand((), generator=generator, dtype=torch.float64).item() * alpha)
+    cut_w, cut_h = int(w * r), int(h * r)
+    cx = int(torch.randint(0, w, (), generator=generator))
+    cy = int(torch.randint(0, h, (), generator=generator))
+    x1, x2 = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
+    y1, y2 = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
+    return x1, y1, x2, y2
+
+
+def _timer(device):
+    """fn -> milliseconds of one call; CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()  # note: a CPU-GPU sync point, once per timed call
+            return start.elapsed_time(end)
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return run
+
+
+def bench_mix(batch=256, size=224, device="cpu", reps=10, mode="nearest", out_dtype=torch.float32,
+              seed=0, alpha=0.5, threads=None):
+    """Median milliseconds per step of the fused op and of the unfused paper code; returns a dict.
+
+    Args:
+        threads: torch CPU threads for the run (None: leave as is). 1 gives steadier figures on a
+            machine that other work shares: each parallel op otherwise waits for a busy core.
+    """
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return bench_mix(batch, size, device, reps, mode, out_dtype, seed, alpha)
+        finally:
+            torch.set_num_threads(previous)
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w, k = batch, 3, size, size, NUM_CLASSES
+    x1, y1, x2, y2 = paper_box(h, w, alpha, g)  # drawn first: the same box for every batch size
+    while (x2 - x1) * (y2 - y1) == 0:  # time a step that pastes something
+        x1, y1, x2, y2 = paper_box(h, w, alpha, g)
+    images = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=g).to(device)
+    targets = torch.randint(0, k, (n,), generator=g).to(device)
+    history = torch.randn(n, c, h, w, generator=g).to(device, out_dtype)
+    history_targets = torch.softmax(torch.randn(n, k, generator=g), dim=1).to(device)
+    boxes = torch.tensor([[x1, y1, x2, y2]] * n, device=device)
+    box_fraction = (x2 - x1) * (y2 - y1) / (h * w)
+    lam = 1 - box_fraction
+    interp = dict(mode="nearest") if mode == "nearest" else dict(mode="bilinear", align_corners=True)
+    mean = torch.tensor(MEAN, device=device).view(1, c, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, c, 1, 1)
+
+    bufs = [history.clone(), torch.empty_like(history)]  # step t's output is step t+1's history
+
+    def fused():
+        prev, out = bufs
+        recursive_mix(images, prev, targets, history_targets, boxes, mode=mode, num_classes=k,
+                      mean=MEAN, std=STD, out=out)
+        bufs.reverse()
+
+    state = {"history": history.clone(), "targets": history_targets.clone()}
+
+    def unfused():
+        x = (images.permute(0, 3, 1, 2).float() - mean) / std  # the loader's normalize pass
+        x[:, :, y1:y2, x1:x2] = F.interpolate(state["history"].float(), size=(y2 - y1, x2 - x1), **interp)
+        soft = lam * F.one_hot(targets, k).float() + (1 - lam) * state["targets"]
+        x = x.to(out_dtype)
+        state["history"], state["targets"] = x.clone(), soft.clone()  # old_inputs = inputs.clone()
+
+    timer = _timer(device)
+    for fn in (fused, unfused, fused, unfused):  # warm-up: allocator, Triton compile
+        fn()
+    samples = {"fused": [], "unfused": []}
+    for _ in range(reps):  # interleaved, so that both see the same machine load
+        samples["fused"].append(timer(fused))
+        samples["unfused"].append(timer(unfused))
+    times = {name: statistics.median(ms) for name, ms in samples.items()}
+
+    result = {
+        "fused_ms": times["fused"], "unfused_ms": times["unfused"],
+        "speedup": times["unfused"] / times["fused"],
+        "batch": n, "size": size, "device": str(device), "mode": mode,
+        "dtype": str(out_dtype).replace("torch.", ""), "box_fraction": box_fraction,
+        "backend": "triton" if device.type == "cuda" else "torch",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "gbps": None, "peak_fraction": None,
+    }
+    if device.type == "cuda":
+        from kernels.mix_triton import bytes_moved
+        moved = bytes_moved(n, c, h, w, box_fraction, 1, history.element_size(), k)
+        result["gbps"] = moved / (times["fused"] * 1e-3) / 1e9
+        peak = peak_gbps(result["device_name"])
+        result["peak_fraction"] = None if peak is None else result["gbps"] / peak
+    return result
+
+
+def format_bench(d):
+    """A small side-by-side table of a `bench_mix` result."""
+    per_s = lambda ms: d["batch"] / (ms * 1e-3)  # noqa: E731 - images per second
+    lines = [
+        f"recursive_mix  batch {d['batch']}  {d['size']}x{d['size']}  {d['mode']}  {d['dtype']}  "
+        f"box {d['box_fraction']:.0%}",
+        f"{d['device_name']} ({d['threads']} threads), torch {d['torch']}, fused backend {d['backend']}",
+        f"{'':<10}{'ms':>10}{'img/s':>12}",
+        f"{'fused':<10}{d['fused_ms']:>10.2f}{per_s(d['fused_ms']):>12.0f}",
+        f"{'unfused':<10}{d['unfused_ms']:>10.2f}{per_s(d['unfused_ms']):>12.0f}",
+        f"{'ratio':<10}{d['speedup']:>9.2f}x",
+    ]
+    if d.get("gbps") is not None:
+        peak = "" if d["peak_fraction"] is None else f" ({d['peak_fraction']:.0%} of peak)"
+        lines.append(f"fused: {d['gbps']:.0f} GB/s{peak}")
+    return "\n".join(lines)

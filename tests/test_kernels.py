@@ -1,0 +1,368 @@
+"""The fused RecursiveMix op: properties of the torch reference, and the Triton kernel against it.
+
+Without CUDA the Triton kernel runs through the Triton interpreter on small, irregular shapes (the
+variable must be set before triton is first imported; kernels/mix_triton imports it lazily).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels.mix_ref as mix_ref  # noqa: E402
+from kernels import recursive_mix  # noqa: E402
+from kernels.mix_ref import normalize, recursive_mix_ref  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    from kernels import mix_triton
+    from kernels.mix_triton import recursive_mix_triton
+except ImportError:  # the package works without triton; only these tests need it
+    mix_triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+needs_triton = pytest.mark.skipif(mix_triton is None, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def box_kinds(h, w):
+    """Boxes touching every border, the full image, 1 pixel, empty ones; (x1, y1, x2, y2)."""
+    return [
+        (0, 0, w, h),                          # full image
+        (0, 0, (w + 1) // 2, (h + 1) // 2),    # top-left corner
+        (w // 2, h // 2, w, h),                # bottom-right corner
+        (0, h // 3, 1, h),                     # left edge, 1 pixel wide
+        (w // 3, 0, w, 1),                     # top edge, 1 pixel tall
+        (w - 1, h - 1, w, h),                  # last pixel
+        (w // 2, 0, w // 2, h),                # zero width
+        (0, h // 2, w, h // 2),                # zero height
+        (min(2, w), min(1, h), w - 1, h),      # interior (empty when the image is tiny)
+    ]
+
+
+def make_inputs(n, h, w, *, m=None, hist_hw=None, k=7, c=3, seed=0, uint8=True, boxes=None,
+                hist_dtype=torch.float32, index_targets=True, device=DEVICE):
+    """A batch, a history of M >= N images of another size, and per-sample boxes."""
+    g = torch.Generator().manual_seed(seed)
+    m = n + 2 if m is None else m
+    hh, hw = hist_hw or (h + 3, w * 2 - 1)
+    if uint8:
+        images = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=g)
+    else:
+        images = torch.randn(n, c, h, w, generator=g)
+    history = torch.randn(m, c, hh, hw, generator=g).to(hist_dtype)
+    if index_targets:
+        targets = torch.randint(0, k, (n,), generator=g)
+    else:
+        targets = torch.softmax(torch.randn(n, k, generator=g), dim=1)
+    history_targets = torch.softmax(torch.randn(m, k, generator=g), dim=1)
+    if boxes is None:
+        kinds = box_kinds(h, w)
+        boxes = [kinds[(i + seed) % len(kinds)] for i in range(n)]
+    boxes = torch.tensor(boxes, dtype=torch.int64)
+    to = lambda t: t.to(device)  # noqa: E731
+    return dict(images=to(images), history=to(history), targets=to(targets),
+                history_targets=to(history_targets), boxes=to(boxes), num_classes=k,
+                mean=MEAN if uint8 else None, std=STD if uint8 else None)
+
+
+def call(fn, inputs, **kw):
+    args = {**inputs, **kw}
+    return fn(args.pop("images"), args.pop("history"), args.pop("targets"),
+              args.pop("history_targets"), args.pop("boxes"), **args)
+
+
+def empty_out(n, c, h, w, dtype, channels_last, device=DEVICE):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((n, c, h, w), dtype=dtype, device=device, memory_format=fmt).fill_(float("nan"))
+
+
+def assert_same(got, want, mode, dtype=torch.float32):
+    """Images: nearest exact, bilinear 1e-5 (fp32) or to the output dtype's precision."""
+    images, soft, lam = got
+    images_ref, soft_ref, lam_ref = want
+    # The interpreter casts fp32 -> bf16 by truncation (a GPU and torch round to nearest even)
+    exact = mode == "nearest" and not (dtype == torch.bfloat16 and INTERPRET)
+    if exact:
+        tol = dict(rtol=0, atol=0)
+    elif dtype == torch.float32:
+        tol = dict(rtol=1e-5, atol=1e-5)
+    else:
+        tol = {}  # assert_close's bf16/fp16 defaults: about one rounding of the output
+    assert images.dtype == images_ref.dtype == dtype
+    torch.testing.assert_close(images, images_ref, **tol)
+    torch.testing.assert_close(soft, soft_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-6, atol=1e-6)
+    assert soft.dtype == lam.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- the reference (the spec)
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_ref_labels(mode):
+    inputs = make_inputs(5, 7, 9, device="cpu")
+    _, soft, lam = call(recursive_mix_ref, inputs, mode=mode)
+    torch.testing.assert_close(soft.sum(1), torch.ones(5), rtol=0, atol=1e-6)
+    b = inputs["boxes"]
+    area = ((b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)).float()
+    torch.testing.assert_close(lam, 1 - area / (7 * 9), rtol=0, atol=1e-6)
+    one_hot = F.one_hot(inputs["targets"], 7).float()
+    want = lam[:, None] * one_hot + (1 - lam[:, None]) * inputs["history_targets"][:5]
+    torch.testing.assert_close(soft, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_ref_pastes_the_resized_history_into_each_box(mode):
+    inputs = make_inputs(9, 13, 5, device="cpu")  # one sample per kind of box
+    out, _, _ = call(recursive_mix_ref, inputs, mode=mode)
+    plain = normalize(inputs["images"], MEAN, STD, torch.float32)
+    interp = dict(mode="nearest") if mode == "nearest" else dict(mode="bilinear", align_corners=True)
+    for i, (x1, y1, x2, y2) in enumerate(inputs["boxes"].tolist()):
+        want = plain[i].clone()
+        if x2 > x1 and y2 > y1:
+            want[:, y1:y2, x1:x2] = F.interpolate(inputs["history"][i:i + 1], size=(y2 - y1, x2 - x1),
+                                                  **interp)[0]
+        torch.testing.assert_close(out[i], want, rtol=0, atol=0)
+
+
+def test_ref_empty_boxes_paste_nothing():
+    inputs = make_inputs(2, 7, 9, boxes=[(3, 2, 3, 6), (1, 4, 8, 4)], device="cpu")
+    out, soft, lam = call(recursive_mix_ref, inputs)
+    torch.testing.assert_close(out, normalize(inputs["images"], MEAN, STD, torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(lam, torch.ones(2), rtol=0, atol=0)
+    torch.testing.assert_close(soft, F.one_hot(inputs["targets"], 7).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("uint8", [True, False])
+def test_ref_without_history_is_plain_normalization(uint8):
+    inputs = make_inputs(3, 7, 9, uint8=uint8, device="cpu")
+    out, soft, lam = recursive_mix_ref(inputs["images"], None, inputs["targets"], None, None,
+                                       num_classes=7, mean=inputs["mean"], std=inputs["std"])
+    want = normalize(inputs["images"], MEAN, STD, torch.float32)
+    if uint8:  # spelled out once more, as the paper's loader does it
+        m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(want, (inputs["images"].permute(0, 3, 1, 2).float() - m) / s)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(soft, F.one_hot(inputs["targets"], 7).float(), rtol=0, atol=0)
+    torch.testing.assert_close(lam, torch.ones(3), rtol=0, atol=0)
+
+
+def test_ref_does_not_modify_its_inputs():
+    inputs = make_inputs(3, 7, 9, device="cpu")
+    before = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    call(recursive_mix_ref, inputs, mode="bilinear")
+    for k, v in before.items():
+        assert torch.equal(inputs[k], v), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ref_writes_out_and_returns_it(dtype, channels_last, monkeypatch):
+    monkeypatch.setattr(mix_ref, "CHUNK_BYTES", 2 * 3 * 7 * 9 * 4)  # chunks of 2 samples: 2, 2, 1
+    inputs = make_inputs(5, 7, 9, device="cpu")
+    out = empty_out(5, 3, 7, 9, dtype, channels_last, device="cpu")
+    got, _, _ = call(recursive_mix_ref, inputs, out=out, out_dtype=torch.float64)  # out's dtype wins
+    assert got is out and got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    fresh, _, _ = call(recursive_mix_ref, inputs)  # fp32, then one rounding to dtype
+    torch.testing.assert_close(out, fresh.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3 * 7 * 9 * 4 * 2, 1 << 30])
+def test_normalize_into_is_normalize(channels_last, chunk, monkeypatch):
+    monkeypatch.setattr(mix_ref, "CHUNK_BYTES", chunk)
+    images = make_inputs(5, 7, 9, device="cpu")["images"]
+    for dtype in (torch.float32, torch.bfloat16):
+        out = empty_out(5, 3, 7, 9, dtype, channels_last, device="cpu")
+        mix_ref.normalize_into(out, images, MEAN, STD)
+        torch.testing.assert_close(out, normalize(images, MEAN, STD, torch.float32).to(dtype), rtol=0, atol=0)
+
+
+def test_out_dtype_defaults():
+    u8 = make_inputs(1, 3, 4, device="cpu")
+    assert call(recursive_mix_ref, u8)[0].dtype == torch.float32
+    assert call(recursive_mix_ref, u8, out_dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+    f16 = make_inputs(1, 3, 4, uint8=False, device="cpu")
+    f16["images"] = f16["images"].half()
+    assert call(recursive_mix_ref, f16)[0].dtype == torch.float16
+
+
+BAD = [  # (argument replaced, value, message fragment)
+    ("images", torch.zeros(2, 7, 9, dtype=torch.uint8), "images"),
+    ("images", torch.zeros(2, 7, 9, 3, dtype=torch.int32), "images"),
+    ("mean", (1.0, 2.0), "mean"),
+    ("std", None, "std"),
+    ("mode", "bicubic", "mode"),
+    ("targets", torch.zeros(3, dtype=torch.int64), "targets"),
+    ("targets", torch.zeros(2), "targets"),
+    ("targets", torch.zeros(2, 7, 1), "targets"),
+    ("history", torch.zeros(2, 4, 5, 5), "history"),
+    ("history", torch.zeros(1, 3, 5, 5), "history"),
+    ("history_targets", torch.zeros(4, 6), "history_targets"),
+    ("history_targets", None, "history_targets"),
+    ("boxes", torch.zeros(2, 5, dtype=torch.int64), "boxes"),
+    ("boxes", None, "boxes"),
+    ("out", torch.zeros(2, 3, 9, 7), "out"),
+    ("out", torch.zeros(2, 3, 7, 9, dtype=torch.uint8), "out"),
+]
+
+
+def _bad_call(fn, arg, value):
+    inputs = {**make_inputs(2, 7, 9, device="cpu"), "mode": "nearest"}
+    inputs[arg] = value
+    return call(fn, inputs)
+
+
+@pytest.mark.parametrize("arg,value,match", BAD, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD)])
+def test_errors_name_the_argument(arg, value, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_call(recursive_mix_ref, arg, value)
+
+
+def test_ref_rejects_boxes_outside_the_image():
+    with pytest.raises(ValueError, match=r"boxes\[1\]"):
+        call(recursive_mix_ref, make_inputs(2, 7, 9, boxes=[(0, 0, 9, 7), (0, 0, 10, 7)], device="cpu"))
+
+
+def test_dispatch():
+    inputs = make_inputs(2, 7, 9, device="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        call(recursive_mix, inputs, backend="cuda")
+    for got, want in zip(call(recursive_mix, inputs), call(recursive_mix_ref, inputs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # CPU tensors: the reference
+
+
+# ---------------------------------------------------------------- Triton against the reference
+
+SHAPES = [  # (n, h, w, history (h, w))
+    (1, 7, 9, (4, 11)),
+    (3, 13, 5, (13, 5)),
+    (5, 6, 10, (17, 3)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("n,h,w,hist_hw", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_matches_ref(mode, n, h, w, hist_hw, dtype, channels_last):
+    inputs = make_inputs(n, h, w, hist_hw=hist_hw, seed=n)
+    got = call(recursive_mix_triton, inputs, mode=mode, out=empty_out(n, 3, h, w, dtype, channels_last))
+    want = call(recursive_mix_ref, inputs, mode=mode, out=empty_out(n, 3, h, w, dtype, channels_last))
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert_same(got, want, mode, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("hist_hw", [(3, 4), (26, 19)])  # smaller and bigger than the images
+def test_triton_every_kind_of_box(mode, hist_hw):
+    inputs = make_inputs(9, 11, 8, m=12, hist_hw=hist_hw)  # per-sample boxes, one of each kind
+    assert_same(call(recursive_mix_triton, inputs, mode=mode), call(recursive_mix_ref, inputs, mode=mode), mode)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_triton_tiny_images(mode):
+    for boxes in ([(0, 0, 1, 1)], [(0, 0, 0, 1)]):
+        inputs = make_inputs(1, 1, 1, hist_hw=(3, 2), boxes=boxes)
+        assert_same(call(recursive_mix_triton, inputs, mode=mode), call(recursive_mix_ref, inputs, mode=mode), mode)
+
+
+@needs_triton
+def test_triton_ragged_tiles_and_class_blocks(monkeypatch):
+    monkeypatch.setattr(mix_triton, "BLOCK_P", 16)  # 13 x 5 = 65 pixels: 5 tiles, the last 1 pixel
+    monkeypatch.setattr(mix_triton, "BLOCK_K", 16)  # 37 classes: 3 steps, the last masked
+    for mode in ("nearest", "bilinear"):
+        inputs = make_inputs(3, 13, 5, k=37, seed=4)
+        assert_same(call(recursive_mix_triton, inputs, mode=mode), call(recursive_mix_ref, inputs, mode=mode), mode)
+
+
+@needs_triton
+@pytest.mark.parametrize("hist_dtype", [torch.float32, torch.bfloat16])
+def test_triton_float_input_and_soft_targets(hist_dtype):
+    inputs = make_inputs(3, 7, 9, uint8=False, index_targets=False, hist_dtype=hist_dtype, seed=2)
+    for mode in ("nearest", "bilinear"):
+        assert_same(call(recursive_mix_triton, inputs, mode=mode), call(recursive_mix_ref, inputs, mode=mode), mode)
+    inputs["images"] = inputs["images"].to(torch.bfloat16)  # out defaults to the input's dtype
+    assert_same(call(recursive_mix_triton, inputs), call(recursive_mix_ref, inputs), "nearest", torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("uint8", [True, False])
+@pytest.mark.parametrize("index_targets", [True, False])
+def test_triton_without_history(uint8, index_targets):
+    inputs = make_inputs(3, 5, 7, uint8=uint8, index_targets=index_targets)
+    inputs.update(history=None, history_targets=None, boxes=None)
+    assert_same(call(recursive_mix_triton, inputs), call(recursive_mix_ref, inputs), "nearest")
+
+
+@needs_triton
+def test_triton_strided_inputs():
+    """Inputs that are views: NHWC bytes cropped out of a bigger batch, a channels_last history."""
+    inputs = make_inputs(3, 9, 12, hist_hw=(9, 12), seed=5)
+    inputs["images"] = inputs["images"][:, 1:8, 2:11]
+    inputs["history"] = inputs["history"].contiguous(memory_format=torch.channels_last)
+    inputs["boxes"] = torch.tensor([(0, 0, 9, 7), (1, 2, 6, 7), (8, 6, 9, 7)], device=DEVICE)
+    for mode in ("nearest", "bilinear"):
+        assert_same(call(recursive_mix_triton, inputs, mode=mode), call(recursive_mix_ref, inputs, mode=mode), mode)
+        outs = [empty_out(3, 3, 9, 12, torch.float32, False)[:, :, 1:8, 2:11] for _ in range(2)]  # views
+        got = call(recursive_mix_triton, inputs, mode=mode, out=outs[0])
+        assert_same(got, call(recursive_mix_ref, inputs, mode=mode, out=outs[1]), mode)
+        assert got[0] is outs[0]
+
+
+@needs_triton
+def test_triton_writes_out_and_does_not_touch_inputs():
+    inputs = make_inputs(3, 7, 9)
+    before = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    out = empty_out(3, 3, 7, 9, torch.bfloat16, True)
+    assert call(recursive_mix_triton, inputs, out=out)[0] is out
+    for k, v in before.items():
+        assert torch.equal(inputs[k], v), k
+
+
+@needs_triton
+@pytest.mark.parametrize("arg,value,match", BAD, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD)])
+def test_triton_errors_name_the_argument(arg, value, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_call(recursive_mix_triton, arg, value)
+
+
+# ---------------------------------------------------------------- full size, on a GPU
+
+@needs_cuda
+@needs_triton
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True),
+                                                 (torch.float16, False)])
+def test_triton_full_size_on_cuda(mode, dtype, channels_last):
+    n, h, w = 256, 224, 224
+    g = torch.Generator().manual_seed(0)
+    r = (torch.rand(n, generator=g) * 0.5).sqrt()
+    cx, cy = torch.randint(0, w, (n,), generator=g), torch.randint(0, h, (n,), generator=g)
+    cw, ch = (w * r).long(), (h * r).long()
+    boxes = torch.stack([(cx - cw // 2).clamp(0, w), (cy - ch // 2).clamp(0, h),
+                         (cx + cw // 2).clamp(0, w), (cy + ch // 2).clamp(0, h)], 1)
+    boxes[:4] = torch.tensor(box_kinds(h, w)[:4])
+    inputs = make_inputs(n, h, w, m=n + 3, hist_hw=(h, w), k=1000, boxes=boxes.tolist(),
+                         hist_dtype=dtype, device="cuda")
+    want = call(recursive_mix_ref, inputs, mode=mode, out=empty_out(n, 3, h, w, dtype, channels_last, "cuda"))
+    out = empty_out(n, 3, h, w, dtype, channels_last, "cuda")
+    call(recursive_mix_triton, inputs, mode=mode, out=out)  # compile, cache mean/std on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the Triton path must not sync with the host
+    try:
+        got = call(recursive_mix_triton, inputs, mode=mode, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_same(got, want, mode, dtype)
