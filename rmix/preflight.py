@@ -12,17 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import scan_image_folder
+from rmix.paths import cache_dir
 
 BATCH = 64
 MAGIC = [(b"\xff\xd8", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"P5", "PGM"), (b"P6", "PPM")]
-
-
-def cache_dir() -> Path:
-    """The user cache: $RMIX_CACHE, else $XDG_CACHE_HOME/rmix, else ~/.cache/rmix."""
-    if os.environ.get("RMIX_CACHE"):
-        return Path(os.environ["RMIX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rmix"
 
 
 def image_format(data: bytes):

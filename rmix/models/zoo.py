@@ -11,7 +11,7 @@ from rmix.models.roi import count_parameters
 from rmix.models.timm_backbone import TimmBackbone
 from rmix.models.torchvision_resnet import ARCHS, TorchvisionResNet
 
-_CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+_CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 _PYRAMIDNETS = {  # name: (depth, alpha, bottleneck)
     "pyramidnet_110_48": (110, 48, False),
     "pyramidnet_164_270": (164, 270, True),
