@@ -6,6 +6,7 @@ import click
 
 from rmix import config as C
 from rmix.checkpoint import CheckpointError
+from rmix.synth import DEFAULT_ARGS as SYNTH
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError)
 
@@ -41,47 +42,56 @@ TRAIN_OPTIONS = [
     ("--data-dir", "data.data_dir", str, "ImageFolder root with train/ and val/, or the CIFAR python batches "
                                          "[default: the embedded synthetic set]"),
     ("--dataset", "data.dataset", click.Choice(C.DATASETS), "[default: auto, detected from --data-dir]"),
-    ("--model", "model", str, "model name, see `rmix models` [default: resnet8]"),
-    ("--epochs", "epochs", int, "number of epochs [default: 15]"),
-    ("--batch-size", "batch_size", int, "global batch size, split over processes [default: 128]"),
-    ("--lr", "optim.lr", float, "peak learning rate [default: 0.1]"),
-    ("--optimizer", "optim.optimizer", click.Choice(C.OPTIMIZERS), "[default: sgd]"),
-    ("--momentum", "optim.momentum", float, "SGD momentum [default: 0.9]"),
+    ("--model", "model", str, "model name, see `rmix models`"),
+    ("--epochs", "epochs", int, "number of epochs"),
+    ("--batch-size", "batch_size", int, "global batch size, split over processes"),
+    ("--lr", "optim.lr", float, "peak learning rate"),
+    ("--optimizer", "optim.optimizer", click.Choice(C.OPTIMIZERS), ""),
+    ("--momentum", "optim.momentum", float, "SGD momentum"),
     ("--nesterov/--no-nesterov", "optim.nesterov", None, "Nesterov momentum [default: on]"),
-    ("--weight-decay", "optim.weight_decay", float, "[default: 5e-4]"),
-    ("--schedule", "optim.schedule", click.Choice(C.SCHEDULES), "per-epoch lr schedule [default: cos]"),
+    ("--weight-decay", "optim.weight_decay", float, ""),
+    ("--schedule", "optim.schedule", click.Choice(C.SCHEDULES), "per-epoch lr schedule"),
     ("--milestones", "optim.milestones", str, "step schedule epochs, comma separated, e.g. 150,225"),
-    ("--gamma", "optim.gamma", float, "step schedule factor [default: 0.1]"),
-    ("--warmup", "optim.warmup", int, "linear warmup epochs [default: 0]"),
-    ("--aug", "mix.policy", click.Choice(C.AUGS), "mixing policy [default: recursive_mix]"),
-    ("--aug-alpha", "mix.alpha", float, "RM area ratio bound / Mixup-CutMix Beta alpha [default: 0.5]"),
-    ("--aug-omega", "mix.omega", float, "RM consistency loss weight [default: 0.5]"),
-    ("--interpolate", "mix.interpolate", click.Choice(["nearest", "bilinear"]), "RM history resize [default: nearest]"),
+    ("--gamma", "optim.gamma", float, "step schedule factor"),
+    ("--warmup", "optim.warmup", int, "linear warmup epochs"),
+    ("--aug", "mix.policy", click.Choice(C.AUGS), "mixing policy"),
+    ("--aug-alpha", "mix.alpha", float, "RM area ratio bound / Mixup-CutMix Beta alpha"),
+    ("--aug-omega", "mix.omega", float, "RM consistency loss weight"),
+    ("--interpolate", "mix.interpolate", click.Choice(["nearest", "bilinear"]), "RM history resize"),
     ("--per-sample-boxes/--batch-box", "mix.per_sample", None, "RM: one box per image [default: one per batch]"),
     ("--share-fc/--own-fc", "mix.share_fc", None, "RoI head reuses the classifier [default: own fc_roi]"),
-    ("--smoothing", "mix.smoothing", float, "label smoothing [default: 0]"),
-    ("--loader", "data.loader", click.Choice(C.LOADERS), "input pipeline [default: dali]"),
-    ("--dali-device", "data.dali_device", click.Choice(["auto", "cpu", "gpu"]), "DALI decode device [default: auto]"),
-    ("--crop-size", "data.crop_size", int, "train/val crop in pixels [default: 32]"),
-    ("--min-area", "data.min_area", float, "random-resized-crop minimum area [default: 0.25]"),
-    ("--val-resize", "data.val_resize", int, "val shorter side before the centre crop [default: 36]"),
+    ("--smoothing", "mix.smoothing", float, "label smoothing"),
+    ("--loader", "data.loader", click.Choice(C.LOADERS), "input pipeline"),
+    ("--dali-device", "data.dali_device", click.Choice(["auto", "cpu", "gpu"]), "DALI decode device"),
+    ("--crop-size", "data.crop_size", int, "train/val crop in pixels"),
+    ("--min-area", "data.min_area", float, "random-resized-crop minimum area"),
+    ("--val-resize", "data.val_resize", int, "val shorter side before the centre crop"),
     ("--aug-plus/--no-aug-plus", "data.aug_plus", None, "colour jitter + PCA lighting [default: off]"),
-    ("--workers", "data.workers", int, "loader threads/workers per process [default: 2]"),
-    ("--device", "device", click.Choice(C.DEVICES), "[default: auto]"),
+    ("--workers", "data.workers", int, "loader threads/workers per process"),
+    ("--device", "device", click.Choice(C.DEVICES), ""),
     ("--amp", "amp", click.Choice(C.AMPS), "autocast dtype [default: auto = bf16 on cuda]"),
-    ("--seed", "seed", int, "[default: 0]"),
+    ("--seed", "seed", int, ""),
     ("--out", "out", str, "run directory [default: runs/<model>-<aug>-<time>]"),
     ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
-    ("--log-every", "log_every", int, "steps between progress lines [default: 20]"),
-    ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs [default: 0 = all]"),
+    ("--log-every", "log_every", int, "steps between progress lines"),
+    ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs"),
     ("--sync-bn/--no-sync-bn", "sync_bn", None, "torchrun: SyncBatchNorm over all ranks, CUDA only [default: off]"),
     ("--dist-timeout", "dist_timeout", int, "torchrun: seconds a collective waits for the other ranks "
-                                           "[default: 1800]"),
+                                           ""),
 ]
+
+
+def _default(key):
+    v = C.TrainConfig()
+    for part in key.split("."):
+        v = getattr(v, part)
+    return v
 
 
 def _option(flag, key, typ, help_):
     dest = key.replace(".", "__")
+    if "[default:" not in help_:
+        help_ = f"{help_} [default: {_default(key)}]".strip()
     if typ is None:
         return click.option(flag, dest, default=None, help=help_)
     return click.option(flag, dest, type=typ, default=None, help=help_)
@@ -163,8 +173,9 @@ def train(preset, config_file, **opts):
         base = load_config_file(config_file, base)
     cfg = config_from_options(opts, base)
     result = run(cfg)
-    click.echo(f"run directory: {result['run_dir']}")
-    click.echo(f"best val top-1: {result['best_top1']:.2f}%  (final {result['final_top1']:.2f}%)")
+    if result.get("rank", 0) == 0:  # under torchrun every rank returns; one prints
+        click.echo(f"run directory: {result['run_dir']}")
+        click.echo(f"best val top-1: {result['best_top1']:.2f}%  (final {result['final_top1']:.2f}%)")
 
 
 @cli.command("eval")
@@ -184,7 +195,8 @@ def eval_cmd(path, data_dir, dataset, model, loader, batch_size, device, as_json
     if as_json:
         click.echo(json.dumps(r))
     else:
-        click.echo(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+        loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
+        click.echo(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {loss}  "
                    f"({r['images']} images, {r['model']})")
 
 
@@ -207,13 +219,13 @@ def data():
 
 @data.command()
 @click.option("--out", required=True, help="directory to write train/ and val/ into")
-@click.option("--classes", type=int, default=10, show_default=True)
-@click.option("--train-per-class", type=int, default=300, show_default=True)
-@click.option("--val-per-class", type=int, default=100, show_default=True)
-@click.option("--width", type=int, default=40, show_default=True, help="500 for ImageNet-sized files")
-@click.option("--height", type=int, default=40, show_default=True, help="375 for ImageNet-sized files")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality")
+@click.option("--classes", type=int, default=SYNTH["classes"], show_default=True)
+@click.option("--train-per-class", type=int, default=SYNTH["train_per_class"], show_default=True)
+@click.option("--val-per-class", type=int, default=SYNTH["val_per_class"], show_default=True)
+@click.option("--width", type=int, default=SYNTH["width"], show_default=True, help="500 for ImageNet-sized files")
+@click.option("--height", type=int, default=SYNTH["height"], show_default=True, help="375 for ImageNet-sized files")
+@click.option("--seed", type=int, default=SYNTH["seed"], show_default=True)
+@click.option("--quality", type=int, default=SYNTH["quality"], show_default=True, help="JPEG quality")
 def synth(out, classes, train_per_class, val_per_class, width, height, seed, quality):
     """Write the deterministic synthetic JPEG dataset (ImageFolder layout)."""
     from rmix.synth import synth_dataset
@@ -294,6 +306,53 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 
+# --- bench data, bench train (rmix/bench_data.py, rmix/bench_train.py) ---
+@bench.command("data")
+@click.option("--data-dir", default=None, help="ImageFolder root (its train/) or split "
+                                               "[default: ImageNet-sized synthetic JPEGs]")
+@click.option("--batch", type=int, default=None, help="[default: 64, or 256 on cuda]")
+@click.option("--threads", type=int, default=None, help="DALI threads = DataLoader workers [default: all cores]")
+@click.option("--size", type=int, default=224, show_default=True, help="crop side, pixels")
+@click.option("--min-area", type=float, default=0.08, show_default=True, help="random-resized-crop area bound")
+@click.option("--reps", type=int, default=3, show_default=True, help="timed passes (epochs) after a warm-up pass")
+@click.option("--images", type=int, default=None, help="files per pass")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where the batches are delivered")
+@click.option("--dali-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="DALI decode: gpu = nvJPEG mixed (implies --device cuda); auto = gpu on cuda")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, device, dali_device, as_json):
+    """Train-pipeline img/s on the same files and threads: DALI, torchvision+PIL, torchvision v2, decode only."""
+    from rmix.bench_data import bench_data, format_bench
+    d = bench_data(data_dir, batch=batch, threads=threads, size=size, reps=reps, images=images, min_area=min_area,
+                   device=device, dali_device=dali_device, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(d) if as_json else format_bench(d))
+
+
+@bench.command("train")
+@click.option("--model", default="resnet8", show_default=True, help="see `rmix models`")
+@click.option("--batch", type=int, default=128, show_default=True)
+@click.option("--size", type=int, default=32, show_default=True, help="crop side, pixels")
+@click.option("--steps", type=int, default=20, show_default=True, help="timed steps per run")
+@click.option("--warmup", type=int, default=5, show_default=True, help="untimed steps first")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--amp", type=click.Choice(C.AMPS), default="auto", show_default=True, help="auto = bf16 on cuda")
+@click.option("--channels-last", is_flag=True, help="channels_last model and inputs (cuda, as rmix train)")
+@click.option("--data-dir", default=None, help="data of the pipeline run [default: the embedded synthetic set]")
+@click.option("--loader", type=click.Choice(C.LOADERS), default="dali", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="loader threads / DataLoader workers")
+@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_last, data_dir, loader, workers,
+                    threads, as_json):
+    """Train-step img/s: recursive_mix vs none in memory, and recursive_mix fed by the real loader."""
+    from rmix.bench_train import bench_train, format_bench
+    d = bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
+                    channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
+                    threads=threads, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(d) if as_json else format_bench(d))
+
+
 # --- views: plot, show, export (rmix/plot.py, rmix/show.py, rmix/export.py) ---
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True)
@@ -330,7 +389,7 @@ def show(data_dir, aug, steps, batch, loader, seed, alpha, crop_size, tile, out)
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--format", "fmt", type=click.Choice(["torchvision", "safetensors"]), default=None,
-              help="[default: safetensors for a .safetensors --out, else torchvision]")
+              help="")
 @click.option("--out", required=True, help="file to write")
 @click.option("--drop-classifier", is_flag=True, help="leave out fc.* (for detection / segmentation backbones)")
 @click.option("--ema", is_flag=True, help="export the checkpoint's EMA weights")

@@ -1,7 +1,6 @@
 """The training core: build everything from a TrainConfig, run the epochs, keep the run directory."""
-import contextlib
 import json
-import os
+import math
 import random
 import time
 from pathlib import Path
@@ -50,6 +49,46 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / f"{cfg.model}-{cfg.mix.policy}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def wrap_ddp(model, device, d, sync_bn=False):
+    """`model` in DistributedDataParallel under torchrun (several processes); unchanged on one."""
+    if not d.enabled:
+        return model
+    if sync_bn:
+        if device.type != "cuda":  # torch's SyncBatchNorm raises on CPU tensors (checked with torch 2.14)
+            raise ValueError(f"--sync-bn: SyncBatchNorm needs CUDA devices, this run is on {device.type}; "
+                             "drop --sync-bn (each rank then normalizes over its own share of the batch)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
+    # no find_unused_parameters: every trainable parameter gets a gradient every step (see roi_boxes)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm, epoch=0, step=0):
+    """One optimizer step on a batch: mix, forward under autocast, loss, backward, step, remember.
+
+    Returns (loss, logits, out): the loss (not detached), the logits and the policy's MixOut.
+    `rm`: the policy is RecursiveMix (the model also returns roi_logits); `epoch` and `step`
+    only name the place in the error raised for a non-finite loss.
+    """
+    out = policy(images, targets)
+    h, w = out.images.shape[-2:]
+    with torch.autocast(out.images.device.type, dtype=amp, enabled=amp is not None):
+        if rm:
+            logits, roi_logits = model(out.images, roi_boxes(out, h, w))
+        else:
+            logits, roi_logits = model(out.images), None
+        loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
+                        out.lam, omega)
+    if not torch.isfinite(loss):  # note: this is a CPU-GPU sync point
+        raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; stopping before the update")
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    policy.remember(out.images, out.soft_targets, logits)
+    return loss, logits, out
+
+
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress):
     """One pass over `loader`; returns summed (loss, correct, images) as a tensor."""
     model.train()
@@ -57,22 +96,8 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     rm = cfg.mix.policy == "recursive_mix"
     sums = torch.zeros(3, dtype=torch.float64)
     for step, (images, targets) in enumerate(loader):
-        out = policy(images, targets)
-        h, w = out.images.shape[-2:]
-        with torch.autocast(out.images.device.type, dtype=amp, enabled=amp is not None):
-            if rm:
-                logits, roi_logits = model(out.images, roi_boxes(out, h, w))
-            else:
-                logits, roi_logits = model(out.images), None
-            loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
-                            out.lam, cfg.mix.omega)
-        if not torch.isfinite(loss):  # note: this is a CPU-GPU sync point
-            raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; stopping before the update")
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        policy.remember(out.images, out.soft_targets, logits)
+        loss, logits, out = train_step(model, policy, images, targets, optimizer, scaler, amp, cfg.mix.omega,
+                                       rm=rm, epoch=epoch, step=step)
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         sums += torch.stack([loss.detach().double().cpu() * n, correct.double().cpu(), torch.tensor(n, dtype=torch.float64)])
@@ -102,7 +127,12 @@ def evaluate(model, loader, normalize, amp, d=dist.Dist(), progress=None):
     sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
     n = max(sums[3].item(), 1)
     return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n,
-            "loss": sums[2].item() / n, "images": int(sums[3].item())}
+            "loss": _finite(sums[2].item() / n), "images": int(sums[3].item())}
+
+
+def _finite(x):
+    """None for inf/NaN, so metrics and --json stay valid JSON."""
+    return x if math.isfinite(x) else None
 
 
 def _reduce_device(d):
@@ -118,7 +148,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     """Train as `cfg` says; returns {"best_top1", "final_top1", "run_dir", ...}."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    d = dist.setup(device.type)
+    d = dist.setup(device.type, cfg.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     random.seed(cfg.seed + d.rank)
@@ -126,7 +156,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     torch.manual_seed(cfg.seed + d.rank)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir = Path(cfg.out or dist.broadcast_object(str(default_run_dir(cfg)), d))  # rank 0's clock
     cfg = replace(cfg, num_classes=train_loader.num_classes, out=str(run_dir),
                   **{"data.data_dir": str(root), "data.dataset": dataset})
 
@@ -149,12 +179,13 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
 
     start, best, history = 1, -1.0, []
     if cfg.resume:
-        start, best = _resume(cfg, run_dir, model, optimizer, scaler, policy)
-    raw_model = model
-    if d.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        start, best = _resume(cfg, run_dir, model, optimizer, scaler, policy, d)
+    model = wrap_ddp(model, device, d, sync_bn=cfg.sync_bn)
+    raw_model = model.module if d.enabled else model
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            _trim_metrics(run_dir / "metrics.jsonl", start)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     show = d.is_main if show_progress is None else (show_progress and d.is_main)
@@ -170,12 +201,14 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
             sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar)
         sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
         seconds = time.perf_counter() - t0
-        val = evaluate(model, val_loader, normalize, amp, d)
+        dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
+        val = evaluate(raw_model, val_loader, normalize, amp, d)
         final = val["top1"]
         row = {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / sums[2].item(),
                "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
                "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
         history.append(row)
+        rngs = dist.gather_objects(rng_state(policy), d)  # each rank's own stream, for --resume
         if d.is_main:
             is_best = val["top1"] > best
             best = max(best, val["top1"])
@@ -183,7 +216,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                 f.write(json.dumps(row) + "\n")
             payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best,
-                       "config": to_dict(cfg), "rng": rng_state(policy)}
+                       "config": to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs}
             checkpoint.save(run_dir / "latest.pt", payload)
             if is_best:
                 checkpoint.save(run_dir / "best.pt", payload)
@@ -196,10 +229,10 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
         dist.barrier(d)
     dist.cleanup(d)
     return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
-            "config": to_dict(cfg)}
+            "config": to_dict(cfg), "rank": d.rank}
 
 
-def _resume(cfg, run_dir, model, optimizer, scaler, policy):
+def _resume(cfg, run_dir, model, optimizer, scaler, policy, d=dist.Dist()):
     """Load model/optimizer/RNG state; returns (first epoch to run, best top-1 so far)."""
     path = Path(cfg.resume)
     if cfg.resume == "auto":
@@ -216,13 +249,22 @@ def _resume(cfg, run_dir, model, optimizer, scaler, policy):
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    policy.generator.set_state(rng["policy"])
+    states = ckpt.get("rng_ranks", [ckpt["rng"]])
+    if len(states) == d.world_size:  # else another world size: keep this run's per-rank seeds
+        rng = states[d.rank]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        policy.generator.set_state(rng["policy"])
     return ckpt["epoch"] + 1, ckpt["best_top1"]
+
+
+def _trim_metrics(path, start):
+    """Drop rows of epochs >= start: a restart between a metrics row and its latest.pt would repeat them."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < start]
+        path.write_text("".join(line + "\n" for line in rows))
 
 
 def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader=None, batch_size=None,

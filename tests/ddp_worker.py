@@ -1,0 +1,96 @@
+"""Test worker for tests/test_ddp.py: a few DDP steps with the engine's own pieces, one file per rank.
+
+    python -m torch.distributed.run --nproc_per_node=2 --standalone tests/ddp_worker.py OUT DATA
+
+equal(OUT/equal): a BatchNorm-free resnet8, no mixing, a fixed global batch split over the ranks;
+       writes rank{r}.pt with the parameters before and after 3 steps. `equal(out, Dist())` is
+       the one-process reference with the whole batch.
+rm(OUT/rm):  resnet8 with BatchNorm, RecursiveMix, the torch loader over DATA for 3 steps; writes
+       rank{r}.pt (parameters, buffers after dist.broadcast_buffers, the policy's box RNG) and
+       rank{r}.json (evaluate's totals with the torch and the DALI val loaders).
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rmix import dist
+from rmix.config import TrainConfig, replace
+from rmix.data import make_loaders
+from rmix.engine import evaluate, train_one_epoch, wrap_ddp
+from rmix.mixing import NoMix, build_policy
+from rmix.models import build
+from rmix.progress import Progress
+
+STEPS, BATCH, CLASSES, SIZE = 3, 8, 4, 16
+CPU = torch.device("cpu")
+
+
+def without_bn(model):
+    """Every BatchNorm replaced by Identity, so a split batch computes the same gradient."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, torch.nn.Identity())
+        else:
+            without_bn(child)
+    return model
+
+
+def run(model, policy, loader, cfg, d):
+    model = wrap_ddp(model, CPU, d)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                                nesterov=True, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with Progress(STEPS, "ddp worker", enabled=False) as bar:
+        sums = train_one_epoch(model, policy, loader, optimizer, scaler, cfg, 1, None, bar)
+    return (model.module if d.enabled else model), dist.all_sum(sums, d)
+
+
+def equal(out, d):
+    torch.manual_seed(0)  # the same initial weights and data on every rank, whatever the world size
+    model = without_bn(build("resnet8", CLASSES))
+    model.fc_roi.requires_grad_(False)  # as the engine does without RecursiveMix
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    images = torch.randint(0, 256, (STEPS, BATCH, SIZE, SIZE, 3), dtype=torch.uint8)
+    targets = torch.randint(0, CLASSES, (STEPS, BATCH))
+    share = BATCH // d.world_size
+    mine = slice(d.rank * share, (d.rank + 1) * share)  # this rank's share of each global batch
+    loader = [(images[s, mine], targets[s, mine]) for s in range(STEPS)]
+    cfg = replace(TrainConfig(), **{"mix.policy": "none"})
+    raw, sums = run(model, NoMix(CLASSES, mean=cfg.data.mean, std=cfg.data.std), loader, cfg, d)
+    torch.save({"params": dict(raw.named_parameters()), "init": init, "images": sums[2].item()},
+               out / f"rank{d.rank}.pt")
+
+
+def rm(out, data, d):
+    torch.manual_seed(0)
+    cfg = replace(TrainConfig(), batch_size=BATCH, max_steps=STEPS, **{
+        "data.data_dir": str(data), "data.loader": "torch", "data.workers": 0, "data.crop_size": SIZE,
+        "data.val_resize": 20})
+    train_loader, _ = make_loaders(cfg, data, "folder", CPU, d.rank, d.world_size)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)  # as the engine: one RNG per rank
+    policy = build_policy("recursive_mix", CLASSES, alpha=0.5, omega=0.5, mean=cfg.data.mean, std=cfg.data.std,
+                          generator=gen)
+    raw, _ = run(build("resnet8", CLASSES), policy, train_loader, cfg, d)
+    dist.broadcast_buffers(raw, d)
+    torch.save({"params": dict(raw.named_parameters()), "buffers": dict(raw.named_buffers()),
+                "policy_rng": gen.get_state()}, out / f"rank{d.rank}.pt")
+    normalize = NoMix(CLASSES, mean=cfg.data.mean, std=cfg.data.std)
+    totals = {}
+    for loader in ("torch", "dali"):
+        _, val_loader = make_loaders(replace(cfg, **{"data.loader": loader}), data, "folder", CPU, d.rank,
+                                     d.world_size)
+        totals[loader] = evaluate(raw, val_loader, normalize, None, d)
+    (out / f"rank{d.rank}.json").write_text(json.dumps(totals))
+
+
+if __name__ == "__main__":
+    out, data = Path(sys.argv[1]), Path(sys.argv[2])
+    d = dist.setup("cpu", timeout_s=120)
+    for name in ("equal", "rm"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+    equal(out / "equal", d)
+    rm(out / "rm", data, d)
+    dist.barrier(d)
+    dist.cleanup(d)

@@ -1,0 +1,172 @@
+"""DDP under torchrun on CPU (gloo): real processes, a tiny dataset, two ranks.
+
+The workers are tests/ddp_worker.py (engine pieces, one file per rank) and tests/ddp_cli.py
+(`rmix train` with crash hooks read from the environment by the wrapper, not the library).
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmix import checkpoint, dist
+from rmix.config import TrainConfig, replace, validate
+from rmix.engine import _trim_metrics, wrap_ddp
+from rmix.models import build
+from rmix.synth import synth_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--workers", "1", "--batch-size", "8",
+        "--epochs", "2", "--loader", "torch", "--log-every", "1"]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """32 train images (4 classes), 12 val images, 24 px JPEGs."""
+    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=3,
+                         width=24, height=24)
+
+
+def launch(args, *, cwd, nproc=2, torchrun=(), env=None, timeout=120):
+    """Run `args` under torchrun (nproc > 0) or as one plain process; returns (returncode, output)."""
+    environ = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
+    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    cmd = [sys.executable]
+    if nproc:  # --standalone: a c10d rendezvous on a free localhost port
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *torchrun]
+    p = subprocess.Popen(cmd + [str(a) for a in args], cwd=cwd, env=environ, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()  # torchrun stops its ranks on SIGTERM (they run in sessions of their own)
+        try:
+            out, _ = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out = "(no output: the ranks kept the pipe open)"
+        pytest.fail(f"timed out after {timeout} s:\n{out[-4000:]}")
+    return p.returncode, out
+
+
+@pytest.fixture(scope="module")
+def worker_run(tiny, tmp_path_factory):
+    """tests/ddp_worker.py on 2 ranks; its val set has 11 images, so one rank's shard is one short."""
+    tmp = tmp_path_factory.mktemp("worker")
+    data = tmp / "data"
+    shutil.copytree(tiny, data)
+    next((data / "val").glob("*/*")).unlink()
+    rc, out = launch([ROOT / "tests/ddp_worker.py", tmp, data], cwd=tmp)
+    assert rc == 0, out
+    return tmp
+
+
+def test_two_ranks_match_one_process_with_the_global_batch(worker_run, tmp_path):
+    import ddp_worker  # tests/ is on sys.path: pytest's default (prepend) import mode
+    with torch.random.fork_rng():
+        ddp_worker.equal(tmp_path, dist.Dist())  # the reference: one process, the whole batch
+    ref = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r0, r1 = (torch.load(worker_run / f"equal/rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert ref["images"] == r0["images"] == 24  # the train sums are all-reduced: 3 steps of the global 8
+    for name, p in ref["params"].items():
+        assert torch.equal(r0["params"][name], r1["params"][name]), name  # each rank saw half the batch
+        torch.testing.assert_close(r0["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+    moved = max((p - ref["init"][n]).abs().max().item() for n, p in ref["params"].items())
+    assert moved > 1e-3  # the comparison is not between untouched weights
+
+
+def test_recursive_mix_ranks_stay_identical(worker_run):
+    r0, r1 = (torch.load(worker_run / f"rm/rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    for name, b in r0["buffers"].items():  # running stats: rank 0's, after dist.broadcast_buffers
+        assert torch.equal(b, r1["buffers"][name]), name
+    assert not torch.equal(r0["policy_rng"], r1["policy_rng"])  # one box stream (and history) per rank
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_validation_counts_every_image_once_over_ranks(worker_run, loader):
+    v0, v1 = (json.loads((worker_run / f"rm/rank{r}.json").read_text())[loader] for r in (0, 1))
+    assert v0 == v1 and v0["images"] == 11
+
+
+def test_a_dead_rank_fails_the_job_and_names_it(tiny, tmp_path):
+    (tmp_path / "results").mkdir()
+    env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_RESULTS": "results", "RMIX_TEST_SKEW_CLOCK": "1"}
+    t0 = time.monotonic()
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY], cwd=tmp_path, env=env)
+    assert rc != 0, out
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", out), out  # torchrun's summary
+    assert time.monotonic() - t0 < 100
+    # no --out: every rank trains into the directory rank 0 chose, though their clocks disagree
+    dirs = [p.name for p in (tmp_path / "runs").iterdir()]
+    assert dirs == ["clock-of-rank-0"]
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"results/rank{r}.json").read_text())["out"] == "runs/clock-of-rank-0"
+    rows = (tmp_path / "runs/clock-of-rank-0/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1]  # written once, by rank 0
+
+
+def test_a_stalled_rank_is_bounded_by_dist_timeout(tiny, tmp_path):
+    env = {"RMIX_TEST_CRASH_EPOCH": "1", "RMIX_TEST_CRASH_HOW": "stall"}  # after DDP's first collectives
+    t0 = time.monotonic()
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--out", "run",
+                      "--dist-timeout", "20"], cwd=tmp_path, env=env)
+    assert rc != 0, out
+    assert time.monotonic() - t0 < 100  # the stalled rank sleeps 600 s; rank 0 gives up after 20
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*\n\s*exitcode\s*:\s*1\b", out), out
+
+
+def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
+    env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_MARKER": "crashed"}
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--out", "run",
+                      "--resume", "auto"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=150)
+    assert rc == 0, out
+    assert (tmp_path / "crashed").is_file() and "exitcode: -9" in out  # it did crash once
+    run = tmp_path / "run"
+    rows = [json.loads(row) for row in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    ckpt = checkpoint.read(run / "latest.pt")
+    assert ckpt["epoch"] == 2
+    rngs = [r["policy"] for r in ckpt["rng_ranks"]]  # each rank's own RecursiveMix box stream, for the next resume
+    assert len(rngs) == 2 and not torch.equal(*rngs)
+    assert out.count("best val top-1") >= 1
+
+
+def test_sync_bn_on_cpu_is_a_clear_error():
+    model = build("resnet8", 4)
+    with pytest.raises(ValueError, match="--sync-bn"):
+        wrap_ddp(model, torch.device("cpu"), dist.Dist(rank=0, world_size=2), sync_bn=True)
+    assert wrap_ddp(model, torch.device("cpu"), dist.Dist(), sync_bn=True) is model  # one process: nothing to sync
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"resume": "auto"}, "--out"),  # a torchrun restart must find the same run directory
+    ({"dist_timeout": 0}, "--dist-timeout"),
+])
+def test_distributed_options_are_validated(changes, needle):
+    with pytest.raises(ValueError, match=needle):
+        validate(replace(TrainConfig(), **changes))
+    validate(replace(TrainConfig(), resume="auto", out="runs/x"))
+
+
+def test_one_process_helpers_are_identities():
+    d = dist.Dist()
+    t = torch.arange(3.0)
+    assert dist.all_sum(t, d) is t and dist.broadcast_object("x", d) == "x" and dist.gather_objects(1, d) == [1]
+
+
+def test_resume_trims_metrics_of_epochs_to_run_again(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    _trim_metrics(path, 3)  # latest.pt holds epoch 2: a crash came after row 3 but before its checkpoint
+    assert [json.loads(row)["epoch"] for row in path.read_text().splitlines()] == [1, 2]
+    _trim_metrics(tmp_path / "absent.jsonl", 1)
