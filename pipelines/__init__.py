@@ -4,6 +4,13 @@ Every loader yields ``(images, labels)`` already on ``device``:
 ``images`` uint8 ``(N, H, W, 3)`` contiguous, ``labels`` int64 ``(N,)``.
 ``len(loader)`` is the number of batches per epoch on this rank (the same on every rank) and
 each ``iter(loader)`` is one epoch (train: freshly shuffled). Normalization is not done here.
+
+Epochs are addressable: ``loader.set_epoch(e)`` (0-based, as DistributedSampler's) makes the
+next ``iter()`` yield exactly epoch ``e`` of an uninterrupted run -- the same order (the split
+of `shard_indices`, the same for both kinds) and the same augmentation randomness, whatever
+this loader object ran before. Without it each ``iter()`` runs the epoch after the last one
+started. An image that cannot be read or decoded raises `DecodeError` naming the epoch, the
+batch and its files.
 """
 from __future__ import annotations
 
@@ -25,6 +32,41 @@ PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
 PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                        [-0.5808, -0.0045, -0.8140],
                        [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
+
+
+class DecodeError(RuntimeError):
+    """An image of one batch could not be read or decoded.
+
+    Attributes:
+        epoch: the 0-based epoch; step: the batch's index in it.
+        files: every file of the batch, in batch order (absolute when the root was).
+        bad_files: the files known to fail: each one for the torchvision loader; for DALI,
+            which fails the whole batch, the one its message names, if any (it names a file
+            whose data is corrupt, not one whose headers are), else empty: "one of".
+        reason: the decoder's error, one line.
+    """
+
+    def __init__(self, epoch: int, step: int, files, bad_files=(), reason: str = ""):
+        self.epoch, self.step = epoch, step
+        self.files, self.bad_files, self.reason = list(files), list(bad_files), reason
+        where = f"epoch {epoch}, batch {step}"
+        why = f" ({reason})" if reason else ""
+        if self.bad_files:
+            message = (f"cannot decode {', '.join(self.bad_files)}{why} in {where}; "
+                       f"the batch's {len(self.files)} files: {', '.join(self.files)}")
+        else:
+            message = (f"cannot decode one of the {len(self.files)} files of {where}{why}: "
+                       f"{', '.join(self.files)}")
+        super().__init__(" ".join(message.splitlines()))  # one line, whatever the paths hold
+
+    def __reduce__(self):  # the default would call DecodeError(message) (DDP, multiprocessing)
+        return type(self), (self.epoch, self.step, self.files, self.bad_files, self.reason)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` of an exception on one line, cut to ``limit`` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class FolderIndex(NamedTuple):
@@ -100,6 +142,8 @@ def shard_indices(num_samples: int, *, train: bool, seed: int, epoch: int, rank:
 
     Train: a permutation of all N seeded with seed + epoch (the same on every rank), cut to
     (N // world) * world, every world-th from rank. Val: rank::world in file order, no padding.
+    Both loader kinds read exactly these indices in this order, so an epoch depends on
+    (seed, epoch, rank, world_size) only.
     """
     if not train:
         return list(range(rank, num_samples, world_size))

@@ -5,18 +5,23 @@ crop_size (bilinear, antialiased when shrinking, like PIL's BILINEAR), horizonta
 Val: decode, resize the shorter side to val_resize with torchvision's size rule, centre crop
 with torchvision's rounding. Both emit uint8 HWC; normalization happens later, in the fused op.
 
-Shuffling: the reader gets the files and labels of `pipelines.scan_image_folder` (ImageFolder's
-order and labels), for train permuted by `seed`, and `shuffle_after_epoch=True`: a fresh global
-permutation every epoch, the same on every rank, and each rank reads its contiguous shard of
-it, so an epoch holds every image once across ranks. DALI seeds that per-epoch shuffle with a
-fixed constant (before `shuffle_after_epoch_seed`, new in 2026), so `seed` enters through the
-list's order. (`random_shuffle=True` only shuffles within a 1024-sample window of one fixed
-permutation, so consecutive epochs would see almost the same batches.)
+Epochs: every epoch runs on a pipeline built for it, reading a "path label" list of exactly this
+rank's samples in the epoch's order (`pipelines.shard_indices`, the torchvision loader's split:
+a permutation from (seed, epoch), the same on every rank, sharded in Python), with the
+pipeline's random seed from (seed, rank, epoch). Nothing carries over from one epoch to the
+next inside DALI, so `DaliLoader.set_epoch(e)` gives exactly epoch e of an uninterrupted run.
+(DALI's own `shuffle_after_epoch` reshuffles from its internal state, which a rebuilt
+pipeline would restart; `random_shuffle` only shuffles within a window.) The rebuild delays
+each epoch's first batch: on 2 busy CPU cores a build took ~20 ms for a 3,000-file shard,
+~0.2 s for 100k and ~2 s for 1M (three quarters of it writing the list in Python), and the
+previous pipeline's shutdown ~40 ms; an ImageNet shard of 8 ranks is 160k files.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,8 +29,8 @@ from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import (PCA_EIGVAL, PCA_EIGVEC, FolderIndex, derive_seed, shard_indices,
-                       train_batches, val_batches)
+from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, FolderIndex, derive_seed, one_line,
+                       shard_indices, train_batches, val_batches)
 
 # nvJPEG preallocation in bytes (NVIDIA's ResNet-50 example): large enough for ImageNet's
 # biggest images, so the mixed decoder does not reallocate mid-epoch.
@@ -127,44 +132,39 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
 
 
 @pipeline_def
-def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, shard_id: int,
-                          num_shards: int, decoder: str, crop_size: int, min_area: float,
-                          val_resize: int, aug_plus: bool):
-    """readers.file over a "path label" list file -> (images uint8 HWC, labels int32 (1,))."""
-    # val: each rank keeps its shard, in file order
-    shuffle = dict(shuffle_after_epoch=True) if train else dict(stick_to_shard=True)
-    jpegs, labels = fn.readers.file(
-        file_root=file_root, file_list=file_list, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=True, name="Reader", **shuffle)
+def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decoder: str,
+                          crop_size: int, min_area: float, val_resize: int, aug_plus: bool):
+    """readers.file over a "path label" list, in its order -> (images uint8 HWC, labels int32 (1,)).
+
+    The list is this rank's shard of one epoch; pad_last_batch repeats the last sample to fill
+    the last batch, which the iterator drops (train) or trims (val).
+    """
+    jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, pad_last_batch=True,
+                                    random_shuffle=False, name="Reader")
     images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size,
                                 min_area=min_area, val_resize=val_resize, aug_plus=aug_plus)
     return images, labels.gpu() if decoder == "mixed" else labels
 
 
 class CifarSource:
-    """external_source callback: batch ``info.iteration`` of epoch ``info.epoch_idx`` on one rank.
+    """external_source callback: batch ``info.iteration`` of one epoch on one rank.
 
     The split is `pipelines.shard_indices`, as the torchvision loader's; StopIteration ends the
     epoch (train: after the last full batch).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, train: bool, batch_size: int,
-                 seed: int, rank: int, world_size: int):
+                 seed: int, epoch: int, rank: int, world_size: int):
         self.images, self.labels = images, labels.astype(np.int32)
-        self.train, self.batch_size, self.seed = train, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.batch_size = batch_size
         count = train_batches if train else val_batches
         self.num_batches = count(len(labels), batch_size, world_size)
-        self._epoch, self._indices = None, None
+        self.indices = np.asarray(shard_indices(len(labels), train=train, seed=seed, epoch=epoch,
+                                                rank=rank, world_size=world_size), dtype=np.int64)
 
     def __call__(self, info):
-        if info.epoch_idx != self._epoch:
-            self._epoch = info.epoch_idx
-            self._indices = np.asarray(shard_indices(
-                len(self.labels), train=self.train, seed=self.seed, epoch=info.epoch_idx,
-                rank=self.rank, world_size=self.world_size), dtype=np.int64)
         first = info.iteration * self.batch_size
-        batch = self._indices[first:first + self.batch_size]
+        batch = self.indices[first:first + self.batch_size]
         if info.iteration >= self.num_batches or len(batch) == 0:
             raise StopIteration  # a val rank one image short ends early; the adapter pads
         return self.images[batch], self.labels[batch]
@@ -186,57 +186,127 @@ def cifar_pipeline(source: CifarSource, *, train: bool, on_gpu: bool):
     return images, labels
 
 
-class DaliLoader:
-    """The one adapter from DALIGenericIterator to the loader contract (see `pipelines`).
+class DaliEpoch(NamedTuple):
+    """One epoch's pipeline and iterator; for files, what it reads in order (a rank's shard)."""
+    epoch: int
+    pipe: object
+    iterator: DALIGenericIterator
+    batch_size: int
+    root: str | None = None       # None: arrays (CIFAR), no files to name
+    names: list[str] = []         # paths relative to root, as FolderIndex.files
+    order: list[int] = []         # indices into names, this rank's reading order
 
-    The pipeline is built once and reused: each `iter()` is one epoch. An epoch abandoned
-    half-way is finished on the next `iter()`, since DALI cannot reset mid-epoch.
+    def batch_files(self, step: int, relative: bool = False) -> list[str]:
+        chunk = self.order[step * self.batch_size:(step + 1) * self.batch_size]
+        root = "" if relative else self.root
+        return [os.path.join(root, self.names[i]) for i in chunk]
+
+
+class DaliLoader:
+    """The one adapter from DALI pipelines to the loader contract (see `pipelines`).
+
+    Each `iter()` builds the pipeline of one epoch with ``make_epoch(epoch)`` and shuts the
+    previous one down, so an epoch's content depends on (seed, epoch, rank) only: see
+    `set_epoch`. An epoch abandoned half-way is simply dropped. Epoch 0's pipeline is built
+    by the constructor, so a broken setup fails there.
+
+    A read or decode error raises `pipelines.DecodeError` with the failing batch's files, and
+    the failing one where DALI's message names it (data errors; not header errors). DALI
+    invalidates a pipeline that failed; the next `iter()` builds a fresh one, but treat the
+    loader as unusable after a DecodeError.
     """
 
-    def __init__(self, iterator: DALIGenericIterator, *, num_batches: int, classes: list[str],
-                 num_samples: int, device: torch.device, crop_size: int):
-        self._iterator = iterator
+    def __init__(self, make_epoch, *, num_batches: int, classes: list[str], num_samples: int,
+                 device: torch.device, crop_size: int):
+        self._make_epoch = make_epoch   # epoch -> DaliEpoch
         self._len = num_batches
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.num_samples = num_samples
         self.device = device
         self._crop_size = crop_size
-        self._mid_epoch = False
+        self._next_epoch = 0
+        self._live: DaliEpoch | None = make_epoch(0)
+        self._live_unused = True  # built, not iterated yet: iter() may take it as it is
 
     def __len__(self) -> int:
         return self._len
 
-    def __iter__(self):
-        if self._mid_epoch:
-            while True:
-                try:
-                    next(self._iterator)
-                except StopIteration:
-                    break
-            self._mid_epoch = False
-        return self._epoch()
+    def set_epoch(self, epoch: int):
+        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
 
-    def _epoch(self):
-        self._mid_epoch = True
-        batches = 0
+    def __iter__(self):
+        epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        if not (self._live_unused and self._live.epoch == epoch):
+            self._close()
+            self._live = self._make_epoch(epoch)
+        self._live_unused = False
+        return self._batches(epoch, self._live)
+
+    def _close(self):
+        """Shut the live pipeline down now rather than whenever it is garbage-collected."""
+        live, self._live, self._live_unused = self._live, None, False
+        if live is None:
+            return
+        if self.device.type == "cuda":  # DALI-to-torch copies run on torch's stream
+            torch.cuda.current_stream(self.device).synchronize()
+        getattr(live.pipe, "_shutdown", lambda: None)()  # private; else on deletion
+
+    def _batches(self, epoch: int, live: DaliEpoch):
+        step = 0
         while True:
+            if self._live is not live:
+                raise RuntimeError(f"epoch {epoch} of this DALI loader was replaced by a later "
+                                   "iter()")
             try:
-                data = next(self._iterator)  # auto_reset: StopIteration leaves it at the next epoch
+                data = next(live.iterator)
             except StopIteration:
                 break
+            except Exception as error:
+                if live.root is None:
+                    raise  # arrays: no files to name
+                self._close()
+                files = live.batch_files(step)
+                k = _named_sample(error, live.batch_files(step, relative=True))
+                raise DecodeError(epoch, step, files, [] if k is None else [files[k]],
+                                  _dali_reason(error)) from error
             images = data[0]["images"]
             labels = data[0]["labels"].reshape(-1).to(torch.int64)
             if images.device != self.device:  # dali_device="cpu" with a CUDA device
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-            batches += 1
+            step += 1
             yield images, labels
-        self._mid_epoch = False
-        for _ in range(batches, self._len):  # a val rank one image short: trailing empty batch
+        for _ in range(step, self._len):  # a val rank one image short: trailing empty batch
             yield (torch.empty(0, self._crop_size, self._crop_size, 3, dtype=torch.uint8,
                                device=self.device),
                    torch.empty(0, dtype=torch.int64, device=self.device))
+
+
+def _dali_reason(error: Exception) -> str:
+    """The failing operator and DALI's own message, from its multi-line pipeline error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    operator = next((line.rstrip(",") for line in lines if line.startswith("Error in")), None)
+    cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else None
+    if operator and cause:
+        return one_line(RuntimeError(f"{operator}: {cause}"))
+    return one_line(error)
+
+
+def _named_sample(error: Exception, names: list[str]) -> int | None:
+    """Which of a batch's files (paths relative to the reader's root) DALI's error names.
+
+    The decoders name a sample whose data they reject ("Failed to decode sample #2 : a/b.jpg")
+    but not one whose headers fail to parse ("nvImageCodec failure: '#3'").
+    """
+    for k, name in re.findall(r"sample #(\d+)\s*:\s*(\S.*?)\s*$", str(error), re.MULTILINE):
+        if int(k) < len(names) and names[int(k)] == name:
+            return int(k)
+    return None
 
 
 def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
@@ -245,33 +315,38 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
                         dali_device: str = "auto") -> DaliLoader:
     """A DaliLoader over an ImageFolder split.
 
-    Train drops the partial last batch (LastBatchPolicy.DROP: every rank gets
-    (N // world) // batch full batches). Val pads each shard to ceil(N / world) with
-    `pad_last_batch` and LastBatchPolicy.PARTIAL trims the padding, so ranks return every
-    image exactly once.
+    Each epoch's reader gets this rank's `shard_indices`. Train drops the partial last batch
+    (LastBatchPolicy.DROP): every rank gets (N // world) // batch full batches. Val pads the
+    shard's last batch (`pad_last_batch`) and LastBatchPolicy.PARTIAL trims the padding, so
+    ranks return every image exactly once; a rank one image short ends with an empty batch.
     """
     decoder, device_id = resolve_dali_device(dali_device, device)
-    # The (path, label) list goes through a file: for ImageNet a 1.28M-string `files=`
-    # argument costs ~8 s and ~1 GB to build, a file_list ~1 s. The reader parses it when
-    # the iterator builds the pipeline, so the file is removed right after.
-    with tempfile.TemporaryDirectory(prefix="rmix-dali-") as tmp:
-        order = np.random.default_rng(derive_seed(seed)).permutation(len(index.files)) \
-            if train else None  # the same on every rank: shards must not overlap
-        file_list = write_file_list(index, os.path.join(tmp, "files.txt"), order)
-        pipe = image_folder_pipeline(
-            index.root, file_list, train=train, shard_id=rank, num_shards=world_size,
-            decoder=decoder, crop_size=crop_size, min_area=min_area, val_resize=val_resize,
-            aug_plus=aug_plus,
-            batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
-            seed=derive_seed(seed, rank))  # augmentation differs per rank; file order does not
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
-        iterator = DALIGenericIterator(
-            [pipe], ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
-            auto_reset=True, prepare_first_batch=False)
     expected = (train_batches if train else val_batches)(len(index.files), batch_size, world_size)
-    if len(iterator) != expected:  # the contract's len, checked against DALI's own count
-        raise RuntimeError(f"DALI iterator has {len(iterator)} batches, expected {expected}")
-    return DaliLoader(iterator, num_batches=expected, classes=index.classes,
+    policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+
+    def make_epoch(epoch: int) -> DaliEpoch:
+        order = shard_indices(len(index.files), train=train, seed=seed, epoch=epoch, rank=rank,
+                              world_size=world_size)
+        # The (path, label) list goes through a file: for ImageNet a 1.28M-string `files=`
+        # argument costs ~8 s and ~1 GB to build, a file_list ~1 s. The reader parses it when
+        # the iterator builds the pipeline, so the file is removed right after.
+        with tempfile.TemporaryDirectory(prefix="rmix-dali-") as tmp:
+            file_list = write_file_list(index, os.path.join(tmp, "files.txt"), order)
+            pipe = image_folder_pipeline(
+                index.root, file_list, train=train, decoder=decoder, crop_size=crop_size,
+                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
+                batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
+                seed=derive_seed(seed, rank, epoch))  # augmentation differs per rank and epoch
+            iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                           last_batch_policy=policy, auto_reset=False,
+                                           prepare_first_batch=False)
+        own = len(order) // batch_size if train else -(-len(order) // batch_size)
+        if len(iterator) != own or own > expected:  # the contract's len vs DALI's own count
+            raise RuntimeError(f"DALI iterator has {len(iterator)} batches, expected {own} "
+                               f"(of {expected})")
+        return DaliEpoch(epoch, pipe, iterator, batch_size, index.root, index.files, order)
+
+    return DaliLoader(make_epoch, num_batches=expected, classes=index.classes,
                       num_samples=len(index.files),
                       device=_output_device(decoder, device_id, device), crop_size=crop_size)
 
@@ -281,15 +356,20 @@ def cifar_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, 
                  world_size: int, dali_device: str = "auto") -> DaliLoader:
     """A DaliLoader over CIFAR arrays (uint8 (N, 32, 32, 3)) fed by external_source."""
     decoder, device_id = resolve_dali_device(dali_device, device)
-    source = CifarSource(images, labels, train=train, batch_size=batch_size, seed=seed,
-                         rank=rank, world_size=world_size)
-    pipe = cifar_pipeline(source, train=train, on_gpu=decoder == "mixed", batch_size=batch_size,
-                          num_threads=max(1, num_threads), device_id=device_id,
-                          seed=derive_seed(seed, rank))
-    # No reader: the source's StopIteration ends each epoch, whatever its batch count.
-    iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=True,
-                                   prepare_first_batch=False)
-    return DaliLoader(iterator, num_batches=source.num_batches, classes=classes,
+    num_batches = (train_batches if train else val_batches)(len(labels), batch_size, world_size)
+
+    def make_epoch(epoch: int) -> DaliEpoch:
+        source = CifarSource(images, labels, train=train, batch_size=batch_size, seed=seed,
+                             epoch=epoch, rank=rank, world_size=world_size)
+        pipe = cifar_pipeline(source, train=train, on_gpu=decoder == "mixed",
+                              batch_size=batch_size, num_threads=max(1, num_threads),
+                              device_id=device_id, seed=derive_seed(seed, rank, epoch))
+        # No reader: the source's StopIteration ends the epoch, whatever its batch count.
+        iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False,
+                                       prepare_first_batch=False)
+        return DaliEpoch(epoch, pipe, iterator, batch_size)
+
+    return DaliLoader(make_epoch, num_batches=num_batches, classes=classes,
                       num_samples=len(labels), device=_output_device(decoder, device_id, device),
                       crop_size=32)
 

@@ -3,11 +3,18 @@ contract as the DALI loaders.
 
 Sharding is `pipelines.shard_indices` (DistributedSampler's split, reshuffled per epoch).
 Augmentation randomness is per sample, seeded from (seed, epoch, index) and sent with the
-index, so batches do not depend on num_workers or on which worker decoded which image.
+index, so batches do not depend on num_workers or on which worker decoded which image, and
+an epoch depends on (seed, epoch, rank) only (`TorchLoader.set_epoch`).
+
+A file PIL cannot open or decode does not raise in the worker (the DataLoader would re-raise
+it as a bare message): the item comes back as `Unreadable`, its batch as `UnreadableBatch`,
+and the loader raises `pipelines.DecodeError` naming the file, the epoch and the batch.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from pipelines import (PCA_EIGVAL, PCA_EIGVEC, FolderIndex, derive_seed, shard_indices,
-                       train_batches, val_batches)
+from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, FolderIndex, derive_seed, one_line,
+                       shard_indices, train_batches, val_batches)
 
 
 class Lighting:
@@ -69,7 +76,22 @@ class IndexedImageFolder(ImageFolder):
     def __getitem__(self, key):
         index, aug_seed = key
         path, label = self.samples[index]
-        return seeded(self.transform, self.loader(path), aug_seed), label
+        try:
+            image = self.loader(path)  # open + convert("RGB"): the whole decode happens here
+        except Exception as error:  # named by TorchLoader with its epoch and batch
+            return Unreadable(path, one_line(error)), label
+        return seeded(self.transform, image, aug_seed), label
+
+
+class Unreadable(NamedTuple):
+    """An item whose file could not be opened or decoded, in place of its image."""
+    path: str
+    reason: str   # "Type: message", one line
+
+
+class UnreadableBatch(NamedTuple):
+    """A batch that held at least one `Unreadable`, in place of (images, labels)."""
+    failures: list   # [Unreadable]
 
 
 class CifarArrays(Dataset):
@@ -120,6 +142,12 @@ class ShardBatchSampler(Sampler):
     def __len__(self) -> int:
         return self._len
 
+    def batch_indices(self, epoch: int, step: int) -> list[int]:
+        """The sample indices of batch ``step`` of ``epoch`` on this rank."""
+        mine = shard_indices(self.num_samples, train=self.train, seed=self.seed, epoch=epoch,
+                             rank=self.rank, world_size=self.world_size)
+        return mine[step * self.batch_size:(step + 1) * self.batch_size]
+
     def __iter__(self):
         mine = np.asarray(shard_indices(self.num_samples, train=self.train, seed=self.seed,
                                         epoch=self.epoch, rank=self.rank,
@@ -142,13 +170,20 @@ class _Collate:
             return (torch.empty(0, self.crop_size, self.crop_size, 3, dtype=torch.uint8),
                     torch.empty(0, dtype=torch.int64))
         images, labels = zip(*batch)
+        failures = [x for x in images if isinstance(x, Unreadable)]
+        if failures:
+            return UnreadableBatch(failures)
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
 class TorchLoader:
     """A DataLoader over (index, aug_seed)-keyed items behind the loader contract.
 
-    `iter()` advances the epoch; workers persist across epochs when num_threads > 0.
+    `iter()` runs the next epoch, or the one given to `set_epoch`; workers persist across
+    epochs when num_threads > 0. Iterate one epoch at a time: the DataLoader is shared.
+
+    An unreadable image raises `pipelines.DecodeError` naming it and its batch; the
+    mid-epoch workers are shut down first. Treat the loader as unusable after it.
     """
 
     def __init__(self, dataset, *, classes: list[str], train: bool, batch_size: int,
@@ -158,28 +193,50 @@ class TorchLoader:
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.num_samples = len(dataset)
+        self._dataset = dataset
         self.batch_sampler = ShardBatchSampler(self.num_samples, train=train, batch_size=batch_size,
                                                seed=seed, rank=rank, world_size=world_size)
         workers = max(0, num_threads)
-        self._loader = DataLoader(
-            dataset, batch_sampler=self.batch_sampler, num_workers=workers,
+        # No reference back to self: a DataLoader with live workers that only the garbage
+        # collector can free (a reference cycle) waits 5 s per worker to shut down.
+        self._make_dataloader = functools.partial(
+            DataLoader, dataset, batch_sampler=self.batch_sampler, num_workers=workers,
             collate_fn=_Collate(crop_size), pin_memory=device.type == "cuda",
             persistent_workers=workers > 0)
-        self._epoch = -1
+        self._loader = self._make_dataloader()
+        self._next_epoch = 0
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def __iter__(self):
-        self._epoch += 1
-        self.batch_sampler.set_epoch(self._epoch)  # the sampler runs in this process
-        return self._batches()
+    def set_epoch(self, epoch: int):
+        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
 
-    def _batches(self):
+    def __iter__(self):
+        epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int):
+        self.batch_sampler.set_epoch(epoch)  # the sampler runs in this process, at iter() below
         non_blocking = self.device.type == "cuda"
-        for images, labels in self._loader:
+        for step, batch in enumerate(self._loader):
+            if isinstance(batch, UnreadableBatch):
+                break
+            images, labels = batch
             yield (images.to(self.device, non_blocking=non_blocking),
                    labels.to(self.device, non_blocking=non_blocking))
+        else:
+            return
+        # Drop the DataLoader and its mid-epoch workers now: left to the garbage collector
+        # (the error's traceback holds this frame), its shutdown waits 5 s per worker.
+        self._loader = self._make_dataloader()
+        files = [self._dataset.samples[i][0] for i in self.batch_sampler.batch_indices(epoch, step)]
+        raise DecodeError(epoch, step, files, [f.path for f in batch.failures],
+                          "; ".join(dict.fromkeys(f.reason for f in batch.failures)))
 
 
 def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,

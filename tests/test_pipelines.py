@@ -4,6 +4,7 @@ Every image is a solid colour: red encodes the class, green the image within its
 batch tells which images it holds after any crop, resize or flip.
 """
 import os
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import build_loader, scan_image_folder
+from pipelines import DecodeError, build_loader, scan_image_folder, shard_indices
 
 KINDS = ["dali", "torch"]
 CLASSES = ["Apple", "mango", "zebra"]     # sorted order: uppercase first, as ImageFolder
@@ -215,7 +216,6 @@ def test_aug_plus_recolours_whole_image(kind, folder):
 
 def test_train_split_is_distributed_samplers():
     from torch.utils.data.distributed import DistributedSampler
-    from pipelines import shard_indices
     for rank in range(3):
         sampler = DistributedSampler(range(17), num_replicas=3, rank=rank, shuffle=True, seed=5,
                                      drop_last=True)
@@ -263,7 +263,6 @@ def test_torch_batches_do_not_depend_on_workers(folder):
 
 def _write_cifar(root, cifar100: bool):
     """Fake CIFAR files: image k is solid (k, 10 * label, 50); returns {split: (ids, labels)}."""
-    import pickle
     folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
     folder.mkdir()
     num_classes = 100 if cifar100 else 10
@@ -282,7 +281,7 @@ def _write_cifar(root, cifar100: bool):
             hwc = np.zeros((n, 32, 32, 3), np.uint8)
             hwc[..., 0] = np.array(ks)[:, None, None]
             hwc[..., 1] = 10 * np.array(ls)[:, None, None]
-            hwc[..., 2] = 50
+            hwc[..., 2] = 50 + 4 * np.arange(32)  # a horizontal ramp: flips show
             data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # the official planar layout
             with open(folder / name, "wb") as f:
                 pickle.dump({b"data": data, label_key: ls}, f)
@@ -337,3 +336,198 @@ def test_cifar_val_identical_across_kinds(tmp_path):
     a, b = (torch.cat([x for x, _ in build_cifar_loader(k, tmp_path, train=False, batch_size=4)])
             for k in KINDS)
     assert torch.equal(a, b)
+
+
+# ---- epoch addressing: set_epoch(e) replays epoch e exactly ----
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """2 classes x 6 noise JPEGs of assorted sizes: crops, flips and jitter all show."""
+    root = tmp_path_factory.mktemp("textured")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"c{c}").mkdir()
+        for i in range(6):
+            h, w = 24 + 7 * i, 40 - 3 * i
+            noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def run_epoch(loader):
+    """One epoch as a list of (images, labels)."""
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v)
+                                    for (x, y), (u, v) in zip(a, b))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_epoch_replays_an_epoch(kind, train, textured):
+    kw = dict(train=train, batch_size=5, seed=3, aug_plus=train, rank=1, world_size=2)
+    run = make(kind, textured, **kw)
+    epochs = [run_epoch(run) for _ in range(3)]  # uninterrupted: epochs 0, 1, 2
+    fresh = make(kind, textured, **kw)
+    fresh.set_epoch(2)
+    assert same(run_epoch(fresh), epochs[2])
+    assert same(run_epoch(fresh), run_epoch(run))  # both went on to epoch 3
+    run.set_epoch(1)  # back, after the loader ran further
+    assert same(run_epoch(run), epochs[1])
+    assert len(epochs[0]) == len(run) == (1 if train else 2)  # 6 per rank
+    if train:
+        assert not same(epochs[0], epochs[1]) and not same(epochs[1], epochs[2])
+    else:
+        assert same(epochs[0], epochs[1])
+    with pytest.raises(ValueError, match="epoch"):
+        run.set_epoch(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_augmentation_differs_by_epoch_and_rank(kind, tmp_path):
+    """Eight copies of one image: what a sample looks like is all augmentation."""
+    noise = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(4):
+            Image.fromarray(noise).save(tmp_path / f"c{c}" / f"{i}.jpg", quality=90)
+    images = {}
+    for rank in range(2):
+        loader = make(kind, tmp_path, train=True, batch_size=4, seed=5, rank=rank, world_size=2)
+        for e in range(2):
+            images[rank, e] = torch.cat([x for x, _ in loader])
+    assert not torch.equal(images[0, 0], images[0, 1])
+    assert not torch.equal(images[0, 0], images[1, 0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_epoch_after_a_break(kind, textured):
+    run = make(kind, textured, train=True, batch_size=2, seed=4)
+    epochs = [run_epoch(run) for _ in range(2)]
+    next(iter(run))  # epoch 2, abandoned after one batch
+    run.set_epoch(1)
+    assert same(run_epoch(run), epochs[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_kinds_read_the_same_split(kind, folder):
+    # the (class, image) of every sample, epoch by epoch and rank by rank, is shard_indices'
+    index = scan_image_folder(folder)
+    for rank in range(2):
+        for train in (True, False):
+            loader = make(kind, folder, train=train, batch_size=3, seed=6, rank=rank,
+                          world_size=2)
+            for e in range(2):
+                order = shard_indices(15, train=train, seed=6, epoch=e, rank=rank, world_size=2)
+                want = [(index.labels[i], int(index.files[i].split("img")[1][0])) for i in order]
+                assert epoch(loader) == want[:len(loader) * 3]
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cifar_set_epoch_replays_an_epoch(kind, train, tmp_path):
+    from pipelines import build_cifar_loader
+    _write_cifar(tmp_path, False)
+    kw = dict(train=train, batch_size=4, seed=2, num_threads=2 if kind == "dali" else 0)
+    run = build_cifar_loader(kind, tmp_path, **kw)
+    epochs = [run_epoch(run) for _ in range(3)]
+    fresh = build_cifar_loader(kind, tmp_path, **kw)
+    fresh.set_epoch(2)
+    assert same(run_epoch(fresh), epochs[2])
+    run.set_epoch(0)
+    assert same(run_epoch(run), epochs[0])
+    assert same(epochs[0], epochs[1]) != train
+
+
+def test_dali_shuts_each_epochs_pipeline_down(folder):
+    from nvidia.dali import Pipeline
+
+    def running():  # built and not shut down
+        return sum(1 for ref in list(Pipeline._pipes) if ref() is not None and ref()._pipe)
+    before = running()
+    loader = make("dali", folder, train=True, batch_size=4)
+    abandoned = iter(loader)
+    next(abandoned)  # its generator keeps the pipeline alive; the next iter() shuts it down
+    for _ in range(3):
+        epoch(loader)
+        assert running() == before + 1
+    with pytest.raises(RuntimeError, match="replaced by a later iter"):
+        next(abandoned)
+
+
+def test_torch_loader_needs_no_garbage_collector(folder):
+    """A DataLoader whose workers only the cycle collector can free waits 5 s per worker."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        loader = make("torch", folder, train=True, batch_size=4, num_threads=2)
+        epoch(loader)
+        dataloader = weakref.ref(loader._loader)
+        del loader
+        assert dataloader() is None
+    finally:
+        gc.enable()
+
+
+# ---- decode errors name the batch's files ----
+
+CORRUPT_CASES = [("dali", 2), ("torch", 0), ("torch", 2)]  # (kind, threads: DALI's or workers)
+
+
+def _truncate(path):
+    """Keep the first half of a valid JPEG's bytes."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind,threads", CORRUPT_CASES)
+def test_truncated_jpeg_names_its_batch(kind, threads, train, textured, tmp_path):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(textured, root)
+    index = scan_image_folder(root)
+    files = [os.path.join(root, f) for f in index.files]
+    order = shard_indices(12, train=train, seed=2, epoch=1, rank=0, world_size=1)
+    bad = files[order[4]]  # epoch 1: position 4, so batch 1 (batches of 3)
+    _truncate(tmp_path / bad)
+    loader = make(kind, root, train=train, batch_size=3, seed=2, num_threads=threads)
+    loader.set_epoch(1)
+    with pytest.raises(DecodeError) as caught:
+        for _ in loader:
+            pass
+    error = caught.value
+    assert (error.epoch, error.step) == (1, 1)
+    assert error.files == [files[i] for i in order[3:6]]
+    message = str(error)
+    assert "epoch 1, batch 1" in message and "\n" not in message
+    assert all(f in message for f in error.files)
+    assert error.bad_files == [bad]  # DALI names a sample whose scan data fails
+    assert error.reason
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.epoch, copy.step, copy.files, str(copy)) == (1, 1, error.files, message)
+
+
+@pytest.mark.parametrize("kind,threads", CORRUPT_CASES)
+def test_header_cut_jpeg_names_its_batch(kind, threads, folder, tmp_path):
+    """Half of a tiny JPEG is all headers: DALI cannot say which file, so "one of"."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    index = scan_image_folder(root)
+    bad = os.path.join(root, index.files[7])  # val: batch 1 (batches of 4)
+    _truncate(tmp_path / bad)
+    loader = make(kind, root, train=False, batch_size=4, num_threads=threads)
+    with pytest.raises(DecodeError) as caught:
+        epoch(loader)
+    error = caught.value
+    assert (error.epoch, error.step) == (0, 1)
+    assert error.files == [os.path.join(root, f) for f in index.files[4:8]]
+    assert all(f in str(error) for f in error.files) and "\n" not in str(error)
+    if kind == "dali":
+        assert error.bad_files == [] and "one of the 4 files of epoch 0, batch 1" in str(error)
+    else:
+        assert error.bad_files == [bad]
