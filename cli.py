@@ -67,6 +67,8 @@ TRAIN_OPTIONS = [
     ("--min-area", "data.min_area", float, "random-resized-crop minimum area"),
     ("--val-resize", "data.val_resize", int, "val shorter side before the centre crop"),
     ("--aug-plus/--no-aug-plus", "data.aug_plus", None, "colour jitter + PCA lighting [default: off]"),
+    ("--preflight/--no-preflight", "data.preflight", None, "decode every image once first, cached [default: on]"),
+    ("--max-skipped-steps", "max_skipped_steps", int, "fp16: stop after this many overflowing steps in a row"),
     ("--workers", "data.workers", int, "loader threads/workers per process"),
     ("--device", "device", click.Choice(C.DEVICES), ""),
     ("--amp", "amp", click.Choice(C.AMPS), "autocast dtype [default: auto = bf16 on cuda]"),
@@ -315,7 +317,7 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
 @click.option("--size", type=int, default=224, show_default=True, help="crop side, pixels")
 @click.option("--min-area", type=float, default=0.08, show_default=True, help="random-resized-crop area bound")
 @click.option("--reps", type=int, default=3, show_default=True, help="timed passes (epochs) after a warm-up pass")
-@click.option("--images", type=int, default=None, help="files per pass")
+@click.option("--images", type=int, default=None, help="files per pass [default: 1024, or 4 batches]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="where the batches are delivered")
 @click.option("--dali-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,

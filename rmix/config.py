@@ -28,6 +28,7 @@ class DataConfig:
     min_area: float = 0.25       # random-resized-crop area lower bound (0.08 for ImageNet)
     val_resize: int = 36         # val: shorter side before the centre crop (256 for ImageNet)
     aug_plus: bool = False       # colour jitter 0.4 + PCA lighting 0.1 (the paper's ImageNet recipe)
+    preflight: bool = True       # decode every image once before training (cached) and name bad ones
     workers: int = 1             # DALI threads / DataLoader workers per process; on a 2-core CPU
                                  # box, more starve the model's own threads (355 vs 122 img/s)
     mean: tuple = IMAGENET_MEAN  # per channel, pixel units 0-255
@@ -75,6 +76,7 @@ class TrainConfig:
     log_every: int = 20          # steps between progress updates
     num_classes: int = 0         # derived from the data
     max_steps: int = 0           # stop each epoch after this many steps (0 = all); for smoke runs
+    max_skipped_steps: int = 20  # fp16: stop after this many overflowing steps in a row
     sync_bn: bool = False        # DDP: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout: int = 1800     # seconds a collective waits for the other ranks before failing
 
@@ -150,6 +152,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.data.workers >= 0, "--workers", cfg.data.workers, "must be >= 0")
     need(cfg.log_every > 0, "--log-every", cfg.log_every, "must be positive")
     need(cfg.max_steps >= 0, "--max-steps", cfg.max_steps, "must be >= 0")
+    need(cfg.max_skipped_steps >= 0, "--max-skipped-steps", cfg.max_skipped_steps, "must be >= 0")
     need(cfg.dist_timeout > 0, "--dist-timeout", cfg.dist_timeout, "must be positive (seconds)")
     need(cfg.resume != "auto" or cfg.out, "--resume", cfg.resume,
          "'auto' needs --out, a fixed run directory to look for latest.pt in (torchrun restarts rely on it)")

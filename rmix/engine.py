@@ -11,7 +11,8 @@ import torch
 from rmix import checkpoint, dist
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
-from rmix.data import make_loader, make_loaders, resolve_data
+from pipelines import DecodeError
+from rmix.data import CIFAR_DIRS, make_loader, make_loaders, resolve_data
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build
@@ -66,9 +67,10 @@ def wrap_ddp(model, device, d, sync_bn=False):
 def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm, epoch=0, step=0):
     """One optimizer step on a batch: mix, forward under autocast, loss, backward, step, remember.
 
-    Returns (loss, logits, out): the loss (not detached), the logits and the policy's MixOut.
+    Returns (loss, logits, out, skipped): the loss (not detached), the logits, the policy's
+    MixOut, and whether fp16's GradScaler skipped the update for overflowing gradients.
     `rm`: the policy is RecursiveMix (the model also returns roi_logits); `epoch` and `step`
-    only name the place in the error raised for a non-finite loss.
+    name the place in the error raised for a non-finite loss or gradient.
     """
     out = policy(images, targets)
     h, w = out.images.shape[-2:]
@@ -79,14 +81,24 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
             logits, roi_logits = model(out.images), None
         loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
                         out.lam, omega)
-    if not torch.isfinite(loss):  # note: this is a CPU-GPU sync point
-        raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; stopping before the update")
-    scaler.scale(loss).backward()
+    scaler.scale(loss).backward()  # under DDP the gradients are now the same on every rank
+    if not scaler.is_enabled() and not grads_finite(optimizer):  # note: a CPU-GPU sync point
+        # every rank sees the same all-reduced gradients, so every rank stops here, together
+        raise TrainingError(f"non-finite loss ({loss.item():.4g}) or gradients at epoch {epoch}, step {step}; "
+                            "stopped before the optimizer step, no checkpoint written after it")
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
+    skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off when it skips
     optimizer.zero_grad(set_to_none=True)
     policy.remember(out.images, out.soft_targets, logits)
-    return loss, logits, out
+    return loss, logits, out, skipped
+
+
+def grads_finite(optimizer) -> bool:
+    """True when every gradient of the optimizer's parameters is finite."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress):
@@ -95,9 +107,23 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     policy.reset()  # the paper's code clears the history at each epoch start
     rm = cfg.mix.policy == "recursive_mix"
     sums = torch.zeros(3, dtype=torch.float64)
-    for step, (images, targets) in enumerate(loader):
-        loss, logits, out = train_step(model, policy, images, targets, optimizer, scaler, amp, cfg.mix.omega,
-                                       rm=rm, epoch=epoch, step=step)
+    skipped_in_a_row = 0
+    batches = iter(loader)
+    for step in range(len(loader)):
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
+        except DecodeError as e:  # DALI cannot skip a bad sample: stop, naming the batch's files
+            which = ", ".join(e.bad_files) if e.bad_files else f"one of {len(e.files)} files"
+            raise TrainingError(f"cannot decode {which} at epoch {epoch}, step {step} ({e.reason}); "
+                                f"the batch's files: {', '.join(e.files)}; run `rmix data check`") from None
+        loss, logits, out, skipped = train_step(model, policy, images, targets, optimizer, scaler, amp,
+                                                cfg.mix.omega, rm=rm, epoch=epoch, step=step)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row > cfg.max_skipped_steps:
+            raise TrainingError(f"fp16 gradients overflowed {skipped_in_a_row} steps in a row at epoch {epoch}, "
+                                f"step {step} (--max-skipped-steps {cfg.max_skipped_steps}); try --amp bf16")
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         sums += torch.stack([loss.detach().double().cpu() * n, correct.double().cpu(), torch.tensor(n, dtype=torch.float64)])
@@ -155,6 +181,8 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    if cfg.data.preflight and dataset not in CIFAR_DIRS:
+        _preflight(cfg, root, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
     run_dir = Path(cfg.out or dist.broadcast_object(str(default_run_dir(cfg)), d))  # rank 0's clock
     cfg = replace(cfg, num_classes=train_loader.num_classes, out=str(run_dir),
@@ -195,6 +223,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                    milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
         for g in optimizer.param_groups:
             g["lr"] = lr
+        train_loader.set_epoch(epoch - 1)  # the loaders count epochs from 0; replays exactly on resume
         t0 = time.perf_counter()
         with Progress(len(train_loader), f"epoch {epoch}/{cfg.epochs}", enabled=show,
                       every=cfg.log_every) as bar:
@@ -230,6 +259,18 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     dist.cleanup(d)
     return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
             "config": to_dict(cfg), "rank": d.rank}
+
+
+def _preflight(cfg, root, d):
+    """Refuse to start on unreadable images (rank 0 decodes, cached; every rank learns the verdict)."""
+    from rmix.preflight import check, summary
+    result = None
+    if d.is_main:
+        decoder = "dali" if cfg.data.loader == "dali" else "pil"
+        result = check([root / "train", root / "val"], decoder, max(cfg.data.workers, 1))
+    result = dist.broadcast_object(result, d)
+    if result["bad"]:
+        raise ValueError(f"--data-dir: {summary(result)}; see `rmix data check {root}`")
 
 
 def _resume(cfg, run_dir, model, optimizer, scaler, policy, d=dist.Dist()):

@@ -1,0 +1,283 @@
+"""Train input pipelines on the same JPEGs, batch and threads: rmix's DALI pipeline against its baselines.
+
+    from rmix.bench_data import bench_data, format_bench
+    print(format_bench(bench_data()))
+
+Every loader yields uint8 (N, size, size, 3) batches of random-resized crops (area in
+[min_area, 1], aspect ratio in [3/4, 4/3], antialiased bilinear resize) flipped with p = 0.5:
+- dali: rmix's loader, `pipelines.build_loader("dali")`: ROI decode of the crop, resize, flip.
+- torch_pil: rmix's torchvision loader, `pipelines.build_loader("torch")`: PIL decode and resize.
+- torch_v2: `torchvision.io.decode_image` (libjpeg-turbo's decode_jpeg for JPEGs) and
+  `transforms.v2` on uint8 tensors, in a DataLoader with as many workers as the others' threads.
+- decode_only, the ceiling: DALI's own decoder (libjpeg-turbo on the CPU, nvJPEG with the GPU)
+  on the same reader, files and threads, whole images, nothing after it. It is the decoder the
+  dali pipeline uses, so dali / decode_only is the share of the pure decode rate that the crop,
+  resize, flip and hand-over leave. (DALI's ROI decode skips some of a crop's work, so the
+  pipeline could in principle pass 1.0.)
+
+A pass is one epoch over the files (images // batch full batches). The first pass of each
+loader is a warm-up (workers start, buffers grow, the page cache fills) and is not counted; the
+figure is the median of the other passes. Loaders run one after another, never interleaved: a
+loader that prefetches between passes (a DALI pipeline's queue) would do its work in another
+loader's time. Beside img/s each loader gets its CPU time per image (its threads and its worker
+processes): on a machine that other work shares it is the steadier figure of the two.
+"""
+import math
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from pipelines import FolderIndex, build_loader, scan_image_folder
+from rmix.paths import cache_dir
+from rmix.timing import cpu_seconds, machine_info, median, synchronize
+
+LOADERS = ("torch_pil", "torch_v2", "decode_only", "dali")  # run order: forked workers before DALI threads
+SYNTH = dict(width=500, height=375, quality=96, classes=8)  # ImageNet-like: ~100 KB, 500x375
+
+
+def synthetic_jpegs(images: int, log=None) -> pathlib.Path:
+    """A cached synthetic ImageFolder (train/ and val/) with at least `images` ImageNet-sized JPEGs."""
+    from rmix.synth import VERSION, synth_dataset
+    per_class = math.ceil(images / SYNTH["classes"])
+    name = "bench-jpeg-v{v}-{width}x{height}-q{quality}-{classes}x{n}".format(v=VERSION, n=per_class, **SYNTH)
+    out = cache_dir() / name
+    if log is not None and not (out / "rmix_synth.json").is_file():
+        log(f"writing {SYNTH['classes'] * per_class} synthetic {SYNTH['width']}x{SYNTH['height']} JPEGs "
+            f"into {out} (once)")
+    return synth_dataset(out, classes=SYNTH["classes"], train_per_class=per_class, val_per_class=1,
+                         width=SYNTH["width"], height=SYNTH["height"], quality=SYNTH["quality"])
+
+
+def train_split(data_dir) -> pathlib.Path:
+    """The ImageFolder split to read: data_dir/train when there is one, else data_dir itself."""
+    root = pathlib.Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"--data-dir: {root} is not a directory")
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def subset(index: FolderIndex, images: int, out: pathlib.Path) -> FolderIndex:
+    """`images` files spread evenly over `index` (so over its classes), as symlinks under `out`."""
+    pick = np.unique(np.linspace(0, len(index.files) - 1, images).round().astype(np.int64))
+    for i in pick.tolist():
+        rel = index.files[i]
+        cls = index.classes[index.labels[i]]
+        link = out / cls / rel.replace(os.sep, "__")  # nested folders flattened: no name clashes
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.abspath(os.path.join(index.root, rel)))
+    return scan_image_folder(out)
+
+
+class JpegFiles(torch.utils.data.Dataset):
+    """The torchvision v2 baseline's dataset: file bytes -> decode_image -> v2 crop and flip -> uint8 HWC."""
+
+    def __init__(self, index: FolderIndex, size: int, min_area: float):
+        from torchvision.transforms import v2
+        self.paths = [os.path.join(index.root, f) for f in index.files]
+        self.labels = list(index.labels)
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(min_area, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomHorizontalFlip()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from torchvision.io import ImageReadMode, decode_image, read_file
+        image = decode_image(read_file(self.paths[i]), mode=ImageReadMode.RGB)  # uint8 (3, H, W)
+        return self.transform(image).permute(1, 2, 0).contiguous(), self.labels[i]
+
+
+def _stack(batch):
+    images, labels = zip(*batch)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class TorchV2Loader:
+    """JpegFiles in a DataLoader behind the loader contract (uint8 NHWC and labels on `device`)."""
+
+    def __init__(self, index, *, batch_size, size, min_area, num_threads, device, seed=0):
+        self.device = torch.device(device)
+        self._loader = torch.utils.data.DataLoader(
+            JpegFiles(index, size, min_area), batch_size=batch_size, shuffle=True, drop_last=True,
+            num_workers=num_threads, persistent_workers=num_threads > 0, collate_fn=_stack,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self._loader)
+
+    def __iter__(self):
+        cuda = self.device.type == "cuda"
+        for images, labels in self._loader:
+            yield images.to(self.device, non_blocking=cuda), labels.to(self.device, non_blocking=cuda)
+
+
+class DecodeOnly:
+    """The ceiling: DALI's reader and decoder alone, whole images; `run(batches)` -> images decoded."""
+
+    def __init__(self, index, *, batch_size, num_threads, decoder, device_id, seed=0):
+        from nvidia.dali import fn, pipeline_def, types
+
+        from pipelines.dali import write_file_list
+
+        @pipeline_def
+        def decode_pipeline(file_root, file_list):
+            jpegs, _ = fn.readers.file(file_root=file_root, file_list=file_list, name="Reader")
+            return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
+
+        with tempfile.TemporaryDirectory(prefix="rmix-bench-") as tmp:
+            file_list = write_file_list(index, os.path.join(tmp, "files.txt"))
+            self._pipe = decode_pipeline(index.root, file_list, batch_size=batch_size,
+                                         num_threads=num_threads, device_id=device_id, seed=seed)
+            self._pipe.build()  # the reader parses the list here, so the file may go afterwards
+        self.batch_size = batch_size
+
+    def run(self, batches):
+        for _ in range(batches):
+            self._pipe.run()  # outputs are dropped: the ceiling hands nothing over
+        return batches * self.batch_size
+
+    def close(self):
+        del self._pipe
+
+
+def _passes(run_pass, reps, device):
+    """(img/s, CPU ms per image) of each of `reps` passes after a warm-up pass; run_pass() -> images."""
+    rates, cpu_ms = [], []
+    for i in range(reps + 1):
+        c0 = cpu_seconds()
+        t0 = time.perf_counter()
+        n = run_pass()
+        synchronize(device)  # note: a CPU-GPU sync point, once per pass
+        t1 = time.perf_counter()
+        c1 = cpu_seconds()
+        if i:  # pass 0 is the warm-up
+            rates.append(n / (t1 - t0))
+            if c0 is not None:
+                cpu_ms.append((c1 - c0) * 1e3 / n)
+    return rates, cpu_ms
+
+
+def _epoch(loader):
+    images = 0
+    for x, _ in loader:
+        images += x.shape[0]
+    return images
+
+
+def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, images=None, min_area=0.08,
+               device="cpu", dali_device="auto", seed=0, loaders=LOADERS, log=None) -> dict:
+    """Median images/s of each train pipeline over the same files, batch and threads; returns a dict.
+
+    Args:
+        data_dir: an ImageFolder root (its train/ split is read) or a split; None: synthetic
+            500x375 JPEGs, generated once into the rmix cache.
+        batch: per batch [default: 64 on the CPU, 256 on cuda].
+        threads: DALI threads and DataLoader workers [default: every CPU].
+        images: files per pass [default: max(1024, 4 * batch)], spread over the classes. Few
+            batches per pass weigh per-epoch costs (workers' start, a DALI pipeline per epoch) heavily.
+        dali_device: "auto" (gpu when device is cuda), "cpu", or "gpu" (nvJPEG, implies device cuda).
+        log: a callable for progress lines (e.g. click.echo to stderr), or None.
+    """
+    from rmix.engine import resolve_device
+    if dali_device == "gpu" and device == "cpu":
+        device = "cuda"
+    device = resolve_device(device)  # ValueError when cuda is asked for and absent
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    skipped = {}
+    try:
+        from pipelines.dali import resolve_dali_device
+        decoder, device_id = resolve_dali_device(dali_device, device)
+    except ImportError as e:  # a machine without DALI still compares the torchvision loaders
+        decoder, device_id = None, None
+        skipped = {name: f"DALI is not installed ({e})" for name in ("dali", "decode_only") if name in loaders}
+        loaders = [name for name in loaders if name not in skipped]
+        if log is not None:
+            log(f"skipping {', '.join(skipped)}: DALI is not installed")
+    batch = batch or (256 if device.type == "cuda" else 64)
+    threads = threads or os.cpu_count() or 1
+    images = images or max(1024, 4 * batch)
+    unknown = set(loaders) - set(LOADERS)
+    if unknown:
+        raise ValueError(f"loaders: unknown {sorted(unknown)}, expected some of {LOADERS}")
+    for name, value, low in (("--batch", batch, 1), ("--threads", threads, 1), ("--size", size, 8),
+                             ("--reps", reps, 1), ("--images", images, batch)):
+        if value < low:
+            raise ValueError(f"{name}: must be >= {low}, got {value}")
+    if not 0 < min_area <= 1:
+        raise ValueError(f"min_area: must be in (0, 1], got {min_area}")
+
+    split = train_split(data_dir) if data_dir else synthetic_jpegs(images, log) / "train"
+    source = str(split) if data_dir else "synthetic {width}x{height} JPEG q{quality}".format(**SYNTH)
+    result = {"data": source, "batch": batch, "threads": threads, "size": size, "min_area": min_area,
+              "reps": reps, "device": str(device), "dali_decoder": decoder, "passes": {}, "skipped": skipped}
+    with tempfile.TemporaryDirectory(prefix="rmix-bench-files-") as tmp:
+        index = scan_image_folder(split)
+        if images < len(index.files):
+            index = subset(index, images, pathlib.Path(tmp))
+        n_batches = len(index.files) // batch
+        if n_batches == 0:
+            raise ValueError(f"--data-dir: {split} holds {len(index.files)} images, not one batch of {batch}")
+        sizes = [os.path.getsize(os.path.join(index.root, f)) for f in index.files]
+        result.update(images=n_batches * batch, files=len(index.files), batches=n_batches,
+                      mean_file_kb=round(sum(sizes) / len(sizes) / 1e3, 1))
+        common = dict(train=True, batch_size=batch, crop_size=size, min_area=min_area, val_resize=size,
+                      seed=seed, num_threads=threads, device=device)
+        for name in LOADERS:
+            if name not in loaders:
+                continue
+            if log is not None:
+                log(f"{name}: {reps} passes of {n_batches} batches after a warm-up pass")
+            if name == "decode_only":
+                ceiling = DecodeOnly(index, batch_size=batch, num_threads=threads, decoder=decoder,
+                                     device_id=device_id, seed=seed)
+                rates, cpu_ms = _passes(lambda: ceiling.run(n_batches), reps, device)
+                ceiling.close()
+            else:
+                if name == "torch_v2":
+                    loader = TorchV2Loader(index, batch_size=batch, size=size, min_area=min_area,
+                                           num_threads=threads, device=device, seed=seed)
+                else:
+                    loader = build_loader("dali" if name == "dali" else "torch", index.root,
+                                          dali_device=dali_device, **common)
+                rates, cpu_ms = _passes(lambda: _epoch(loader), reps, device)
+                del loader  # stops DataLoader workers / DALI threads before the next loader runs
+            result["passes"][name] = [round(r, 1) for r in rates]
+            result[f"{name}_img_s"] = median(rates)
+            if cpu_ms:
+                result.setdefault("cpu_ms_per_img", {})[name] = median(cpu_ms)
+    for base in ("decode_only", "torch_pil", "torch_v2"):
+        if "dali" in loaders and base in loaders:
+            result[f"dali_vs_{base}"] = result["dali_img_s"] / result[f"{base}_img_s"]
+    result.update(machine_info(device))
+    return result
+
+
+def format_bench(d) -> str:
+    """A side-by-side table of a `bench_data` result."""
+    decoder = {"mixed": "nvJPEG (mixed)", "cpu": "CPU", None: "not installed"}[d["dali_decoder"]]
+    load = "" if not d.get("load_avg") else f", load {d['load_avg'][0]:.1f}"
+    lines = [
+        f"train pipelines: {d['images']} images per pass ({d['data']}, {d['mean_file_kb']:.0f} KB mean), "
+        f"crop {d['size']} area [{d['min_area']}, 1], batch {d['batch']}, {d['threads']} threads, "
+        f"DALI decode {decoder}",
+        f"{d['cpu_model']} ({d['cpu_count']} CPUs{load}), {d['device_name']}; torch {d['torch']}, "
+        f"torchvision {d['torchvision']}, DALI {d['dali']}, Pillow {d['pillow']}",
+        f"{'':<13}{'img/s':>9}{'CPU ms/img':>12}   passes (img/s; medians of {d['reps']} after a warm-up)",
+    ]
+    cpu = d.get("cpu_ms_per_img", {})
+    for name in ("decode_only", "dali", "torch_v2", "torch_pil"):
+        if f"{name}_img_s" in d:
+            ms = f"{cpu[name]:>12.2f}" if name in cpu else f"{'-':>12}"
+            lines.append(f"{name:<13}{d[name + '_img_s']:>9.0f}{ms}   {d['passes'][name]}")
+    ratios = [f"dali / {base} {d['dali_vs_' + base]:.2f}x" for base in ("decode_only", "torch_pil", "torch_v2")
+              if f"dali_vs_{base}" in d]
+    if ratios:
+        lines.append("   ".join(ratios))
+    lines += [f"{name}: skipped, {why}" for name, why in d.get("skipped", {}).items()]
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Training-step throughput: RecursiveMix against no mixing, and the real input pipeline against batches in memory.
+
+    from rmix.bench_train import bench_train, format_bench
+    print(format_bench(bench_train(model="resnet8", size=32)))
+
+Every step is `rmix.engine.train_step`, the engine's own: mix, forward under autocast, loss,
+backward, optimizer step, remember. Three runs of one model (the same initial weights), one
+process, one configuration:
+- none and rm: `--aug none` and `--aug recursive_mix` on the same uint8 batches already on the
+  device, their steps interleaved (none, rm, none, rm, ...) so both see the same machine load.
+  rm_overhead = rm step time / none step time - 1: the share of step time RM adds (the fused op's
+  paste, the RoI head, the consistency loss).
+- pipeline: recursive_mix fed by the real loader (`rmix.data.make_loader`, as `rmix train` builds
+  it), the wait for each batch inside the step's time. loader_overhead = pipeline step time /
+  in-memory rm step time - 1: what the loader costs the step (0 when it keeps up).
+Medians over `steps` steps after `warmup` steps; on CUDA, CUDA events read once at the end.
+"""
+import copy
+
+import torch
+
+from rmix import config as C
+from rmix.data import CIFAR_DIRS, make_loader, resolve_data
+from rmix.engine import amp_dtype, build_optimizer, resolve_device, train_step
+from rmix.mixing import build_policy
+from rmix.models import build
+from rmix.timing import StepTimer, machine_info, median
+
+SYNTHETIC_BATCHES = 4  # distinct in-memory batches, cycled
+
+
+class TimedPolicy:
+    """A policy whose calls are timed into `timer`; everything else goes to the policy."""
+
+    def __init__(self, policy, timer):
+        self._policy, self._timer = policy, timer
+
+    def __call__(self, images, targets):
+        with self._timer:
+            return self._policy(images, targets)
+
+    def __getattr__(self, name):
+        return getattr(self._policy, name)
+
+
+class Runner:
+    """One model, optimizer, scaler and policy, built as `rmix.engine.train` builds them."""
+
+    def __init__(self, cfg, aug, num_classes, device, model):
+        self.rm = aug == "recursive_mix"
+        self.model = model
+        if not self.rm and hasattr(model, "fc_roi"):
+            model.fc_roi.requires_grad_(False)  # as the engine: unused without RM
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.amp = amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        self.channels_last = cfg.channels_last and device.type == "cuda"
+        gen = torch.Generator().manual_seed(cfg.seed * 1000)
+        policy = build_policy(aug, num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
+                              interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
+                              smoothing=cfg.mix.smoothing, mean=cfg.data.mean, std=cfg.data.std, generator=gen,
+                              out_dtype=self.amp or torch.float32, channels_last=self.channels_last)
+        self.step_timer, self.mix_timer = StepTimer(device), StepTimer(device)
+        self.policy = TimedPolicy(policy, self.mix_timer)
+        self.omega = cfg.mix.omega
+        model.train()
+
+    def step(self, images, targets):
+        """One training step of the engine on uint8 (N, H, W, 3) images and (N,) targets."""
+        train_step(self.model, self.policy, images, targets, self.optimizer, self.scaler, self.amp, self.omega,
+                   rm=self.rm)
+
+
+def bench_config(model, *, batch, size, device, amp, channels_last, data_dir, loader, workers, seed):
+    """The TrainConfig of the benchmark: `rmix train`'s defaults with these options."""
+    return C.replace(C.TrainConfig(), model=model, batch_size=batch, device=device, amp=amp,
+                     channels_last=channels_last, seed=seed, **{
+                         "data.data_dir": data_dir or "", "data.loader": loader, "data.workers": workers,
+                         "data.crop_size": size, "data.val_resize": max(size, C.DataConfig.val_resize),
+                         "data.min_area": 0.08 if size >= 128 else C.DataConfig.min_area})
+
+
+def _batches_forever(loader, policy):
+    """The loader's batches, epoch after epoch; the history is cleared at each epoch start, as the engine does."""
+    while True:
+        policy.reset()
+        yield from loader
+
+
+def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, device="cpu", amp="auto",
+                channels_last=False, data_dir=None, loader="dali", workers=2, seed=0, threads=None,
+                log=None) -> dict:
+    """Median training-step times: none vs recursive_mix in memory, and recursive_mix fed by the loader.
+
+    Args:
+        data_dir: ImageFolder root or CIFAR folder for the pipeline run [default: the embedded set];
+            the in-memory batches have its number of classes.
+        loader: "dali" or "torch"; workers: its threads / DataLoader workers.
+        threads: torch CPU threads for the run (None: leave as is). 1 gives steadier figures on a
+            machine that other work shares: each parallel op otherwise waits for a busy core.
+        log: a callable for progress lines, or None.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads: must be >= 1, got {threads}")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
+                               channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
+                               seed=seed, log=log)
+        finally:
+            torch.set_num_threads(previous)
+    for name, value, low in (("--batch", batch, 1), ("--size", size, 8), ("--steps", steps, 1),
+                             ("--warmup", warmup, 0), ("--workers", workers, 0)):
+        if value < low:
+            raise ValueError(f"{name}: must be >= {low}, got {value}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = bench_config(model, batch=batch, size=size, device=dev.type, amp=amp, channels_last=channels_last,
+                       data_dir=data_dir, loader=loader, workers=workers, seed=seed)
+    C.validate(cfg)
+    root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    if dataset in CIFAR_DIRS and size != 32:
+        raise ValueError(f"--size: {dataset} batches are 32 px, got --size {size}")
+    train_loader = make_loader(cfg, root, dataset, dev, train=True)
+    k = train_loader.num_classes
+
+    torch.manual_seed(seed)
+    net = build(cfg.model, k, share_fc=cfg.mix.share_fc).to(dev)
+    if cfg.channels_last and dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    # the same initial weights for every run; the pipeline run continues the in-memory rm run
+    none = Runner(cfg, "none", k, dev, copy.deepcopy(net))
+    rm = Runner(cfg, "recursive_mix", k, dev, net)
+
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).to(dev),
+                torch.randint(0, k, (batch,), generator=g).to(dev)) for _ in range(SYNTHETIC_BATCHES)]
+    if log is not None:
+        log(f"in memory: {warmup} + {steps} steps each of none and recursive_mix, interleaved")
+    for i in range(warmup + steps):
+        images, targets = batches[i % SYNTHETIC_BATCHES]
+        for runner in (none, rm):
+            with runner.step_timer:
+                runner.step(images, targets)
+
+    if log is not None:
+        log(f"pipeline ({cfg.data.loader}, {workers} workers): {warmup} + {steps} steps of recursive_mix")
+    pipe_timer = StepTimer(dev)
+    feed = _batches_forever(train_loader, rm.policy)
+    for _ in range(warmup + steps):
+        with pipe_timer:
+            images, targets = next(feed)
+            rm.step(images, targets)
+    feed.close()
+    del train_loader
+
+    def ms(timer):
+        return median(timer.results()[warmup:])
+
+    def mix_ms(runner):  # the policy call of every step; the pipeline run added more to rm's list
+        return median(runner.mix_timer.results()[warmup:warmup + steps])
+
+    none_ms, rm_ms, pipe_ms = ms(none.step_timer), ms(rm.step_timer), ms(pipe_timer)
+    result = {
+        "none_ms": none_ms, "rm_ms": rm_ms, "pipeline_ms": pipe_ms,
+        "none_img_s": batch / none_ms * 1e3, "rm_img_s": batch / rm_ms * 1e3,
+        "rm_overhead": rm_ms / none_ms - 1,
+        "synthetic_img_s": batch / rm_ms * 1e3, "pipeline_img_s": batch / pipe_ms * 1e3,
+        "loader_overhead": pipe_ms / rm_ms - 1,
+        "none_mix_ms": mix_ms(none), "rm_mix_ms": mix_ms(rm),
+        "model": cfg.model, "batch": batch, "size": size, "steps": steps, "warmup": warmup,
+        "device": str(dev), "amp": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[rm.amp],
+        "channels_last": rm.channels_last, "loader": cfg.data.loader, "workers": workers,
+        "data": str(root), "dataset": dataset, "num_classes": k, "torch_threads": torch.get_num_threads(),
+    }
+    result.update(machine_info(dev))
+    return result
+
+
+def format_bench(d) -> str:
+    """A side-by-side table of a `bench_train` result."""
+    load = "" if not d.get("load_avg") else f", load {d['load_avg'][0]:.1f}"
+
+    def rate(img_s):
+        return f"{img_s:>9.0f}" if img_s >= 100 else f"{img_s:>9.2f}"
+
+    lines = [
+        f"train step: {d['model']}, batch {d['batch']}, {d['size']} px, amp {d['amp']}, "
+        f"channels_last {d['channels_last']}, {d['device']} ({d['device_name']}), median of {d['steps']} steps "
+        f"after {d['warmup']}",
+        f"{d['cpu_model']} ({d['cpu_count']} CPUs{load}, {d['torch_threads']} torch threads); torch {d['torch']}",
+        f"{'':<24}{'ms/step':>9}{'img/s':>9}{'mix ms':>9}",
+        f"{'none, in memory':<24}{d['none_ms']:>9.2f}{rate(d['none_img_s'])}{d['none_mix_ms']:>9.2f}",
+        f"{'recursive_mix, in memory':<24}{d['rm_ms']:>9.2f}{rate(d['rm_img_s'])}{d['rm_mix_ms']:>9.2f}",
+        f"{'recursive_mix, ' + d['loader']:<24}{d['pipeline_ms']:>9.2f}{rate(d['pipeline_img_s'])}",
+        f"RM overhead {d['rm_overhead']:+.1%} of step time   loader overhead {d['loader_overhead']:+.1%} "
+        f"({d['loader']}, {d['workers']} workers, {d['data']})",
+    ]
+    return "\n".join(lines)

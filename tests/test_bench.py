@@ -1,0 +1,118 @@
+"""`rmix bench data` and `rmix bench train` at tiny sizes: they run and report their keys.
+
+Speed is measured by `rmix bench`, never asserted here: only that every figure is there and positive.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import cli
+from pipelines import scan_image_folder
+from rmix.bench_data import bench_data, subset, train_split
+from rmix.synth import synth_dataset
+from rmix.timing import StepTimer, cpu_seconds, machine_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """2 classes x 8 train JPEGs of 64x48 (and 1 val each)."""
+    return synth_dataset(tmp_path_factory.mktemp("bench") / "jpegs", classes=2, train_per_class=8, val_per_class=1,
+                         width=64, height=48)
+
+
+def run_json(args):
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)  # progress lines go to stderr
+
+
+def positive(d, keys):
+    for k in keys:
+        assert isinstance(d[k], (int, float)) and math.isfinite(d[k]) and d[k] > 0, (k, d[k])
+
+
+def test_bench_data_reports_every_loader(jpegs):
+    d = run_json(["bench", "data", "--data-dir", str(jpegs), "--size", "32", "--batch", "4", "--reps", "2",
+                  "--threads", "1", "--json"])
+    rates = ["dali_img_s", "torch_pil_img_s", "torch_v2_img_s", "decode_only_img_s"]
+    ratios = ["dali_vs_decode_only", "dali_vs_torch_pil", "dali_vs_torch_v2"]
+    positive(d, rates + ratios + ["threads", "batch", "cpu_count"])
+    assert d["images"] == 16 and d["batches"] == 4 and d["threads"] == 1 and d["batch"] == 4
+    assert d["dali_vs_torch_pil"] == pytest.approx(d["dali_img_s"] / d["torch_pil_img_s"])
+    assert all(len(p) == 2 for p in d["passes"].values())  # the warm-up pass is not among them
+    for k in ("torch", "torchvision", "dali", "pillow", "cpu_model", "date"):
+        assert d[k], k
+
+
+def test_bench_data_without_dali_compares_the_torchvision_loaders(jpegs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pipelines.dali", None)  # its import now fails, as without DALI
+    d = bench_data(jpegs, size=32, batch=4, reps=1, threads=1)
+    assert set(d["skipped"]) == {"dali", "decode_only"} and "dali_img_s" not in d and "dali_vs_torch_pil" not in d
+    positive(d, ["torch_pil_img_s", "torch_v2_img_s"])
+
+
+def test_bench_data_errors_are_one_line(jpegs):
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpegs), "--batch", "8", "--images", "4"])
+    assert r.exit_code == 2 and "--images: must be >= 8" in r.output
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpegs / "missing")])
+    assert r.exit_code == 2 and "is not a directory" in r.output
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpegs), "--batch", "32", "--images", "64"])
+    assert r.exit_code == 2 and "not one batch of 32" in r.output
+
+
+def test_subset_spreads_files_over_classes(jpegs, tmp_path):
+    split = train_split(jpegs)
+    assert split == jpegs / "train" and train_split(split) == split
+    small = subset(scan_image_folder(split), 6, tmp_path)
+    assert len(small.files) == 6 and small.classes == scan_image_folder(split).classes
+    assert all(os.path.islink(os.path.join(small.root, f)) for f in small.files)
+
+
+TRAIN_KEYS = ["none_img_s", "rm_img_s", "synthetic_img_s", "pipeline_img_s", "none_ms", "rm_ms", "pipeline_ms",
+              "none_mix_ms", "rm_mix_ms"]
+
+
+@pytest.mark.parametrize("loader,workers", [("dali", 1), ("torch", 0)])
+def test_bench_train_reports_overheads(jpegs, loader, workers):
+    d = run_json(["bench", "train", "--model", "resnet8", "--size", "16", "--batch", "8", "--steps", "3",
+                  "--warmup", "1", "--data-dir", str(jpegs), "--loader", loader, "--workers", str(workers),
+                  "--threads", "1", "--json"])
+    positive(d, TRAIN_KEYS)
+    # 2 batches per epoch: the pipeline run went through epochs
+    assert d["rm_overhead"] == pytest.approx(d["rm_ms"] / d["none_ms"] - 1)
+    assert d["loader_overhead"] == pytest.approx(d["pipeline_ms"] / d["rm_ms"] - 1)
+    assert d["num_classes"] == 2 and d["loader"] == loader and d["amp"] == "none" and d["torch_threads"] == 1
+    assert torch.get_num_threads() >= 1  # restored after the run
+
+
+def test_bench_train_text_output(jpegs):
+    r = CliRunner().invoke(cli, ["bench", "train", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "0",
+                                 "--data-dir", str(jpegs), "--workers", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "RM overhead" in r.stdout and "recursive_mix, dali" in r.stdout
+
+
+def test_timing_helpers():
+    timer = StepTimer("cpu")
+    for _ in range(2):
+        with timer:
+            sum(range(1000))
+    ms = timer.results()
+    assert len(ms) == 2 and all(m >= 0 for m in ms)
+    a = cpu_seconds()
+    b = cpu_seconds()
+    assert a is None or 0 <= a <= b
+    info = machine_info()
+    assert info["cpu_count"] >= 1 and info["device_name"] == "cpu"
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")], check=True)
