@@ -21,7 +21,7 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
         if dataset not in ("auto", "folder"):
             raise ValueError(f"--dataset: {dataset} needs --data-dir")
         return default_data_dir(), "folder"
-    root = Path(data_dir).expanduser()
+    root = Path(data_dir).expanduser().resolve()  # absolute, so a resumed run compares equal
     if not root.is_dir():
         raise ValueError(f"--data-dir: {root} is not a directory")
     if dataset == "auto":

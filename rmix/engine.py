@@ -166,8 +166,11 @@ def _reduce_device(d):
 
 
 def rng_state(policy):
+    """Every random stream of this process, as plain data (loads with weights_only=True)."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [v.tolist() if hasattr(v, "tolist") else v for v in np.random.get_state()], "policy": policy.generator.get_state()}
+            "numpy": [v.tolist() if hasattr(v, "tolist") else v for v in np.random.get_state()],
+            "policy": policy.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
 def train(cfg: TrainConfig, *, show_progress=None) -> dict:
@@ -215,6 +218,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
         if cfg.resume:
             _trim_metrics(run_dir / "metrics.jsonl", start)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    board = tensorboard_writer(run_dir) if d.is_main else None
 
     show = d.is_main if show_progress is None else (show_progress and d.is_main)
     final = None
@@ -243,6 +247,11 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
             best = max(best, val["top1"])
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if board is not None:
+                for k, v in row.items():
+                    if k != "epoch" and v is not None:
+                        board.add_scalar(k, v, epoch)
+                board.flush()
             payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best,
                        "config": to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs}
@@ -256,9 +265,20 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
         else:
             best = max(best, val["top1"])
         dist.barrier(d)
+    if board is not None:
+        board.close()
     dist.cleanup(d)
     return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
             "config": to_dict(cfg), "rank": d.rank}
+
+
+def tensorboard_writer(run_dir):
+    """A SummaryWriter into run_dir/tb when the optional `tensorboard` extra is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
 
 
 def _preflight(cfg, root, d):
@@ -284,7 +304,14 @@ def _resume(cfg, run_dir, model, optimizer, scaler, policy, d=dist.Dist()):
     if ckpt["foreign"]:
         raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
     saved = ckpt["config"]
-    for field, now in (("model", cfg.model), ("num_classes", cfg.num_classes)):
+    for field, now in (("model", cfg.model), ("num_classes", cfg.num_classes),
+                       ("data.data_dir", cfg.data.data_dir), ("data.dataset", cfg.data.dataset)):
+        if "." in field:
+            head, tail = field.split(".")
+            was = saved.get(head, {}).get(tail)
+            if was != now:
+                raise ValueError(f"--resume: {path} was trained with {field}={was!r}, this run has {now!r}")
+            continue
         if saved.get(field) != now:
             raise ValueError(f"--resume: {path} was trained with {field}={saved.get(field)!r}, this run has {now!r}")
     model.load_state_dict(ckpt["model"])
@@ -298,6 +325,8 @@ def _resume(cfg, run_dir, model, optimizer, scaler, policy, d=dist.Dist()):
         kind, keys, *rest = rng["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
         policy.generator.set_state(rng["policy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return ckpt["epoch"] + 1, ckpt["best_top1"]
 
 

@@ -22,6 +22,12 @@ _IMAGENET = {
 }
 
 PRESETS = {
+    # The CPU-sized comparison of docs/RESULTS.md: the embedded set, ResNet-14, 30 epochs (a few
+    # minutes on 2 cores); scripts/replicate_cpu.py runs it with each --aug and 3 seeds.
+    "cpu-shapes": ("the embedded dataset on a CPU: ResNet-14, 30 epochs, batch 64 (docs/RESULTS.md)",
+                   {"model": "resnet14", "epochs": 30, "batch_size": 64, "optim.lr": 0.1,
+                    "optim.schedule": "cos", "optim.weight_decay": 5e-4, "data.workers": 1,
+                    "mix.policy": "recursive_mix", "mix.alpha": 0.5, "mix.omega": 0.5}),
     "cifar10-pyramidnet200-rm": ("the paper's CIFAR-10 command (97.65% top-1, mean of 3 runs)",
                                  {**_CIFAR, "data.dataset": "cifar10"}),
     "cifar100-pyramidnet200-rm": ("the CIFAR-10 recipe on CIFAR-100",

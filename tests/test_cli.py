@@ -146,3 +146,31 @@ def test_bench_mix_json_at_tiny_size():
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["fused_ms"] > 0 and d["unfused_ms"] > 0 and d["speedup"] == pytest.approx(d["unfused_ms"] / d["fused_ms"])
+
+
+def test_tensorboard_events_when_installed(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert run(["train", "--data-dir", str(tiny), "--out", str(out), *TINY]).exit_code == 0
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_non_tty_progress_is_plain_lines():
+    import io
+    from rmix.progress import Progress
+    buf = io.StringIO()
+    with Progress(3, "epoch 1/1", every=1, stream=buf) as p:
+        for _ in range(3):
+            p.update(8, loss=1.0, lr=0.1)
+    text = buf.getvalue()
+    assert text.count("\n") == 3 and "\r" not in text and "\x1b" not in text and "img/s" in text
+
+
+def test_completion_script():
+    import os
+    import subprocess
+    import shutil
+    if shutil.which("rmix") is None:
+        pytest.skip("needs the installed rmix console script")
+    r = subprocess.run(["rmix"], env={**os.environ, "_RMIX_COMPLETE": "bash_source"}, capture_output=True, text=True)
+    assert r.returncode == 0 and "complete" in r.stdout

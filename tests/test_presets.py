@@ -9,6 +9,8 @@ from rmix import config as C
 from rmix.presets import PRESETS, preset
 
 EXPECTED = {
+    "cpu-shapes": dict(model="resnet14", epochs=30, batch_size=64, dataset="auto", lr=0.1, schedule="cos",
+                       policy="recursive_mix", alpha=0.5, omega=0.5),
     "cifar10-pyramidnet200-rm": dict(model="pyramidnet_200_240", epochs=300, batch_size=64, dataset="cifar10",
                                      lr=0.25, schedule="step", milestones=(150, 225), gamma=0.1, warmup=5,
                                      wd=1e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
