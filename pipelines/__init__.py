@@ -152,6 +152,23 @@ def shard_indices(num_samples: int, *, train: bool, seed: int, epoch: int, rank:
     return perm[rank:(num_samples // world_size) * world_size:world_size]
 
 
+class EpochCounter:
+    """Which epoch the next `iter()` yields: the next one, or the one `set_epoch` names."""
+
+    _next_epoch = 0
+
+    def set_epoch(self, epoch: int):
+        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
+
+    def _take_epoch(self) -> int:
+        epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        return epoch
+
+
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed from (seed, *parts), e.g. (seed, rank); stable across processes."""
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFF_FFFF)

@@ -29,7 +29,7 @@ from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, FolderIndex, derive_seed, one_line,
+from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, EpochCounter, FolderIndex, derive_seed, one_line,
                        shard_indices, train_batches, val_batches)
 
 # nvJPEG preallocation in bytes (NVIDIA's ResNet-50 example): large enough for ImageNet's
@@ -202,7 +202,7 @@ class DaliEpoch(NamedTuple):
         return [os.path.join(root, self.names[i]) for i in chunk]
 
 
-class DaliLoader:
+class DaliLoader(EpochCounter):
     """The one adapter from DALI pipelines to the loader contract (see `pipelines`).
 
     Each `iter()` builds the pipeline of one epoch with ``make_epoch(epoch)`` and shuts the
@@ -225,22 +225,14 @@ class DaliLoader:
         self.num_samples = num_samples
         self.device = device
         self._crop_size = crop_size
-        self._next_epoch = 0
         self._live: DaliEpoch | None = make_epoch(0)
         self._live_unused = True  # built, not iterated yet: iter() may take it as it is
 
     def __len__(self) -> int:
         return self._len
 
-    def set_epoch(self, epoch: int):
-        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._next_epoch = int(epoch)
-
     def __iter__(self):
-        epoch = self._next_epoch
-        self._next_epoch = epoch + 1
+        epoch = self._take_epoch()
         if not (self._live_unused and self._live.epoch == epoch):
             self._close()
             self._live = self._make_epoch(epoch)

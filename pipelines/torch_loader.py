@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, FolderIndex, derive_seed, one_line,
+from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, EpochCounter, FolderIndex, derive_seed, one_line,
                        shard_indices, train_batches, val_batches)
 
 
@@ -176,7 +176,7 @@ class _Collate:
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
-class TorchLoader:
+class TorchLoader(EpochCounter):
     """A DataLoader over (index, aug_seed)-keyed items behind the loader contract.
 
     `iter()` runs the next epoch, or the one given to `set_epoch`; workers persist across
@@ -204,20 +204,12 @@ class TorchLoader:
             collate_fn=_Collate(crop_size), pin_memory=device.type == "cuda",
             persistent_workers=workers > 0)
         self._loader = self._make_dataloader()
-        self._next_epoch = 0
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def set_epoch(self, epoch: int):
-        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._next_epoch = int(epoch)
-
     def __iter__(self):
-        epoch = self._next_epoch
-        self._next_epoch = epoch + 1
+        epoch = self._take_epoch()
         return self._batches(epoch)
 
     def _batches(self, epoch: int):
