@@ -216,7 +216,7 @@ def presets(as_json):
 
 @cli.group()
 def data():
-    """Datasets: the embedded synthetic set."""
+    """Datasets: write the embedded synthetic set, check a folder for unreadable images."""
 
 
 @data.command()
