@@ -106,7 +106,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     model.train()
     policy.reset()  # the paper's code clears the history at each epoch start
     rm = cfg.mix.policy == "recursive_mix"
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums, seen = None, 0  # summed on the device: no CPU-GPU sync per step for the statistics
     skipped_in_a_row = 0
     batches = iter(loader)
     for step in range(len(loader)):
@@ -126,11 +126,13 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
                                 f"step {step} (--max-skipped-steps {cfg.max_skipped_steps}); try --amp bf16")
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
-        sums += torch.stack([loss.detach().double().cpu() * n, correct.double().cpu(), torch.tensor(n, dtype=torch.float64)])
+        stats = torch.stack([loss.detach().double() * n, correct.double()])
+        sums, seen = (stats if sums is None else sums + stats), seen + n
         progress.update(n, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
         if cfg.max_steps and step + 1 >= cfg.max_steps:
             break
-    return sums
+    sums = sums.cpu() if sums is not None else torch.zeros(2, dtype=torch.float64)
+    return torch.cat([sums, torch.tensor([seen], dtype=torch.float64)])
 
 
 @torch.no_grad()
