@@ -1,5 +1,4 @@
 """Schedules, losses, accuracy and the config tree."""
-import math
 
 import pytest
 import torch
