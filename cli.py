@@ -75,6 +75,8 @@ TRAIN_OPTIONS = [
     ("--seed", "seed", int, ""),
     ("--out", "out", str, "run directory [default: runs/<model>-<aug>-<time>]"),
     ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
+    ("--save-every-steps", "save_every_steps", int,
+     "also checkpoint every N steps inside an epoch; resume continues at that step exactly [default: 0 = epoch ends]"),
     ("--log-every", "log_every", int, "steps between progress lines"),
     ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs"),
     ("--sync-bn/--no-sync-bn", "sync_bn", None, "torchrun: SyncBatchNorm over all ranks, CUDA only [default: off]"),

@@ -77,6 +77,7 @@ class TrainConfig:
     num_classes: int = 0         # derived from the data
     max_steps: int = 0           # stop each epoch after this many steps (0 = all); for smoke runs
     max_skipped_steps: int = 20  # fp16: stop after this many overflowing steps in a row
+    save_every_steps: int = 0    # also write latest.pt every N steps inside an epoch (0 = epoch ends only)
     sync_bn: bool = False        # DDP: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout: int = 1800     # seconds a collective waits for the other ranks before failing
 
@@ -152,6 +153,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.data.workers >= 0, "--workers", cfg.data.workers, "must be >= 0")
     need(cfg.log_every > 0, "--log-every", cfg.log_every, "must be positive")
     need(cfg.max_steps >= 0, "--max-steps", cfg.max_steps, "must be >= 0")
+    need(cfg.save_every_steps >= 0, "--save-every-steps", cfg.save_every_steps, "must be >= 0 (0 = epoch ends only)")
     need(cfg.max_skipped_steps >= 0, "--max-skipped-steps", cfg.max_skipped_steps, "must be >= 0")
     need(cfg.dist_timeout > 0, "--dist-timeout", cfg.dist_timeout, "must be positive (seconds)")
     need(cfg.resume != "auto" or cfg.out, "--resume", cfg.resume,

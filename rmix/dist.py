@@ -78,12 +78,15 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
-def gather_objects(obj, d: Dist) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] on one process."""
+def gather_to_main(obj, d: Dist):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere; [obj] on one process.
+
+    For large objects (a mid-epoch checkpoint's RecursiveMix history): only rank 0 receives.
+    """
     if not d.enabled:
         return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
+    out = [None] * d.world_size if d.is_main else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 

@@ -101,12 +101,20 @@ def grads_finite(optimizer) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
-def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress):
-    """One pass over `loader`; returns summed (loss, correct, images) as a tensor."""
+def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress, *, start_step=0,
+                    sums=None, seen=0, on_step=None):
+    """One pass over `loader`; returns summed (loss, correct, images) as a tensor.
+
+    `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader's first
+    `start_step` batches are read and dropped (they replay exactly, augmentation included), the
+    policy keeps the history it was given, and `sums`/`seen` carry the statistics so far.
+    `on_step(steps_done, sums, seen)` runs after each optimizer step (mid-epoch checkpoints).
+    """
     model.train()
-    policy.reset()  # the paper's code clears the history at each epoch start
+    if start_step == 0:
+        policy.reset()  # the paper's code clears the history at each epoch start
     rm = cfg.mix.policy == "recursive_mix"
-    sums, seen = None, 0  # summed on the device: no CPU-GPU sync per step for the statistics
+    # summed on the device: no CPU-GPU sync per step for the statistics
     skipped_in_a_row = 0
     batches = iter(loader)
     for step in range(len(loader)):
@@ -118,6 +126,8 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
             which = ", ".join(e.bad_files) if e.bad_files else f"one of {len(e.files)} files"
             raise TrainingError(f"cannot decode {which} at epoch {epoch}, step {step} ({e.reason}); "
                                 f"the batch's files: {', '.join(e.files)}; run `rmix data check`") from None
+        if step < start_step:
+            continue  # trained on before the checkpoint: decoded again only to replay the pipeline
         loss, logits, out, skipped = train_step(model, policy, images, targets, optimizer, scaler, amp,
                                                 cfg.mix.omega, rm=rm, epoch=epoch, step=step)
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
@@ -127,8 +137,10 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         stats = torch.stack([loss.detach().double() * n, correct.double()])
-        sums, seen = (stats if sums is None else sums + stats), seen + n
+        sums, seen = (stats if sums is None else sums.to(stats.device) + stats), seen + n
         progress.update(n, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
+        if on_step is not None:
+            on_step(step + 1, sums, seen)
         if cfg.max_steps and step + 1 >= cfg.max_steps:
             break
     sums = sums.cpu() if sums is not None else torch.zeros(2, dtype=torch.float64)
@@ -210,9 +222,9 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     normalize = NoMix(cfg.num_classes, mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32,
                       channels_last=channels_last)
 
-    start, best, history = 1, -1.0, []
+    start, best, history, partial = 1, -1.0, [], None
     if cfg.resume:
-        start, best = _resume(cfg, run_dir, model, optimizer, scaler, policy, d)
+        start, best, partial = _resume(cfg, run_dir, model, optimizer, scaler, policy, device, d)
     model = wrap_ddp(model, device, d, sync_bn=cfg.sync_bn)
     raw_model = model.module if d.enabled else model
     if d.is_main:
@@ -224,16 +236,33 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
 
     show = d.is_main if show_progress is None else (show_progress and d.is_main)
     final = None
+    if show and (start > 1 or partial):
+        at = f", step {partial['step']}" if partial else ""
+        Progress.line(f"resuming at epoch {start}{at} (best val top-1 so far {max(best, 0):.2f}%)")
+
+    def save_mid_epoch(step, sums, seen):  # --save-every-steps; reads this loop's epoch and t0
+        if step % cfg.save_every_steps or step >= min(len(train_loader), cfg.max_steps or len(train_loader)):
+            return  # the epoch-end checkpoint follows the last step
+        mine = {"rng": rng_state(policy), "policy": _to_cpu(policy.state_dict()), "step": step,
+                "sums": sums.cpu(), "seen": seen, "seconds": time.perf_counter() - t0}
+        ranks = dist.gather_to_main(mine, d)  # each rank's own history and streams
+        if d.is_main:
+            checkpoint.save(run_dir / "latest.pt", _payload(raw_model, optimizer, scaler, cfg, epoch - 1, best,
+                                                            ranks, step=step))
+
     for epoch in range(start, cfg.epochs + 1):
         lr = lr_at(epoch, cfg.optim.lr, cfg.epochs, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup,
                    milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
         for g in optimizer.param_groups:
             g["lr"] = lr
         train_loader.set_epoch(epoch - 1)  # the loaders count epochs from 0; replays exactly on resume
-        t0 = time.perf_counter()
-        with Progress(len(train_loader), f"epoch {epoch}/{cfg.epochs}", enabled=show,
+        part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
+        t0 = time.perf_counter() - part["seconds"]
+        with Progress(len(train_loader) - part["step"], f"epoch {epoch}/{cfg.epochs}", enabled=show,
                       every=cfg.log_every) as bar:
-            sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar)
+            sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
+                                   start_step=part["step"], sums=part["sums"], seen=part["seen"],
+                                   on_step=save_mid_epoch if cfg.save_every_steps else None)
         sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
         seconds = time.perf_counter() - t0
         dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
@@ -243,7 +272,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
                "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
         history.append(row)
-        rngs = dist.gather_objects(rng_state(policy), d)  # each rank's own stream, for --resume
+        ranks = dist.gather_to_main({"rng": rng_state(policy)}, d)  # each rank's own stream, for --resume
         if d.is_main:
             is_best = val["top1"] > best
             best = max(best, val["top1"])
@@ -254,9 +283,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                     if k != "epoch" and v is not None:
                         board.add_scalar(k, v, epoch)
                 board.flush()
-            payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best,
-                       "config": to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs}
+            payload = _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks)
             checkpoint.save(run_dir / "latest.pt", payload)
             if is_best:
                 checkpoint.save(run_dir / "best.pt", payload)
@@ -272,6 +299,20 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     dist.cleanup(d)
     return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
             "config": to_dict(cfg), "rank": d.rank}
+
+
+def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, step=0):
+    """A training checkpoint: `epoch` complete epochs and `step` steps of the next; per-rank state."""
+    payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
+               "config": to_dict(cfg), "rng": ranks[0]["rng"], "rng_ranks": [r["rng"] for r in ranks]}
+    if step:  # mid-epoch: what each rank needs to continue at `step` exactly
+        payload["partial_ranks"] = [{k: v for k, v in r.items() if k != "rng"} for r in ranks]
+    return payload
+
+
+def _to_cpu(state):
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def tensorboard_writer(run_dir):
@@ -295,13 +336,17 @@ def _preflight(cfg, root, d):
         raise ValueError(f"--data-dir: {summary(result)}; see `rmix data check {root}`")
 
 
-def _resume(cfg, run_dir, model, optimizer, scaler, policy, d=dist.Dist()):
-    """Load model/optimizer/RNG state; returns (first epoch to run, best top-1 so far)."""
+def _resume(cfg, run_dir, model, optimizer, scaler, policy, device, d=dist.Dist()):
+    """Load model/optimizer/RNG state; returns (first epoch to run, best top-1 so far, partial).
+
+    partial: None after an epoch-end checkpoint; after a mid-epoch one (--save-every-steps)
+    this rank's {"step", "sums", "seen", "seconds"} (its RecursiveMix history is restored here).
+    """
     path = Path(cfg.resume)
     if cfg.resume == "auto":
         path = run_dir / "latest.pt"
         if not path.is_file():
-            return 1, -1.0  # nothing to resume yet: a fresh start (torchrun restarts rely on this)
+            return 1, -1.0, None  # nothing to resume yet: a fresh start (torchrun restarts rely on this)
     ckpt = checkpoint.read(path)
     if ckpt["foreign"]:
         raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
@@ -329,7 +374,15 @@ def _resume(cfg, run_dir, model, optimizer, scaler, policy, d=dist.Dist()):
         policy.generator.set_state(rng["policy"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return ckpt["epoch"] + 1, ckpt["best_top1"]
+    partial = None
+    if ckpt.get("step", 0):
+        parts = ckpt["partial_ranks"]
+        if len(parts) != d.world_size:  # another split of the data: no exact continuation exists
+            raise ValueError(f"--resume: {path} was saved at step {ckpt['step']} of epoch {ckpt['epoch'] + 1} "
+                             f"by {len(parts)} processes, this run has {d.world_size}; resume with as many")
+        partial = parts[d.rank]
+        policy.load_state_dict(partial["policy"], device)
+    return ckpt["epoch"] + 1, ckpt["best_top1"], partial
 
 
 def _trim_metrics(path, start):

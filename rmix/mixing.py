@@ -116,6 +116,13 @@ class _Policy:
     def remember(self, images, soft_targets, logits):
         """Called after the forward pass (only RecursiveMix uses it)."""
 
+    def state_dict(self) -> dict:
+        """What resuming inside an epoch needs besides the generator (RecursiveMix: the history)."""
+        return {}
+
+    def load_state_dict(self, state: dict, device=None):
+        """Restore `state_dict()`, tensors onto `device` (where the next batch will be)."""
+
 
 def _dims(images):
     if images.dim() != 4:
@@ -204,6 +211,16 @@ class RecursiveMix(_Policy):
         self.history = images.detach()
         self.history_targets = soft_targets.detach().float()
         self.history_logits = logits.detach()
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "history_targets": self.history_targets,
+                "history_logits": self.history_logits}
+
+    def load_state_dict(self, state: dict, device=None):
+        def put(t):
+            return None if t is None else t.to(device) if device is not None else t
+        self.history, self.history_targets, self.history_logits = (
+            put(state["history"]), put(state["history_targets"]), put(state["history_logits"]))
 
     def sample_boxes(self, n, h, w):
         """Boxes with side sqrt(U(0, alpha)) of the image side: one for the batch, or one per image."""

@@ -141,6 +141,26 @@ def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
     assert out.count("best val top-1") >= 1
 
 
+def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path):
+    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--save-every-steps", "1", "--resume", "auto"]
+    rc, out = launch(args + ["--out", "ref"], cwd=tmp_path)
+    assert rc == 0, out
+    # rank 1 dies right after step 2 of epoch 2 (4 steps per epoch): rank 0 has saved steps 1 and 2 by then,
+    # or is saving step 2 (the atomic save then leaves step 1's)
+    env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_STEP": "2", "RMIX_TEST_CRASH_MARKER": "crashed"}
+    rc, out = launch(args + ["--out", "run"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=150)
+    assert rc == 0, out
+    assert (tmp_path / "crashed").is_file() and "exitcode: -9" in out
+    assert re.search(r"resuming at epoch 2, step [12] ", out), out  # from a mid-epoch checkpoint
+    want, got = checkpoint.read(tmp_path / "ref/latest.pt"), checkpoint.read(tmp_path / "run/latest.pt")
+    for k in want["model"]:
+        torch.testing.assert_close(got["model"][k], want["model"][k], rtol=0, atol=0, msg=k)
+    rows = [[json.loads(r)[k] for k in ("epoch", "train_loss", "val_top1")]
+            for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows == [[json.loads(r)[k] for k in ("epoch", "train_loss", "val_top1")]
+                    for r in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
+
+
 def test_sync_bn_on_cpu_is_a_clear_error():
     model = build("resnet8", 4)
     with pytest.raises(ValueError, match="--sync-bn"):
@@ -161,7 +181,7 @@ def test_distributed_options_are_validated(changes, needle):
 def test_one_process_helpers_are_identities():
     d = dist.Dist()
     t = torch.arange(3.0)
-    assert dist.all_sum(t, d) is t and dist.broadcast_object("x", d) == "x" and dist.gather_objects(1, d) == [1]
+    assert dist.all_sum(t, d) is t and dist.broadcast_object("x", d) == "x" and dist.gather_to_main(1, d) == [1]
 
 
 def test_resume_trims_metrics_of_epochs_to_run_again(tmp_path):

@@ -1,0 +1,127 @@
+"""Mid-epoch checkpoints (--save-every-steps): a run cut inside an epoch resumes at that step exactly."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import cli
+from rmix import checkpoint
+from rmix.synth import synth_dataset
+
+# 24 train images, batch 8: 3 steps per epoch, so --save-every-steps 1 saves after steps 1 and 2
+TINY = ["--epochs", "3", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
+        "--workers", "1", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return synth_dataset(tmp_path_factory.mktemp("d") / "tiny", classes=4, train_per_class=6, val_per_class=3,
+                         width=24, height=24)
+
+
+def run(data, out, *extra):
+    return CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--out", str(out), *TINY, *extra])
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(got_dir, want_dir):
+    want, got = checkpoint.read(want_dir / "latest.pt")["model"], checkpoint.read(got_dir / "latest.pt")["model"]
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    keys = ("epoch", "train_loss", "train_top1", "val_top1", "val_loss")  # img_s is a clock
+    assert [[r[k] for k in keys] for r in rows(got_dir)] == [[r[k] for k in keys] for r in rows(want_dir)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """Uninterrupted runs, without mid-epoch saves: saving must not change the training."""
+    out = {}
+    for loader in ("dali", "torch"):
+        out[loader] = tmp_path_factory.mktemp("ref") / loader
+        r = run(tiny, out[loader], "--loader", loader)
+        assert r.exit_code == 0, r.output
+    return out
+
+
+class Cut(Exception):
+    pass
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch, reference, loader):
+    real = checkpoint.save
+
+    def save_then_cut(path, payload):  # the process dies right after epoch 2's step-2 checkpoint
+        real(path, payload)
+        if payload["epoch"] == 1 and payload["step"] == 2:
+            raise Cut
+
+    monkeypatch.setattr(checkpoint, "save", save_then_cut)
+    out = tmp_path / "cut"
+    r = run(tiny, out, "--loader", loader, "--save-every-steps", "1")
+    assert isinstance(r.exception, Cut), r.output
+    ckpt = checkpoint.read(out / "latest.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    history = ckpt["partial_ranks"][0]["policy"]["history"]
+    assert history is not None and history.shape[0] == 8  # RecursiveMix's history travels along
+    monkeypatch.setattr(checkpoint, "save", real)
+    r = run(tiny, out, "--loader", loader, "--save-every-steps", "1", "--resume", "auto")
+    assert r.exit_code == 0, r.output
+    assert checkpoint.read(out / "latest.pt")["step"] == 0  # the last save is the epoch end
+    assert_same_run(out, reference[loader])
+
+
+def test_sigkill_with_mid_epoch_saves_resumes_exactly(tiny, tmp_path, reference):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", "import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(out),
+           *TINY, "--loader", "dali", "--save-every-steps", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for a mid-epoch checkpoint of epoch 2
+        try:
+            ckpt = checkpoint.read(out / "latest.pt")
+            if ckpt["epoch"] == 1 and ckpt["step"] > 0:
+                break
+        except (checkpoint.CheckpointError, FileNotFoundError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # wherever it is by now: a step, a save, or the epoch end
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
+    r = run(tiny, out, "--loader", "dali", "--save-every-steps", "1", "--resume", "auto")
+    assert r.exit_code == 0, r.output
+    assert_same_run(out, reference["dali"])
+
+
+def test_save_every_steps_must_not_be_negative(tiny, tmp_path):
+    r = run(tiny, tmp_path / "x", "--save-every-steps", "-2")
+    assert r.exit_code == 2 and "--save-every-steps" in r.output and "-2" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_policy_state_round_trips():
+    from rmix.mixing import NoMix, RecursiveMix
+    rm = RecursiveMix(3, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    out = rm(x, y)
+    rm.remember(out.images, out.soft_targets, torch.randn(4, 3))
+    state = {k: v.clone() for k, v in rm.state_dict().items()}
+    other = RecursiveMix(3, generator=torch.Generator().manual_seed(0))
+    other.load_state_dict(state)
+    gen = rm.generator.get_state()
+    a = rm(x.flip(0), y.flip(0))
+    other.generator.set_state(gen)
+    b = other(x.flip(0), y.flip(0))
+    assert torch.equal(a.images, b.images) and torch.equal(a.soft_targets, b.soft_targets)
+    assert torch.equal(rm.prev_logits, other.prev_logits)
+    assert NoMix(3).state_dict() == {}
