@@ -102,7 +102,7 @@ def grads_finite(optimizer) -> bool:
 
 
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress, *, start_step=0,
-                    sums=None, seen=0, on_step=None):
+                    sums=None, seen=0, on_step=None, skips=None):
     """One pass over `loader`; returns summed (loss, correct, images) as a tensor.
 
     `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader's first
@@ -114,8 +114,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     if start_step == 0:
         policy.reset()  # the paper's code clears the history at each epoch start
     rm = cfg.mix.policy == "recursive_mix"
-    # summed on the device: no CPU-GPU sync per step for the statistics
-    skipped_in_a_row = 0
+    skips = {"in_a_row": 0} if skips is None else skips  # carried across epochs by train()
     batches = iter(loader)
     for step in range(len(loader)):
         try:
@@ -130,13 +129,14 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
             continue  # trained on before the checkpoint: decoded again only to replay the pipeline
         loss, logits, out, skipped = train_step(model, policy, images, targets, optimizer, scaler, amp,
                                                 cfg.mix.omega, rm=rm, epoch=epoch, step=step)
-        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if skipped_in_a_row > cfg.max_skipped_steps:
-            raise TrainingError(f"fp16 gradients overflowed {skipped_in_a_row} steps in a row at epoch {epoch}, "
+        skips["in_a_row"] = skips["in_a_row"] + 1 if skipped else 0
+        if skips["in_a_row"] > cfg.max_skipped_steps:
+            raise TrainingError(f"fp16 gradients overflowed {skips['in_a_row']} steps in a row at epoch {epoch}, "
                                 f"step {step} (--max-skipped-steps {cfg.max_skipped_steps}); try --amp bf16")
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         stats = torch.stack([loss.detach().double() * n, correct.double()])
+        # summed on the device: no CPU-GPU sync per step for the statistics
         sums, seen = (stats if sums is None else sums.to(stats.device) + stats), seen + n
         progress.update(n, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
         if on_step is not None:
@@ -173,6 +173,10 @@ def evaluate(model, loader, normalize, amp, d=dist.Dist(), progress=None):
 def _finite(x):
     """None for inf/NaN, so metrics and --json stay valid JSON."""
     return x if math.isfinite(x) else None
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _reduce_device(d):
@@ -250,6 +254,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
             checkpoint.save(run_dir / "latest.pt", _payload(raw_model, optimizer, scaler, cfg, epoch - 1, best,
                                                             ranks, step=step))
 
+    skips = {"in_a_row": 0}  # fp16 steps skipped in a row, across epoch boundaries
     for epoch in range(start, cfg.epochs + 1):
         lr = lr_at(epoch, cfg.optim.lr, cfg.epochs, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup,
                    milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
@@ -262,13 +267,13 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                       every=cfg.log_every) as bar:
             sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
                                    start_step=part["step"], sums=part["sums"], seen=part["seen"],
-                                   on_step=save_mid_epoch if cfg.save_every_steps else None)
+                                   on_step=save_mid_epoch if cfg.save_every_steps else None, skips=skips)
         sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
         seconds = time.perf_counter() - t0
         dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
         val = evaluate(raw_model, val_loader, normalize, amp, d)
         final = val["top1"]
-        row = {"epoch": epoch, "lr": lr, "train_loss": sums[0].item() / sums[2].item(),
+        row = {"epoch": epoch, "lr": lr, "train_loss": _finite(sums[0].item() / sums[2].item()),
                "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
                "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
         history.append(row)
@@ -288,7 +293,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
             if is_best:
                 checkpoint.save(run_dir / "best.pt", payload)
             if show:
-                Progress.line(f"epoch {epoch}: train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.1f}% | "
+                Progress.line(f"epoch {epoch}: train loss {_fmt(row['train_loss'])} top-1 {row['train_top1']:.1f}% | "
                               f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% (best {best:.2f}%) | "
                               f"{row['img_s']:.0f} img/s")
         else:

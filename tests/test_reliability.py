@@ -141,3 +141,123 @@ def test_bad_train_input(tiny, tmp_path, args, needle):
     out = r.output.strip()
     assert needle in out and len(out.splitlines()) == 1 and "Traceback" not in out, out
     assert not (tmp_path / "run" / "latest.pt").exists()
+
+
+# --- fp16: GradScaler skips overflowing steps; rmix stops after --max-skipped-steps of them in a row ---
+# 3 steps per epoch on `tiny` (24 images, batch 8). CPU autocast fp16 and the CPU GradScaler work on
+# torch 2.14, so these run the real scaler: the poisoned loss (x 1e8) stays finite in fp32, but its
+# scaled gradient overflows fp16 in the backward pass, so GradScaler skips the step and backs off.
+FP16 = ["--amp", "fp16", "--device", "cpu"]
+
+
+def _overflow_on(monkeypatch, poisoned_call):
+    """Make the mix_loss calls (counted from 1) that `poisoned_call(n)` picks overflow fp16.
+
+    Returns the log of train_step calls: (epoch, step, skipped, parameters unchanged, scale before).
+    """
+    import rmix.engine as engine
+    real_loss, real_step = engine.mix_loss, engine.train_step
+    calls, log = {"n": 0}, []
+
+    def overflowing(*a, **kw):
+        calls["n"] += 1
+        loss = real_loss(*a, **kw)
+        return loss * 1e8 if poisoned_call(calls["n"]) else loss
+
+    def spy(model, policy, images, targets, optimizer, scaler, *a, **kw):
+        before, scale = [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+        result = real_step(model, policy, images, targets, optimizer, scaler, *a, **kw)
+        unchanged = all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        log.append((kw["epoch"], kw["step"], result[3], unchanged, scale))
+        return result
+    monkeypatch.setattr(engine, "mix_loss", overflowing)
+    monkeypatch.setattr(engine, "train_step", spy)
+    return log
+
+
+def _error_line(output):
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+def test_fp16_overflow_every_step_stops_after_max_skipped_steps(tiny, tmp_path, monkeypatch):
+    log = _overflow_on(monkeypatch, lambda n: n >= 4)  # every step from epoch 2, step 0 on
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "2"))
+    assert r.exit_code == 1, r.output
+    line = _error_line(r.output)
+    assert "3 steps in a row at epoch 2, step 2" in line and "--max-skipped-steps 2" in line, line
+    # epoch 1 trained normally; then exactly max_skipped_steps + 1 = 3 skips, and nothing after them
+    assert [(e, s, skipped) for e, s, skipped, _, _ in log] == [
+        (1, 0, False), (1, 1, False), (1, 2, False), (2, 0, True), (2, 1, True), (2, 2, True)]
+    assert [unchanged for *_, unchanged, _ in log] == [False] * 3 + [True] * 3  # the scaler skipped them
+    assert [scale for *_, scale in log] == [65536.0] * 4 + [32768.0, 16384.0]  # and backed off each time
+    ckpt = checkpoint.read(out / "latest.pt")
+    assert ckpt["epoch"] == 1 and ckpt["scaler"]["scale"] == 65536.0  # nothing written after the skips
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_fp16_isolated_overflows_do_not_stop_the_run(tiny, tmp_path, monkeypatch):
+    log = _overflow_on(monkeypatch, lambda n: n % 2 == 0)  # one step in every two overflows
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "1"))
+    assert r.exit_code == 0, r.output  # the counter resets after each good step
+    skipped = [s for _, _, s, _, _ in log]
+    assert skipped == [False, True] * 4 + [False]  # 9 steps: exactly the poisoned ones were skipped
+    assert [unchanged for *_, unchanged, _ in log] == skipped  # a skipped step left the weights as they were
+    assert [scale for *_, scale in log] == [65536.0, 65536.0, 32768.0, 32768.0, 16384.0, 16384.0,
+                                            8192.0, 8192.0, 4096.0]
+    ckpt = checkpoint.read(out / "latest.pt")
+    assert ckpt["epoch"] == 3 and ckpt["scaler"]["scale"] == 4096.0  # 4 skips: 65536 / 2**4
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_fp16_skipped_steps_are_counted_across_epochs(tiny, tmp_path, monkeypatch):
+    log = _overflow_on(monkeypatch, lambda n: True)  # every step overflows: the weights never change
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "3"))
+    assert r.exit_code == 1, r.output  # the 4th skip in a row is epoch 2, step 0
+    assert "4 steps in a row at epoch 2, step 0" in _error_line(r.output)
+    assert len(log) == 4 and all(s for _, _, s, _, _ in log)
+    assert checkpoint.read(out / "latest.pt")["epoch"] == 1  # epoch 1's 3 skips were within the limit
+
+
+# --- a JPEG that stops decoding between two runs: caught by the preflight, else named mid-epoch ---
+def _cut_after_scan_start(path, keep=8):
+    """Keep a JPEG's headers and the first `keep` bytes of its scan data: both decoders fail on it,
+    and DALI names it (a data error, unlike a header error)."""
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")
+    path.write_bytes(data[:sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big") + keep])
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_decode_error_mid_run_stops_and_keeps_the_checkpoint(tiny, tmp_path, loader):
+    import shutil
+    from pipelines import scan_image_folder, shard_indices
+    from rmix.config import TrainConfig
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, train_args(data, out, "--loader", loader, "--epochs", "1"))
+    assert r.exit_code == 0, r.output
+    latest, metrics = (out / "latest.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    index = scan_image_folder(data.resolve() / "train")
+    order = shard_indices(len(index.files), train=True, seed=TrainConfig().seed, epoch=1, rank=0, world_size=1)
+    bad = os.path.join(index.root, index.files[order[9]])  # 0-based epoch 1 = epoch 2; position 9: step 1
+    batch = [os.path.join(index.root, index.files[i]) for i in order[8:16]]
+    _cut_after_scan_start(tmp_path / bad)
+    resume = train_args(data, out, "--loader", loader, "--epochs", "2", "--resume", "auto")
+
+    r = CliRunner().invoke(cli, resume)  # the preflight refuses it before training
+    assert r.exit_code == 2, r.output
+    assert f"{bad} (truncated)" in _error_line(r.output) and "epoch 2/" not in r.output
+
+    r = CliRunner().invoke(cli, [*resume, "--no-preflight"])
+    assert r.exit_code == 1, r.output
+    line = _error_line(r.output)
+    assert f"cannot decode {bad} at epoch 2, step 1" in line, line
+    assert all(f in line for f in batch), line  # the batch's files, for `rmix data check`
+    assert (out / "latest.pt").read_bytes() == latest and checkpoint.read(out / "latest.pt")["epoch"] == 1
+    assert (out / "metrics.jsonl").read_text() == metrics
