@@ -6,7 +6,8 @@ Every loader yields ``(images, labels)`` already on ``device``:
 each ``iter(loader)`` is one epoch (train: freshly shuffled). Normalization is not done here.
 
 Epochs are addressable: ``loader.set_epoch(e)`` (0-based, as DistributedSampler's) makes the
-next ``iter()`` yield exactly epoch ``e`` of an uninterrupted run -- the same order (the split
+next ``iter()`` yield exactly epoch ``e`` of an uninterrupted run (``set_epoch(e, k)``: from its
+batch ``k`` on) -- the same order (the split
 of `shard_indices`, the same for both kinds) and the same augmentation randomness, whatever
 this loader object ran before. Without it each ``iter()`` runs the epoch after the last one
 started. An image that cannot be read or decoded raises `DecodeError` naming the epoch, the
@@ -153,20 +154,28 @@ def shard_indices(num_samples: int, *, train: bool, seed: int, epoch: int, rank:
 
 
 class EpochCounter:
-    """Which epoch the next `iter()` yields: the next one, or the one `set_epoch` names."""
+    """Which epoch the next `iter()` yields, and from which batch: `set_epoch`'s, or the next whole one."""
 
     _next_epoch = 0
+    _next_start = 0
 
-    def set_epoch(self, epoch: int):
-        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run."""
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        """Make the next `iter()` yield epoch ``epoch`` (0-based) of an uninterrupted run.
+
+        With ``start_step`` k it yields that epoch's batches k, k+1, ... (resuming mid-epoch):
+        the same batches the whole epoch has there, augmentation included.
+        """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._next_epoch = int(epoch)
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        self._next_epoch, self._next_start = int(epoch), int(start_step)
 
-    def _take_epoch(self) -> int:
-        epoch = self._next_epoch
-        self._next_epoch = epoch + 1
-        return epoch
+    def _take_epoch(self) -> tuple[int, int]:
+        """(epoch, first step) for this `iter()`; the one after starts the next epoch at 0."""
+        epoch, start = self._next_epoch, self._next_start
+        self._next_epoch, self._next_start = epoch + 1, 0
+        return epoch, start
 
 
 def derive_seed(seed: int, *parts: int) -> int:

@@ -232,12 +232,12 @@ class DaliLoader(EpochCounter):
         return self._len
 
     def __iter__(self):
-        epoch = self._take_epoch()
+        epoch, start = self._take_epoch()
         if not (self._live_unused and self._live.epoch == epoch):
             self._close()
             self._live = self._make_epoch(epoch)
         self._live_unused = False
-        return self._batches(epoch, self._live)
+        return self._batches(epoch, self._live, start)
 
     def _close(self):
         """Shut the live pipeline down now rather than whenever it is garbage-collected."""
@@ -248,7 +248,9 @@ class DaliLoader(EpochCounter):
             torch.cuda.current_stream(self.device).synchronize()
         getattr(live.pipe, "_shutdown", lambda: None)()  # private; else on deletion
 
-    def _batches(self, epoch: int, live: DaliEpoch):
+    def _batches(self, epoch: int, live: DaliEpoch, start: int = 0):
+        # Batches before `start` are decoded and dropped: DALI's per-sample random streams
+        # advance batch by batch, so the only way to batch `start`'s augmentation is through them.
         step = 0
         while True:
             if self._live is not live:
@@ -266,14 +268,16 @@ class DaliLoader(EpochCounter):
                 k = _named_sample(error, live.batch_files(step, relative=True))
                 raise DecodeError(epoch, step, files, [] if k is None else [files[k]],
                                   _dali_reason(error)) from error
+            step += 1
+            if step <= start:
+                continue
             images = data[0]["images"]
             labels = data[0]["labels"].reshape(-1).to(torch.int64)
             if images.device != self.device:  # dali_device="cpu" with a CUDA device
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-            step += 1
             yield images, labels
-        for _ in range(step, self._len):  # a val rank one image short: trailing empty batch
+        for _ in range(max(step, start), self._len):  # a val rank one image short: trailing empty batch
             yield (torch.empty(0, self._crop_size, self._crop_size, 3, dtype=torch.uint8,
                                device=self.device),
                    torch.empty(0, dtype=torch.int64, device=self.device))

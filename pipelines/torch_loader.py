@@ -133,11 +133,11 @@ class ShardBatchSampler(Sampler):
                  world_size: int):
         self.num_samples, self.train, self.batch_size = num_samples, train, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = 0
+        self.epoch = self.start_step = 0
         self._len = (train_batches if train else val_batches)(num_samples, batch_size, world_size)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         return self._len
@@ -154,7 +154,7 @@ class ShardBatchSampler(Sampler):
                                         world_size=self.world_size), dtype=np.int64)
         rng = np.random.default_rng([derive_seed(self.seed), self.epoch])
         aug_seeds = rng.integers(0, 2**63 - 1, size=self.num_samples)  # same on every rank
-        for b in range(self._len):  # val: a rank one image short may end with an empty batch
+        for b in range(self.start_step, self._len):  # val: a rank one image short may end with an empty batch
             chunk = mine[b * self.batch_size:(b + 1) * self.batch_size]
             yield list(zip(chunk.tolist(), aug_seeds[chunk].tolist()))
 
@@ -209,13 +209,13 @@ class TorchLoader(EpochCounter):
         return len(self.batch_sampler)
 
     def __iter__(self):
-        epoch = self._take_epoch()
-        return self._batches(epoch)
+        return self._batches(*self._take_epoch())
 
-    def _batches(self, epoch: int):
-        self.batch_sampler.set_epoch(epoch)  # the sampler runs in this process, at iter() below
+    def _batches(self, epoch: int, start: int):
+        # the sampler runs in this process, at iter() below; per-sample seeds make skipping free
+        self.batch_sampler.set_epoch(epoch, start)
         non_blocking = self.device.type == "cuda"
-        for step, batch in enumerate(self._loader):
+        for step, batch in enumerate(self._loader, start):
             if isinstance(batch, UnreadableBatch):
                 break
             images, labels = batch

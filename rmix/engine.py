@@ -105,9 +105,9 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
                     sums=None, seen=0, on_step=None, skips=None):
     """One pass over `loader`; returns summed (loss, correct, images) as a tensor.
 
-    `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader's first
-    `start_step` batches are read and dropped (they replay exactly, augmentation included), the
-    policy keeps the history it was given, and `sums`/`seen` carry the statistics so far.
+    `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader was set to
+    start there (`loader.set_epoch(e, start_step)`), the policy keeps the history it was given,
+    and `sums`/`seen` carry the statistics so far.
     `on_step(steps_done, sums, seen)` runs after each optimizer step (mid-epoch checkpoints).
     """
     model.train()
@@ -116,7 +116,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     rm = cfg.mix.policy == "recursive_mix"
     skips = {"in_a_row": 0} if skips is None else skips  # carried across epochs by train()
     batches = iter(loader)
-    for step in range(len(loader)):
+    for step in range(start_step, len(loader)):
         try:
             images, targets = next(batches)
         except StopIteration:
@@ -125,8 +125,6 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
             which = ", ".join(e.bad_files) if e.bad_files else f"one of {len(e.files)} files"
             raise TrainingError(f"cannot decode {which} at epoch {epoch}, step {step} ({e.reason}); "
                                 f"the batch's files: {', '.join(e.files)}; run `rmix data check`") from None
-        if step < start_step:
-            continue  # trained on before the checkpoint: decoded again only to replay the pipeline
         loss, logits, out, skipped = train_step(model, policy, images, targets, optimizer, scaler, amp,
                                                 cfg.mix.omega, rm=rm, epoch=epoch, step=step)
         skips["in_a_row"] = skips["in_a_row"] + 1 if skipped else 0
@@ -260,8 +258,8 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                    milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        train_loader.set_epoch(epoch - 1)  # the loaders count epochs from 0; replays exactly on resume
         part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
+        train_loader.set_epoch(epoch - 1, part["step"])  # epochs count from 0 there; replays exactly on resume
         t0 = time.perf_counter() - part["seconds"]
         with Progress(len(train_loader) - part["step"], f"epoch {epoch}/{cfg.epochs}", enabled=show,
                       every=cfg.log_every) as bar:

@@ -402,6 +402,21 @@ def test_augmentation_differs_by_epoch_and_rank(kind, tmp_path):
     assert not torch.equal(images[0, 0], images[1, 0])
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_epoch_from_a_step_yields_the_rest_of_that_epoch(kind, train, textured):
+    run = make(kind, textured, train=train, batch_size=2, seed=4, aug_plus=train)
+    epochs = [run_epoch(run) for _ in range(2)]
+    for start in (1, 4, len(run)):
+        run.set_epoch(1, start)
+        assert same(run_epoch(run), epochs[1][start:])
+    run.set_epoch(0, 3)
+    assert same(run_epoch(run), epochs[0][3:])
+    assert same(run_epoch(run), epochs[1])  # the iter() after it is the next epoch, whole
+    with pytest.raises(ValueError, match="start_step"):
+        run.set_epoch(0, len(run) + 1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_set_epoch_after_a_break(kind, textured):
     run = make(kind, textured, train=True, batch_size=2, seed=4)
