@@ -357,6 +357,22 @@ def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_las
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 
+@bench.command("soak")
+@click.option("--steps", type=int, default=3000, show_default=True, help="training steps (whole epochs of 8)")
+@click.option("--loader", type=click.Choice(C.LOADERS), default="dali", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_soak_cmd(steps, loader, as_json):
+    """Resident memory over thousands of RM steps on tiny data (train/eval alternating); exit 1 without a plateau."""
+    from rmix.bench_soak import format_soak, soak
+    d = soak(steps, loader=loader, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(d) if as_json else format_soak(d))
+    if d["plateau"] is False:
+        click.echo(f"Error: resident memory grew {d['growth_pct']:.2f}% after warm-up "
+                   f"({d['warmup_rss_mb']:.1f} -> max {d['max_after_warmup_mb']:.1f} MB), limit {d['limit_pct']:.0f}%",
+                   err=True)
+        sys.exit(1)
+
+
 # --- views: plot, show, export (rmix/plot.py, rmix/show.py, rmix/export.py) ---
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True)
