@@ -360,11 +360,13 @@ def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_las
 @bench.command("soak")
 @click.option("--steps", type=int, default=3000, show_default=True, help="training steps (whole epochs of 8)")
 @click.option("--loader", type=click.Choice(C.LOADERS), default="dali", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch CPU threads (1: steady on a machine other work shares)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_soak_cmd(steps, loader, as_json):
+def bench_soak_cmd(steps, loader, threads, as_json):
     """Resident memory over thousands of RM steps on tiny data (train/eval alternating); exit 1 without a plateau."""
     from rmix.bench_soak import format_soak, soak
-    d = soak(steps, loader=loader, log=lambda m: click.echo(m, err=True))
+    d = soak(steps, loader=loader, threads=threads, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_soak(d))
     if d["plateau"] is False:
         click.echo(f"Error: resident memory grew {d['growth_pct']:.2f}% after warm-up "
