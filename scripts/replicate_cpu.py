@@ -61,7 +61,10 @@ def report(out, seeds, path):
     lines += [" ".join(command(m, "$SEED", out)) for m in METHODS]
     lines += ["rmix plot " + " ".join(str(out / f"{m}-s{seeds[0]}") for m in METHODS) + " --out docs/results_curves.png",
               "```", "", "![curves](results_curves.png)", ""]
-    path.write_text("\n".join(lines))
+    # the generated part is everything before the first "## " section: the written analysis stays
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     return rows
 
 
