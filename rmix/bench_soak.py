@@ -37,7 +37,7 @@ from rmix.mixing import NoMix, build_policy
 from rmix.models import build
 from rmix.progress import Progress
 from rmix.schedule import lr_at
-from rmix.timing import machine_info
+from rmix.timing import machine_info, torch_threads
 
 LIMIT_PCT = 5.0  # issue #8: less than 5% growth after warm-up
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIDE = 4, 16, 4, 24  # the tiny data set
@@ -84,15 +84,9 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
         log: a callable for progress lines, or None.
     """
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads: must be >= 1, got {threads}")
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             return soak(steps, loader=loader, model=model, batch=batch, size=size, warmup_fraction=warmup_fraction,
                         data_dir=data_dir, workers=workers, threads=None, device=device, seed=seed, log=log)
-        finally:
-            torch.set_num_threads(previous)
     if steps < 1:
         raise ValueError(f"--steps: must be >= 1, got {steps}")
     if not 0 < warmup_fraction < 1:

@@ -24,7 +24,7 @@ from rmix.data import CIFAR_DIRS, make_loader, resolve_data
 from rmix.engine import amp_dtype, build_optimizer, resolve_device, train_step
 from rmix.mixing import build_policy
 from rmix.models import build
-from rmix.timing import StepTimer, machine_info, median
+from rmix.timing import StepTimer, machine_info, median, torch_threads
 
 SYNTHETIC_BATCHES = 4  # distinct in-memory batches, cycled
 
@@ -101,16 +101,10 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
         log: a callable for progress lines, or None.
     """
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads: must be >= 1, got {threads}")
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             return bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
                                channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
                                seed=seed, log=log)
-        finally:
-            torch.set_num_threads(previous)
     for name, value, low in (("--batch", batch, 1), ("--size", size, 8), ("--steps", steps, 1),
                              ("--warmup", warmup, 0), ("--workers", workers, 0)):
         if value < low:

@@ -3,6 +3,7 @@
 Every `rmix bench` figure is a median over repetitions after a warm-up, and comes with the
 machine and the versions it was taken with (`machine_info`), so a number never travels alone.
 """
+import contextlib
 import datetime
 import os
 import platform
@@ -139,3 +140,16 @@ def machine_info(device="cpu"):
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch uses `threads` CPU threads inside the block, then its previous count again."""
+    if threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

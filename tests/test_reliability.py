@@ -12,16 +12,9 @@ from click.testing import CliRunner
 
 from cli import cli
 from rmix import checkpoint
-from rmix.synth import synth_dataset
 
 TINY = ["--epochs", "3", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
         "--workers", "1", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return synth_dataset(tmp_path_factory.mktemp("d") / "tiny", classes=4, train_per_class=6, val_per_class=3,
-                         width=24, height=24)
 
 
 def train_args(data, out, *extra):

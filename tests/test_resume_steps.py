@@ -11,21 +11,14 @@ from click.testing import CliRunner
 
 from cli import cli
 from rmix import checkpoint
-from rmix.synth import synth_dataset
 
-# 24 train images, batch 8: 3 steps per epoch, so --save-every-steps 1 saves after steps 1 and 2
-TINY = ["--epochs", "3", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
-        "--workers", "1", "--log-every", "1"]
+from test_reliability import TINY, train_args
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return synth_dataset(tmp_path_factory.mktemp("d") / "tiny", classes=4, train_per_class=6, val_per_class=3,
-                         width=24, height=24)
+# tiny (conftest): 24 train images, batch 8: 3 steps per epoch, so --save-every-steps 1 saves after steps 1 and 2
 
 
 def run(data, out, *extra):
-    return CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--out", str(out), *TINY, *extra])
+    return CliRunner().invoke(cli, train_args(data, out, *extra))
 
 
 def rows(run_dir):
