@@ -13,6 +13,7 @@ and the loader raises `pipelines.DecodeError` naming the file, the epoch and the
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from typing import NamedTuple
 
@@ -204,6 +205,7 @@ class TorchLoader(EpochCounter):
             collate_fn=_Collate(crop_size), pin_memory=device.type == "cuda",
             persistent_workers=workers > 0)
         self._loader = self._make_dataloader()
+        self._forks = workers > 0  # the next iter() starts worker processes
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -214,6 +216,12 @@ class TorchLoader(EpochCounter):
     def _batches(self, epoch: int, start: int):
         # the sampler runs in this process, at iter() below; per-sample seeds make skipping free
         self.batch_sampler.set_epoch(epoch, start)
+        if self._forks:
+            # The workers fork from this process. Collect first, so that no dead DALI pipeline
+            # waiting in a reference cycle is freed inside a worker: there its executor's
+            # threads do not exist and its destructor blocks forever (seen with DALI 2.4).
+            gc.collect()
+            self._forks = False
         non_blocking = self.device.type == "cuda"
         for step, batch in enumerate(self._loader, start):
             if isinstance(batch, UnreadableBatch):
@@ -226,6 +234,7 @@ class TorchLoader(EpochCounter):
         # Drop the DataLoader and its mid-epoch workers now: left to the garbage collector
         # (the error's traceback holds this frame), its shutdown waits 5 s per worker.
         self._loader = self._make_dataloader()
+        self._forks = self._loader.num_workers > 0
         files = [self._dataset.samples[i][0] for i in self.batch_sampler.batch_indices(epoch, step)]
         raise DecodeError(epoch, step, files, [f.path for f in batch.failures],
                           "; ".join(dict.fromkeys(f.reason for f in batch.failures)))

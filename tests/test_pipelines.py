@@ -5,6 +5,8 @@ batch tells which images it holds after any crop, resize or flip.
 """
 import os
 import pickle
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -546,3 +548,40 @@ def test_header_cut_jpeg_names_its_batch(kind, threads, folder, tmp_path):
         assert error.bad_files == [] and "one of the 4 files of epoch 0, batch 1" in str(error)
     else:
         assert error.bad_files == [bad]
+
+
+FORK_AFTER_DALI = """
+import gc, sys, torch
+from pipelines import build_loader
+from pipelines.torch_loader import TorchLoader
+
+dali = build_loader("dali", sys.argv[1], train=True, batch_size=2, crop_size=16, val_resize=16, num_threads=1)
+for _ in range(2):
+    for _ in dali:
+        pass
+dali.cycle = dali  # as the traceback of an error raised mid-epoch holds a loader
+del dali           # garbage now, which only a full collection frees
+
+
+class Collecting(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        gc.collect()  # in the worker: frees whatever garbage the fork copied
+        return torch.zeros(16, 16, 3, dtype=torch.uint8), 0
+
+
+loader = TorchLoader(Collecting(), classes=["a"], train=True, batch_size=2, crop_size=16, seed=0, num_threads=1,
+                     device=torch.device("cpu"), rank=0, world_size=1)
+print(sum(len(x) for x, _ in loader))
+"""
+
+
+def test_torch_workers_forked_after_dali_do_not_hang(folder):
+    # Without the collection before the fork, the worker frees the dead DALI pipeline, whose
+    # destructor waits for executor threads the fork did not copy: the epoch never ends.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", FORK_AFTER_DALI, str(folder)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0 and r.stdout.split()[-1] == "4", r.stderr[-2000:]
