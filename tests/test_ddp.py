@@ -128,7 +128,7 @@ def test_a_stalled_rank_is_bounded_by_dist_timeout(tiny, tmp_path):
 def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
     env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_MARKER": "crashed"}
     rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--out", "run",
-                      "--resume", "auto"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=150)
+                      "--resume", "auto"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=300)
     assert rc == 0, out
     assert (tmp_path / "crashed").is_file() and "exitcode: -9" in out  # it did crash once
     run = tmp_path / "run"
@@ -148,7 +148,7 @@ def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path):
     # rank 1 dies right after step 2 of epoch 2 (4 steps per epoch): rank 0 has saved steps 1 and 2 by then,
     # or is saving step 2 (the atomic save then leaves step 1's)
     env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_STEP": "2", "RMIX_TEST_CRASH_MARKER": "crashed"}
-    rc, out = launch(args + ["--out", "run"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=150)
+    rc, out = launch(args + ["--out", "run"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=300)
     assert rc == 0, out
     assert (tmp_path / "crashed").is_file() and "exitcode: -9" in out
     assert re.search(r"resuming at epoch 2, step [12] ", out), out  # from a mid-epoch checkpoint
