@@ -32,11 +32,10 @@ import torch
 
 from rmix import config as C
 from rmix.data import make_loaders, resolve_data
-from rmix.engine import amp_dtype, build_optimizer, evaluate, resolve_device, train_one_epoch
-from rmix.mixing import NoMix, build_policy
+from rmix.engine import (amp_dtype, build_optimizer, build_policies, evaluate, resolve_device, set_lr,
+                         train_one_epoch)
 from rmix.models import build
 from rmix.progress import Progress
-from rmix.schedule import lr_at
 from rmix.timing import machine_info, torch_threads
 
 LIMIT_PCT = 5.0  # issue #8: less than 5% growth after warm-up
@@ -118,21 +117,13 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
     optimizer = build_optimizer(net, cfg.optim)
     amp = amp_dtype(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000)
-    policy = build_policy(cfg.mix.policy, cfg.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
-                          interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
-                          smoothing=cfg.mix.smoothing, mean=cfg.data.mean, std=cfg.data.std, generator=gen,
-                          out_dtype=amp or torch.float32)
-    normalize = NoMix(cfg.num_classes, mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32)
+    policy, normalize = build_policies(cfg, dev, amp)
 
     start_rss, source = rss_bytes()
     samples, done, val = [], 0, None
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        lr = lr_at(epoch, cfg.optim.lr, epochs, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup,
-                   milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(optimizer, cfg, epoch)
         train_loader.set_epoch(epoch - 1)
         with Progress(per_epoch, f"epoch {epoch}", enabled=False) as bar:
             sums = train_one_epoch(net, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar)

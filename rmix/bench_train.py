@@ -21,8 +21,7 @@ import torch
 
 from rmix import config as C
 from rmix.data import CIFAR_DIRS, make_loader, resolve_data
-from rmix.engine import amp_dtype, build_optimizer, resolve_device, train_step
-from rmix.mixing import build_policy
+from rmix.engine import amp_dtype, build_optimizer, build_policies, resolve_device, train_step
 from rmix.models import build
 from rmix.timing import StepTimer, machine_info, median, torch_threads
 
@@ -55,11 +54,7 @@ class Runner:
         self.amp = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.channels_last = cfg.channels_last and device.type == "cuda"
-        gen = torch.Generator().manual_seed(cfg.seed * 1000)
-        policy = build_policy(aug, num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
-                              interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
-                              smoothing=cfg.mix.smoothing, mean=cfg.data.mean, std=cfg.data.std, generator=gen,
-                              out_dtype=self.amp or torch.float32, channels_last=self.channels_last)
+        policy, _ = build_policies(C.replace(cfg, num_classes=num_classes), device, self.amp, name=aug)
         self.step_timer, self.mix_timer = StepTimer(device), StepTimer(device)
         self.policy = TimedPolicy(policy, self.mix_timer)
         self.omega = cfg.mix.omega

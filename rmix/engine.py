@@ -64,6 +64,29 @@ def wrap_ddp(model, device, d, sync_bn=False):
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def build_policies(cfg, device, amp, rank=0, name=None):
+    """(training policy, evaluation normalizer) as `train` uses them; one history and box RNG per rank.
+
+    `name`: another policy than cfg.mix.policy (benchmarks compare them on one config).
+    """
+    kw = dict(mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32,
+              channels_last=cfg.channels_last and device.type == "cuda")
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    policy = build_policy(name or cfg.mix.policy, cfg.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
+                          interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
+                          smoothing=cfg.mix.smoothing, generator=gen, **kw)
+    return policy, NoMix(cfg.num_classes, **kw)
+
+
+def set_lr(optimizer, cfg, epoch) -> float:
+    """The paper's per-epoch learning rate (1-based epoch) into every param group; returns it."""
+    lr = lr_at(epoch, cfg.optim.lr, cfg.epochs, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup,
+               milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
 def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm, epoch=0, step=0):
     """One optimizer step on a batch: mix, forward under autocast, loss, backward, step, remember.
 
@@ -216,13 +239,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)  # one history and RNG per rank
-    mix_kw = dict(smoothing=cfg.mix.smoothing, mean=cfg.data.mean, std=cfg.data.std, generator=gen,
-                  out_dtype=amp or torch.float32, channels_last=channels_last)
-    policy = build_policy(cfg.mix.policy, cfg.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
-                          interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample, **mix_kw)
-    normalize = NoMix(cfg.num_classes, mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32,
-                      channels_last=channels_last)
+    policy, normalize = build_policies(cfg, device, amp, d.rank)
 
     start, best, history, partial = 1, -1.0, [], None
     if cfg.resume:
@@ -254,10 +271,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
 
     skips = {"in_a_row": 0}  # fp16 steps skipped in a row, across epoch boundaries
     for epoch in range(start, cfg.epochs + 1):
-        lr = lr_at(epoch, cfg.optim.lr, cfg.epochs, schedule=cfg.optim.schedule, warmup=cfg.optim.warmup,
-                   milestones=cfg.optim.milestones, gamma=cfg.optim.gamma)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = set_lr(optimizer, cfg, epoch)
         part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
         train_loader.set_epoch(epoch - 1, part["step"])  # epochs count from 0 there; replays exactly on resume
         t0 = time.perf_counter() - part["seconds"]
