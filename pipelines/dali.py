@@ -2,6 +2,8 @@
 
 Train: ROI decode of a random-resized crop (only the crop's JPEG blocks are decoded), resize to
 crop_size (bilinear, antialiased when shrinking, like PIL's BILINEAR), horizontal flip p=0.5.
+With the CPU decoder the graph ends before the resize and `pipelines.host_resize` resizes with
+torch on a thread of its own: DALI's CPU resize costs as much as the decode.
 Val: decode, resize the shorter side to val_resize with torchvision's size rule, centre crop
 with torchvision's rounding. Both emit uint8 HWC; normalization happens later, in the fused op.
 
@@ -31,6 +33,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, EpochCounter, FolderIndex, derive_seed, one_line,
                        shard_indices, train_batches, val_batches)
+from pipelines.host_resize import HostResize
 
 # nvJPEG preallocation in bytes (NVIDIA's ResNet-50 example): large enough for ImageNet's
 # biggest images, so the mixed decoder does not reallocate mid-epoch.
@@ -97,24 +100,30 @@ def _colour_jitter_and_lighting(images, on_gpu: bool):
 
 
 def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_area: float,
-                       val_resize: int, aug_plus: bool):
+                       val_resize: int, aug_plus: bool, resize: bool = True):
     """Encoded images -> uint8 (crop_size, crop_size, 3) HWC: the graph train and val share.
 
     EXIF orientation is ignored, as PIL's Image.open (torchvision's loader) ignores it.
+    Train with ``resize=False`` returns (crops, flips) for `HostResize`: the crops at their
+    own sizes, recoloured (the colour ops are per pixel, up to the mean grey level and
+    clipping, so they commute with the resize), and the flips to apply after the resize.
     """
     mixed = decoder == "mixed"
     pad = dict(device_memory_padding=_DEVICE_MEMORY_PADDING,
                host_memory_padding=_HOST_MEMORY_PADDING) if mixed else {}
-    resize = dict(interp_type=types.INTERP_LINEAR, antialias=True)
+    linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
     if train:
         images = fn.decoders.image_random_crop(
             jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False,
             random_area=[min_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **pad)
-        images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, **resize)
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        if resize:
+            images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, **linear)
+        flips = fn.random.coin_flip(probability=0.5)
+        if resize:
+            images = fn.flip(images, horizontal=flips)
         if aug_plus:
             images = _colour_jitter_and_lighting(images, on_gpu=mixed)
-        return images
+        return images if resize else (images, flips)
     # torchvision's Resize(val_resize): short side -> val_resize, long side -> int(val_resize *
     # long / short). Integer arithmetic on the header's shape gives exactly those sizes.
     shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # (H, W, C) int64
@@ -125,7 +134,7 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
     images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
                                adjust_orientation=False, **pad)
     images = fn.resize(images, resize_y=fn.cast(new_h, dtype=types.FLOAT),
-                       resize_x=fn.cast(new_w, dtype=types.FLOAT), **resize)
+                       resize_x=fn.cast(new_w, dtype=types.FLOAT), **linear)
     start = fn.cast(fn.stack(_centre_offset(new_h, crop_size), _centre_offset(new_w, crop_size)),
                     dtype=types.INT32)
     return fn.slice(images, start=start, shape=[crop_size, crop_size], axis_names="HW")
@@ -133,16 +142,21 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
 
 @pipeline_def
 def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decoder: str,
-                          crop_size: int, min_area: float, val_resize: int, aug_plus: bool):
+                          crop_size: int, min_area: float, val_resize: int, aug_plus: bool,
+                          resize: bool = True):
     """readers.file over a "path label" list, in its order -> (images uint8 HWC, labels int32 (1,)).
 
-    The list is this rank's shard of one epoch; pad_last_batch repeats the last sample to fill
+    With ``resize=False`` (train): (crops, labels, flips), see `decode_and_augment`. The list is this rank's shard of one epoch; pad_last_batch repeats the last sample to fill
     the last batch, which the iterator drops (train) or trims (val).
     """
     jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, pad_last_batch=True,
                                     random_shuffle=False, name="Reader")
     images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size,
-                                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus)
+                                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
+                                resize=resize)
+    if not resize:
+        images, flips = images
+        return images, labels, flips
     return images, labels.gpu() if decoder == "mixed" else labels
 
 
@@ -190,7 +204,7 @@ class DaliEpoch(NamedTuple):
     """One epoch's pipeline and iterator; for files, what it reads in order (a rank's shard)."""
     epoch: int
     pipe: object
-    iterator: DALIGenericIterator
+    iterator: DALIGenericIterator | HostResize
     batch_size: int
     root: str | None = None       # None: arrays (CIFAR), no files to name
     names: list[str] = []         # paths relative to root, as FolderIndex.files
@@ -244,6 +258,8 @@ class DaliLoader(EpochCounter):
         live, self._live, self._live_unused = self._live, None, False
         if live is None:
             return
+        if isinstance(live.iterator, HostResize):
+            live.iterator.close()  # its thread calls the pipeline: stopped first
         if self.device.type == "cuda":  # DALI-to-torch copies run on torch's stream
             torch.cuda.current_stream(self.device).synchronize()
         getattr(live.pipe, "_shutdown", lambda: None)()  # private; else on deletion
@@ -252,6 +268,8 @@ class DaliLoader(EpochCounter):
         # Batches before `start` are decoded and dropped: DALI's per-sample random streams
         # advance batch by batch, so the only way to batch `start`'s augmentation is through them.
         step = 0
+        if isinstance(live.iterator, HostResize):
+            live.iterator.start(skip=start)  # skipped batches are not resized
         while True:
             if self._live is not live:
                 raise RuntimeError(f"epoch {epoch} of this DALI loader was replaced by a later "
@@ -317,6 +335,7 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
     ranks return every image exactly once; a rank one image short ends with an empty batch.
     """
     decoder, device_id = resolve_dali_device(dali_device, device)
+    host_resize = train and decoder == "cpu"
     expected = (train_batches if train else val_batches)(len(index.files), batch_size, world_size)
     policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
 
@@ -330,13 +349,17 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
             file_list = write_file_list(index, os.path.join(tmp, "files.txt"), order)
             pipe = image_folder_pipeline(
                 index.root, file_list, train=train, decoder=decoder, crop_size=crop_size,
-                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
+                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, resize=not host_resize,
                 batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
                 seed=derive_seed(seed, rank, epoch))  # augmentation differs per rank and epoch
-            iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                           last_batch_policy=policy, auto_reset=False,
-                                           prepare_first_batch=False)
-        own = len(order) // batch_size if train else -(-len(order) // batch_size)
+            own = len(order) // batch_size if train else -(-len(order) // batch_size)
+            if host_resize:
+                pipe.build()  # parses the list now; the drop policy is HostResize's batch count
+                iterator = HostResize(pipe, own, crop_size)
+            else:
+                iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                               last_batch_policy=policy, auto_reset=False,
+                                               prepare_first_batch=False)
         if len(iterator) != own or own > expected:  # the contract's len vs DALI's own count
             raise RuntimeError(f"DALI iterator has {len(iterator)} batches, expected {own} "
                                f"(of {expected})")

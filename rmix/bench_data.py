@@ -5,7 +5,8 @@
 
 Every loader yields uint8 (N, size, size, 3) batches of random-resized crops (area in
 [min_area, 1], aspect ratio in [3/4, 4/3], antialiased bilinear resize) flipped with p = 0.5:
-- dali: rmix's loader, `pipelines.build_loader("dali")`: ROI decode of the crop, resize, flip.
+- dali: rmix's loader, `pipelines.build_loader("dali")`: ROI decode of the crop, resize, flip
+  (with the CPU decoder the resize and flip are torch's, on `pipelines.host_resize`'s thread).
 - torch_pil: rmix's torchvision loader, `pipelines.build_loader("torch")`: PIL decode and resize.
 - torch_v2: `torchvision.io.decode_image` (libjpeg-turbo's decode_jpeg for JPEGs) and
   `transforms.v2` on uint8 tensors, in a DataLoader with as many workers as the others' threads.

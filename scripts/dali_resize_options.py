@@ -10,8 +10,10 @@ warm-up pass on the synthetic 500x375 JPEGs of `rmix bench data` (generated once
   linear         crop + resize 224, linear, no antialiasing + flip
   triangular     crop + resize 224, INTERP_TRIANGULAR + flip
   nearest        crop + resize 224, nearest neighbour + flip
-  torch_resize   crop + flip in DALI; the resize in the consuming thread with torch's uint8
-                 antialiased bilinear (F.interpolate), one image at a time
+  host_resize    crop in DALI; resize (torch's uint8 antialiased bilinear) and flip on
+                 `pipelines.host_resize.HostResize`'s thread (rmix's CPU train graph)
+  torch_resize   as host_resize, but in the consuming thread with torch's default intra-op
+                 threads (every core): what host_resize's one-thread rule avoids
 A research script for BENCHMARKS.md ("Where the time goes"), not part of the library.
 """
 import argparse
@@ -20,19 +22,18 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import scan_image_folder
 from pipelines.dali import write_file_list
+from pipelines.host_resize import HostResize, resize_crops
 from rmix.bench_data import synthetic_jpegs
 
 RESIZE = {"linear_aa": dict(interp_type=types.INTERP_LINEAR, antialias=True),
           "linear": dict(interp_type=types.INTERP_LINEAR, antialias=False),
           "triangular": dict(interp_type=types.INTERP_TRIANGULAR),
           "nearest": dict(interp_type=types.INTERP_NN)}
-VARIANTS = ("decode", "crop", *RESIZE, "torch_resize")
+VARIANTS = ("decode", "crop", *RESIZE, "host_resize", "torch_resize")
 
 
 @pipeline_def
@@ -46,15 +47,8 @@ def variant_pipeline(root, file_list, variant, size):
         return images, labels
     if variant in RESIZE:
         images = fn.resize(images, resize_x=size, resize_y=size, **RESIZE[variant])
-    return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5)), labels
-
-
-def resize_in_torch(images, size):
-    out = torch.empty(len(images), size, size, 3, dtype=torch.uint8)
-    for i in range(len(images)):
-        x = torch.from_numpy(np.asarray(images[i])).permute(2, 0, 1)[None]  # HWC view -> 1CHW (channels last)
-        out[i] = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0].permute(1, 2, 0)
-    return out
+        return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5)), labels
+    return images, labels, fn.random.coin_flip(probability=0.5)  # host_resize, torch_resize
 
 
 def main():
@@ -64,7 +58,6 @@ def main():
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args()
-    torch.set_num_threads(1)
     index = scan_image_folder(synthetic_jpegs(args.images) / "train")
     batches = len(index.files) // args.batch
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,12 +67,17 @@ def main():
             pipe = variant_pipeline(index.root, file_list, variant, 224, batch_size=args.batch,
                                     num_threads=args.threads, device_id=None, seed=1)
             pipe.build()
+            feed = HostResize(pipe, 4 * batches, 224) if variant == "host_resize" else None
 
             def one_pass():
                 for _ in range(batches):
-                    images, _ = pipe.run()
+                    if feed is not None:
+                        next(feed)
+                        continue
+                    outputs = pipe.run()
                     if variant == "torch_resize":
-                        resize_in_torch(images, 224)
+                        flips = np.array(outputs[2].as_tensor()).reshape(-1)
+                        resize_crops(outputs[0], 224, flips)
             one_pass()  # warm-up
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(3):
@@ -87,7 +85,9 @@ def main():
             n = 3 * batches * args.batch
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             print(f"{variant:<13}{n / wall:>8.0f} img/s {cpu * 1e3 / n:>7.2f} CPU ms/img", flush=True)
-            del pipe
+            if feed is not None:
+                feed.close()
+            pipe = feed = None  # shut down before the next variant runs
 
 
 if __name__ == "__main__":
