@@ -355,7 +355,7 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
             own = len(order) // batch_size if train else -(-len(order) // batch_size)
             if host_resize:
                 pipe.build()  # parses the list now; the drop policy is HostResize's batch count
-                iterator = HostResize(pipe, own, crop_size)
+                iterator = HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda")
             else:
                 iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                                last_batch_policy=policy, auto_reset=False,

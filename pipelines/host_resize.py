@@ -37,12 +37,13 @@ def _stop_all():
         thread.join()
 
 
-def resize_crops(crops, size: int, flips=None) -> torch.Tensor:
+def resize_crops(crops, size: int, flips=None, pin_memory: bool = False) -> torch.Tensor:
     """HWC uint8 images of any sizes -> uint8 (N, size, size, 3): bilinear, antialiased when shrinking.
 
     ``flips``: per image, whether to mirror it left-right (after the resize); None: none.
+    ``pin_memory``: page-locked output, for an asynchronous copy to a GPU.
     """
-    out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8)
+    out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8, pin_memory=pin_memory)
     for i in range(len(crops)):
         # NCHW views of HWC memory are channels-last, the layout of torch's fast uint8 kernel, so
         # it reads the crop and writes out[i] in place (F.interpolate has no out=, and a copy
@@ -67,8 +68,8 @@ class HostResize:
     thread (after the batch DALI is working on), before the pipeline may be shut down.
     """
 
-    def __init__(self, pipe, num_batches: int, size: int, depth: int = 2):
-        self._pipe, self._num_batches, self._size = pipe, num_batches, size
+    def __init__(self, pipe, num_batches: int, size: int, depth: int = 2, pin_memory: bool = False):
+        self._pipe, self._num_batches, self._size, self._pin = pipe, num_batches, size, pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,8 +85,8 @@ class HostResize:
         # The thread holds the pipeline, queue and flag, not self: a HostResize dropped mid-epoch
         # (its loader garbage) stops the thread from __del__ and the pipeline can be freed.
         self._thread = threading.Thread(
-            target=_produce, args=(self._pipe, self._num_batches, self._size, skip, self._queue,
-                                   self._stop, ready), daemon=True, name="rmix-host-resize")
+            target=_produce, args=(self._pipe, self._num_batches, self._size, self._pin, skip,
+                                   self._queue, self._stop, ready), daemon=True, name="rmix-host-resize")
         _RUNNING[self._thread] = self._stop
         self._thread.start()
         ready.wait()
@@ -125,8 +126,8 @@ def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
     return False
 
 
-def _produce(pipe, n: int, size: int, skip: int, q: queue.Queue, stop: threading.Event,
-             ready: threading.Event):
+def _produce(pipe, n: int, size: int, pin_memory: bool, skip: int, q: queue.Queue,
+             stop: threading.Event, ready: threading.Event):
     torch.get_num_threads()  # torch's lazy per-thread setup first: later it would take the default
     torch.set_num_threads(1)
     ready.set()
@@ -145,7 +146,7 @@ def _produce(pipe, n: int, size: int, skip: int, q: queue.Queue, stop: threading
             item = None
             if step >= skip:
                 flips = np.array(flips.as_tensor()).reshape(-1)
-                item = [{"images": resize_crops(images, size, flips),
+                item = [{"images": resize_crops(images, size, flips, pin_memory),
                          "labels": torch.from_numpy(np.array(labels.as_tensor()))}]
             if not _put(q, stop, item):
                 return
