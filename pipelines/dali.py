@@ -118,7 +118,7 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
             random_area=[min_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **pad)
         if resize:
             images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, **linear)
-        flips = fn.random.coin_flip(probability=0.5)
+        flips = fn.random.coin_flip(probability=0.5)  # after resize: seeds go by creation order
         if resize:
             images = fn.flip(images, horizontal=flips)
         if aug_plus:
@@ -146,8 +146,9 @@ def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decode
                           resize: bool = True):
     """readers.file over a "path label" list, in its order -> (images uint8 HWC, labels int32 (1,)).
 
-    With ``resize=False`` (train): (crops, labels, flips), see `decode_and_augment`. The list is this rank's shard of one epoch; pad_last_batch repeats the last sample to fill
-    the last batch, which the iterator drops (train) or trims (val).
+    With ``resize=False`` (train): (crops, labels, flips), see `decode_and_augment`. The list
+    is this rank's shard of one epoch; pad_last_batch repeats the last sample to fill the last
+    batch, which the iterator drops (train) or trims (val).
     """
     jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, pad_last_batch=True,
                                     random_shuffle=False, name="Reader")

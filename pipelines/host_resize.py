@@ -9,8 +9,8 @@ threads decode the next ones. The flip comes after the resize, on the smaller im
 resize is mirror-symmetric, so the order does not matter.
 
 That thread runs torch with one intra-op thread: with two it shares the cores with DALI's threads
-through OpenMP's spinning teams, and the whole loader measured 805 img/s instead of 1,283
-(2 cores, batch 64). torch's thread count is per OS thread, but `torch.set_num_threads` also
+through OpenMP's spinning teams, and the whole loader measured 605 to 643 img/s instead of 945
+to 1,078 (2 cores, batch 64). torch's thread count is per OS thread, but `torch.set_num_threads` also
 stores the count new threads start with (and MKL's), so the caller sets it back right after.
 """
 from __future__ import annotations
