@@ -39,8 +39,8 @@ def cli():
 
 # option name -> dotted TrainConfig field; None defaults mean "keep the config's value"
 TRAIN_OPTIONS = [
-    ("--data-dir", "data.data_dir", str, "ImageFolder root with train/ and val/, or the CIFAR python batches "
-                                         "[default: the embedded synthetic set]"),
+    ("--data-dir", "data.data_dir", str, "ImageFolder root with train/ and val/, the CIFAR python batches, or "
+                                         "the (Fashion-)MNIST idx files [default: the embedded synthetic set]"),
     ("--dataset", "data.dataset", click.Choice(C.DATASETS), "[default: auto, detected from --data-dir]"),
     ("--model", "model", str, "model name, see `rmix models`"),
     ("--epochs", "epochs", int, "number of epochs"),
@@ -60,13 +60,19 @@ TRAIN_OPTIONS = [
     ("--interpolate", "mix.interpolate", click.Choice(["nearest", "bilinear"]), "RM history resize"),
     ("--per-sample-boxes/--batch-box", "mix.per_sample", None, "RM: one box per image [default: one per batch]"),
     ("--share-fc/--own-fc", "mix.share_fc", None, "RoI head reuses the classifier [default: own fc_roi]"),
+    ("--shared-boxes/--rank-boxes", "mix.shared_boxes", None,
+     "torchrun: every rank draws the same boxes and lam, as the paper's code [default: one stream per rank]"),
     ("--smoothing", "mix.smoothing", float, "label smoothing"),
+    ("--smoothing-form", "mix.smoothing_form", click.Choice(["paper", "uniform"]),
+     "paper: other classes get s/(K-1), as the RM code; uniform: s/K, as torch and timm"),
     ("--loader", "data.loader", click.Choice(C.LOADERS), "input pipeline"),
     ("--dali-device", "data.dali_device", click.Choice(["auto", "cpu", "gpu"]), "DALI decode device"),
     ("--crop-size", "data.crop_size", int, "train/val crop in pixels"),
     ("--min-area", "data.min_area", float, "random-resized-crop minimum area"),
     ("--val-resize", "data.val_resize", int, "val shorter side before the centre crop"),
     ("--aug-plus/--no-aug-plus", "data.aug_plus", None, "colour jitter + PCA lighting [default: off]"),
+    ("--drop-last/--keep-last", "data.drop_last", None,
+     "train: drop the partial last batch, or keep it as the paper's code [default: drop]"),
     ("--preflight/--no-preflight", "data.preflight", None, "decode every image once first, cached [default: on]"),
     ("--max-skipped-steps", "max_skipped_steps", int, "fp16: stop after this many overflowing steps in a row"),
     ("--workers", "data.workers", int, "loader threads/workers per process"),
@@ -78,6 +84,9 @@ TRAIN_OPTIONS = [
     ("--save-every-steps", "save_every_steps", int,
      "also checkpoint every N steps inside an epoch; resume continues at that step exactly [default: 0 = epoch ends]"),
     ("--log-every", "log_every", int, "steps between progress lines"),
+    ("--eval-every", "eval_every", int, "evaluate every N epochs (and after the last)"),
+    ("--train-per-class", "data.train_per_class", int,
+     "train on the first N images of each class in file order [default: 0 = all]"),
     ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs"),
     ("--sync-bn/--no-sync-bn", "sync_bn", None, "torchrun: SyncBatchNorm over all ranks, CUDA only [default: off]"),
     ("--dist-timeout", "dist_timeout", int, "torchrun: seconds a collective waits for the other ranks "
@@ -240,19 +249,27 @@ def synth(out, classes, train_per_class, val_per_class, width, height, seed, qua
 
 @data.command()
 @click.argument("directory")
+@click.option("--dataset", type=click.Choice(C.DATASETS), default="auto", show_default=True,
+              help="fashion-mnist / mnist: read and check the idx files")
 @click.option("--decoder", type=click.Choice(["dali", "pil"]), default="dali", show_default=True,
               help="the decoder training will use (--loader dali, or torch's PIL)")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='print {"ok": n, "bad": [{"path", "reason"}], "classes": k}')
-def check(directory, decoder, threads, as_json):
+def check(directory, dataset, decoder, threads, as_json):
     """Decode every image once and name each unreadable file; exit 1 if any."""
     import pathlib
+    from rmix.data import MNIST_SETS, detect_dataset
     from rmix.preflight import check as run_check, summary
     root = pathlib.Path(directory)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
-    splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
-    result = run_check(splits, decoder, threads, use_cache=False)
+    if dataset == "auto":
+        dataset = detect_dataset(root)
+    if dataset in MNIST_SETS:
+        result = _check_idx(root, dataset)
+    else:
+        splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
+        result = run_check(splits, decoder, threads, use_cache=False)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -263,6 +280,21 @@ def check(directory, decoder, threads, as_json):
         if not as_json:
             click.echo(f"Error: {summary(result)}", err=True)
         sys.exit(1)
+
+
+def _check_idx(root, dataset) -> dict:
+    """`rmix data check` of the four idx files: each split read whole (a bad file names itself)."""
+    from pipelines.idx import IdxError, load_mnist
+    ok, bad, classes = 0, [], 0
+    for train in (True, False):
+        try:
+            _, labels, names = load_mnist(root, train=train, dataset=dataset)
+        except IdxError as e:
+            path, _, reason = str(e).partition(": ")
+            bad.append({"path": path, "reason": reason})
+            continue
+        ok, classes = ok + len(labels), len(names)
+    return {"ok": ok, "bad": bad, "classes": classes}
 
 
 @cli.command()
@@ -387,7 +419,9 @@ def plot(run_dirs, out, title):
 
 
 @cli.command()
-@click.option("--data-dir", default=None, help="ImageFolder root or CIFAR folder [default: the embedded synthetic set]")
+@click.option("--data-dir", default=None, help="ImageFolder root, CIFAR or (Fashion-)MNIST folder "
+                                            "[default: the embedded synthetic set]")
+@click.option("--dataset", type=click.Choice(C.DATASETS), default="auto", show_default=True)
 @click.option("--aug", type=click.Choice(C.AUGS), default="recursive_mix", show_default=True)
 @click.option("--steps", type=int, default=3, show_default=True, help="steps to run; the last batch is drawn")
 @click.option("--batch", type=int, default=16, show_default=True, help="batch size (images in the grid)")
@@ -397,10 +431,10 @@ def plot(run_dirs, out, title):
 @click.option("--crop-size", type=int, default=None, help="crop in pixels [default: 32]")
 @click.option("--tile", type=int, default=128, show_default=True, help="tile side in pixels (nearest upscale)")
 @click.option("--out", default="grid.png", show_default=True, help="PNG to write")
-def show(data_dir, aug, steps, batch, loader, seed, alpha, crop_size, tile, out):
+def show(data_dir, dataset, aug, steps, batch, loader, seed, alpha, crop_size, tile, out):
     """Draw the last mixed batch of a few loader + policy steps as a captioned PNG grid."""
     from rmix.show import show as run
-    changes = {"data.data_dir": data_dir or "", "mix.policy": aug, "batch_size": batch, "data.loader": loader,
+    changes = {"data.data_dir": data_dir or "", "data.dataset": dataset, "mix.policy": aug, "batch_size": batch, "data.loader": loader,
                "seed": seed, "mix.alpha": alpha, "device": "cpu"}
     if crop_size is not None:
         changes.update({"data.crop_size": crop_size, "data.val_resize": max(crop_size, C.DataConfig.val_resize)})

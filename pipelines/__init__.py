@@ -27,14 +27,6 @@ import torch
 # counts agree; DALI's own file_root scan has a different filter list and does not recurse.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# AlexNet PCA lighting (aug_plus): eigenvalues and eigenvectors (columns) of ImageNet's RGB
-# covariance, pixels in [0, 1].
-PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
-PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
-                       [-0.5808, -0.0045, -0.8140],
-                       [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
-
-
 class DecodeError(RuntimeError):
     """An image of one batch could not be read or decoded.
 
@@ -109,7 +101,8 @@ def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
     return FolderIndex(root, classes, files, labels)
 
 
-def check_sharding(num_samples: int, *, train: bool, batch_size: int, rank: int, world_size: int):
+def check_sharding(num_samples: int, *, train: bool, batch_size: int, rank: int, world_size: int,
+                   drop_last: bool = True):
     """Validate rank/world_size/batch_size against the split size; raises ValueError."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -117,15 +110,23 @@ def check_sharding(num_samples: int, *, train: bool, batch_size: int, rank: int,
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     if num_samples < world_size:
         raise ValueError(f"{num_samples} images cannot be split over {world_size} ranks")
-    if train and (num_samples // world_size) // batch_size == 0:
+    if train and drop_last and (num_samples // world_size) // batch_size == 0:
         raise ValueError(
             f"{num_samples} images over {world_size} ranks give no full batch of {batch_size} "
-            f"(train drops the partial batch)")
+            f"(train drops the partial batch; --keep-last keeps it)")
 
 
-def train_batches(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Full batches per rank per train epoch: every rank gets N // world_size samples."""
-    return (num_samples // world_size) // batch_size
+def train_batches(num_samples: int, batch_size: int, world_size: int, drop_last: bool = True) -> int:
+    """Batches per rank per train epoch, the same on every rank.
+
+    drop_last: N // world samples per rank, full batches only (DistributedSampler(drop_last=True)
+    and DataLoader(drop_last=True)). Else ceil(N / world) samples per rank, the shards padded by
+    repeating samples, and a short last batch (DistributedSampler(drop_last=False) and
+    DataLoader(drop_last=False), the paper's code: 2503 steps for ImageNet at 8 x 64).
+    """
+    if drop_last:
+        return (num_samples // world_size) // batch_size
+    return -(-(-(-num_samples // world_size)) // batch_size)
 
 
 def val_batches(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -138,19 +139,24 @@ def val_batches(num_samples: int, batch_size: int, world_size: int) -> int:
 
 
 def shard_indices(num_samples: int, *, train: bool, seed: int, epoch: int, rank: int,
-                  world_size: int) -> list[int]:
-    """This rank's sample indices for one epoch, in order (DistributedSampler's split).
+                  world_size: int, drop_last: bool = True) -> list[int]:
+    """This rank's sample indices for one epoch, in order: DistributedSampler's split, exactly.
 
-    Train: a permutation of all N seeded with seed + epoch (the same on every rank), cut to
-    (N // world) * world, every world-th from rank. Val: rank::world in file order, no padding.
-    Both loader kinds read exactly these indices in this order, so an epoch depends on
-    (seed, epoch, rank, world_size) only.
+    Train: a permutation of all N seeded with seed + epoch (the same on every rank); with
+    drop_last cut to (N // world) * world, else padded to ceil(N / world) * world by repeating
+    its first indices; then every world-th from rank. Val: rank::world in file order, no
+    padding (every image once). Both loader kinds read exactly these indices in this order, so
+    an epoch depends on (seed, epoch, rank, world_size, drop_last) only.
     """
     if not train:
         return list(range(rank, num_samples, world_size))
     g = torch.Generator().manual_seed(seed + epoch)
     perm = torch.randperm(num_samples, generator=g).tolist()
-    return perm[rank:(num_samples // world_size) * world_size:world_size]
+    if drop_last:
+        return perm[rank:(num_samples // world_size) * world_size:world_size]
+    total = -(-num_samples // world_size) * world_size
+    perm = (perm * -(-total // num_samples))[:total]  # repeats from the start, as DistributedSampler
+    return perm[rank:total:world_size]
 
 
 class EpochCounter:
@@ -186,18 +192,21 @@ def derive_seed(seed: int, *parts: int) -> int:
 def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: int = 224,
                  min_area: float = 0.08, val_resize: int = 256, aug_plus: bool = False,
                  seed: int = 0, num_threads: int = 2, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1, dali_device: str = "auto"):
+                 rank: int = 0, world_size: int = 1, dali_device: str = "auto", drop_last: bool = True,
+                 per_class: int = 0):
     """Build an ImageFolder loader of ``kind`` "dali" or "torch" (see the module docstring).
 
     Args:
         root: an ImageFolder split directory (root/<class>/<image>).
         train: random-resized crop (area in [min_area, 1], ratio [3/4, 4/3]) + flip, shuffled,
-            partial batch dropped; else resize shorter side to val_resize + centre crop,
-            every image exactly once across ranks.
+            the partial batch dropped or, with drop_last=False, kept (see `train_batches`);
+            else resize shorter side to val_resize + centre crop, every image exactly once
+            across ranks.
         batch_size: per process.
         aug_plus: colour jitter 0.4 (brightness, contrast, saturation) + PCA lighting 0.1.
         num_threads: DALI CPU threads, or DataLoader workers (0 = in the main process).
         dali_device: "auto" (gpu when device is cuda), "cpu" or "gpu" (nvJPEG "mixed" decode).
+        per_class: > 0 keeps the first that many files of each class (`first_per_class`).
     """
     device = torch.device(device)
     if kind not in ("dali", "torch"):
@@ -207,11 +216,14 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
     if not 0.0 < min_area <= 1.0:
         raise ValueError(f"min_area must be in (0, 1], got {min_area}")
     index = scan_image_folder(root)
+    if per_class:
+        keep = first_per_class(index.labels, per_class, index.classes)
+        index = index._replace(files=[index.files[i] for i in keep], labels=[index.labels[i] for i in keep])
     check_sharding(len(index.files), train=train, batch_size=batch_size, rank=rank,
-                   world_size=world_size)
+                   world_size=world_size, drop_last=drop_last)
     common = dict(train=train, batch_size=batch_size, crop_size=crop_size, min_area=min_area,
                   val_resize=val_resize, aug_plus=aug_plus, seed=seed, num_threads=num_threads,
-                  device=device, rank=rank, world_size=world_size)
+                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
     if kind == "dali":
         from pipelines.dali import image_folder_loader  # DALI is imported only when used
         return image_folder_loader(index, dali_device=dali_device, **common)
@@ -253,20 +265,62 @@ def load_cifar(root, *, train: bool, cifar100: bool = False):
     return images, labels, classes
 
 
-def build_cifar_loader(kind: str, root, *, train: bool, batch_size: int, seed: int = 0,
-                       num_threads: int = 2, device: torch.device | str = "cpu", rank: int = 0,
-                       world_size: int = 1, cifar100: bool = False, dali_device: str = "auto"):
-    """A CIFAR-10/100 loader with the same contract; train: pad 4 + random crop 32 + flip."""
+def first_per_class(labels, n: int, classes: list[str]) -> np.ndarray:
+    """Indices of the first ``n`` samples of each class, in file order (``--train-per-class``).
+
+    Raises ValueError naming a class with fewer than ``n``.
+    """
+    labels = np.asarray(labels)
+    keep = []
+    for k, name in enumerate(classes):
+        mine = np.flatnonzero(labels == k)
+        if len(mine) < n:
+            raise ValueError(f"--train-per-class: class {name!r} has {len(mine)} training images, fewer than {n}")
+        keep.append(mine[:n])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def build_array_loader(kind: str, images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
+                       batch_size: int, seed: int = 0, num_threads: int = 2, device: torch.device | str = "cpu",
+                       rank: int = 0, world_size: int = 1, dali_device: str = "auto", drop_last: bool = True,
+                       flip: bool = True, per_class: int = 0):
+    """A loader over square uint8 (N, S, S, 3) arrays; train: zero-pad 4 + random crop S (+ flip).
+
+    ``per_class`` > 0 keeps the first that many images of each class (`first_per_class`).
+    """
     device = torch.device(device)
     if kind not in ("dali", "torch"):
         raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
-    images, labels, classes = load_cifar(root, train=train, cifar100=cifar100)
+    if per_class:
+        keep = first_per_class(labels, per_class, classes)
+        images, labels = np.ascontiguousarray(images[keep]), labels[keep]
     check_sharding(len(labels), train=train, batch_size=batch_size, rank=rank,
-                   world_size=world_size)
+                   world_size=world_size, drop_last=drop_last)
     common = dict(train=train, batch_size=batch_size, seed=seed, num_threads=num_threads,
-                  device=device, rank=rank, world_size=world_size)
+                  device=device, rank=rank, world_size=world_size, drop_last=drop_last, flip=flip)
     if kind == "dali":
-        from pipelines.dali import cifar_loader
-        return cifar_loader(images, labels, classes, dali_device=dali_device, **common)
-    from pipelines.torch_loader import cifar_loader
-    return cifar_loader(images, labels, classes, **common)
+        from pipelines.dali import array_loader
+        return array_loader(images, labels, classes, dali_device=dali_device, **common)
+    from pipelines.torch_loader import array_loader
+    return array_loader(images, labels, classes, **common)
+
+
+def build_cifar_loader(kind: str, root, *, train: bool, cifar100: bool = False, **kw):
+    """A CIFAR-10/100 loader (`build_array_loader`'s options); train: pad 4 + random crop 32 + flip."""
+    if kind not in ("dali", "torch"):
+        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    images, labels, classes = load_cifar(root, train=train, cifar100=cifar100)
+    return build_array_loader(kind, images, labels, classes, train=train, **kw)
+
+
+def build_mnist_loader(kind: str, root, *, train: bool, dataset: str = "fashion-mnist", **kw):
+    """A Fashion-MNIST or MNIST loader from the idx files, grey replicated to RGB, 28 px.
+
+    Train: pad 4 + random crop 28, plus a horizontal flip for Fashion-MNIST (a mirrored digit is
+    another glyph, so MNIST has none).
+    """
+    from pipelines.idx import load_mnist
+    if kind not in ("dali", "torch"):
+        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    images, labels, classes = load_mnist(root, train=train, dataset=dataset)
+    return build_array_loader(kind, images, labels, classes, train=train, flip=dataset == "fashion-mnist", **kw)

@@ -31,8 +31,9 @@ from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, EpochCounter, FolderIndex, derive_seed, one_line,
-                       shard_indices, train_batches, val_batches)
+from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, shard_indices,
+                       train_batches, val_batches)
+from pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
 from pipelines.host_resize import HostResize
 
 # nvJPEG preallocation in bytes (NVIDIA's ResNet-50 example): large enough for ImageNet's
@@ -40,7 +41,6 @@ from pipelines.host_resize import HostResize
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 
-GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2 luma, as PIL "L"
 
 
 def resolve_dali_device(dali_device: str, device: torch.device) -> tuple[str, int | None]:
@@ -75,27 +75,30 @@ def _centre_offset(extent, crop_size: int):
     return k + (d - 2 * k) * (k - 2 * (k // 2))  # + 1 only when d is odd and d // 2 is odd
 
 
-def _colour_jitter_and_lighting(images, on_gpu: bool):
-    """Brightness, contrast, saturation ~ U(0.6, 1.4) then PCA lighting 0.1; uint8 -> uint8.
+def _colour_jitter_and_lighting(images, on_gpu: bool, factors=None, alpha=None):
+    """The paper's brightness, contrast, saturation ~ U(0.6, 1.4), then PCA lighting 0.1; uint8 -> uint8.
 
-    Without clamping the three jitter ops commute (each is x -> a x + (1 - a) g with g a grey
-    level that the others preserve or scale alike), so this fixed order differs from
-    torchvision's random order only where an intermediate value is clipped at 0 or 255.
+    Unclamped until the final cast, as the paper's code, so this one order equals its random
+    one (pipelines.colour). ``factors`` ((3,) per sample) and ``alpha`` ((3,), times LIGHTING)
+    replace the random draws, for tests.
     """
     def param(node):
         return node.gpu() if on_gpu else node  # keep every arithmetic operand on one device
 
-    b = param(fn.random.uniform(range=[0.6, 1.4]))
-    c = param(fn.random.uniform(range=[0.6, 1.4]))
-    s = param(fn.random.uniform(range=[0.6, 1.4]))
+    if factors is None:
+        b, c, s = (param(fn.random.uniform(range=[1 - JITTER, 1 + JITTER])) for _ in range(3))
+    else:
+        b, c, s = (param(factors[i]) for i in range(3))
+    if alpha is None:
+        alpha = fn.random.normal(shape=[3]) * LIGHTING
     gray_w = types.Constant(GRAY_WEIGHTS)
-    x = dmath.clamp(fn.cast(images, dtype=types.FLOAT) * b, 0.0, 255.0)
+    x = fn.cast(images, dtype=types.FLOAT) * b
     mean_gray = fn.reductions.sum(fn.reductions.mean(x, axes=[0, 1]) * gray_w)  # scalar
-    x = dmath.clamp(x * c + mean_gray * (1.0 - c), 0.0, 255.0)
+    x = x * c + mean_gray * (1.0 - c)
     gray = fn.reductions.sum(x * gray_w, axes=[2], keep_dims=True)              # (H, W, 1)
-    x = dmath.clamp(x * s + gray * (1.0 - s), 0.0, 255.0)
-    alpha = fn.random.normal(shape=[3]) * types.Constant(0.1 * PCA_EIGVAL * 255.0)
-    offset = sum(alpha[j] * types.Constant(PCA_EIGVEC[:, j]) for j in range(3))  # (3,), 0..255
+    x = x * s + gray * (1.0 - s)
+    scaled = alpha * types.Constant(PCA_EIGVAL * 255.0)
+    offset = sum(scaled[j] * types.Constant(PCA_EIGVEC[:, j]) for j in range(3))  # (3,), 0..255
     return fn.cast(x + param(offset), dtype=types.UINT8)  # cast rounds and saturates to 0..255
 
 
@@ -161,43 +164,44 @@ def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decode
     return images, labels.gpu() if decoder == "mixed" else labels
 
 
-class CifarSource:
-    """external_source callback: batch ``info.iteration`` of one epoch on one rank.
+class ArraySource:
+    """external_source callback: batch ``info.iteration`` of one epoch on one rank, from arrays.
 
     The split is `pipelines.shard_indices`, as the torchvision loader's; StopIteration ends the
-    epoch (train: after the last full batch).
+    epoch (train: after the last full batch, or the short one with drop_last=False).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, train: bool, batch_size: int,
-                 seed: int, epoch: int, rank: int, world_size: int):
+                 seed: int, epoch: int, rank: int, world_size: int, drop_last: bool = True):
         self.images, self.labels = images, labels.astype(np.int32)
         self.batch_size = batch_size
-        count = train_batches if train else val_batches
-        self.num_batches = count(len(labels), batch_size, world_size)
-        self.indices = np.asarray(shard_indices(len(labels), train=train, seed=seed, epoch=epoch,
-                                                rank=rank, world_size=world_size), dtype=np.int64)
+        self.num_batches = (train_batches(len(labels), batch_size, world_size, drop_last) if train
+                            else val_batches(len(labels), batch_size, world_size))
+        self.indices = np.asarray(shard_indices(len(labels), train=train, seed=seed, epoch=epoch, rank=rank,
+                                                world_size=world_size, drop_last=drop_last), dtype=np.int64)
 
     def __call__(self, info):
         first = info.iteration * self.batch_size
         batch = self.indices[first:first + self.batch_size]
         if info.iteration >= self.num_batches or len(batch) == 0:
             raise StopIteration  # a val rank one image short ends early; the adapter pads
-        return self.images[batch], self.labels[batch]
+        return self.images[batch], self.labels[batch]  # the last one may be short: DALI takes any size
 
 
 @pipeline_def
-def cifar_pipeline(source: CifarSource, *, train: bool, on_gpu: bool):
-    """CIFAR arrays -> uint8 (32, 32, 3); train: zero-pad 4, random 32x32 crop, flip p=0.5."""
+def array_pipeline(source: ArraySource, *, train: bool, on_gpu: bool, size: int, flip: bool = True):
+    """uint8 (size, size, 3) arrays -> the same; train: zero-pad 4, random size x size crop, flip p=0.5."""
     images, labels = fn.external_source(source=source, num_outputs=2, batch=True,
                                         batch_info=True, layout=["HWC", ""])
     if on_gpu:
         images, labels = images.gpu(), labels.gpu()
     if train:
-        # a crop starting in [-4, 4] with zero fill == RandomCrop(32, padding=4)
+        # a crop starting in [-4, 4] with zero fill == RandomCrop(size, padding=4)
         start = fn.cast(fn.random.uniform(values=list(range(-4, 5)), shape=[2]), dtype=types.INT32)
-        images = fn.slice(images, start=start, shape=[32, 32], axis_names="HW",
+        images = fn.slice(images, start=start, shape=[size, size], axis_names="HW",
                           out_of_bounds_policy="pad")
-        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        if flip:
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
     return images, labels
 
 
@@ -207,7 +211,7 @@ class DaliEpoch(NamedTuple):
     pipe: object
     iterator: DALIGenericIterator | HostResize
     batch_size: int
-    root: str | None = None       # None: arrays (CIFAR), no files to name
+    root: str | None = None       # None: arrays (CIFAR, MNIST), no files to name
     names: list[str] = []         # paths relative to root, as FolderIndex.files
     order: list[int] = []         # indices into names, this rank's reading order
 
@@ -327,22 +331,26 @@ def _named_sample(error: Exception, names: list[str]) -> int | None:
 def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
                         min_area: float, val_resize: int, aug_plus: bool, seed: int,
                         num_threads: int, device: torch.device, rank: int, world_size: int,
-                        dali_device: str = "auto") -> DaliLoader:
+                        dali_device: str = "auto", drop_last: bool = True) -> DaliLoader:
     """A DaliLoader over an ImageFolder split.
 
     Each epoch's reader gets this rank's `shard_indices`. Train drops the partial last batch
-    (LastBatchPolicy.DROP): every rank gets (N // world) // batch full batches. Val pads the
-    shard's last batch (`pad_last_batch`) and LastBatchPolicy.PARTIAL trims the padding, so
-    ranks return every image exactly once; a rank one image short ends with an empty batch.
+    (LastBatchPolicy.DROP): every rank gets (N // world) // batch full batches; with
+    drop_last=False each rank's shard is padded to ceil(N / world) (DistributedSampler's
+    padding, in the list) and its short last batch kept. The reader pads the shard's last batch
+    (`pad_last_batch`) and LastBatchPolicy.PARTIAL trims the padding, so val ranks return every
+    image exactly once; a val rank one image short ends with an empty batch.
     """
     decoder, device_id = resolve_dali_device(dali_device, device)
     host_resize = train and decoder == "cpu"
-    expected = (train_batches if train else val_batches)(len(index.files), batch_size, world_size)
-    policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+    drop = train and drop_last
+    expected = (train_batches(len(index.files), batch_size, world_size, drop_last) if train
+                else val_batches(len(index.files), batch_size, world_size))
+    policy = LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL
 
     def make_epoch(epoch: int) -> DaliEpoch:
         order = shard_indices(len(index.files), train=train, seed=seed, epoch=epoch, rank=rank,
-                              world_size=world_size)
+                              world_size=world_size, drop_last=drop_last)
         # The (path, label) list goes through a file: for ImageNet a 1.28M-string `files=`
         # argument costs ~8 s and ~1 GB to build, a file_list ~1 s. The reader parses it when
         # the iterator builds the pipeline, so the file is removed right after.
@@ -353,10 +361,11 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
                 min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, resize=not host_resize,
                 batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
                 seed=derive_seed(seed, rank, epoch))  # augmentation differs per rank and epoch
-            own = len(order) // batch_size if train else -(-len(order) // batch_size)
+            own = len(order) // batch_size if drop else -(-len(order) // batch_size)
             if host_resize:
                 pipe.build()  # parses the list now; the drop policy is HostResize's batch count
-                iterator = HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda")
+                iterator = HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda",
+                                      last_size=batch_size if drop else len(order) - (own - 1) * batch_size)
             else:
                 iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                                last_batch_policy=policy, auto_reset=False,
@@ -371,17 +380,18 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
                       device=_output_device(decoder, device_id, device), crop_size=crop_size)
 
 
-def cifar_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
+def array_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
                  batch_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int, dali_device: str = "auto") -> DaliLoader:
-    """A DaliLoader over CIFAR arrays (uint8 (N, 32, 32, 3)) fed by external_source."""
+                 world_size: int, dali_device: str = "auto", drop_last: bool = True,
+                 flip: bool = True) -> DaliLoader:
+    """A DaliLoader over square uint8 (N, S, S, 3) arrays (CIFAR, MNIST) fed by external_source."""
     decoder, device_id = resolve_dali_device(dali_device, device)
-    num_batches = (train_batches if train else val_batches)(len(labels), batch_size, world_size)
+    size = images.shape[1]
 
     def make_epoch(epoch: int) -> DaliEpoch:
-        source = CifarSource(images, labels, train=train, batch_size=batch_size, seed=seed,
-                             epoch=epoch, rank=rank, world_size=world_size)
-        pipe = cifar_pipeline(source, train=train, on_gpu=decoder == "mixed",
+        source = ArraySource(images, labels, train=train, batch_size=batch_size, seed=seed,
+                             epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
+        pipe = array_pipeline(source, train=train, on_gpu=decoder == "mixed", size=size, flip=flip,
                               batch_size=batch_size, num_threads=max(1, num_threads),
                               device_id=device_id, seed=derive_seed(seed, rank, epoch))
         # No reader: the source's StopIteration ends the epoch, whatever its batch count.
@@ -389,9 +399,11 @@ def cifar_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, 
                                        prepare_first_batch=False)
         return DaliEpoch(epoch, pipe, iterator, batch_size)
 
+    num_batches = (train_batches(len(labels), batch_size, world_size, drop_last) if train
+                   else val_batches(len(labels), batch_size, world_size))
     return DaliLoader(make_epoch, num_batches=num_batches, classes=classes,
                       num_samples=len(labels), device=_output_device(decoder, device_id, device),
-                      crop_size=32)
+                      crop_size=size)
 
 
 def _output_device(decoder: str, device_id: int | None, device: torch.device) -> torch.device:

@@ -61,15 +61,18 @@ class HostResize:
     """Iterates one epoch of a built DALI pipeline (outputs: ragged HWC crops, int32 labels, flips).
 
     Yields what DALIGenericIterator yields, ``[{"images": uint8 (N, size, size, 3), "labels": (N, 1)}]``,
-    for exactly ``num_batches`` batches. The pipeline is scheduled no further than that, so an
+    for exactly ``num_batches`` batches; the last one holds its first ``last_size`` samples (the
+    reader pads a short last batch by repeating its last sample), or all when it is None. The pipeline is scheduled no further than that, so an
     epoch does not decode batches of the next one that a rebuilt pipeline would throw away.
     `start(skip)` launches the thread; the first `skip` batches are decoded but not resized and
     come out as None. A pipeline error is raised by `next` as DALI raised it. `close()` stops the
     thread (after the batch DALI is working on), before the pipeline may be shut down.
     """
 
-    def __init__(self, pipe, num_batches: int, size: int, depth: int = 2, pin_memory: bool = False):
+    def __init__(self, pipe, num_batches: int, size: int, depth: int = 2, pin_memory: bool = False,
+                 last_size: int | None = None):
         self._pipe, self._num_batches, self._size, self._pin = pipe, num_batches, size, pin_memory
+        self._last = last_size  # samples of the last batch that are real (the reader pads it); None: all
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,7 +88,7 @@ class HostResize:
         # The thread holds the pipeline, queue and flag, not self: a HostResize dropped mid-epoch
         # (its loader garbage) stops the thread from __del__ and the pipeline can be freed.
         self._thread = threading.Thread(
-            target=_produce, args=(self._pipe, self._num_batches, self._size, self._pin, skip,
+            target=_produce, args=(self._pipe, self._num_batches, self._size, self._pin, skip, self._last,
                                    self._queue, self._stop, ready), daemon=True, name="rmix-host-resize")
         _RUNNING[self._thread] = self._stop
         self._thread.start()
@@ -126,7 +129,7 @@ def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
     return False
 
 
-def _produce(pipe, n: int, size: int, pin_memory: bool, skip: int, q: queue.Queue,
+def _produce(pipe, n: int, size: int, pin_memory: bool, skip: int, last: int | None, q: queue.Queue,
              stop: threading.Event, ready: threading.Event):
     torch.get_num_threads()  # torch's lazy per-thread setup first: later it would take the default
     torch.set_num_threads(1)
@@ -145,9 +148,10 @@ def _produce(pipe, n: int, size: int, pin_memory: bool, skip: int, q: queue.Queu
             images, labels, flips = pipe.outputs()
             item = None
             if step >= skip:
-                flips = np.array(flips.as_tensor()).reshape(-1)
-                item = [{"images": resize_crops(images, size, flips, pin_memory),
-                         "labels": torch.from_numpy(np.array(labels.as_tensor()))}]
+                keep = last if step == n - 1 and last is not None else len(images)  # drop the reader's padding
+                flips = np.array(flips.as_tensor()).reshape(-1)[:keep]
+                item = [{"images": resize_crops([images[i] for i in range(keep)], size, flips, pin_memory),
+                         "labels": torch.from_numpy(np.array(labels.as_tensor())[:keep])}]
             if not _put(q, stop, item):
                 return
         _put(q, stop, _END)

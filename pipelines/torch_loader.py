@@ -1,4 +1,4 @@
-"""The torchvision baseline: ImageFolder (or CIFAR arrays) + DataLoader, same transforms and
+"""The torchvision baseline: ImageFolder (or CIFAR and MNIST arrays) + DataLoader, same transforms and
 contract as the DALI loaders.
 
 Sharding is `pipelines.shard_indices` (DistributedSampler's split, reshuffled per epoch).
@@ -23,20 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from pipelines import (PCA_EIGVAL, PCA_EIGVEC, DecodeError, EpochCounter, FolderIndex, derive_seed, one_line,
-                       shard_indices, train_batches, val_batches)
-
-
-class Lighting:
-    """AlexNet PCA lighting noise on a uint8 HWC tensor: x += 255 * V (alpha * eigval)."""
-
-    def __init__(self, std: float = 0.1):
-        self.std = std
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        alpha = torch.randn(3) * self.std
-        offset = (torch.from_numpy(PCA_EIGVEC) @ (alpha * torch.from_numpy(PCA_EIGVAL))) * 255.0
-        return (image.float() + offset).clamp_(0, 255).round_().to(torch.uint8)
+from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, shard_indices,
+                       train_batches, val_batches)
+from pipelines.colour import PaperColour
 
 
 def _to_hwc_uint8(image) -> torch.Tensor:
@@ -51,12 +40,9 @@ def build_transform(*, train: bool, crop_size: int, min_area: float, val_resize:
         return transforms.Compose([transforms.Resize(val_resize), transforms.CenterCrop(crop_size),
                                    _to_hwc_uint8])
     steps = [transforms.RandomResizedCrop(crop_size, scale=(min_area, 1.0), ratio=(3 / 4, 4 / 3)),
-             transforms.RandomHorizontalFlip()]
-    if aug_plus:  # ColorJitter applies its three ops in a random order per image
-        steps.append(transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
-    steps.append(_to_hwc_uint8)
-    if aug_plus:
-        steps.append(Lighting(0.1))
+             transforms.RandomHorizontalFlip(), _to_hwc_uint8]
+    if aug_plus:  # the paper's own jitter and lighting, unclamped (not torchvision's ColorJitter, which clamps)
+        steps.append(PaperColour())
     return transforms.Compose(steps)
 
 
@@ -95,8 +81,8 @@ class UnreadableBatch(NamedTuple):
     failures: list   # [Unreadable]
 
 
-class CifarArrays(Dataset):
-    """uint8 (N, 32, 32, 3) images, (N,) labels; item (index, aug_seed) -> (HWC uint8, label)."""
+class ArrayDataset(Dataset):
+    """uint8 (N, S, S, 3) images, (N,) labels; item (index, aug_seed) -> (HWC uint8, label)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -131,11 +117,16 @@ class ShardBatchSampler(Sampler):
     """Batches of (index, aug_seed) for one rank; see the module docstring for the split."""
 
     def __init__(self, num_samples: int, *, train: bool, batch_size: int, seed: int, rank: int,
-                 world_size: int):
+                 world_size: int, drop_last: bool = True):
         self.num_samples, self.train, self.batch_size = num_samples, train, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.epoch = self.start_step = 0
-        self._len = (train_batches if train else val_batches)(num_samples, batch_size, world_size)
+        self._len = (train_batches(num_samples, batch_size, world_size, drop_last) if train
+                     else val_batches(num_samples, batch_size, world_size))
+
+    def _mine(self, epoch: int) -> list[int]:
+        return shard_indices(self.num_samples, train=self.train, seed=self.seed, epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, drop_last=self.drop_last)
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch, self.start_step = epoch, start_step
@@ -145,19 +136,23 @@ class ShardBatchSampler(Sampler):
 
     def batch_indices(self, epoch: int, step: int) -> list[int]:
         """The sample indices of batch ``step`` of ``epoch`` on this rank."""
-        mine = shard_indices(self.num_samples, train=self.train, seed=self.seed, epoch=epoch,
-                             rank=self.rank, world_size=self.world_size)
+        mine = self._mine(epoch)
         return mine[step * self.batch_size:(step + 1) * self.batch_size]
 
     def __iter__(self):
-        mine = np.asarray(shard_indices(self.num_samples, train=self.train, seed=self.seed,
-                                        epoch=self.epoch, rank=self.rank,
-                                        world_size=self.world_size), dtype=np.int64)
+        mine = np.asarray(self._mine(self.epoch), dtype=np.int64)
         rng = np.random.default_rng([derive_seed(self.seed), self.epoch])
         aug_seeds = rng.integers(0, 2**63 - 1, size=self.num_samples)  # same on every rank
-        for b in range(self.start_step, self._len):  # val: a rank one image short may end with an empty batch
-            chunk = mine[b * self.batch_size:(b + 1) * self.batch_size]
-            yield list(zip(chunk.tolist(), aug_seeds[chunk].tolist()))
+        seeds = aug_seeds[mine]
+        if self.train and not self.drop_last:
+            # the padding repeats a few samples: each repeat is augmented anew, as in a DataLoader
+            place = self.rank + self.world_size * np.arange(len(mine))  # in the padded permutation
+            extra = rng.integers(0, 2**63 - 1, size=self.world_size)
+            seeds = np.where(place >= self.num_samples, extra[np.clip(place - self.num_samples, 0, None)], seeds)
+        # val: a rank one image short may end with an empty batch; train with drop_last=False: a short one
+        for b in range(self.start_step, self._len):
+            chunk = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield list(zip(mine[chunk].tolist(), seeds[chunk].tolist()))
 
 
 class _Collate:
@@ -189,14 +184,14 @@ class TorchLoader(EpochCounter):
 
     def __init__(self, dataset, *, classes: list[str], train: bool, batch_size: int,
                  crop_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int):
+                 world_size: int, drop_last: bool = True):
         self.device = device
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.num_samples = len(dataset)
         self._dataset = dataset
         self.batch_sampler = ShardBatchSampler(self.num_samples, train=train, batch_size=batch_size,
-                                               seed=seed, rank=rank, world_size=world_size)
+                                               seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
         workers = max(0, num_threads)
         # No reference back to self: a DataLoader with live workers that only the garbage
         # collector can free (a reference cycle) waits 5 s per worker to shut down.
@@ -243,21 +238,23 @@ class TorchLoader(EpochCounter):
 def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
                         min_area: float, val_resize: int, aug_plus: bool, seed: int,
                         num_threads: int, device: torch.device, rank: int,
-                        world_size: int) -> TorchLoader:
+                        world_size: int, drop_last: bool = True) -> TorchLoader:
     """A TorchLoader over an ImageFolder split (PIL decode, torchvision transforms)."""
     transform = build_transform(train=train, crop_size=crop_size, min_area=min_area,
                                 val_resize=val_resize, aug_plus=aug_plus)
     return TorchLoader(IndexedImageFolder(index, transform), classes=index.classes, train=train,
                        batch_size=batch_size, crop_size=crop_size, seed=seed,
-                       num_threads=num_threads, device=device, rank=rank, world_size=world_size)
+                       num_threads=num_threads, device=device, rank=rank, world_size=world_size,
+                       drop_last=drop_last)
 
 
-def cifar_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
+def array_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
                  batch_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int) -> TorchLoader:
-    """A TorchLoader over CIFAR arrays; train: RandomCrop(32, padding=4) + flip."""
-    transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
-                                    transforms.RandomHorizontalFlip()]) if train else None
-    return TorchLoader(CifarArrays(images, labels, transform), classes=classes, train=train,
-                       batch_size=batch_size, crop_size=32, seed=seed, num_threads=num_threads,
-                       device=device, rank=rank, world_size=world_size)
+                 world_size: int, drop_last: bool = True, flip: bool = True) -> TorchLoader:
+    """A TorchLoader over square uint8 (N, S, S, 3) arrays; train: RandomCrop(S, padding=4) (+ flip)."""
+    size = images.shape[1]
+    steps = [transforms.RandomCrop(size, padding=4)] + ([transforms.RandomHorizontalFlip()] if flip else [])
+    transform = transforms.Compose(steps) if train else None
+    return TorchLoader(ArrayDataset(images, labels, transform), classes=classes, train=train,
+                       batch_size=batch_size, crop_size=size, seed=seed, num_threads=num_threads,
+                       device=device, rank=rank, world_size=world_size, drop_last=drop_last)

@@ -105,6 +105,7 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
     dev = resolve_device(cfg.device)
     torch.manual_seed(seed)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    cfg = C.with_dataset_stats(cfg, dataset)
     train_loader, val_loader = make_loaders(cfg, root, dataset, dev)
     per_epoch = len(train_loader)
     if per_epoch == 0:

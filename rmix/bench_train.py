@@ -111,6 +111,7 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
                        data_dir=data_dir, loader=loader, workers=workers, seed=seed)
     C.validate(cfg)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    cfg = C.with_dataset_stats(cfg, dataset)
     if dataset in CIFAR_DIRS and size != 32:
         raise ValueError(f"--size: {dataset} batches are 32 px, got --size {size}")
     train_loader = make_loader(cfg, root, dataset, dev, train=True)

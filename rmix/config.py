@@ -3,17 +3,28 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from rmix.schedule import SCHEDULES
+
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # pixel units: the op normalizes uint8
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-CIFAR_MEAN = (125.3, 123.0, 113.9)  # the CutMix / RM code's CIFAR normalization, pixel units
-CIFAR_STD = (63.0, 62.1, 66.7)
+# The RM code's CIFAR-10 and CIFAR-100 normalization (its dataset.py), pixel units. Its std is not
+# the per-pixel std of CIFAR-10 (about 0.247): it is the widely copied per-image one.
+CIFAR_MEAN = (0.4914 * 255, 0.4822 * 255, 0.4465 * 255)
+CIFAR_STD = (0.2023 * 255, 0.1994 * 255, 0.2010 * 255)
 
-DATASETS = ("auto", "folder", "imagenet", "cifar10", "cifar100")
+# Each dataset's own normalization, for a config that names none (mean = std = ()).
+# Fashion-MNIST and MNIST: the grey channel's mean and std over the training set, on all 3 channels.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860 * 255,) * 3, (0.3530 * 255,) * 3
+MNIST_MEAN, MNIST_STD = (0.1307 * 255,) * 3, (0.3081 * 255,) * 3
+DATASET_STATS = {"folder": (IMAGENET_MEAN, IMAGENET_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                 "cifar10": (CIFAR_MEAN, CIFAR_STD), "cifar100": (CIFAR_MEAN, CIFAR_STD),
+                 "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD), "mnist": (MNIST_MEAN, MNIST_STD)}
+
+DATASETS = ("auto", "folder", "imagenet", "cifar10", "cifar100", "fashion-mnist", "mnist")
 AUGS = ("none", "mixup", "cutmix", "recursive_mix")
 LOADERS = ("dali", "torch")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cos", "step")
 AMPS = ("auto", "none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -22,17 +33,21 @@ DEVICES = ("auto", "cpu", "cuda")
 class DataConfig:
     data_dir: str = ""           # ImageFolder root holding train/ and val/; "" = the embedded set
     dataset: str = "auto"        # "auto" (detect from data_dir) | "folder" | "imagenet" | "cifar10" | "cifar100"
+                                 # | "fashion-mnist" | "mnist" (the idx files)
     loader: str = "dali"         # "dali" | "torch": same transforms, same batch contract
     dali_device: str = "auto"    # "auto" | "cpu" | "gpu" (mixed nvJPEG decode)
     crop_size: int = 32          # train and val crop, pixels (224 for ImageNet)
     min_area: float = 0.25       # random-resized-crop area lower bound (0.08 for ImageNet)
     val_resize: int = 36         # val: shorter side before the centre crop (256 for ImageNet)
     aug_plus: bool = False       # colour jitter 0.4 + PCA lighting 0.1 (the paper's ImageNet recipe)
+    train_per_class: int = 0     # > 0: train on the first N images of each class, in file order (val untouched)
+    drop_last: bool = True       # train: drop each rank's partial last batch; False: pad the shards to
+                                 # ceil(N / world) and keep a short last batch (the paper's DataLoader)
     preflight: bool = True       # decode every image once before training (cached) and name bad ones
     workers: int = 1             # DALI threads / DataLoader workers per process; on a 2-core CPU
                                  # box, more starve the model's own threads (355 vs 122 img/s)
-    mean: tuple = IMAGENET_MEAN  # per channel, pixel units 0-255
-    std: tuple = IMAGENET_STD
+    mean: tuple = ()             # per channel, pixel units 0-255; () = the dataset's own (DATASET_STATS)
+    std: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,10 @@ class MixConfig:
     interpolate: str = "nearest"   # resize of the history batch: "nearest" | "bilinear"
     per_sample: bool = False       # one box per image instead of one per batch (our extension)
     share_fc: bool = False         # RoI head reuses the classifier instead of its own fc_roi
+    shared_boxes: bool = False     # every rank draws the same boxes, lam and permutations (the paper's
+                                   # code: one seed on every rank); default: a stream of its own per rank
     smoothing: float = 0.0         # label smoothing of the current one-hot labels
+    smoothing_form: str = "paper"  # "paper": others get s / (K - 1) | "uniform": s / K (torch's, timm's)
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cos"        # "cos" | "step", evaluated once per epoch as the paper's code
+    schedule: str = "cos"        # "cos" | "step" (the paper's) | "cos_prefix" (cosine restarted after warmup)
     milestones: tuple = ()       # step: epochs after which lr is multiplied by gamma
     gamma: float = 0.1
     warmup: int = 0              # epochs of linear warmup: lr * epoch / (warmup + 1)
@@ -74,6 +92,7 @@ class TrainConfig:
     out: str = ""                # run directory; "" = runs/<model>-<aug>-<time>
     resume: str = ""             # checkpoint path, or "auto" for the run directory's latest
     log_every: int = 20          # steps between progress updates
+    eval_every: int = 1          # evaluate every N epochs, and always after the last; best.pt follows them
     num_classes: int = 0         # derived from the data
     max_steps: int = 0           # stop each epoch after this many steps (0 = all); for smoke runs
     max_skipped_steps: int = 20  # fp16: stop after this many overflowing steps in a row
@@ -122,6 +141,14 @@ def replace(cfg, **changes):
     return dataclasses.replace(cfg, **flat)
 
 
+def with_dataset_stats(cfg: TrainConfig, dataset: str) -> TrainConfig:
+    """`cfg` with data.mean/std filled in from `dataset` (a resolved name) where it names none."""
+    if cfg.data.mean and cfg.data.std:
+        return cfg
+    mean, std = DATASET_STATS[dataset]
+    return replace(cfg, **{"data.mean": tuple(cfg.data.mean or mean), "data.std": tuple(cfg.data.std or std)})
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the option and the value for anything out of range."""
     def need(ok, option, value, why):
@@ -146,12 +173,21 @@ def validate(cfg: TrainConfig) -> None:
          cfg.mix.alpha, "must be in (0, 1] for recursive_mix and > 0 otherwise")
     need(cfg.mix.omega >= 0, "--aug-omega", cfg.mix.omega, "must be >= 0")
     need(0 <= cfg.mix.smoothing < 1, "--smoothing", cfg.mix.smoothing, "must be in [0, 1)")
+    need(cfg.mix.smoothing_form in ("paper", "uniform"), "--smoothing-form", cfg.mix.smoothing_form,
+         "expected 'paper' or 'uniform'")
     need(cfg.data.crop_size > 0, "--crop-size", cfg.data.crop_size, "must be positive")
     need(cfg.data.val_resize >= cfg.data.crop_size, "--val-resize", cfg.data.val_resize,
          f"must be >= --crop-size ({cfg.data.crop_size})")
     need(0 < cfg.data.min_area <= 1, "--min-area", cfg.data.min_area, "must be in (0, 1]")
+    for name in ("mean", "std"):
+        v = getattr(cfg.data, name)
+        need(len(v) in (0, 3) and all(isinstance(x, (int, float)) for x in v), f"data.{name}", v,
+             "expected 3 values in pixel units (0-255), or none for the dataset's own")
+    need(all(x > 0 for x in cfg.data.std), "data.std", cfg.data.std, "must be positive")
     need(cfg.data.workers >= 0, "--workers", cfg.data.workers, "must be >= 0")
     need(cfg.log_every > 0, "--log-every", cfg.log_every, "must be positive")
+    need(cfg.eval_every > 0, "--eval-every", cfg.eval_every, "must be positive (epochs)")
+    need(cfg.data.train_per_class >= 0, "--train-per-class", cfg.data.train_per_class, "must be >= 0 (0 = all)")
     need(cfg.max_steps >= 0, "--max-steps", cfg.max_steps, "must be >= 0")
     need(cfg.save_every_steps >= 0, "--save-every-steps", cfg.save_every_steps, "must be >= 0 (0 = epoch ends only)")
     need(cfg.max_skipped_steps >= 0, "--max-skipped-steps", cfg.max_skipped_steps, "must be >= 0")

@@ -1,37 +1,71 @@
 """Where the images come from: the data directory, checked, and the two loaders built from it."""
 from pathlib import Path
 
-from pipelines import build_cifar_loader, build_loader
+from pipelines import build_cifar_loader, build_loader, build_mnist_loader
+from pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
 
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+MNIST_SETS = ("fashion-mnist", "mnist")
+ARRAY_SETS = (*CIFAR_DIRS, *MNIST_SETS)  # read into memory whole: no files to preflight
+
+
+def _idx_dataset(root: Path) -> str | None:
+    """'fashion-mnist' / 'mnist' when root holds (or its raw/ or torchvision subfolder holds) idx files.
+
+    The two sets have the same files: the folder's name tells which, else an error asks.
+    """
+    found = [name for name, folder in TORCHVISION_FOLDERS.items() if has_idx_files(root / folder / "raw")]
+    if len(found) > 1:
+        raise ValueError(f"--data-dir: {root} holds both FashionMNIST/ and MNIST/: say --dataset fashion-mnist or mnist")
+    if found:
+        return found[0]
+    if not (has_idx_files(root) or has_idx_files(root / "raw")):
+        return None
+    parts = [p.lower() for p in root.parts]
+    if any("fashion" in p for p in parts):
+        return "fashion-mnist"
+    if any(p in ("mnist", "mnist_data") for p in parts):
+        return "mnist"
+    raise ValueError(f"--data-dir: {root} holds MNIST-format idx files; say --dataset fashion-mnist or mnist")
 
 
 def detect_dataset(root: Path) -> str:
-    """'cifar10' / 'cifar100' when root is (or holds) the official python batches, else 'folder'."""
+    """'cifar10' / 'cifar100' / 'fashion-mnist' / 'mnist' from the files root holds, else 'folder'."""
     for name, folder in CIFAR_DIRS.items():
         if root.name == folder or (root / folder).is_dir():
             return name
-    return "folder"
+    return _idx_dataset(root) or "folder"
 
 
 def resolve_data(data_dir: str, dataset: str = "auto"):
-    """(root, dataset) checked; data_dir "" means the embedded synthetic set (an ImageFolder)."""
+    """(root, dataset) checked; data_dir "" means the embedded synthetic set (an ImageFolder).
+
+    With --dataset fashion-mnist and no --data-dir: Debian's dataset-fashion-mnist folder.
+    """
     if not data_dir:
-        from rmix.synth import default_data_dir
-        if dataset not in ("auto", "folder"):
+        if dataset == "fashion-mnist":
+            data_dir = DEBIAN_FASHION_MNIST
+            if not Path(data_dir).is_dir():
+                raise ValueError(f"--data-dir: {data_dir} not found; install it with "
+                                 "`apt-get install dataset-fashion-mnist`, or pass --data-dir")
+        elif dataset not in ("auto", "folder"):
             raise ValueError(f"--dataset: {dataset} needs --data-dir")
-        return default_data_dir(), "folder"
+        else:
+            from rmix.synth import default_data_dir
+            return default_data_dir(), "folder"
     root = Path(data_dir).expanduser().resolve()  # absolute, so a resumed run compares equal
     if not root.is_dir():
-        raise ValueError(f"--data-dir: {root} is not a directory")
+        hint = "; `apt-get install dataset-fashion-mnist` puts Fashion-MNIST in " + DEBIAN_FASHION_MNIST \
+            if dataset == "fashion-mnist" else ""
+        raise ValueError(f"--data-dir: {root} is not a directory{hint}")
     if dataset == "auto":
         dataset = detect_dataset(root)
-    if dataset in CIFAR_DIRS:
-        return root, dataset  # the reader names any missing or malformed batch file
+    if dataset in ARRAY_SETS:
+        return root, dataset  # the reader names any missing or malformed file
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise ValueError(f"--data-dir: {root} has no {split}/ folder (expected ImageFolder train/ and val/, "
-                             "or the CIFAR python batches)")
+                             "the CIFAR python batches, or the MNIST idx files)")
     return root, dataset
 
 
@@ -41,9 +75,12 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size: {cfg.batch_size} does not split evenly over {world_size} processes")
     common = dict(train=train, batch_size=cfg.batch_size // world_size, seed=cfg.seed, num_threads=d.workers,
-                  device=device, rank=rank, world_size=world_size, dali_device=d.dali_device)
+                  device=device, rank=rank, world_size=world_size, dali_device=d.dali_device,
+                  drop_last=d.drop_last, per_class=d.train_per_class if train else 0)
     if dataset in CIFAR_DIRS:
         return build_cifar_loader(d.loader, root, cifar100=dataset == "cifar100", **common)
+    if dataset in MNIST_SETS:
+        return build_mnist_loader(d.loader, root, dataset=dataset, **common)
     return build_loader(d.loader, root / ("train" if train else "val"), crop_size=d.crop_size, min_area=d.min_area,
                         val_resize=d.val_resize, aug_plus=d.aug_plus and train, **common)
 

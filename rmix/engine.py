@@ -12,7 +12,7 @@ from rmix import checkpoint, dist
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from pipelines import DecodeError
-from rmix.data import CIFAR_DIRS, make_loader, make_loaders, resolve_data
+from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build
@@ -71,10 +71,11 @@ def build_policies(cfg, device, amp, rank=0, name=None):
     """
     kw = dict(mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32,
               channels_last=cfg.channels_last and device.type == "cuda")
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + (0 if cfg.mix.shared_boxes else rank))
     policy = build_policy(name or cfg.mix.policy, cfg.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
                           interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
-                          smoothing=cfg.mix.smoothing, generator=gen, **kw)
+                          smoothing=cfg.mix.smoothing, smoothing_form=cfg.mix.smoothing_form,
+                          generator=gen, **kw)
     return policy, NoMix(cfg.num_classes, **kw)
 
 
@@ -223,11 +224,11 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
-    if cfg.data.preflight and dataset not in CIFAR_DIRS:
+    if cfg.data.preflight and dataset not in ARRAY_SETS:
         _preflight(cfg, root, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
     run_dir = Path(cfg.out or dist.broadcast_object(str(default_run_dir(cfg)), d))  # rank 0's clock
-    cfg = replace(cfg, num_classes=train_loader.num_classes, out=str(run_dir),
+    cfg = replace(C.with_dataset_stats(cfg, dataset), num_classes=train_loader.num_classes, out=str(run_dir),
                   **{"data.data_dir": str(root), "data.dataset": dataset})
 
     model = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc).to(device)
@@ -283,16 +284,18 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
         sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
         seconds = time.perf_counter() - t0
         dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
-        val = evaluate(raw_model, val_loader, normalize, amp, d)
-        final = val["top1"]
+        evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+        val = evaluate(raw_model, val_loader, normalize, amp, d) if evaluated else \
+            {"top1": None, "top5": None, "loss": None}
+        final = val["top1"] if evaluated else final
         row = {"epoch": epoch, "lr": lr, "train_loss": _finite(sums[0].item() / sums[2].item()),
                "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
                "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
         history.append(row)
         ranks = dist.gather_to_main({"rng": rng_state(policy)}, d)  # each rank's own stream, for --resume
         if d.is_main:
-            is_best = val["top1"] > best
-            best = max(best, val["top1"])
+            is_best = evaluated and val["top1"] > best
+            best = max(best, val["top1"]) if evaluated else best
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if board is not None:
@@ -305,10 +308,11 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
             if is_best:
                 checkpoint.save(run_dir / "best.pt", payload)
             if show:
+                scores = (f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% (best {best:.2f}%)" if evaluated
+                          else f"not evaluated (--eval-every {cfg.eval_every})")
                 Progress.line(f"epoch {epoch}: train loss {_fmt(row['train_loss'])} top-1 {row['train_top1']:.1f}% | "
-                              f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% (best {best:.2f}%) | "
-                              f"{row['img_s']:.0f} img/s")
-        else:
+                              f"{scores} | {row['img_s']:.0f} img/s")
+        elif evaluated:
             best = max(best, val["top1"])
         dist.barrier(d)
     if board is not None:
@@ -431,8 +435,7 @@ def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader
     cfg = replace(cfg, **changes)
     dev = resolve_device(cfg.device)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
-    if ckpt["foreign"] and dataset in ("cifar10", "cifar100"):
-        cfg = replace(cfg, **{"data.mean": C.CIFAR_MEAN, "data.std": C.CIFAR_STD})
+    cfg = C.with_dataset_stats(cfg, dataset)  # the paper's checkpoints: the dataset's own normalization
     val_loader = make_loader(cfg, root, dataset, dev, train=False)
     num_classes = val_loader.num_classes
     if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:

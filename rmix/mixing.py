@@ -24,8 +24,19 @@ class MixOut(NamedTuple):
     lam: torch.Tensor           # (N,) float32, fraction of each image that is its own
 
 
-def smooth(targets, num_classes, smoothing):
-    """Class indices (N,) or probabilities (N, K) -> float32 (N, K), label-smoothed."""
+SMOOTHING_FORMS = ("paper", "uniform")
+
+
+def smooth(targets, num_classes, smoothing, form="paper"):
+    """Class indices (N,) or probabilities (N, K) -> float32 (N, K), label-smoothed.
+
+    "paper": the true class keeps 1 - s and every other class gets s / (K - 1) (the RM code's
+    `smooth_one_hot`); "uniform": 1 - s + s / K and s / K (torch's `label_smoothing`, timm's).
+    Probabilities p are smoothed the same way, linearly: p (1 - s) + (1 - p) s / (K - 1), or
+    p (1 - s) + s / K. Rows still sum to 1.
+    """
+    if form not in SMOOTHING_FORMS:
+        raise ValueError(f"smoothing form: expected one of {SMOOTHING_FORMS}, got {form!r}")
     if targets.dim() == 1:
         soft = torch.nn.functional.one_hot(targets.long(), num_classes).float()
     elif targets.dim() == 2 and targets.shape[1] == num_classes:
@@ -33,9 +44,11 @@ def smooth(targets, num_classes, smoothing):
     else:
         raise ValueError(f"targets: expected (N,) indices or (N, {num_classes}) probabilities, "
                          f"got {tuple(targets.shape)}")
-    if smoothing:
-        soft = soft * (1 - smoothing) + smoothing / num_classes
-    return soft
+    if not smoothing or num_classes < 2:
+        return soft
+    if form == "paper":
+        return soft * (1 - smoothing) + (1 - soft) * (smoothing / (num_classes - 1))
+    return soft * (1 - smoothing) + smoothing / num_classes
 
 
 def sample_beta(alpha, generator=None):
@@ -83,7 +96,7 @@ def clip_boxes(cx, cy, cut_w, cut_h, h, w):
 class _Policy:
     """What every policy shares: normalization, label smoothing, output dtype and layout, RNG."""
 
-    def __init__(self, num_classes, alpha=1.0, *, smoothing=0.0, mean=None, std=None,
+    def __init__(self, num_classes, alpha=1.0, *, smoothing=0.0, smoothing_form="paper", mean=None, std=None,
                  out_dtype=torch.float32, channels_last=False, generator=None, backend="auto"):
         if num_classes < 1:
             raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
@@ -91,7 +104,10 @@ class _Policy:
             raise ValueError(f"alpha: must be > 0, got {alpha}")
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing: must be in [0, 1), got {smoothing}")
+        if smoothing_form not in SMOOTHING_FORMS:
+            raise ValueError(f"smoothing_form: expected one of {SMOOTHING_FORMS}, got {smoothing_form!r}")
         self.num_classes, self.alpha, self.smoothing = num_classes, alpha, smoothing
+        self.smoothing_form = smoothing_form
         self.mean, self.std = mean, std
         self.out_dtype, self.channels_last = out_dtype, channels_last
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -105,7 +121,7 @@ class _Policy:
         """Normalized float NCHW images and smoothed soft targets, via the fused op with no history."""
         n, c, h, w = _dims(images)
         out = self._empty(n, c, h, w, images.device) if out is None else out
-        soft = smooth(targets, self.num_classes, self.smoothing).to(images.device)
+        soft = smooth(targets, self.num_classes, self.smoothing, self.smoothing_form).to(images.device)
         x, soft, lam = recursive_mix(images, None, soft, None, None, mean=self.mean, std=self.std,
                                      out=out, backend=self.backend)
         return x, soft, lam
@@ -241,7 +257,7 @@ class RecursiveMix(_Policy):
                              "call reset() when the batch size grows")
         boxes = self.sample_boxes(n, h, w) if boxes is None else boxes.to(torch.int64)
         boxes = boxes.to(images.device)
-        soft = smooth(targets, self.num_classes, self.smoothing).to(images.device)
+        soft = smooth(targets, self.num_classes, self.smoothing, self.smoothing_form).to(images.device)
         x, soft, lam = recursive_mix(images, self.history, soft, self.history_targets, boxes,
                                      mode=self.interpolate, mean=self.mean, std=self.std,
                                      out=self._buffer(n, c, h, w, images.device), backend=self.backend)

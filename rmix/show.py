@@ -45,13 +45,15 @@ def mixed_batches(cfg: C.TrainConfig, steps: int):
     C.validate(cfg)
     device = torch.device("cpu")
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    cfg = C.with_dataset_stats(cfg, dataset)
     loader = make_loader(cfg, root, dataset, device, train=True)
     if len(loader) == 0:
         raise ValueError(f"--batch: {cfg.batch_size} is more than the {root} train split holds")
     gen = torch.Generator().manual_seed(cfg.seed)
     policy = build_policy(cfg.mix.policy, loader.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
                           interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
-                          smoothing=cfg.mix.smoothing, mean=cfg.data.mean, std=cfg.data.std, generator=gen)
+                          smoothing=cfg.mix.smoothing, smoothing_form=cfg.mix.smoothing_form,
+                          mean=cfg.data.mean, std=cfg.data.std, generator=gen)
     rm = cfg.mix.policy == "recursive_mix"
     step, out, nested = 0, None, []
     while step < steps:
@@ -141,6 +143,7 @@ def show(cfg: C.TrainConfig, *, steps=3, out="grid.png", tile=128, top=3) -> tup
         raise ValueError(f"--tile: must be >= 8 pixels, got {tile}")
     if top < 1:
         raise ValueError(f"--top: must be >= 1, got {top}")
+    cfg = C.with_dataset_stats(cfg, resolve_data(cfg.data.data_dir, cfg.data.dataset)[1])
     images, soft, nested, classes = mixed_batches(cfg, steps)
     grid = draw_grid(images, soft, nested, classes, cfg.data.mean, cfg.data.std, tile=tile, top=top)
     out = Path(out).expanduser()

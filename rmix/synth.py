@@ -19,7 +19,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from rmix.paths import cache_dir
 
-VERSION = 1  # bump whenever the pixels change, so cached copies are regenerated
+VERSION = 2  # bump whenever the pixels change, so cached copies are regenerated
+# v2: distractors are clutter (blobs, strokes), no longer other classes' shapes shrunk: an image
+# shrunk as a whole (RecursiveMix's paste, a zoom-out) then keeps its label true.
 MANIFEST = "rmix_synth.json"  # written last; its presence means "complete"
 DEFAULT_CLASSES = 10
 # Class k is CONCEPTS[k]; a dataset with `classes=n` uses the first n.
@@ -172,14 +174,13 @@ def render(rng: np.random.Generator, label: int, width: int, height: int) -> np.
     rng, texture = rng.spawn(2)
     background = _background(rng, texture, width, height)
     canvas = background.copy()
-    # Distractors: small (often clipped) shapes of the other concepts, so "any shape
-    # present" is not the answer; only the big one counts.
-    others = [k for k in range(len(CONCEPTS)) if k != label]
+    # Distractors: small (often clipped) clutter that is no concept at all. Were they small
+    # copies of other concepts, size would be the class cue, and an image shrunk as a whole
+    # (RecursiveMix's paste, any zoom-out) would show its class at a distractor's size.
     for _ in range(rng.integers(0, 4)):
-        kind = others[rng.integers(len(others))]
         r = side * rng.uniform(0.06, 0.13)
         cx, cy = rng.uniform(-0.05, 1.05) * width, rng.uniform(-0.05, 1.05) * height
-        _draw_concept(canvas, rng, kind, cx, cy, r, _colour(rng))
+        _draw_clutter(canvas, rng, cx, cy, r, _colour(rng))
     r = side * rng.uniform(0.26, 0.42)
     # Mostly inside the frame, so a random-resized crop usually keeps a recognisable part.
     cx = rng.uniform(0.9 * r, width - 0.9 * r)
@@ -343,6 +344,23 @@ def _draw_concept(canvas, rng, label, cx, cy, r, colour):
                     cell = [(x0, y0), (x0 + dx, y0), (x0 + dx, y0 + dy), (x0, y0 + dy)]
                     pattern.polygon(_polygon(cell, cx, cy, r, angle, aspect))
         canvas.paste(_second_colour(rng, colour), mask=pattern.done())
+
+
+def _draw_clutter(canvas, rng, cx, cy, r, colour):
+    """A shape of no concept at (cx, cy), radius r pixels: an irregular blob or a stroke."""
+    mask = _Mask(canvas.size)
+    angle = rng.uniform(0, 2 * math.pi)
+    if rng.random() < 0.5:  # a lumpy blob: radii vary from vertex to vertex, unlike any concept's outline
+        n = int(rng.integers(6, 11))
+        t = np.sort(rng.uniform(0, 2 * math.pi, n))
+        rad = rng.uniform(0.35, 1.0, n)
+        unit = np.stack([rad * np.cos(t), rad * np.sin(t)], 1)
+    else:  # a bent stroke: two thin bars joined at an angle
+        bend = rng.uniform(0.4, 1.2)
+        unit = np.array([(-1, -0.12), (0, -0.12), (math.cos(bend), math.sin(bend) - 0.12),
+                         (math.cos(bend), math.sin(bend) + 0.12), (0, 0.12), (-1, 0.12)])
+    mask.polygon(_polygon(unit, cx, cy, r, angle, 1.0))
+    canvas.paste(colour, mask=mask.done())
 
 
 def _second_colour(rng, colour) -> tuple:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rmix import dist
-from rmix.config import TrainConfig, replace
+from rmix.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, replace
 from rmix.data import make_loaders
 from rmix.engine import evaluate, train_one_epoch, wrap_ddp
 from rmix.mixing import NoMix, build_policy
@@ -58,7 +58,7 @@ def equal(out, d):
     mine = slice(d.rank * share, (d.rank + 1) * share)  # this rank's share of each global batch
     loader = [(images[s, mine], targets[s, mine]) for s in range(STEPS)]
     cfg = replace(TrainConfig(), **{"mix.policy": "none"})
-    raw, sums = run(model, NoMix(CLASSES, mean=cfg.data.mean, std=cfg.data.std), loader, cfg, d)
+    raw, sums = run(model, NoMix(CLASSES, mean=IMAGENET_MEAN, std=IMAGENET_STD), loader, cfg, d)
     torch.save({"params": dict(raw.named_parameters()), "init": init, "images": sums[2].item()},
                out / f"rank{d.rank}.pt")
 
@@ -70,13 +70,13 @@ def rm(out, data, d):
         "data.val_resize": 20})
     train_loader, _ = make_loaders(cfg, data, "folder", CPU, d.rank, d.world_size)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)  # as the engine: one RNG per rank
-    policy = build_policy("recursive_mix", CLASSES, alpha=0.5, omega=0.5, mean=cfg.data.mean, std=cfg.data.std,
+    policy = build_policy("recursive_mix", CLASSES, alpha=0.5, omega=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                           generator=gen)
     raw, _ = run(build("resnet8", CLASSES), policy, train_loader, cfg, d)
     dist.broadcast_buffers(raw, d)
     torch.save({"params": dict(raw.named_parameters()), "buffers": dict(raw.named_buffers()),
                 "policy_rng": gen.get_state()}, out / f"rank{d.rank}.pt")
-    normalize = NoMix(CLASSES, mean=cfg.data.mean, std=cfg.data.std)
+    normalize = NoMix(CLASSES, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     totals = {}
     for loader in ("torch", "dali"):
         _, val_loader = make_loaders(replace(cfg, **{"data.loader": loader}), data, "folder", CPU, d.rank,

@@ -1,5 +1,7 @@
 """Schedules, losses, accuracy and the config tree."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,12 +22,18 @@ def test_step_schedule(epoch, factor):
     assert lr_at(epoch, 0.25, 300, schedule="step", warmup=5, milestones=(150, 225)) == pytest.approx(0.25 * factor)
 
 
-def test_cosine_schedule_starts_at_peak_after_warmup_and_decreases():
+def test_cosine_schedule_is_the_papers_and_cos_prefix_restarts_after_warmup():
     lrs = [lr_at(e, 0.2, 300, schedule="cos", warmup=5) for e in range(1, 301)]
-    assert lrs[5] == pytest.approx(0.2)
+    assert lrs[5] == pytest.approx(0.1 * (1 + math.cos(math.pi * 5 / 300)))  # below the peak: no restart
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
     assert 0 < lrs[-1] < 0.2 * 1e-3
     assert lr_at(1, 0.1, 10) == pytest.approx(0.1)  # no warmup: first epoch at the peak
+    prefix = [lr_at(e, 0.2, 300, schedule="cos_prefix", warmup=5) for e in range(1, 301)]
+    assert prefix[:5] == lrs[:5] and prefix[5] == pytest.approx(0.2)
+    assert all(p > c for p, c in zip(prefix[5:], lrs[5:]))  # the shifted variant runs higher in 295 epochs
+    # without warmup both are the same curve
+    assert [lr_at(e, 0.1, 30, schedule="cos_prefix") for e in range(1, 31)] == \
+        pytest.approx([lr_at(e, 0.1, 30, schedule="cos") for e in range(1, 31)])
 
 
 def test_lr_at_rejects_bad_epoch():

@@ -141,11 +141,14 @@ def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
     assert out.count("best val top-1") >= 1
 
 
-def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path):
-    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--save-every-steps", "1", "--resume", "auto"]
+@pytest.mark.parametrize("batch", [[], ["--keep-last", "--batch-size", "12"]], ids=["drop-last", "keep-last"])
+def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path, batch):
+    # keep-last: 16 images a rank, 6 a batch: steps of 6, 6 and a short 4, the last after the restart
+    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, *batch, "--save-every-steps", "1",
+            "--resume", "auto"]
     rc, out = launch(args + ["--out", "ref"], cwd=tmp_path)
     assert rc == 0, out
-    # rank 1 dies right after step 2 of epoch 2 (4 steps per epoch): rank 0 has saved steps 1 and 2 by then,
+    # rank 1 dies right after step 2 of epoch 2 (4 steps per epoch; 3 with keep-last): rank 0 has saved steps 1 and 2 by then,
     # or is saving step 2 (the atomic save then leaves step 1's)
     env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_STEP": "2", "RMIX_TEST_CRASH_MARKER": "crashed"}
     rc, out = launch(args + ["--out", "run"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=300)

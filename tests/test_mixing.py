@@ -140,7 +140,7 @@ def test_short_last_batch_still_mixes_and_label_smoothing_applies_first():
     images, labels = batch(2, 8, 8, 1)
     out = policy(images, labels, boxes=torch.tensor([[0, 0, 4, 4]] * 2))
     assert out.images.shape == (2, 3, 8, 8)
-    smoothed = F.one_hot(labels, K).float() * 0.9 + 0.1 / K
+    smoothed = F.one_hot(labels, K).float() * 0.9 + (1 - F.one_hot(labels, K).float()) * 0.1 / (K - 1)  # the paper's
     torch.testing.assert_close(out.soft_targets, 0.75 * smoothed + 0.25 * first.soft_targets[:2])
     assert policy.prev_logits.shape == (2, K)
 

@@ -11,6 +11,9 @@ from rmix.presets import PRESETS, preset
 EXPECTED = {
     "cpu-shapes": dict(model="resnet14", epochs=30, batch_size=64, dataset="auto", lr=0.1, schedule="cos",
                        policy="recursive_mix", alpha=0.5, omega=0.5),
+    # issue 17's settings, fixed before any run
+    "cpu-fashion": dict(model="resnet14", epochs=100, batch_size=64, dataset="fashion-mnist", lr=0.1, schedule="cos",
+                        warmup=0, wd=5e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
     "cifar10-pyramidnet200-rm": dict(model="pyramidnet_200_240", epochs=300, batch_size=64, dataset="cifar10",
                                      lr=0.25, schedule="step", milestones=(150, 225), gamma=0.1, warmup=5,
                                      wd=1e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
@@ -36,6 +39,8 @@ def test_preset_values(name):
                nesterov=cfg.optim.nesterov, policy=cfg.mix.policy, alpha=cfg.mix.alpha, omega=cfg.mix.omega)
     want = EXPECTED[name]
     assert {k: got[k] for k in want} == want
+    if name == "cpu-fashion":
+        assert (cfg.data.train_per_class, cfg.eval_every, cfg.data.data_dir) == (300, 5, "")
     if name.startswith("imagenet"):
         assert cfg.data.aug_plus and cfg.data.crop_size == 224 and cfg.data.val_resize == 256
         assert cfg.data.min_area == 0.08 and cfg.optim.momentum == 0.9

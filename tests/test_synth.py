@@ -161,3 +161,21 @@ def test_class_is_not_decodable_from_mean_colour():
     xv, yv = features(1, 30)
     pred = np.argmin(((xv[:, None] - centres[None]) ** 2).sum(-1), 1)
     assert (pred == yv).mean() < 0.25  # chance is 0.10
+
+
+def test_only_the_class_shape_is_a_concept(monkeypatch):
+    # v2: distractors are clutter, never another class's shape shrunk, so shrinking an image as a
+    # whole (RecursiveMix's paste) cannot turn its class into a distractor-sized cue
+    drawn = []
+    real = synth._draw_concept
+
+    def spy(canvas, rng, label, cx, cy, r, colour):
+        drawn.append((label, r))
+        return real(canvas, rng, label, cx, cy, r, colour)
+
+    monkeypatch.setattr(synth, "_draw_concept", spy)
+    for label in range(10):
+        for index in range(20):
+            drawn.clear()
+            synth.render(np.random.default_rng([0, 0, label, index]), label, 40, 40)
+            assert [k for k, _ in drawn] == [label] and 0.26 * 40 <= drawn[0][1] <= 0.42 * 40

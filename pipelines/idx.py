@@ -1,0 +1,96 @@
+"""MNIST and Fashion-MNIST from their idx files (LeCun's format), gzipped or not, with numpy.
+
+Layouts understood (`find_idx_dir`): a folder holding the four files (Debian's package
+`dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist/), torchvision's
+`FashionMNIST/raw/` and `MNIST/raw/`, or their parents.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+TORCHVISION_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASSES = {"fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                             "Sneaker", "Bag", "Ankle boot"],
+           "mnist": [str(i) for i in range(10)]}
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+           0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class IdxError(ValueError):
+    """A malformed idx file; the message names it."""
+
+
+def _path(directory: str, name: str) -> str | None:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def has_idx_files(directory) -> bool:
+    """True when `directory` holds all four files (each gzipped or not)."""
+    return all(_path(os.fspath(directory), n) for names in FILES.values() for n in names)
+
+
+def find_idx_dir(root, dataset: str) -> str:
+    """The folder holding `dataset`'s idx files: root itself, root/raw, or root/<torchvision name>/raw."""
+    root = os.fspath(root)
+    for directory in (root, os.path.join(root, "raw"), os.path.join(root, TORCHVISION_FOLDERS[dataset], "raw")):
+        if has_idx_files(directory):
+            return directory
+    hint = " (apt-get install dataset-fashion-mnist)" if dataset == "fashion-mnist" else ""
+    raise FileNotFoundError(f"--data-dir: no {dataset} idx files in {root}, {root}/raw or "
+                            f"{root}/{TORCHVISION_FOLDERS[dataset]}/raw: expected "
+                            f"{', '.join(n for names in FILES.values() for n in names)} (.gz or not){hint}")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """One idx file -> ndarray of the shape and dtype its header names; IdxError names the file."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise IdxError(f"{path}: cannot read ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
+        raise IdxError(f"{path}: not an idx file (magic number {data[:4].hex() or 'missing'}, "
+                       "expected 0000 then a type byte and the number of dimensions)")
+    dtype, ndim = np.dtype(_DTYPES[data[2]]), data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise IdxError(f"{path}: truncated header ({len(data)} bytes, {ndim} dimensions)")
+    shape = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    need = header + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != need:
+        raise IdxError(f"{path}: truncated or padded: the header says {shape} ({need} bytes), the file has "
+                       f"{len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def load_mnist(root, *, train: bool, dataset: str = "fashion-mnist"):
+    """(images uint8 (N, 28, 28, 3), labels int64 (N,), classes) of one split.
+
+    The grey channel is replicated to 3, so every model and the fused op take it unchanged.
+    """
+    if dataset not in CLASSES:
+        raise ValueError(f"dataset: expected one of {tuple(CLASSES)}, got {dataset!r}")
+    directory = find_idx_dir(root, dataset)
+    image_path, label_path = (_path(directory, n) for n in FILES[train])
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise IdxError(f"{image_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1:
+        raise IdxError(f"{label_path}: expected labels (N,), got shape {labels.shape}")
+    if len(labels) != len(images):
+        raise IdxError(f"{label_path}: {len(labels)} labels for the {len(images)} images of {image_path}")
+    k = len(CLASSES[dataset])
+    if len(labels) and not 0 <= labels.min() <= labels.max() < k:
+        raise IdxError(f"{label_path}: labels must be in 0..{k - 1}, got {labels.min()}..{labels.max()}")
+    rgb = np.ascontiguousarray(np.repeat(images[..., None], 3, axis=-1))
+    return rgb, labels.astype(np.int64), list(CLASSES[dataset])
