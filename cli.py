@@ -5,7 +5,7 @@ import sys
 import click
 
 from rmix import config as C
-from rmix.checkpoint import CheckpointError
+from rmix.checkpoint import CheckpointError, SaveError
 from rmix.synth import DEFAULT_ARGS as SYNTH
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError)
@@ -19,7 +19,10 @@ class RmixGroup(click.Group):
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
-            click.echo("Aborted!", err=True)
+            argv = list(sys.argv[1:] if args is None else args)
+            hint = ("; the same command with `--resume auto` continues from the run's last checkpoint"
+                    if argv[:1] == ["train"] else "")
+            click.echo(f"Aborted!{hint}", err=True)
             sys.exit(1)
         except click.ClickException as e:
             click.echo(f"Error: {e.format_message()}", err=True)
@@ -27,7 +30,7 @@ class RmixGroup(click.Group):
         except USER_ERRORS as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
-        except TrainingError as e:
+        except (TrainingError, SaveError) as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
 
@@ -132,7 +135,7 @@ def config_from_options(opts: dict, base=None) -> C.TrainConfig:
     return C.replace(base or C.TrainConfig(), **changes)
 
 
-def load_config_file(path, base=None) -> C.TrainConfig:
+def load_config_file(path, base=None, keys=None) -> C.TrainConfig:
     """`base` overlaid with a config file (.json, .toml, .yaml): config.json's nested fields, or any subset."""
     import pathlib
     p = pathlib.Path(path)
@@ -163,32 +166,77 @@ def load_config_file(path, base=None) -> C.TrainConfig:
             flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             flat[k] = v
-    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
-    try:
-        return C.replace(base or C.TrainConfig(), **flat)
-    except (TypeError, AttributeError) as e:
-        raise ValueError(f"--config: {p}: {e}") from None
+    types = C.field_types()
+    changes = {}
+    for key, value in flat.items():
+        field = _config_key(key, types)
+        try:
+            changes[field] = C.check_value(field, value, types)
+        except ValueError as e:
+            raise ValueError(f"--config: {p}: {e}") from None
+    if keys is not None:
+        keys.update(changes)
+    return C.replace(base or C.TrainConfig(), **changes)
+
+
+def option_fields() -> dict:
+    """Command-line option names (`lr`, `aug-alpha`, `aug_alpha`) -> dotted config fields."""
+    out = {}
+    for flag, key, _, _ in TRAIN_OPTIONS:
+        name = flag.split("/")[0].lstrip("-")
+        out[name] = out[name.replace("-", "_")] = key
+    return out
+
+
+def _config_key(key: str, types: dict) -> str:
+    """A config file's key as a dotted field: config.json's nested names, or an option's name."""
+    if key in types:
+        return key
+    head, _, tail = key.rpartition(".")
+    options = option_fields()
+    if not head and key in options:
+        return options[key]
+    import difflib
+    table = [k for k in types if k.rpartition(".")[0] == head]
+    valid = [k.rpartition(".")[2] for k in table] + ([] if head else sorted(set(options) - set(types)))
+    if head and not table:
+        tables = sorted({k.split(".")[0] for k in types if "." in k})
+        raise ValueError(f"--config: unknown table [{head}]; the tables are {', '.join(tables)}")
+    close = difflib.get_close_matches(tail, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f"in [{head}]" if head else "at the top level"
+    raise ValueError(f"--config: unknown key {tail!r} {where}{hint}; valid keys there: {', '.join(sorted(valid))}")
 
 
 @cli.command()
 @click.option("--preset", default=None, help="start from a named recipe, see `rmix presets`")
 @click.option("--config", "config_file", default=None, help="config file (.toml, .json, .yaml); options override it")
+@click.option("--allow-changes", default=None,
+              help="with --resume: settings that may differ from the run's, comma separated (e.g. epochs,lr); "
+                   "recorded in RUN/changes.jsonl")
 @train_options
-def train(preset, config_file, **opts):
+def train(preset, config_file, allow_changes, **opts):
     """Train a model; prints the best validation top-1 at the end.
 
-    Settings layer as: defaults < --preset < --config < command-line options.
+    Settings layer as: defaults < --preset < --config < command-line options. With --resume the
+    run's saved settings come first, and a setting given with another value is refused unless
+    --allow-changes names it.
     """
     from rmix.engine import train as run
-    from rmix.presets import preset as get_preset
+    from rmix.presets import PRESETS, preset as get_preset
     base = get_preset(preset) if preset else None
+    given = set(PRESETS[preset][1]) if preset else set()
     if config_file:
-        base = load_config_file(config_file, base)
+        base = load_config_file(config_file, base, keys=given)
     cfg = config_from_options(opts, base)
-    result = run(cfg)
+    given |= {k.replace("__", ".") for k, v in opts.items() if v is not None}
+    types = C.field_types()
+    allow = {_config_key(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
+    result = run(cfg, given=given, allow_changes=allow)
     if result.get("rank", 0) == 0:  # under torchrun every rank returns; one prints
         click.echo(f"run directory: {result['run_dir']}")
-        click.echo(f"best val top-1: {result['best_top1']:.2f}%  (final {result['final_top1']:.2f}%)")
+        final = "n/a" if result["final_top1"] is None else f"{result['final_top1']:.2f}%"
+        click.echo(f"best val top-1: {result['best_top1']:.2f}%  (final {final})")
 
 
 @cli.command("eval")
@@ -209,7 +257,8 @@ def eval_cmd(path, data_dir, dataset, model, loader, batch_size, device, as_json
         click.echo(json.dumps(r))
     else:
         loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
-        click.echo(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {loss}  "
+        top5 = "n/a (5 classes or fewer)" if r["top5"] is None else f"{r['top5']:.2f}%"
+        click.echo(f"top-1 {r['top1']:.2f}%  top-5 {top5}  loss {loss}  "
                    f"({r['images']} images, {r['model']})")
 
 

@@ -126,6 +126,32 @@ _SUB = {(TrainConfig, "data"): DataConfig, (TrainConfig, "mix"): MixConfig,
         (TrainConfig, "optim"): OptimConfig}
 
 
+def field_types(cls=TrainConfig, prefix="") -> dict:
+    """Dotted field name -> the type of its default (bool, int, float, str, tuple), for the whole tree."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        sub = _SUB.get((cls, f.name))
+        if sub is not None:
+            out.update(field_types(sub, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out[prefix + f.name] = type(default)
+    return out
+
+
+def check_value(key: str, value, types: dict):
+    """`value` as field `key` takes it (a list becomes a tuple, an int a float), or ValueError naming both."""
+    want = types[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list"}
+    raise ValueError(f"{key}: expected {names.get(want, want.__name__)}, got {value!r}")
+
+
 def replace(cfg, **changes):
     """dataclasses.replace that also takes dotted keys: replace(cfg, **{"mix.alpha": 1.0})."""
     nested = {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmix import checkpoint, dist
+from rmix import checkpoint, dist, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from pipelines import DecodeError
@@ -188,7 +188,8 @@ def evaluate(model, loader, normalize, amp, d=dist.Dist(), progress=None):
             progress.update(len(targets))
     sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
     n = max(sums[3].item(), 1)
-    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n,
+    top5 = 100 * sums[1].item() / n if getattr(loader, "num_classes", 6) > 5 else None  # with <= 5 classes: always 100
+    return {"top1": 100 * sums[0].item() / n, "top5": top5,
             "loss": _finite(sums[2].item() / n), "images": int(sums[3].item())}
 
 
@@ -213,8 +214,12 @@ def rng_state(policy):
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
-def train(cfg: TrainConfig, *, show_progress=None) -> dict:
-    """Train as `cfg` says; returns {"best_top1", "final_top1", "run_dir", ...}."""
+def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=()) -> dict:
+    """Train as `cfg` says; returns {"best_top1", "final_top1", "run_dir", ...}.
+
+    On resume the run continues with its saved config: `given` names the fields the user set this
+    time (None: all of cfg), `allow_changes` the fields that may then differ (see rmix.resume).
+    """
     validate(cfg)
     device = resolve_device(cfg.device)
     d = dist.setup(device.type, cfg.dist_timeout)
@@ -223,14 +228,51 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
+    run_dir = Path(cfg.out or dist.broadcast_object(str(default_run_dir(cfg)), d))  # rank 0's clock
+    lock, refusal = None, None
+    if d.is_main:  # before anything is written: the run directory is this run's, or nothing starts
+        try:
+            lock = rundir.claim(run_dir, resume=bool(cfg.resume))
+        except ValueError as e:
+            refusal = str(e)
+    refusal = dist.broadcast_object(refusal, d)
+    if refusal:
+        dist.cleanup(d)
+        raise ValueError(refusal)
+    failed = True
+    try:
+        result = _train(cfg, d, device, run_dir, show_progress, given, allow_changes)
+        failed = False
+        return result
+    finally:
+        if lock is not None:
+            lock.release(failed)
+
+
+def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
+    """`train` in the run directory it holds."""
+    show = d.is_main if show_progress is None else (show_progress and d.is_main)
+    ckpt, path, changes = None, None, {}
+    if cfg.resume:
+        path = run_dir / "latest.pt" if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.resume != "auto" or path.is_file():  # auto with nothing saved yet: a fresh start
+            ckpt = checkpoint.read(path)
+            if ckpt["foreign"]:
+                raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
+            cfg, changes = resume.merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow_changes)
+            if ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
+                return _complete(cfg, ckpt, run_dir, show, d)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
         _preflight(cfg, root, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
-    run_dir = Path(cfg.out or dist.broadcast_object(str(default_run_dir(cfg)), d))  # rank 0's clock
+    if train_loader.num_classes < 2:
+        raise ValueError(f"--data-dir: {root} has {train_loader.num_classes} class; classification needs at least 2 "
+                         "(top-1 would be 100% whatever the model learns)")
     cfg = replace(C.with_dataset_stats(cfg, dataset), num_classes=train_loader.num_classes, out=str(run_dir),
                   **{"data.data_dir": str(root), "data.dataset": dataset})
 
+    data = {"train_samples": train_loader.num_samples, "classes": train_loader.classes}  # the same data?
     model = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc).to(device)
     if cfg.mix.policy != "recursive_mix" and hasattr(model, "fc_roi"):
         model.fc_roi.requires_grad_(False)  # unused without RM: frozen, so DDP sees no unused grads
@@ -243,19 +285,21 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
     policy, normalize = build_policies(cfg, device, amp, d.rank)
 
     start, best, history, partial = 1, -1.0, [], None
-    if cfg.resume:
-        start, best, partial = _resume(cfg, run_dir, model, optimizer, scaler, policy, device, d)
+    if ckpt is not None:
+        start, best, partial = _resume(cfg, ckpt, path, train_loader, model, optimizer, scaler, policy, device, d)
     model = wrap_ddp(model, device, d, sync_bn=cfg.sync_bn)
     raw_model = model.module if d.enabled else model
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             _trim_metrics(run_dir / "metrics.jsonl", start)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        if ckpt is None or not (run_dir / "config.json").is_file():  # a resume keeps the original
+            (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        resume.record(run_dir, start, partial["step"] if partial else 0, changes)
     board = tensorboard_writer(run_dir) if d.is_main else None
-
-    show = d.is_main if show_progress is None else (show_progress and d.is_main)
     final = None
+    if show:  # everything checked: say where the run goes, before its first step
+        Progress.line(f"run directory: {run_dir}")
     if show and (start > 1 or partial):
         at = f", step {partial['step']}" if partial else ""
         Progress.line(f"resuming at epoch {start}{at} (best val top-1 so far {max(best, 0):.2f}%)")
@@ -268,7 +312,7 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
         ranks = dist.gather_to_main(mine, d)  # each rank's own history and streams
         if d.is_main:
             checkpoint.save(run_dir / "latest.pt", _payload(raw_model, optimizer, scaler, cfg, epoch - 1, best,
-                                                            ranks, step=step))
+                                                            ranks, data, step=step))
 
     skips = {"in_a_row": 0}  # fp16 steps skipped in a row, across epoch boundaries
     for epoch in range(start, cfg.epochs + 1):
@@ -276,7 +320,8 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
         part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
         train_loader.set_epoch(epoch - 1, part["step"])  # epochs count from 0 there; replays exactly on resume
         t0 = time.perf_counter() - part["seconds"]
-        with Progress(len(train_loader) - part["step"], f"epoch {epoch}/{cfg.epochs}", enabled=show,
+        steps = min(len(train_loader), cfg.max_steps or len(train_loader))  # --max-steps ends every epoch early
+        with Progress(max(steps - part["step"], 0), f"epoch {epoch}/{cfg.epochs}", enabled=show,
                       every=cfg.log_every) as bar:
             sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
                                    start_step=part["step"], sums=part["sums"], seen=part["seen"],
@@ -303,12 +348,13 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
                     if k != "epoch" and v is not None:
                         board.add_scalar(k, v, epoch)
                 board.flush()
-            payload = _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks)
+            payload = _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data)
             checkpoint.save(run_dir / "latest.pt", payload)
             if is_best:
                 checkpoint.save(run_dir / "best.pt", payload)
             if show:
-                scores = (f"val top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% (best {best:.2f}%)" if evaluated
+                top5 = "" if val["top5"] is None else f" top-5 {val['top5']:.2f}%"
+                scores = (f"val top-1 {val['top1']:.2f}%{top5} (best {best:.2f}%)" if evaluated
                           else f"not evaluated (--eval-every {cfg.eval_every})")
                 Progress.line(f"epoch {epoch}: train loss {_fmt(row['train_loss'])} top-1 {row['train_top1']:.1f}% | "
                               f"{scores} | {row['img_s']:.0f} img/s")
@@ -322,11 +368,12 @@ def train(cfg: TrainConfig, *, show_progress=None) -> dict:
             "config": to_dict(cfg), "rank": d.rank}
 
 
-def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, step=0):
+def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, step=0):
     """A training checkpoint: `epoch` complete epochs and `step` steps of the next; per-rank state."""
     payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
-               "config": to_dict(cfg), "rng": ranks[0]["rng"], "rng_ranks": [r["rng"] for r in ranks]}
+               "config": to_dict(cfg), "rng": ranks[0]["rng"], "rng_ranks": [r["rng"] for r in ranks],
+               "data": data}
     if step:  # mid-epoch: what each rank needs to continue at `step` exactly
         payload["partial_ranks"] = [{k: v for k, v in r.items() if k != "rng"} for r in ranks]
     return payload
@@ -357,31 +404,20 @@ def _preflight(cfg, root, d):
         raise ValueError(f"--data-dir: {summary(result)}; see `rmix data check {root}`")
 
 
-def _resume(cfg, run_dir, model, optimizer, scaler, policy, device, d=dist.Dist()):
-    """Load model/optimizer/RNG state; returns (first epoch to run, best top-1 so far, partial).
+def _resume(cfg, ckpt, path, train_loader, model, optimizer, scaler, policy, device, d=dist.Dist()):
+    """Load model/optimizer/RNG state from `ckpt`; returns (first epoch to run, best top-1 so far, partial).
 
     partial: None after an epoch-end checkpoint; after a mid-epoch one (--save-every-steps)
     this rank's {"step", "sums", "seen", "seconds"} (its RecursiveMix history is restored here).
     """
-    path = Path(cfg.resume)
-    if cfg.resume == "auto":
-        path = run_dir / "latest.pt"
-        if not path.is_file():
-            return 1, -1.0, None  # nothing to resume yet: a fresh start (torchrun restarts rely on this)
-    ckpt = checkpoint.read(path)
-    if ckpt["foreign"]:
-        raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
     saved = ckpt["config"]
-    for field, now in (("model", cfg.model), ("num_classes", cfg.num_classes),
-                       ("data.data_dir", cfg.data.data_dir), ("data.dataset", cfg.data.dataset)):
-        if "." in field:
-            head, tail = field.split(".")
-            was = saved.get(head, {}).get(tail)
-            if was != now:
-                raise ValueError(f"--resume: {path} was trained with {field}={was!r}, this run has {now!r}")
-            continue
-        if saved.get(field) != now:
-            raise ValueError(f"--resume: {path} was trained with {field}={saved.get(field)!r}, this run has {now!r}")
+    if saved.get("num_classes") != cfg.num_classes:
+        raise ValueError(f"--resume: {path} was trained with {saved.get('num_classes')} classes, "
+                         f"{cfg.data.data_dir} has {cfg.num_classes}")
+    data = {"train_samples": train_loader.num_samples, "classes": train_loader.classes}
+    if saved["data"]["data_dir"] != cfg.data.data_dir and ckpt.get("data") != data:
+        raise ValueError(f"--resume: {path} was trained on {saved['data']['data_dir']}, this run reads "
+                         f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell)")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -404,6 +440,19 @@ def _resume(cfg, run_dir, model, optimizer, scaler, policy, device, d=dist.Dist(
         partial = parts[d.rank]
         policy.load_state_dict(partial["policy"], device)
     return ckpt["epoch"] + 1, ckpt["best_top1"], partial
+
+
+def _complete(cfg, ckpt, run_dir, show, d):
+    """`--resume` of a run that has trained all its epochs: nothing to do, said so."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    final = next((r["val_top1"] for r in reversed(rows) if r.get("val_top1") is not None), None)
+    if show:
+        Progress.line(f"{run_dir} is complete: {ckpt['epoch']} of {cfg.epochs} epochs trained; nothing to do "
+                      "(--allow-changes epochs --epochs N trains on)")
+    dist.cleanup(d)
+    return {"best_top1": ckpt["best_top1"], "final_top1": final, "run_dir": str(run_dir), "epochs": rows,
+            "config": to_dict(cfg), "rank": d.rank, "complete": True}
 
 
 def _trim_metrics(path, start):

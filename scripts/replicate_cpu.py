@@ -30,7 +30,8 @@ SETUPS = {
                         what="Test top-1 (%) on the full Fashion-MNIST test set (10,000 images) after training on "
                              "the first 300 images of each class (3,000; `--train-per-class 300`), ResNet-14, "
                              "100 epochs, batch 64, SGD Nesterov lr 0.1, the paper's cosine, weight decay 5e-4, "
-                             "pad 4 + crop 28 + flip, evaluated every 5 epochs; RM alpha 0.5, omega 0.1"),
+                             "pad 4 + crop 28 + flip, the last partial batch kept, evaluated every 5 epochs; "
+                             "RM alpha 0.5, omega 0.1"),
     "cpu-shapes": dict(out="results/shapes", curves="results_shapes_curves.png",
                        title="The embedded set, fixed (distractors are not other classes shrunk)",
                        what="Validation top-1 (%) on the embedded dataset (10 classes, 100 train + 100 val images "

@@ -36,7 +36,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
 @pytest.mark.parametrize("damage,reason", [
     (lambda b: b"", "empty"),
     (lambda b: b[: len(b) // 2], "cannot read"),
-    (lambda b: b"not a checkpoint at all", "cannot read"),
+    (lambda b: b"not a checkpoint at all", "not a file torch.save wrote"),
 ])
 def test_damaged_files_name_path_and_reason(tmp_path, damage, reason):
     p = tmp_path / "c.pt"
@@ -91,3 +91,91 @@ def test_malicious_pickle_never_runs(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(p)], env=env, capture_output=True, text=True)
     assert not marker.exists(), "the payload ran"
     assert "refused" in r.stdout or "cannot read" in r.stdout, r.stdout + r.stderr
+
+
+def _save_v1(path, payload):
+    """How rmix wrote checkpoints until 2026-12 (version 1): the content in a verified byte tensor."""
+    import hashlib
+    import io
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    torch.save({"format": "rmix-checkpoint", "version": 1, "sha256": hashlib.sha256(data).hexdigest(),
+                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, path)
+
+
+def test_a_checkpoint_is_a_plain_dict_that_loads_the_usual_way(tmp_path):
+    from rmix.models import build
+    model = build("resnet8", 4)
+    p = tmp_path / "best.pt"
+    checkpoint.save(p, {"model": model.state_dict(), "epoch": 2, "config": {"model": "resnet8"}})
+    plain = torch.load(p, weights_only=True)
+    assert {"model", "epoch", "config", "rmix"} <= set(plain)
+    fresh = build("resnet8", 4)
+    fresh.load_state_dict(plain["model"], strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_version_1_files_are_still_read_and_verified(tmp_path):
+    p = tmp_path / "old.pt"
+    _save_v1(p, payload())
+    got = checkpoint.read(p)
+    assert got["epoch"] == 3 and not got["foreign"] and torch.equal(got["model"]["w"], payload()["model"]["w"])
+    data = bytearray(p.read_bytes())
+    data[data.find(b"resnet8")] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch|cannot read"):
+        checkpoint.read(p)
+
+
+def test_a_flipped_weight_byte_is_refused(tmp_path):
+    p = tmp_path / "c.pt"
+    w = torch.full((64,), 1.5)
+    checkpoint.save(p, {"model": {"w": w}, "epoch": 1})
+    data = bytearray(p.read_bytes())
+    i = data.find(torch.tensor([1.5]).numpy().tobytes() * 64)  # the weight's stored bytes
+    assert i > 0
+    data[i + 9] ^= 0x40
+    p.write_bytes(bytes(data))
+    flipped = torch.load(p, weights_only=True)["model"]["w"]
+    assert not torch.equal(flipped, w)  # torch loads it silently with another value ...
+    with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
+        checkpoint.read(p)  # ... rmix refuses it
+
+
+def test_a_failing_write_keeps_the_previous_file_and_names_path_and_reason(tmp_path, monkeypatch):
+    import errno
+    p = tmp_path / "latest.pt"
+    checkpoint.save(p, payload())
+    before = p.read_bytes()
+
+    def full(f, data):
+        f.write(data[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_write", full)
+    with pytest.raises(checkpoint.SaveError, match=f"cannot write {p}: No space left on device") as e:
+        checkpoint.save(p, {**payload(), "epoch": 4})
+    assert "\n" not in str(e.value)
+    assert p.read_bytes() == before and checkpoint.read(p)["epoch"] == 3
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_a_file_size_limit_is_a_save_error_not_a_crash(tmp_path):
+    # for real: RLIMIT_FSIZE makes the kernel refuse the write (EFBIG) once the file passes 64 KiB
+    code = f"""
+import resource, signal, torch
+from rmix import checkpoint
+checkpoint.save({str(tmp_path / 'c.pt')!r}, {{"model": {{"w": torch.zeros(4)}}}})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    checkpoint.save({str(tmp_path / 'c.pt')!r}, {{"model": {{"w": torch.zeros(100000)}}}})
+except checkpoint.SaveError as e:
+    print("SaveError:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "SaveError: cannot write" in r.stdout and "File too large" in r.stdout
+    assert checkpoint.read(tmp_path / "c.pt")["model"]["w"].shape == (4,)

@@ -117,7 +117,7 @@ BAD_INPUTS = [
     (["--workers", "-1"], "--workers"), (["--loader", "ffcv"], "--loader"), (["--optimizer", "lamb"], "--optimizer"),
     (["--schedule", "poly"], "--schedule"), (["--warmup", "5", "--epochs", "3"], "--warmup"),
     (["--milestones", "1,x"], "--milestones"), (["--model", "resnet9000"], "resnet9000"),
-    (["--device", "tpu"], "--device"), (["--amp", "fp8"], "--amp"), (["--dataset", "mnist"], "--dataset"),
+    (["--device", "tpu"], "--device"), (["--amp", "fp8"], "--amp"), (["--dataset", "svhn"], "--dataset"),
     (["--resume", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"), (["--resume", "auto"], "--resume"),
     (["--preset", "imagenet-r51"], "--preset"), (["--config", "/no/such.toml"], "--config"),
     (["--max-skipped-steps", "-1"], "--max-skipped-steps"), (["--dist-timeout", "0"], "--dist-timeout"),
@@ -241,7 +241,8 @@ def test_decode_error_mid_run_stops_and_keeps_the_checkpoint(tiny, tmp_path, loa
     bad = os.path.join(index.root, index.files[order[9]])  # 0-based epoch 1 = epoch 2; position 9: step 1
     batch = [os.path.join(index.root, index.files[i]) for i in order[8:16]]
     _cut_after_scan_start(tmp_path / bad)
-    resume = train_args(data, out, "--loader", loader, "--epochs", "2", "--resume", "auto")
+    resume = train_args(data, out, "--loader", loader, "--epochs", "2", "--resume", "auto",
+                        "--allow-changes", "epochs")
 
     r = CliRunner().invoke(cli, resume)  # the preflight refuses it before training
     assert r.exit_code == 2, r.output
