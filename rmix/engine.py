@@ -286,7 +286,7 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
 
     start, best, history, partial = 1, -1.0, [], None
     if ckpt is not None:
-        start, best, partial = _resume(cfg, ckpt, path, train_loader, model, optimizer, scaler, policy, device, d)
+        start, best, partial = _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d)
     model = wrap_ddp(model, device, d, sync_bn=cfg.sync_bn)
     raw_model = model.module if d.enabled else model
     if d.is_main:
@@ -404,7 +404,7 @@ def _preflight(cfg, root, d):
         raise ValueError(f"--data-dir: {summary(result)}; see `rmix data check {root}`")
 
 
-def _resume(cfg, ckpt, path, train_loader, model, optimizer, scaler, policy, device, d=dist.Dist()):
+def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=dist.Dist()):
     """Load model/optimizer/RNG state from `ckpt`; returns (first epoch to run, best top-1 so far, partial).
 
     partial: None after an epoch-end checkpoint; after a mid-epoch one (--save-every-steps)
@@ -414,7 +414,6 @@ def _resume(cfg, ckpt, path, train_loader, model, optimizer, scaler, policy, dev
     if saved.get("num_classes") != cfg.num_classes:
         raise ValueError(f"--resume: {path} was trained with {saved.get('num_classes')} classes, "
                          f"{cfg.data.data_dir} has {cfg.num_classes}")
-    data = {"train_samples": train_loader.num_samples, "classes": train_loader.classes}
     if saved["data"]["data_dir"] != cfg.data.data_dir and ckpt.get("data") != data:
         raise ValueError(f"--resume: {path} was trained on {saved['data']['data_dir']}, this run reads "
                          f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell)")
