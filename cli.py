@@ -233,6 +233,13 @@ def train(preset, config_file, allow_changes, **opts):
     types = C.field_types()
     allow = {_config_key(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
     result = run(cfg, given=given, allow_changes=allow)
+    stopped = result.get("preempted")
+    if stopped and result.get("rank", 0) == 0:  # SIGTERM/SIGUSR1: saved where it stopped, exit 0
+        at = f"epoch {stopped['epoch']}, step {stopped['step']}" if stopped["step"] else \
+            f"the start of epoch {stopped['epoch']}"
+        click.echo(f"stopped by {stopped['signal']} at {at}; {result['run_dir']}/latest.pt saved there; "
+                   "the same command with `--resume auto` continues it", err=True)
+        return
     if result.get("rank", 0) == 0:  # under torchrun every rank returns; one prints
         click.echo(f"run directory: {result['run_dir']}")
         final = "n/a" if result["final_top1"] is None else f"{result['final_top1']:.2f}%"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import signal
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -172,6 +174,23 @@ class _Collate:
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id):
+    # SIGTERM/SIGUSR1 reach every process of the job (torchrun's killpg, SLURM): torch's workers
+    # would die of them at once and fail the step the trainer is finishing before it saves
+    # (rmix.preempt). So a worker takes them on a thread of its own, and obeys only a SIGTERM from
+    # its trainer (multiprocessing's terminate(), at the trainer's exit).
+    trainer, stop = os.getppid(), {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+
+    def wait():
+        while True:
+            info = signal.sigwaitinfo(stop)
+            if info.si_signo == signal.SIGTERM and info.si_pid == trainer:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="rmix-stop-signals", daemon=True).start()
+
+
 class TorchLoader(EpochCounter):
     """A DataLoader over (index, aug_seed)-keyed items behind the loader contract.
 
@@ -198,12 +217,19 @@ class TorchLoader(EpochCounter):
         self._make_dataloader = functools.partial(
             DataLoader, dataset, batch_sampler=self.batch_sampler, num_workers=workers,
             collate_fn=_Collate(crop_size), pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0, worker_init_fn=_leave_stop_signals_to_the_trainer)
         self._loader = self._make_dataloader()
         self._forks = workers > 0  # the next iter() starts worker processes
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
+
+    def close(self):
+        """Stop the workers now, cleanly: they ignore SIGTERM, which is what multiprocessing's
+        exit handler would send them when an error leaves them alive to the interpreter's end."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
     def __iter__(self):
         return self._batches(*self._take_epoch())

@@ -16,6 +16,7 @@ from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build
+from rmix.preempt import Preemption
 from rmix.progress import Progress
 from rmix.schedule import lr_at
 
@@ -126,13 +127,14 @@ def grads_finite(optimizer) -> bool:
 
 
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress, *, start_step=0,
-                    sums=None, seen=0, on_step=None, skips=None):
+                    sums=None, seen=0, on_step=None, skips=None, stop=None):
     """One pass over `loader`; returns summed (loss, correct, images) as a tensor.
 
     `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader was set to
     start there (`loader.set_epoch(e, start_step)`), the policy keeps the history it was given,
     and `sums`/`seen` carry the statistics so far.
-    `on_step(steps_done, sums, seen)` runs after each optimizer step (mid-epoch checkpoints).
+    `on_step(steps_done, sums, seen)` runs after each optimizer step (mid-epoch checkpoints);
+    `stop(steps_done, last)` after that ends the pass early when true (preemption, rmix.preempt).
     """
     model.train()
     if start_step == 0:
@@ -140,7 +142,8 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     rm = cfg.mix.policy == "recursive_mix"
     skips = {"in_a_row": 0} if skips is None else skips  # carried across epochs by train()
     batches = iter(loader)
-    for step in range(start_step, len(loader)):
+    end = min(len(loader), cfg.max_steps or len(loader))  # --max-steps ends every epoch early
+    for step in range(start_step, end):
         try:
             images, targets = next(batches)
         except StopIteration:
@@ -163,7 +166,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
         progress.update(n, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
         if on_step is not None:
             on_step(step + 1, sums, seen)
-        if cfg.max_steps and step + 1 >= cfg.max_steps:
+        if stop is not None and stop(step + 1, last=step + 1 == end):
             break
     sums = sums.cpu() if sums is not None else torch.zeros(2, dtype=torch.float64)
     return torch.cat([sums, torch.tensor([seen], dtype=torch.float64)])
@@ -225,6 +228,11 @@ def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=())
     d = dist.setup(device.type, cfg.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    with Preemption(d, _reduce_device(d), every=cfg.log_every) as preempt:  # SIGTERM/SIGUSR1: save, exit 0
+        return _claim_and_train(cfg, d, device, show_progress, given, allow_changes, preempt)
+
+
+def _claim_and_train(cfg, d, device, show_progress, given, allow_changes, preempt):
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + d.rank)
@@ -241,7 +249,7 @@ def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=())
         raise ValueError(refusal)
     failed = True
     try:
-        result = _train(cfg, d, device, run_dir, show_progress, given, allow_changes)
+        result = _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt)
         failed = False
         return result
     finally:
@@ -249,7 +257,7 @@ def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=())
             lock.release(failed)
 
 
-def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
+def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt):
     """`train` in the run directory it holds."""
     show = d.is_main if show_progress is None else (show_progress and d.is_main)
     ckpt, path, changes = None, None, {}
@@ -266,6 +274,17 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
     if cfg.data.preflight and dataset not in ARRAY_SETS:
         _preflight(cfg, root, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
+    try:
+        return _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, dataset, preempt,
+                           train_loader, val_loader)
+    finally:  # whatever ends the run: loader workers stop now, not at the interpreter's exit
+        for loader in (train_loader, val_loader):
+            getattr(loader, "close", lambda: None)()
+
+
+def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, dataset, preempt,
+                train_loader, val_loader):
+    """`_train` with its loaders."""
     if train_loader.num_classes < 2:
         raise ValueError(f"--data-dir: {root} has {train_loader.num_classes} class; classification needs at least 2 "
                          "(top-1 would be 100% whatever the model learns)")
@@ -304,9 +323,11 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
         at = f", step {partial['step']}" if partial else ""
         Progress.line(f"resuming at epoch {start}{at} (best val top-1 so far {max(best, 0):.2f}%)")
 
-    def save_mid_epoch(step, sums, seen):  # --save-every-steps; reads this loop's epoch and t0
-        if step % cfg.save_every_steps or step >= min(len(train_loader), cfg.max_steps or len(train_loader)):
-            return  # the epoch-end checkpoint follows the last step
+    def save_every(step, sums, seen):  # --save-every-steps
+        if step % cfg.save_every_steps == 0 and step < min(len(train_loader), cfg.max_steps or len(train_loader)):
+            save_mid_epoch(step, sums, seen)  # the epoch-end checkpoint follows the last step
+
+    def save_mid_epoch(step, sums, seen):  # reads this loop's epoch and t0
         mine = {"rng": rng_state(policy), "policy": _to_cpu(policy.state_dict()), "step": step,
                 "sums": sums.cpu(), "seen": seen, "seconds": time.perf_counter() - t0}
         ranks = dist.gather_to_main(mine, d)  # each rank's own history and streams
@@ -315,6 +336,7 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
                                                             ranks, data, step=step))
 
     skips = {"in_a_row": 0}  # fp16 steps skipped in a row, across epoch boundaries
+    preempted = None
     for epoch in range(start, cfg.epochs + 1):
         lr = set_lr(optimizer, cfg, epoch)
         part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
@@ -325,7 +347,12 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
                       every=cfg.log_every) as bar:
             sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
                                    start_step=part["step"], sums=part["sums"], seen=part["seen"],
-                                   on_step=save_mid_epoch if cfg.save_every_steps else None, skips=skips)
+                                   on_step=save_every if cfg.save_every_steps else None, skips=skips,
+                                   stop=preempt.stop)
+        if preempt.signal and preempt.at < steps:  # stopped inside the epoch: save at that step
+            save_mid_epoch(preempt.at, sums[:2], int(sums[2].item()))
+            preempted = {"signal": preempt.signal, "epoch": epoch, "step": preempt.at}
+            break
         sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
         seconds = time.perf_counter() - t0
         dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
@@ -361,11 +388,14 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes):
         elif evaluated:
             best = max(best, val["top1"])
         dist.barrier(d)
+        if epoch < cfg.epochs and (preempt.signal or preempt.stop(0, last=True)):  # a signal during eval
+            preempted = {"signal": preempt.signal, "epoch": epoch + 1, "step": 0}
+            break
     if board is not None:
         board.close()
     dist.cleanup(d)
     return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
-            "config": to_dict(cfg), "rank": d.rank}
+            "config": to_dict(cfg), "rank": d.rank, "preempted": preempted}
 
 
 def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, step=0):

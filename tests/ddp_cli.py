@@ -2,7 +2,8 @@
 
 The hooks are read from the environment here, never by the library:
   RMIX_TEST_CRASH_EPOCH   as that epoch starts, rank RMIX_TEST_CRASH_RANK (default 1) ...
-  RMIX_TEST_CRASH_HOW     ... "kill"s itself with SIGKILL (default) or "stall"s (sleeps 10 minutes)
+  RMIX_TEST_CRASH_HOW     ... "kill"s itself with SIGKILL (default), "stall"s (sleeps 10 minutes) or
+                          sends itself SIGTERM ("term") and goes on, as a preempting scheduler would
   RMIX_TEST_CRASH_STEP    ... or, when set, does so right after that step of the epoch (and its mid-epoch save)
   RMIX_TEST_CRASH_MARKER  crash only while this file does not exist (it is created just before)
   RMIX_TEST_RESULTS       a folder: each rank writes rank{r}.json with the run directory it trains into
@@ -33,6 +34,9 @@ def crash():
         Path(MARKER).touch()
     if CRASH_HOW == "stall":
         time.sleep(600)
+    if CRASH_HOW == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

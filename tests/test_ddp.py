@@ -164,6 +164,52 @@ def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path, batch):
                     for r in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
 
 
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tiny, tmp_path):
+    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--log-every", "2", "--resume", "auto"]
+    rc, out = launch(args + ["--out", "ref"], cwd=tmp_path)
+    assert rc == 0, out
+    # rank 1 alone is sent SIGTERM after step 1 of epoch 2; the ranks agree every 2 steps (--log-every)
+    env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_STEP": "1", "RMIX_TEST_CRASH_HOW": "term",
+           "RMIX_TEST_CRASH_MARKER": "signalled"}
+    rc, out = launch(args + ["--out", "run"], cwd=tmp_path, env=env, timeout=300)
+    assert rc == 0, out
+    assert (tmp_path / "signalled").is_file() and "Traceback" not in out
+    assert out.count("stopped by SIGTERM at epoch 2, step 2;") == 1, out  # one line, from rank 0
+    ckpt = checkpoint.read(tmp_path / "run/latest.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert [r["step"] for r in ckpt["partial_ranks"]] == [2, 2]  # both ranks' state, at the same step
+    rc, out = launch(args + ["--out", "run"], cwd=tmp_path, env=env, timeout=300)
+    assert rc == 0 and "resuming at epoch 2, step 2 " in out, out
+    want, got = checkpoint.read(tmp_path / "ref/latest.pt"), checkpoint.read(tmp_path / "run/latest.pt")
+    for k in want["model"]:
+        torch.testing.assert_close(got["model"][k], want["model"][k], rtol=0, atol=0, msg=k)
+
+
+def test_sigterm_to_torchrun_reaches_every_rank_and_its_loader_workers(tiny, tmp_path):
+    # torchrun forwards SIGTERM with killpg: the DataLoader workers get it too and must not die of it
+    environ = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
+    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(ROOT / "tests/ddp_cli.py"),
+           "train", "--data-dir", str(tiny), *TINY, "--epochs", "500", "--out", "run"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "run/metrics.jsonl").is_file():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    try:
+        out, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not stop")
+    assert "killed by signal" not in out and "[rank" not in out, out  # no rank failed
+    assert out.count("stopped by SIGTERM at ") == 1, out
+    ckpt = checkpoint.read(tmp_path / "run/latest.pt")
+    said = out.split("stopped by SIGTERM at ")[1].split(";")[0]
+    assert said == (f"epoch {ckpt['epoch'] + 1}, step {ckpt['step']}" if ckpt["step"] else
+                    f"the start of epoch {ckpt['epoch'] + 1}")
+
+
 def test_sync_bn_on_cpu_is_a_clear_error():
     model = build("resnet8", 4)
     with pytest.raises(ValueError, match="--sync-bn"):
