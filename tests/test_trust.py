@@ -266,3 +266,13 @@ def test_the_readme_checkpoint_snippet_loads_a_real_run(finished):
     ns = {}
     exec(code.replace("runs/rm/best.pt", str(finished / "best.pt")), ns)
     assert ns["ckpt"]["epoch"] >= 1 and set(ns["model"].state_dict()) == set(ns["ckpt"]["model"])
+
+
+def test_the_cli_bounds_openmp_spinning_before_torch_loads_and_keeps_a_users_value():
+    code = "import os, sys; import cli; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "10000"
+    env["GOMP_SPINCOUNT"] = "500"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "500"
