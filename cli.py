@@ -4,8 +4,8 @@ import os
 import sys
 
 # Before torch loads libgomp: its OpenMP threads otherwise spin ~300k iterations waiting for work,
-# and two runs on one machine spin against each other (measured on 2 cores, `rmix train --epochs 5`:
-# alone 16.4 s either way; two at once 100.6 s by default, 33.3 s with 10000). A user's value wins.
+# and two runs on one machine spin against each other (`rmix bench contention`, 2 cores, 5 epochs:
+# two at once 4.29x one alone by default, 2.39x with 10000; alone 1.01x). A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import click  # noqa: E402
@@ -76,6 +76,8 @@ TRAIN_OPTIONS = [
      "paper: other classes get s/(K-1), as the RM code; uniform: s/K, as torch and timm"),
     ("--loader", "data.loader", click.Choice(C.LOADERS), "input pipeline"),
     ("--dali-device", "data.dali_device", click.Choice(["auto", "cpu", "gpu"]), "DALI decode device"),
+    ("--torch-decode", "data.torch_decode", click.Choice(["workers", "device"]),
+     "torch loader, image folders: PIL in the workers, or torchvision.io.decode_jpeg on the device (nvJPEG)"),
     ("--crop-size", "data.crop_size", int, "train/val crop in pixels"),
     ("--min-area", "data.min_area", float, "random-resized-crop minimum area"),
     ("--val-resize", "data.val_resize", int, "val shorter side before the centre crop"),
@@ -87,6 +89,9 @@ TRAIN_OPTIONS = [
     ("--workers", "data.workers", int, "loader threads/workers per process"),
     ("--device", "device", click.Choice(C.DEVICES), ""),
     ("--amp", "amp", click.Choice(C.AMPS), "autocast dtype [default: auto = bf16 on cuda]"),
+    ("--compile", "compile", click.Choice(C.COMPILE_MODES),
+     "torch.compile the model and its RoI head with this mode; bare --compile = default [default: none]",
+     {"is_flag": False, "flag_value": "default"}),
     ("--seed", "seed", int, ""),
     ("--out", "out", str, "run directory [default: runs/<model>-<aug>-<time>]"),
     ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
@@ -110,18 +115,18 @@ def _default(key):
     return v
 
 
-def _option(flag, key, typ, help_):
+def _option(flag, key, typ, help_, extra=None):
     dest = key.replace(".", "__")
     if "[default:" not in help_:
         help_ = f"{help_} [default: {_default(key)}]".strip()
     if typ is None:
         return click.option(flag, dest, default=None, help=help_)
-    return click.option(flag, dest, type=typ, default=None, help=help_)
+    return click.option(flag, dest, type=typ, default=None, help=help_, **(extra or {}))
 
 
 def train_options(f):
-    for flag, key, typ, help_ in reversed(TRAIN_OPTIONS):
-        f = _option(flag, key, typ, help_)(f)
+    for option in reversed(TRAIN_OPTIONS):
+        f = _option(*option)(f)
     return f
 
 
@@ -188,7 +193,7 @@ def load_config_file(path, base=None, keys=None) -> C.TrainConfig:
 def option_fields() -> dict:
     """Command-line option names (`lr`, `aug-alpha`, `aug_alpha`) -> dotted config fields."""
     out = {}
-    for flag, key, _, _ in TRAIN_OPTIONS:
+    for flag, key, *_ in TRAIN_OPTIONS:
         name = flag.split("/")[0].lstrip("-")
         out[name] = out[name.replace("-", "_")] = key
     return out
@@ -393,7 +398,7 @@ def bench():
 def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
     """The fused mixing op against the paper's unfused steps, same inputs, one run."""
     import torch
-    from rmix.bench_mix import bench_mix, format_bench
+    from rmix.bench.mix import bench_mix, format_bench
     for name, v in (("--batch", batch), ("--size", size), ("--reps", reps)):
         if v < 1:
             raise ValueError(f"{name}: must be positive, got {v}")
@@ -404,7 +409,7 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 
-# --- bench data, bench train (rmix/bench_data.py, rmix/bench_train.py) ---
+# --- bench data, bench train (rmix/bench/data.py, rmix/bench/train.py) ---
 @bench.command("data")
 @click.option("--data-dir", default=None, help="ImageFolder root (its train/) or split "
                                                "[default: ImageNet-sized synthetic JPEGs]")
@@ -421,7 +426,7 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, device, dali_device, as_json):
     """Train-pipeline img/s on the same files and threads: DALI, torchvision+PIL, torchvision v2, decode only."""
-    from rmix.bench_data import bench_data, format_bench
+    from rmix.bench.data import bench_data, format_bench
     d = bench_data(data_dir, batch=batch, threads=threads, size=size, reps=reps, images=images, min_area=min_area,
                    device=device, dali_device=dali_device, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_bench(d))
@@ -440,14 +445,19 @@ def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, devic
 @click.option("--loader", type=click.Choice(C.LOADERS), default="dali", show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="loader threads / DataLoader workers")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
+@click.option("--compile", "compile_mode", type=click.Choice(C.COMPILE_MODES[1:]), is_flag=False,
+              flag_value="default", default=None, help="also torch.compile'd runs with this mode, beside eager")
+@click.option("--torch-decode", type=click.Choice(["workers", "device"]), default="workers", show_default=True,
+              help="torch loader: PIL in the workers, or torchvision.io.decode_jpeg on the device (nvJPEG)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_last, data_dir, loader, workers,
-                    threads, as_json):
+                    threads, compile_mode, torch_decode, as_json):
     """Train-step img/s: recursive_mix vs none in memory, and recursive_mix fed by the real loader."""
-    from rmix.bench_train import bench_train, format_bench
+    from rmix.bench.train import bench_train, format_bench
     d = bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
                     channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
-                    threads=threads, log=lambda m: click.echo(m, err=True))
+                    threads=threads, compile_mode=compile_mode or "none", torch_decode=torch_decode,
+                    log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 
@@ -459,7 +469,7 @@ def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_las
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_soak_cmd(steps, loader, threads, as_json):
     """Resident memory over thousands of RM steps on tiny data (train/eval alternating); exit 1 without a plateau."""
-    from rmix.bench_soak import format_soak, soak
+    from rmix.bench.soak import format_soak, soak
     d = soak(steps, loader=loader, threads=threads, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_soak(d))
     if d["plateau"] is False:
@@ -467,6 +477,22 @@ def bench_soak_cmd(steps, loader, threads, as_json):
                    f"({d['warmup_rss_mb']:.1f} -> max {d['max_after_warmup_mb']:.1f} MB), limit {d['limit_pct']:.0f}%",
                    err=True)
         sys.exit(1)
+
+
+@bench.command("contention")
+@click.option("--epochs", type=int, default=5, show_default=True, help="epochs of each `rmix train` (embedded set)")
+@click.option("--procs", type=int, default=2, show_default=True, help="runs started together")
+@click.option("--reps", type=int, default=1, show_default=True, help="repetitions (medians)")
+@click.option("--policies", default="rmix,libgomp", show_default=True,
+              help="OpenMP wait policies to compare: rmix, libgomp, passive, spin:N (GOMP_SPINCOUNT=N)")
+@click.option("--max-steps", type=int, default=None, help="steps per epoch of each run [default: all]")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def bench_contention_cmd(epochs, procs, reps, policies, max_steps, as_json):
+    """`rmix train` alone against several at once, per OpenMP wait policy: the slowdown as ratios."""
+    from rmix.bench.contention import contention, format_contention
+    d = contention(epochs=epochs, procs=procs, reps=reps, policies=tuple(p for p in policies.split(",") if p),
+                   max_steps=max_steps, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(d) if as_json else format_contention(d))
 
 
 # --- views: plot, show, export (rmix/plot.py, rmix/show.py, rmix/export.py) ---

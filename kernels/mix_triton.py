@@ -14,7 +14,11 @@ import triton.language as tl
 
 from kernels.mix_ref import check_inputs, resolve_out
 
-BLOCK_P = 1024  # pixels per program (times BLOCK_C channels); tests lower it to get ragged tiles
+# Pixels per program (times BLOCK_C channels), 8 values per thread at Triton's 4 warps. ptxas for sm_90
+# (tests/test_triton_aot.py), u8 in, bf16 channels_last out: 1024 spilled every bilinear launch (255
+# registers + 348 bytes); 256 needs 48 registers (nearest) and 94 (bilinear), no spill, so enough
+# warps stay resident to keep HBM busy. Tests lower it further to get ragged tiles.
+BLOCK_P = 256
 BLOCK_K = 1024  # classes per step of a program's label loop
 
 
@@ -104,18 +108,22 @@ def _recursive_mix_kernel(
         else:
             lam = 1.0
         tl.store(lam_ptr + n, lam)
+        tgt_row = tgt_ptr + n64 * s_t_n  # row pointers once, outside the loop
+        htgt_row = htgt_ptr + n64 * s_ht_n
+        soft_row = soft_ptr + n64 * K
+        if INDEX_TARGETS:
+            t = tl.load(tgt_row)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < K
             if INDEX_TARGETS:
-                t = tl.load(tgt_ptr + n64 * s_t_n)
                 own = (ks == t).to(tl.float32)
             else:
-                own = tl.load(tgt_ptr + n64 * s_t_n + ks * s_t_k, mask=kmask, other=0).to(tl.float32)
+                own = tl.load(tgt_row + ks * s_t_k, mask=kmask, other=0).to(tl.float32)
             if HAS_HISTORY:
-                prev = tl.load(htgt_ptr + n64 * s_ht_n + ks * s_ht_k, mask=kmask, other=0).to(tl.float32)
+                prev = tl.load(htgt_row + ks * s_ht_k, mask=kmask, other=0).to(tl.float32)
                 own = lam * own + (1.0 - lam) * prev
-            tl.store(soft_ptr + n64 * K + ks, own, mask=kmask)
+            tl.store(soft_row + ks, own, mask=kmask)
 
 
 def bytes_moved(N, C, H, W, box_fraction, in_bytes, out_bytes, K):
@@ -162,12 +170,14 @@ def _scales(boxes, hin, win, mode):
     return torch.where(size_out > 1, scale, torch.zeros_like(scale))
 
 
-def recursive_mix_triton(images, history, targets, history_targets, boxes, *, mode="nearest",
-                         num_classes=None, mean=None, std=None, out=None, out_dtype=None):
-    """Triton version of `kernels.mix_ref.recursive_mix_ref`; same arguments, returns and errors.
+def launch_args(images, history, targets, history_targets, boxes, *, mode="nearest", num_classes=None,
+                mean=None, std=None, out=None, out_dtype=None):
+    """What `recursive_mix_triton` launches, without launching: (out, soft, lam, grid, args, constexprs).
 
-    Unlike the reference, boxes are not checked against the image (that would sync): a box pixel
-    outside the image is simply not written, and the resize still uses the whole box.
+    `args` are the kernel's runtime arguments in order, `constexprs` its compile-time ones (BILINEAR
+    only where something is pasted: one variant less to compile); the
+    ahead-of-time compile test (tests/test_triton_aot.py) builds each variant from these, so it
+    compiles exactly what this launcher can produce.
     """
     n, c, h, w, k, nhwc = check_inputs(images, history, targets, history_targets, boxes, mode,
                                        num_classes, mean, std)
@@ -197,14 +207,26 @@ def recursive_mix_triton(images, history, targets, history_targets, boxes, *, mo
     block_p = max(16, min(BLOCK_P, triton.next_power_of_2(h * w)))
     block_k = max(16, min(BLOCK_K, triton.next_power_of_2(k)))
     grid = (n, max(1, triton.cdiv(h * w, block_p)))  # >= 1 block: it writes the labels
-    if n > 0:
-        _recursive_mix_kernel[grid](
-            images, hist, out, targets, htgt, soft, lam, boxes_d, scale, mean_t, std_t,
-            c, h, w, hin, win, k,
-            *in_strides, *h_strides, *out.stride(), *t_strides, *ht_strides,
-            HAS_HISTORY=history is not None, NORMALIZE=nhwc, BILINEAR=mode == "bilinear",
-            INDEX_TARGETS=index_targets, IN_FLAT=in_strides[2] == w * in_strides[3],
-            OUT_FLAT=out.stride(2) == w * out.stride(3),
-            BLOCK_P=block_p, BLOCK_C=triton.next_power_of_2(c), BLOCK_K=block_k,
-        )
+    args = (images, hist, out, targets, htgt, soft, lam, boxes_d, scale, mean_t, std_t,
+            c, h, w, hin, win, k, *in_strides, *h_strides, *out.stride(), *t_strides, *ht_strides)
+    constexprs = dict(
+        HAS_HISTORY=history is not None, NORMALIZE=nhwc, BILINEAR=mode == "bilinear" and history is not None,
+        INDEX_TARGETS=index_targets, IN_FLAT=in_strides[2] == w * in_strides[3],
+        OUT_FLAT=out.stride(2) == w * out.stride(3),
+        BLOCK_P=block_p, BLOCK_C=triton.next_power_of_2(c), BLOCK_K=block_k)
+    return out, soft, lam, grid, args, constexprs
+
+
+def recursive_mix_triton(images, history, targets, history_targets, boxes, *, mode="nearest",
+                         num_classes=None, mean=None, std=None, out=None, out_dtype=None):
+    """Triton version of `kernels.mix_ref.recursive_mix_ref`; same arguments, returns and errors.
+
+    Unlike the reference, boxes are not checked against the image (that would sync): a box pixel
+    outside the image is simply not written, and the resize still uses the whole box.
+    """
+    out, soft, lam, grid, args, constexprs = launch_args(
+        images, history, targets, history_targets, boxes, mode=mode, num_classes=num_classes,
+        mean=mean, std=std, out=out, out_dtype=out_dtype)
+    if images.shape[0] > 0:
+        _recursive_mix_kernel[grid](*args, **constexprs)
     return out, soft, lam

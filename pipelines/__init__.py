@@ -193,7 +193,7 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
                  min_area: float = 0.08, val_resize: int = 256, aug_plus: bool = False,
                  seed: int = 0, num_threads: int = 2, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1, dali_device: str = "auto", drop_last: bool = True,
-                 per_class: int = 0):
+                 per_class: int = 0, torch_decode: str = "workers"):
     """Build an ImageFolder loader of ``kind`` "dali" or "torch" (see the module docstring).
 
     Args:
@@ -207,6 +207,7 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
         num_threads: DALI CPU threads, or DataLoader workers (0 = in the main process).
         dali_device: "auto" (gpu when device is cuda), "cpu" or "gpu" (nvJPEG "mixed" decode).
         per_class: > 0 keeps the first that many files of each class (`first_per_class`).
+        torch_decode: the torch loader's decode: "workers" (PIL) or "device" (torchvision.io on `device`).
     """
     device = torch.device(device)
     if kind not in ("dali", "torch"):
@@ -228,7 +229,7 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
         from pipelines.dali import image_folder_loader  # DALI is imported only when used
         return image_folder_loader(index, dali_device=dali_device, **common)
     from pipelines.torch_loader import image_folder_loader
-    return image_folder_loader(index, **common)
+    return image_folder_loader(index, decode=torch_decode, **common)
 
 
 def load_cifar(root, *, train: bool, cifar100: bool = False):

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms import functional as TF
 
 from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, shard_indices,
                        train_batches, val_batches)
@@ -81,6 +83,95 @@ class Unreadable(NamedTuple):
 class UnreadableBatch(NamedTuple):
     """A batch that held at least one `Unreadable`, in place of (images, labels)."""
     failures: list   # [Unreadable]
+
+
+class EncodedImageFolder(IndexedImageFolder):
+    """Items as the files' bytes, with their augmentation seeds: `DeviceDecode` decodes them later."""
+
+    def __getitem__(self, key):
+        index, aug_seed = key
+        path, label = self.samples[index]
+        try:
+            data = read_file(path)
+        except Exception as error:  # named by TorchLoader with its epoch and batch
+            return Unreadable(path, one_line(error)), label
+        return (data, aug_seed), label
+
+
+class EncodedBatch(NamedTuple):
+    """A batch of undecoded files, as `DeviceDecode` takes it."""
+    data: torch.Tensor  # uint8: the files' bytes one after another (one tensor crosses from the
+                        # worker, not one per file: hundreds of shared-memory handles broke the pipe)
+    sizes: list         # [int], each file's length in data
+    seeds: list         # [int], each image's augmentation seed
+    labels: torch.Tensor
+
+
+class DeviceDecode:
+    """Encoded images -> uint8 (N, S, S, 3) on `device`: decode, crop, resize and flip there.
+
+    On a GPU the decode is nvJPEG (`torchvision.io.decode_jpeg(..., device="cuda")`, the whole batch
+    at once) and the crops are resized on the device; on a CPU the same code runs on the CPU. The
+    crop and flip of each image are drawn exactly as the PIL path draws them (RandomResizedCrop's
+    get_params, then the flip's coin, under the image's seed), so both paths crop the same boxes;
+    the pixels differ only by the decoder's and the resize's rounding. A file nvJPEG refuses (CMYK,
+    PNG under a .jpg name) is decoded on the CPU instead; one nothing decodes comes back Unreadable.
+    """
+
+    def __init__(self, device, *, train: bool, crop_size: int, min_area: float, val_resize: int):
+        self.device, self.train, self.size = torch.device(device), train, crop_size
+        self.min_area, self.val_resize = min_area, val_resize
+
+    def __call__(self, batch: EncodedBatch, files):
+        """(images uint8 (N, S, S, 3) on the device, labels), or an UnreadableBatch naming the bad files.
+
+        `files()`: the batch's paths, asked for only when a file needs naming."""
+        images = self._decode(list(torch.split(batch.data, batch.sizes)), files)
+        failures = [x for x in images if isinstance(x, Unreadable)]
+        if failures:
+            return UnreadableBatch(failures)
+        out = torch.empty(len(images), self.size, self.size, 3, dtype=torch.uint8, device=self.device)
+        for i, (image, seed) in enumerate(zip(images, batch.seeds)):
+            out[i] = seeded(self._transform, image, seed).permute(1, 2, 0)
+        return out, batch.labels
+
+    def _decode(self, data, files):
+        if not data:
+            return []
+        try:  # the whole batch in one call: nvJPEG's batched decode on a GPU
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return [self._decode_one(d, f) for d, f in zip(data, files())]
+
+    def _decode_one(self, data, path):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        try:  # what the device decoder refuses: PNG, CMYK, ... on the CPU
+            return decode_image(data, mode=ImageReadMode.RGB).to(self.device)
+        except Exception as error:
+            return Unreadable(path, one_line(error))
+
+    def _transform(self, image):
+        """uint8 (3, H, W) -> (3, S, S); draws from the global generator, as `seeded` arranges."""
+        if not self.train:
+            image = TF.resize(image, self.val_resize, antialias=True)
+            return TF.center_crop(image, [self.size, self.size])
+        top, left, h, w = transforms.RandomResizedCrop.get_params(image, scale=(self.min_area, 1.0),
+                                                                  ratio=(3 / 4, 4 / 3))
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+        return image.flip(-1) if torch.rand(1) < 0.5 else image  # RandomHorizontalFlip's draw
+
+
+def _collate_encoded(batch):
+    images, labels = zip(*batch) if batch else ((), ())
+    failures = [x for x in images if isinstance(x, Unreadable)]
+    if failures:
+        return UnreadableBatch(failures)
+    data = torch.cat([d for d, _ in images]) if images else torch.empty(0, dtype=torch.uint8)
+    return EncodedBatch(data, [len(d) for d, _ in images], [s for _, s in images],
+                        torch.tensor(labels, dtype=torch.int64))
 
 
 class ArrayDataset(Dataset):
@@ -203,8 +294,8 @@ class TorchLoader(EpochCounter):
 
     def __init__(self, dataset, *, classes: list[str], train: bool, batch_size: int,
                  crop_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int, drop_last: bool = True):
-        self.device = device
+                 world_size: int, drop_last: bool = True, decode: DeviceDecode | None = None):
+        self.device, self._decode = device, decode
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.num_samples = len(dataset)
@@ -216,7 +307,8 @@ class TorchLoader(EpochCounter):
         # collector can free (a reference cycle) waits 5 s per worker to shut down.
         self._make_dataloader = functools.partial(
             DataLoader, dataset, batch_sampler=self.batch_sampler, num_workers=workers,
-            collate_fn=_Collate(crop_size), pin_memory=device.type == "cuda",
+            collate_fn=_Collate(crop_size) if decode is None else _collate_encoded,
+            pin_memory=device.type == "cuda" and decode is None,
             persistent_workers=workers > 0, worker_init_fn=_leave_stop_signals_to_the_trainer)
         self._loader = self._make_dataloader()
         self._forks = workers > 0  # the next iter() starts worker processes
@@ -234,6 +326,9 @@ class TorchLoader(EpochCounter):
     def __iter__(self):
         return self._batches(*self._take_epoch())
 
+    def _files(self, epoch: int, step: int) -> list[str]:
+        return [self._dataset.samples[i][0] for i in self.batch_sampler.batch_indices(epoch, step)]
+
     def _batches(self, epoch: int, start: int):
         # the sampler runs in this process, at iter() below; per-sample seeds make skipping free
         self.batch_sampler.set_epoch(epoch, start)
@@ -245,6 +340,8 @@ class TorchLoader(EpochCounter):
             self._forks = False
         non_blocking = self.device.type == "cuda"
         for step, batch in enumerate(self._loader, start):
+            if self._decode is not None and isinstance(batch, EncodedBatch):
+                batch = self._decode(batch, functools.partial(self._files, epoch, step))
             if isinstance(batch, UnreadableBatch):
                 break
             images, labels = batch
@@ -256,7 +353,7 @@ class TorchLoader(EpochCounter):
         # (the error's traceback holds this frame), its shutdown waits 5 s per worker.
         self._loader = self._make_dataloader()
         self._forks = self._loader.num_workers > 0
-        files = [self._dataset.samples[i][0] for i in self.batch_sampler.batch_indices(epoch, step)]
+        files = self._files(epoch, step)
         raise DecodeError(epoch, step, files, [f.path for f in batch.failures],
                           "; ".join(dict.fromkeys(f.reason for f in batch.failures)))
 
@@ -264,8 +361,21 @@ class TorchLoader(EpochCounter):
 def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
                         min_area: float, val_resize: int, aug_plus: bool, seed: int,
                         num_threads: int, device: torch.device, rank: int,
-                        world_size: int, drop_last: bool = True) -> TorchLoader:
-    """A TorchLoader over an ImageFolder split (PIL decode, torchvision transforms)."""
+                        world_size: int, drop_last: bool = True, decode: str = "workers") -> TorchLoader:
+    """A TorchLoader over an ImageFolder split.
+
+    decode: "workers", PIL decode and torchvision transforms in the DataLoader workers; or "device",
+    the workers read the files and `DeviceDecode` decodes and crops on `device` (nvJPEG on a GPU).
+    """
+    if decode not in ("workers", "device"):
+        raise ValueError(f"--torch-decode: expected 'workers' or 'device', got {decode!r}")
+    if decode == "device":
+        if aug_plus:
+            raise ValueError("--aug-plus: the paper's colour runs in the workers; use --torch-decode workers")
+        on_device = DeviceDecode(device, train=train, crop_size=crop_size, min_area=min_area, val_resize=val_resize)
+        return TorchLoader(EncodedImageFolder(index, None), classes=index.classes, train=train,
+                           batch_size=batch_size, crop_size=crop_size, seed=seed, num_threads=num_threads,
+                           device=device, rank=rank, world_size=world_size, drop_last=drop_last, decode=on_device)
     transform = build_transform(train=train, crop_size=crop_size, min_area=min_area,
                                 val_resize=val_resize, aug_plus=aug_plus)
     return TorchLoader(IndexedImageFolder(index, transform), classes=index.classes, train=train,

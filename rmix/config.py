@@ -27,6 +27,7 @@ LOADERS = ("dali", "torch")
 OPTIMIZERS = ("sgd", "adamw")
 AMPS = ("auto", "none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class DataConfig:
                                  # | "fashion-mnist" | "mnist" (the idx files)
     loader: str = "dali"         # "dali" | "torch": same transforms, same batch contract
     dali_device: str = "auto"    # "auto" | "cpu" | "gpu" (mixed nvJPEG decode)
+    torch_decode: str = "workers"  # torch loader: "workers" (PIL) | "device" (torchvision.io.decode_jpeg there)
     crop_size: int = 32          # train and val crop, pixels (224 for ImageNet)
     min_area: float = 0.25       # random-resized-crop area lower bound (0.08 for ImageNet)
     val_resize: int = 36         # val: shorter side before the centre crop (256 for ImageNet)
@@ -89,6 +91,7 @@ class TrainConfig:
     device: str = "auto"         # "auto" (cuda when present) | "cpu" | "cuda"
     amp: str = "auto"            # "auto" (bf16 on cuda, none on cpu) | "none" | "bf16" | "fp16"
     channels_last: bool = True   # only used on cuda
+    compile: str = "none"        # torch.compile mode of the model and its RoI head, or "none" (eager)
     out: str = ""                # run directory; "" = runs/<model>-<aug>-<time>
     resume: str = ""             # checkpoint path, or "auto" for the run directory's latest
     log_every: int = 20          # steps between progress updates
@@ -210,7 +213,10 @@ def validate(cfg: TrainConfig) -> None:
         need(len(v) in (0, 3) and all(isinstance(x, (int, float)) for x in v), f"data.{name}", v,
              "expected 3 values in pixel units (0-255), or none for the dataset's own")
     need(all(x > 0 for x in cfg.data.std), "data.std", cfg.data.std, "must be positive")
+    need(cfg.data.torch_decode in ("workers", "device"), "--torch-decode", cfg.data.torch_decode,
+         "expected 'workers' or 'device'")
     need(cfg.data.workers >= 0, "--workers", cfg.data.workers, "must be >= 0")
+    need(cfg.compile in COMPILE_MODES, "--compile", cfg.compile, f"expected one of {', '.join(COMPILE_MODES)}")
     need(cfg.log_every > 0, "--log-every", cfg.log_every, "must be positive")
     need(cfg.eval_every > 0, "--eval-every", cfg.eval_every, "must be positive (epochs)")
     need(cfg.data.train_per_class >= 0, "--train-per-class", cfg.data.train_per_class, "must be >= 0 (0 = all)")

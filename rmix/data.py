@@ -82,7 +82,8 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
     if dataset in MNIST_SETS:
         return build_mnist_loader(d.loader, root, dataset=dataset, **common)
     return build_loader(d.loader, root / ("train" if train else "val"), crop_size=d.crop_size, min_area=d.min_area,
-                        val_resize=d.val_resize, aug_plus=d.aug_plus and train, **common)
+                        val_resize=d.val_resize, aug_plus=d.aug_plus and train, torch_decode=d.torch_decode,
+                        **common)
 
 
 def make_loaders(cfg, root: Path, dataset: str, device, rank=0, world_size=1):

@@ -12,6 +12,7 @@ from rmix import checkpoint, dist, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from pipelines import DecodeError
+from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
 from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
@@ -19,10 +20,6 @@ from rmix.models import build
 from rmix.preempt import Preemption
 from rmix.progress import Progress
 from rmix.schedule import lr_at
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, ...); the message says where."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,11 +37,27 @@ def amp_dtype(cfg, device):
 
 
 def build_optimizer(model, o):
+    """SGD or AdamW, fused: their kernels take `found_inf` and skip a bad step on the device."""
     params = [p for p in model.parameters() if p.requires_grad]
     if o.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                              weight_decay=o.weight_decay, fused=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    init_momentum(opt)
+    return opt
+
+
+def init_momentum(optimizer):
+    """Zero SGD momentum buffers before the first step. Fused SGD allocates them uninitialized on its
+    first step and fills them in its kernel, which a skipped step never runs: the next step would then
+    read garbage. With dampening 0, `buf = momentum * 0 + grad` is the first step's `buf = grad`, exactly."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for g in optimizer.param_groups:
+        if g["momentum"] and not g["dampening"]:
+            for p in g["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def default_run_dir(cfg) -> Path:
@@ -63,6 +76,18 @@ def wrap_ddp(model, device, d, sync_bn=False):
     # no find_unused_parameters: every trainable parameter gets a gradient every step (see roi_boxes)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def compile_model(model, mode):
+    """torch.compile(model, mode=mode), RoI head included (it is part of forward); unchanged for "none".
+
+    Compile the DDP wrapper, not the module inside it: TorchDynamo then splits the graph at DDP's
+    bucket boundaries, so the all-reduces still overlap the backward pass. The module itself keeps
+    its parameters, so checkpoints and exports of it have no `_orig_mod.` prefix.
+    """
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=mode)
 
 
 def build_policies(cfg, device, amp, rank=0, name=None):
@@ -89,14 +114,16 @@ def set_lr(optimizer, cfg, epoch) -> float:
     return lr
 
 
-def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm, epoch=0, step=0):
+def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm):
     """One optimizer step on a batch: mix, forward under autocast, loss, backward, step, remember.
 
-    Returns (loss, logits, out, skipped): the loss (not detached), the logits, the policy's
-    MixOut, and whether fp16's GradScaler skipped the update for overflowing gradients.
-    `rm`: the policy is RecursiveMix (the model also returns roi_logits); `epoch` and `step`
-    name the place in the error raised for a non-finite loss or gradient.
+    Returns (loss, logits, out, bad): the loss (not detached), the logits, the policy's MixOut,
+    and a one-element device tensor, nonzero when the update was skipped (a non-finite loss or
+    gradient; with fp16, GradScaler's overflow). No value is read back to the host: the skip
+    happens in the fused optimizer's kernel, and rmix.guard.StepGuard reports it later.
+    `rm`: the policy is RecursiveMix (the model also returns roi_logits).
     """
+    torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: a new step, new graph outputs
     out = policy(images, targets)
     h, w = out.images.shape[-2:]
     with torch.autocast(out.images.device.type, dtype=amp, enabled=amp is not None):
@@ -107,27 +134,21 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
         loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
                         out.lam, omega)
     scaler.scale(loss).backward()  # under DDP the gradients are now the same on every rank
-    if not scaler.is_enabled() and not grads_finite(optimizer):  # note: a CPU-GPU sync point
-        # every rank sees the same all-reduced gradients, so every rank stops here, together
-        raise TrainingError(f"non-finite loss ({loss.item():.4g}) or gradients at epoch {epoch}, step {step}; "
-                            "stopped before the optimizer step, no checkpoint written after it")
-    scale = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.step(optimizer)
-    scaler.update()
-    skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off when it skips
+    if scaler.is_enabled():  # fp16: GradScaler finds overflows and skips on the device (fused optimizer)
+        scale = scaler._get_scale_async().clone()
+        scaler.step(optimizer)
+        scaler.update()
+        bad = (scaler._get_scale_async() < scale).float()  # the scaler backs off exactly when it skips
+    else:  # every rank sees the same all-reduced gradients, so every rank skips the same steps
+        bad = nonfinite(loss, optimizer)
+        step_skipping(optimizer, bad)
     optimizer.zero_grad(set_to_none=True)
     policy.remember(out.images, out.soft_targets, logits)
-    return loss, logits, out, skipped
-
-
-def grads_finite(optimizer) -> bool:
-    """True when every gradient of the optimizer's parameters is finite."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    return loss, logits, out, bad
 
 
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress, *, start_step=0,
-                    sums=None, seen=0, on_step=None, skips=None, stop=None):
+                    sums=None, seen=0, on_step=None, guard=None, stop=None):
     """One pass over `loader`; returns summed (loss, correct, images) as a tensor.
 
     `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader was set to
@@ -135,12 +156,21 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     and `sums`/`seen` carry the statistics so far.
     `on_step(steps_done, sums, seen)` runs after each optimizer step (mid-epoch checkpoints);
     `stop(steps_done, last)` after that ends the pass early when true (preemption, rmix.preempt).
+    `guard` (rmix.guard.StepGuard, carried across epochs by train()) holds the bad steps on the
+    device; it is read at the sync points below and raises TrainingError there.
+
+    Sync points (where the host waits for the device), and nowhere else in the loop:
+    - the progress line, every `cfg.log_every` steps and at the last: the loss, and the guard;
+    - a mid-epoch checkpoint (`--save-every-steps`): the guard first, then the state it saves;
+    - under torchrun, the preemption flag's all-reduce every `cfg.log_every` steps (rmix.preempt);
+    - the end of the pass: the guard, and the summed statistics.
     """
     model.train()
     if start_step == 0:
         policy.reset()  # the paper's code clears the history at each epoch start
     rm = cfg.mix.policy == "recursive_mix"
-    skips = {"in_a_row": 0} if skips is None else skips  # carried across epochs by train()
+    fp16 = scaler.is_enabled()
+    guard = StepGuard(cfg.max_skipped_steps) if guard is None else guard
     batches = iter(loader)
     end = min(len(loader), cfg.max_steps or len(loader))  # --max-steps ends every epoch early
     for step in range(start_step, end):
@@ -152,22 +182,24 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
             which = ", ".join(e.bad_files) if e.bad_files else f"one of {len(e.files)} files"
             raise TrainingError(f"cannot decode {which} at epoch {epoch}, step {step} ({e.reason}); "
                                 f"the batch's files: {', '.join(e.files)}; run `rmix data check`") from None
-        loss, logits, out, skipped = train_step(model, policy, images, targets, optimizer, scaler, amp,
-                                                cfg.mix.omega, rm=rm, epoch=epoch, step=step)
-        skips["in_a_row"] = skips["in_a_row"] + 1 if skipped else 0
-        if skips["in_a_row"] > cfg.max_skipped_steps:
-            raise TrainingError(f"fp16 gradients overflowed {skips['in_a_row']} steps in a row at epoch {epoch}, "
-                                f"step {step} (--max-skipped-steps {cfg.max_skipped_steps}); try --amp bf16")
+        loss, logits, out, bad = train_step(model, policy, images, targets, optimizer, scaler, amp,
+                                            cfg.mix.omega, rm=rm)
+        guard.update(step, bad, loss, fp16)
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         stats = torch.stack([loss.detach().double() * n, correct.double()])
         # summed on the device: no CPU-GPU sync per step for the statistics
         sums, seen = (stats if sums is None else sums.to(stats.device) + stats), seen + n
+        done = step + 1
+        saves = bool(cfg.save_every_steps) and done % cfg.save_every_steps == 0
+        if done % cfg.log_every == 0 or saves:  # (the last step: after the loop)
+            guard.check(epoch)  # note: a CPU-GPU sync point
         progress.update(n, loss=loss.detach(), lr=optimizer.param_groups[0]["lr"])
         if on_step is not None:
-            on_step(step + 1, sums, seen)
-        if stop is not None and stop(step + 1, last=step + 1 == end):
+            on_step(done, sums, seen)
+        if stop is not None and stop(done, last=done == end):
             break
+    guard.check(epoch)  # note: a CPU-GPU sync point; also before a preemption's checkpoint
     sums = sums.cpu() if sums is not None else torch.zeros(2, dtype=torch.float64)
     return torch.cat([sums, torch.tensor([seen], dtype=torch.float64)])
 
@@ -307,7 +339,8 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
     if ckpt is not None:
         start, best, partial = _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d)
     model = wrap_ddp(model, device, d, sync_bn=cfg.sync_bn)
-    raw_model = model.module if d.enabled else model
+    raw_model = model.module if d.enabled else model  # saved, exported and evaluated: plain keys, eager
+    model = compile_model(model, cfg.compile)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
@@ -335,7 +368,7 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
             checkpoint.save(run_dir / "latest.pt", _payload(raw_model, optimizer, scaler, cfg, epoch - 1, best,
                                                             ranks, data, step=step))
 
-    skips = {"in_a_row": 0}  # fp16 steps skipped in a row, across epoch boundaries
+    guard = StepGuard(cfg.max_skipped_steps)  # bad steps, on the device, across epoch boundaries
     preempted = None
     for epoch in range(start, cfg.epochs + 1):
         lr = set_lr(optimizer, cfg, epoch)
@@ -347,7 +380,7 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
                       every=cfg.log_every) as bar:
             sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
                                    start_step=part["step"], sums=part["sums"], seen=part["seen"],
-                                   on_step=save_every if cfg.save_every_steps else None, skips=skips,
+                                   on_step=save_every if cfg.save_every_steps else None, guard=guard,
                                    stop=preempt.stop)
         if preempt.signal and preempt.at < steps:  # stopped inside the epoch: save at that step
             save_mid_epoch(preempt.at, sums[:2], int(sums[2].item()))
@@ -449,6 +482,9 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
                          f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell)")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    for g in optimizer.param_groups:  # checkpoints before the fused optimizer saved fused=None
+        g["fused"], g["foreach"] = True, None
+    init_momentum(optimizer)
     scaler.load_state_dict(ckpt["scaler"])
     states = ckpt.get("rng_ranks", [ckpt["rng"]])
     if len(states) == d.world_size:  # else another world size: keep this run's per-rank seeds

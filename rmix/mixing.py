@@ -38,7 +38,9 @@ def smooth(targets, num_classes, smoothing, form="paper"):
     if form not in SMOOTHING_FORMS:
         raise ValueError(f"smoothing form: expected one of {SMOOTHING_FORMS}, got {form!r}")
     if targets.dim() == 1:
-        soft = torch.nn.functional.one_hot(targets.long(), num_classes).float()
+        # not F.one_hot: it reads the indices' min and max back to check them (a sync on a GPU)
+        idx = targets.long()[:, None]
+        soft = torch.zeros(targets.shape[0], num_classes, device=targets.device).scatter_(1, idx, 1.0)
     elif targets.dim() == 2 and targets.shape[1] == num_classes:
         soft = targets.float()
     else:
@@ -82,6 +84,15 @@ def _rand(generator):
 
 def _randint(high, n, generator):
     return torch.randint(0, high, (n,), generator=generator)
+
+
+def to_device(t, device):
+    """A tensor drawn on the host (boxes, permutations) onto the device without waiting for it.
+
+    A plain `.to(cuda)` from pageable memory synchronizes the stream: the host would wait for every
+    queued kernel before the copy. Asynchronous, the bytes are staged at once and the host goes on.
+    """
+    return t.to(device, non_blocking=True)
 
 
 def clip_boxes(cx, cy, cut_w, cut_h, h, w):
@@ -169,7 +180,7 @@ class Mixup(_Policy):
         x, soft, _ = self._normalize(images, targets)
         n = x.shape[0]
         lam = sample_beta(self.alpha, self.generator) if lam is None else float(lam)
-        perm = torch.randperm(n, generator=self.generator).to(x.device)
+        perm = to_device(torch.randperm(n, generator=self.generator), x.device)
         x = x.mul(lam).add_(x[perm], alpha=1 - lam)  # x[perm] is a copy, so in place is safe
         soft = soft * lam + soft[perm] * (1 - lam)
         lam_t = torch.full((n,), lam, dtype=torch.float32, device=x.device)
@@ -187,13 +198,13 @@ class CutMix(_Policy):
             r = math.sqrt(1.0 - lam)
             cx, cy = _randint(w, 1, self.generator), _randint(h, 1, self.generator)
             boxes = clip_boxes(cx, cy, int(w * r), int(h * r), h, w).expand(n, 4)
-        x1, y1, x2, y2 = (int(v) for v in boxes[0])  # one box per batch, as the paper
-        perm = torch.randperm(n, generator=self.generator).to(x.device)
+        x1, y1, x2, y2 = boxes[0].tolist()  # one box per batch, as the paper (drawn on the host)
+        perm = to_device(torch.randperm(n, generator=self.generator), x.device)
         x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
         lam = 1.0 - max(x2 - x1, 0) * max(y2 - y1, 0) / (h * w)
         soft = soft * lam + soft[perm] * (1 - lam)
         lam_t = torch.full((n,), lam, dtype=torch.float32, device=x.device)
-        return MixOut(x, soft, boxes.to(x.device, torch.int64).contiguous(), lam_t)
+        return MixOut(x, soft, to_device(boxes.to(torch.int64).contiguous(), x.device), lam_t)
 
 
 class RecursiveMix(_Policy):
@@ -223,10 +234,10 @@ class RecursiveMix(_Policy):
         self.prev_logits = None  # logits of the history rows used by the last call, for the loss
 
     def remember(self, images, soft_targets, logits):
-        """Keep this step's mixed batch as the next step's history (detached, not copied)."""
+        """Keep this step's mixed batch as the next step's history (images and targets detached, not copied)."""
         self.history = images.detach()
         self.history_targets = soft_targets.detach().float()
-        self.history_logits = logits.detach()
+        self.history_logits = logits.detach().clone()  # N x K: cheap; a CUDA-graph replay reuses the logits' memory
 
     def state_dict(self) -> dict:
         return {"history": self.history, "history_targets": self.history_targets,
@@ -256,7 +267,7 @@ class RecursiveMix(_Policy):
             raise ValueError(f"history: holds {self.history.shape[0]} images, the batch has {n}; "
                              "call reset() when the batch size grows")
         boxes = self.sample_boxes(n, h, w) if boxes is None else boxes.to(torch.int64)
-        boxes = boxes.to(images.device)
+        boxes = to_device(boxes, images.device)
         soft = smooth(targets, self.num_classes, self.smoothing, self.smoothing_form).to(images.device)
         x, soft, lam = recursive_mix(images, self.history, soft, self.history_targets, boxes,
                                      mode=self.interpolate, mean=self.mean, std=self.std,
@@ -296,5 +307,6 @@ def roi_boxes(out: MixOut, h, w):
     """
     b = out.boxes
     empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-    full = torch.tensor([0, 0, w, h], dtype=b.dtype, device=b.device).expand_as(b)
+    full = torch.zeros_like(b)  # (0, 0, w, h) written on the device: no host-to-device copy
+    full[:, 2], full[:, 3] = w, h
     return torch.where(empty[:, None], full, b)

@@ -27,7 +27,7 @@ from nvidia.dali import fn, pipeline_def, types
 from pipelines import scan_image_folder
 from pipelines.dali import write_file_list
 from pipelines.host_resize import HostResize, resize_crops
-from rmix.bench_data import synthetic_jpegs
+from rmix.bench.data import synthetic_jpegs
 
 RESIZE = {"linear_aa": dict(interp_type=types.INTERP_LINEAR, antialias=True),
           "linear": dict(interp_type=types.INTERP_LINEAR, antialias=False),

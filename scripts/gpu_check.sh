@@ -1,51 +1,74 @@
 #!/usr/bin/env bash
-# The GPU check of rmix, prepared to run once on a CUDA machine with no network (one H200, <= 8 min):
-# the Triton kernel tests on CUDA, `rmix bench mix|data|train` on the GPU, and a `rmix train` smoke run.
+# The GPU check of rmix: one run on a bare CUDA machine (no network, no DALI, its own torch and
+# Triton), measuring rather than debugging, in under 9 minutes.
 #
 #   OUT=gpu_results bash scripts/gpu_check.sh          # from the repository root
+#   GPU_CHECK_DRY=1 OUT=/tmp/x bash scripts/gpu_check.sh   # anywhere: every step skipped, JSON and table still written
 #
+# Steps, in order of what matters most when time runs short (each has its own timeout, cut to what
+# is left of BUDGET_S; one that fails is recorded and the next runs):
+#   kernels       the Triton kernel against the torch reference on full-size batches (pytest -m needs_cuda)
+#   host-syncs    synchronizing CUDA calls per training step, counted by CUDA (scripts/gpu_sync.py): 0 expected
+#   bench-mix     the fused op against the unfused steps: GB/s and the fraction of HBM peak (fp32, bf16)
+#   train-smoke   30 steps of `rmix train` end to end on the embedded set (torchvision loader, nvJPEG)
+#   bench-train   ResNet-50, batch 256, 224 px, bf16, channels_last: RM vs none in memory, and fed by the
+#                 torchvision loader with nvJPEG decode on the GPU (--torch-decode device); eager, then
+#                 eager beside --compile in one run
 # Environment (all optional):
-#   OUT          results folder [gpu_results]
-#   RMIX_PYTHON  the python to use [.venv/bin/python if it imports torch, else python3]
-#   BUDGET_S     seconds for the whole script [450]; each step's timeout is cut to what is left
-#   RMIX_CACHE   where synthetic JPEGs are written [/tmp/rmix-cache]
-#   IMAGES       synthetic 500x375 JPEGs for the data and train benchmarks [1024]
-#   WORKERS      DALI threads of the train benchmark's loader [8]
-# Nothing is downloaded. A missing package is installed only from a carried wheels/ folder
-# (pip --no-index --find-links wheels). A failing step is recorded and the next one runs.
-# At most 8 files land in $OUT (the device tool returns no more): summary.json (every step's
-# status, exit code, seconds), versions.json, nvidia-smi.txt, log.txt (all output),
-# bench_mix.jsonl, bench_data.json, bench_train.jsonl, train_smoke.jsonl.
+#   OUT            results folder [gpu_results]; at most 8 files land there (what the device tool returns)
+#   GPU_CHECK_DRY  1: skip every step, saying why (CI runs this)
+#   RMIX_PYTHON    the python to use [.venv/bin/python if it imports torch, else python3]
+#   BUDGET_S       seconds for the whole script [510]
+#   RMIX_CACHE     where synthetic JPEGs are written [/tmp/rmix-cache]
+#   IMAGES         synthetic 500x375 JPEGs for the loader run [1024]
+#   WORKERS        DataLoader workers of the loader run [12]
+# Nothing is downloaded. A missing package (click, tqdm, ...) is installed only from a carried wheels/
+# folder: `pip download -d wheels click tqdm` beside the checkout, then carry wheels/.
+# Files in $OUT: summary.json (every step: status, reason, exit code, seconds; rewritten after each),
+# versions.json, nvidia-smi.txt, log.txt (all output), bench_mix.jsonl, host_syncs.jsonl,
+# bench_train.jsonl, train_smoke.jsonl. The last lines printed are the summary table.
 set -u  # no -e: a failure is recorded, not fatal
 
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
+DRY=${GPU_CHECK_DRY:-0}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : > "$LOG"
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-510}
 DEADLINE=$(( $(date +%s) + BUDGET_S ))
 export RMIX_CACHE=${RMIX_CACHE:-/tmp/rmix-cache}
 IMAGES=${IMAGES:-1024}
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-12}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the working tree, whatever the venv's editable install points at
 unset TRITON_INTERPRET                               # compiled Triton on the GPU, not the interpreter
 STEPS=""
 
-record() {  # record NAME STATUS RC SECONDS: one entry of summary.json, rewritten after every step
+record() {  # record NAME STATUS RC SECONDS REASON: one entry of summary.json, rewritten after every step
     STEPS="${STEPS:+$STEPS,
-}  {\"step\": \"$1\", \"status\": \"$2\", \"rc\": $3, \"seconds\": $4}"
-    printf '{"budget_s": %s, "steps": [\n%s\n]}\n' "$BUDGET_S" "$STEPS" > "$OUT/summary.json"
+}  {\"step\": \"$1\", \"status\": \"$2\", \"rc\": $3, \"seconds\": $4, \"reason\": \"$5\"}"
+    printf '{"budget_s": %s, "dry": %s, "steps": [\n%s\n]}\n' "$BUDGET_S" "$([ "$DRY" = 1 ] && echo true || echo false)" \
+        "$STEPS" > "$OUT/summary.json"
 }
 
 step() {  # step NAME MAX_SECONDS STDOUT_FILE|- COMMAND...: run with a timeout, append stdout to the file
     local name=$1 max=$2 dest=$3 left t t0 rc status
     shift 3
+    if [ "$DRY" = 1 ]; then
+        echo "=== $name: skipped (dry run): $*" >> "$LOG"
+        record "$name" skipped null 0 "dry run (GPU_CHECK_DRY=1)"
+        return
+    fi
+    if [ -n "${NO_GPU:-}" ]; then
+        echo "=== $name: skipped, $NO_GPU" >> "$LOG"
+        record "$name" skipped null 0 "$NO_GPU"
+        return
+    fi
     left=$(( DEADLINE - $(date +%s) ))
     t=$(( left < max ? left : max ))
     if [ "$t" -lt 20 ]; then
         echo "=== $name: skipped, ${left}s of the budget left" >> "$LOG"
-        record "$name" skipped null 0
+        record "$name" skipped null 0 "budget spent (${left}s left)"
         return
     fi
     echo "=== $name (timeout ${t}s): $*" >> "$LOG"
@@ -61,12 +84,12 @@ step() {  # step NAME MAX_SECONDS STDOUT_FILE|- COMMAND...: run with a timeout, 
         rm -f "$dest.part"
     fi
     case $rc in
-        0) status=ok ;;
-        124|137) status=timeout ;;
-        *) status=failed ;;
+        0) status=ok; reason="" ;;
+        124|137) status=timeout; reason="no result within ${t}s" ;;
+        *) status=failed; reason="exit $rc, see log.txt" ;;
     esac
     echo "=== $name: $status (rc $rc, $(( $(date +%s) - t0 ))s)" >> "$LOG"
-    record "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))"
+    record "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$reason"
 }
 
 # ---- python: the carried venv if it works, else the machine's; missing packages from wheels/ only
@@ -80,9 +103,8 @@ if [ -z "$PY" ]; then
 fi
 MISSING=$("$PY" - << 'EOF' 2>> "$LOG"
 import importlib
-wanted = {"torch": "torch", "torchvision": "torchvision", "nvidia.dali": "nvidia-dali-cuda120",
-          "triton": "triton", "click": "click", "tqdm": "tqdm", "PIL": "pillow", "numpy": "numpy",
-          "pytest": "pytest"}
+wanted = {"torch": "torch", "torchvision": "torchvision", "triton": "triton", "click": "click", "tqdm": "tqdm",
+          "PIL": "pillow", "numpy": "numpy", "pytest": "pytest"}
 missing = []
 for module, package in wanted.items():
     try:
@@ -92,74 +114,66 @@ for module, package in wanted.items():
 print(" ".join(missing))
 EOF
 )
-if [ -n "$MISSING" ]; then
+if [ -n "$MISSING" ] && [ "$DRY" != 1 ]; then
     echo "missing packages: $MISSING" >> "$LOG"
     if [ -d wheels ]; then
         # shellcheck disable=SC2086 # one word per package
         step install-wheels 120 - "$PY" -m pip install --no-index --find-links wheels $MISSING
     else
         echo "no wheels/ folder to install them from" >> "$LOG"
-        record install-wheels failed null 0
+        record install-wheels failed null 0 "missing $MISSING and no wheels/ folder"
     fi
 fi
-RMIX=("$PY" -c "import sys; sys.argv[0] = 'rmix'; from cli import main; main()")
-# DALI's wheel (~0.5 GB) is too big to carry: without it the loaders are torchvision's and the
-# data benchmark compares only those (its JSON lists what it skipped)
-if "$PY" -c "import nvidia.dali" > /dev/null 2>&1; then
-    LOADER=dali; DATA_DEVICE=(--dali-device gpu)
-else
-    LOADER=torch; DATA_DEVICE=(--device cuda)
-    echo "nvidia.dali is not importable: torchvision loaders only" >> "$LOG"
+if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" > /dev/null 2>&1; then
+    NO_GPU="no CUDA device visible to $PY"
 fi
+RMIX=("$PY" -c "import sys; sys.argv[0] = 'rmix'; from cli import main; main()")
+# DALI's wheel (~0.5 GB) is too big to carry: without it the loaders are torchvision's
+# (there the loader runs decode JPEGs with nvJPEG through torchvision.io.decode_jpeg: --torch-decode device)
+if "$PY" -c "import nvidia.dali" > /dev/null 2>&1; then LOADER=dali; DECODE=(); else LOADER=torch; DECODE=(--torch-decode device); fi
 
 # ---- the machine
 { nvidia-smi; echo; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv; } \
     > "$OUT/nvidia-smi.txt" 2>&1
-"$PY" - > "$OUT/versions.json" 2>> "$LOG" << 'EOF'
-import json, os
-from rmix.timing import machine_info
-import torch
-info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
+"$PY" - > "$OUT/versions.json" 2>> "$LOG" << EOF
+import json, os, sys
+info = {"python_executable": os.path.realpath(sys.executable), "loader": "$LOADER", "dry": "$DRY" == "1"}
+try:
+    import torch
+    from rmix.bench.timing import machine_info
+    info.update(machine_info("cuda" if torch.cuda.is_available() else "cpu"))
+    info["cuda_available"] = torch.cuda.is_available()
+except Exception as e:  # noqa: BLE001 - recorded, the steps say the rest
+    info["error"] = f"{type(e).__name__}: {e}"
 try:
     import triton
     info["triton"] = triton.__version__
 except Exception as e:  # noqa: BLE001
     info["triton"] = f"unavailable: {e}"
-info["cuda_available"] = torch.cuda.is_available()
-info["python_executable"] = os.path.realpath(__import__("sys").executable)
 print(json.dumps(info, indent=1))
 EOF
 
-# ---- kernels: the full-size CUDA tests, then the whole file compiled on the GPU (no interpreter)
-step kernel-tests-needs-cuda 150 - "$PY" -m pytest tests/test_kernels.py -q -m needs_cuda
-step kernel-tests-compiled 150 - "$PY" -m pytest tests/test_kernels.py -q
-
-# ---- benchmarks; every figure is one JSON object per line
+# ---- kernels: the full-size CUDA tests (compiled Triton against the torch reference)
+step kernels 150 - "$PY" -m pytest tests/test_kernels.py -q -m needs_cuda -p no:cacheprovider
+# ---- the step's host syncs, as CUDA counts them
+step host-syncs 120 "$OUT/host_syncs.jsonl" "$PY" scripts/gpu_sync.py --steps 10
+# ---- the fused op's bandwidth
 step bench-mix-fp32 60 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --json
 step bench-mix-bf16 60 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --dtype bf16 --json
-DATA_FILE=$(mktemp)  # the synthetic set's path, printed by the step (outside $OUT: 8 files at most there)
-step synth-jpegs 240 "$DATA_FILE" "$PY" -c \
-    "from rmix.bench_data import synthetic_jpegs; print(synthetic_jpegs($IMAGES))"
-DATA=$(tail -n 1 "$DATA_FILE")
-if [ -n "$DATA" ] && [ -d "$DATA" ]; then
-    step bench-data-gpu 150 "$OUT/bench_data.json" "${RMIX[@]}" bench data --data-dir "$DATA" "${DATA_DEVICE[@]}" \
-        --images "$IMAGES" --json
-    step bench-train-resnet50 150 "$OUT/bench_train.jsonl" "${RMIX[@]}" bench train --device cuda --model resnet50 \
-        --amp bf16 --channels-last --batch 256 --size 224 --data-dir "$DATA" --loader "$LOADER" --workers "$WORKERS" \
-        --json
-else
-    echo "=== no synthetic JPEGs: bench-data-gpu and bench-train-resnet50 skipped" >> "$LOG"
-    record bench-data-gpu skipped null 0
-    record bench-train-resnet50 skipped null 0
-fi
-step bench-train-resnet8 90 "$OUT/bench_train.jsonl" "${RMIX[@]}" bench train --device cuda --loader "$LOADER" --json
-
-# ---- end to end: one short epoch on the embedded set (DALI decoding on the GPU when it is there)
+# ---- end to end: a short epoch on the embedded set
 RUN=$(mktemp -d)/run
-step train-smoke 120 - "${RMIX[@]}" train --device cuda --loader "$LOADER" --epochs 1 --max-steps 30 --out "$RUN" \
-    --log-every 10
+step train-smoke 120 - "${RMIX[@]}" train --device cuda --loader "$LOADER" "${DECODE[@]}" --epochs 1 --max-steps 30 \
+    --out "$RUN" --log-every 10
 [ -f "$RUN/metrics.jsonl" ] && cp "$RUN/metrics.jsonl" "$OUT/train_smoke.jsonl"
+# ---- the training step at ImageNet scale: in memory, and fed by the loader
+DATA_FILE=$(mktemp)  # the synthetic set's path, printed by the step (outside $OUT)
+step synth-jpegs 120 "$DATA_FILE" "$PY" -c "from rmix.bench.data import synthetic_jpegs; print(synthetic_jpegs($IMAGES))"
+DATA=$(tail -n 1 "$DATA_FILE" 2>/dev/null)
+[ -n "$DATA" ] && [ -d "$DATA" ] || DATA=""
+R50=(bench train --device cuda --model resnet50 --amp bf16 --channels-last --batch 256 --size 224 --loader "$LOADER"
+     "${DECODE[@]}" --workers "$WORKERS" --json ${DATA:+--data-dir "$DATA"})
+step bench-train-r50 150 "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}"
+step bench-train-r50-compile 240 "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --compile
 
 echo "=== done: $(grep -c '"ok"' "$OUT/summary.json") ok of $(grep -c '"step"' "$OUT/summary.json") steps" >> "$LOG"
-tail -n 1 "$LOG"
-cat "$OUT/summary.json"
+"$PY" scripts/gpu_summary.py "$OUT" 2>> "$LOG" || python3 scripts/gpu_summary.py "$OUT" || cat "$OUT/summary.json"

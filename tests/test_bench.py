@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipelines import scan_image_folder
-from rmix.bench_data import bench_data, subset, train_split
+from rmix.bench.data import bench_data, subset, train_split
 from rmix.synth import synth_dataset
-from rmix.timing import StepTimer, cpu_seconds, machine_info
+from rmix.bench.timing import StepTimer, cpu_seconds, machine_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,3 +116,31 @@ def test_timing_helpers():
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", "gpu_check.sh")], check=True)
+
+
+# --- bench contention: runs sharing the CPU (rmix/bench/contention.py) ---
+def test_contention_child_env_sets_only_the_policy(monkeypatch):
+    from rmix.bench.contention import child_env
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # as the rmix command sets it for itself
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "GOMP_SPINCOUNT" not in child_env("rmix") and "OMP_WAIT_POLICY" not in child_env("rmix")
+    assert child_env("libgomp")["GOMP_SPINCOUNT"] == "300000" and "OMP_WAIT_POLICY" not in child_env("libgomp")
+    assert child_env("passive")["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in child_env("passive")
+    assert child_env("spin:500")["GOMP_SPINCOUNT"] == "500"
+
+
+def test_contention_runs_alone_and_together():
+    d = run_json(["bench", "contention", "--epochs", "1", "--max-steps", "1", "--procs", "2",
+                  "--policies", "rmix,spin:1000", "--json"])
+    assert set(d["policies"]) == {"rmix", "spin:1000"} and d["env"]["spin:1000"] == {"GOMP_SPINCOUNT": "1000"}
+    for r in d["policies"].values():
+        positive(r, ["alone_median_s", "together_median_s", "together_over_alone"])
+        assert len(r["alone_s"]) == len(r["together_s"]) == 1
+        assert "alone_over_libgomp_alone" not in r  # no libgomp run to compare with
+
+
+@pytest.mark.parametrize("args,needle", [(["--policies", "spinny"], "--policies"), (["--procs", "0"], "--procs"),
+                                         (["--policies", ""], "--policies")])
+def test_contention_bad_input_is_one_line(args, needle):
+    r = CliRunner().invoke(cli, ["bench", "contention", *args])
+    assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output

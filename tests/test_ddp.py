@@ -35,10 +35,16 @@ def tiny(tmp_path_factory):
                          width=24, height=24)
 
 
-def launch(args, *, cwd, nproc=2, torchrun=(), env=None, timeout=120):
-    """Run `args` under torchrun (nproc > 0) or as one plain process; returns (returncode, output)."""
+def launch_env(env=None):
+    """This process's environment without a launcher's variables, one thread, tests importable."""
     environ = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
     environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    return environ
+
+
+def launch(args, *, cwd, nproc=2, torchrun=(), env=None, timeout=120):
+    """Run `args` under torchrun (nproc > 0) or as one plain process; returns (returncode, output)."""
+    environ = launch_env(env)
     cmd = [sys.executable]
     if nproc:  # --standalone: a c10d rendezvous on a free localhost port
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *torchrun]
@@ -187,8 +193,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tin
 
 def test_sigterm_to_torchrun_reaches_every_rank_and_its_loader_workers(tiny, tmp_path):
     # torchrun forwards SIGTERM with killpg: the DataLoader workers get it too and must not die of it
-    environ = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
-    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    environ = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(ROOT / "tests/ddp_cli.py"),
            "train", "--data-dir", str(tiny), *TINY, "--epochs", "500", "--out", "run"]
     p = subprocess.Popen(cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -239,3 +244,13 @@ def test_resume_trims_metrics_of_epochs_to_run_again(tmp_path):
     _trim_metrics(path, 3)  # latest.pt holds epoch 2: a crash came after row 3 but before its checkpoint
     assert [json.loads(row)["epoch"] for row in path.read_text().splitlines()] == [1, 2]
     _trim_metrics(tmp_path / "absent.jsonl", 1)
+
+
+@pytest.mark.slow  # two ranks compile the model with inductor's C++ backend on one core each (minutes)
+def test_compile_under_torchrun_trains_and_saves_plain_keys(tiny, tmp_path):
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--epochs", "1",
+                      "--max-steps", "2", "--compile", "--out", "run"], cwd=tmp_path, timeout=900)
+    assert rc == 0, out
+    ckpt = torch.load(tmp_path / "run/latest.pt", weights_only=True)
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
+    build("resnet8", 4).load_state_dict(ckpt["model"], strict=True)

@@ -6,31 +6,15 @@ import sys
 import time
 
 import pytest
-from click.testing import CliRunner
 
 import rmix.engine as engine
-from cli import cli
 from rmix import checkpoint
 from rmix.preempt import Preemption
 
-from test_reliability import TINY, train_args
-from test_resume_steps import assert_same_run
+from test_reliability import train_args
+from test_resume_steps import assert_same_run, reference, run  # noqa: F401 (a fixture)
 
 # tiny (conftest): 24 train images, batch 8: 3 steps per epoch, 3 epochs (TINY)
-
-
-def run(data, out, *extra):
-    return CliRunner().invoke(cli, train_args(data, out, *extra))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
-    out = {}
-    for loader in ("dali", "torch"):
-        out[loader] = tmp_path_factory.mktemp("ref") / loader
-        r = run(tiny, out[loader], "--loader", loader)
-        assert r.exit_code == 0, r.output
-    return out
 
 
 def signal_at(monkeypatch, call, sig=signal.SIGTERM):

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from rmix.bench_soak import LIMIT_PCT, format_soak, plateau, rss_bytes, soak
+from rmix.bench.soak import LIMIT_PCT, format_soak, plateau, rss_bytes, soak
 
 
 def test_plateau_arithmetic():
@@ -58,7 +58,7 @@ def test_soak_result_and_cli():
 
 
 def test_cli_exits_1_without_a_plateau(monkeypatch):
-    from rmix import bench_soak
+    from rmix.bench import soak as bench_soak
     samples = iter([100 * 2**20, 100 * 2**20, 120 * 2**20, 120 * 2**20])  # +20% in the second epoch
     monkeypatch.setattr(bench_soak, "rss_bytes", lambda: (next(samples), "test"))
     r = CliRunner().invoke(cli, ["bench", "soak", "--steps", "16", "--loader", "torch"])

@@ -1,6 +1,6 @@
 """Train input pipelines on the same JPEGs, batch and threads: rmix's DALI pipeline against its baselines.
 
-    from rmix.bench_data import bench_data, format_bench
+    from rmix.bench.data import bench_data, format_bench
     print(format_bench(bench_data()))
 
 Every loader yields uint8 (N, size, size, 3) batches of random-resized crops (area in
@@ -34,7 +34,7 @@ import torch
 
 from pipelines import FolderIndex, build_loader, scan_image_folder
 from rmix.paths import cache_dir
-from rmix.timing import cpu_seconds, machine_info, median, synchronize
+from rmix.bench.timing import cpu_seconds, machine_info, median, synchronize
 
 LOADERS = ("torch_pil", "torch_v2", "decode_only", "dali")  # run order: forked workers before DALI threads
 SYNTH = dict(width=500, height=375, quality=96, classes=8)  # ImageNet-like: ~100 KB, 500x375

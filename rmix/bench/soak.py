@@ -36,7 +36,7 @@ from rmix.engine import (amp_dtype, build_optimizer, build_policies, evaluate, r
                          train_one_epoch)
 from rmix.models import build
 from rmix.progress import Progress
-from rmix.timing import machine_info, torch_threads
+from rmix.bench.timing import machine_info, torch_threads
 
 LIMIT_PCT = 5.0  # issue #8: less than 5% growth after warm-up
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIDE = 4, 16, 4, 24  # the tiny data set

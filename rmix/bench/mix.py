@@ -1,6 +1,6 @@
 """Time the fused RecursiveMix op against the paper's unfused training-loop code, same inputs.
 
-    from rmix.bench_mix import bench_mix, format_bench
+    from rmix.bench.mix import bench_mix, format_bench
     print(format_bench(bench_mix(batch=256, size=224)))
 
 Both sides use the paper's single box per batch. The unfused side is what the official loop does

@@ -1,6 +1,6 @@
 """Training-step throughput: RecursiveMix against no mixing, and the real input pipeline against batches in memory.
 
-    from rmix.bench_train import bench_train, format_bench
+    from rmix.bench.train import bench_train, format_bench
     print(format_bench(bench_train(model="resnet8", size=32)))
 
 Every step is `rmix.engine.train_step`, the engine's own: mix, forward under autocast, loss,
@@ -21,9 +21,9 @@ import torch
 
 from rmix import config as C
 from rmix.data import CIFAR_DIRS, make_loader, resolve_data
-from rmix.engine import amp_dtype, build_optimizer, build_policies, resolve_device, train_step
+from rmix.engine import amp_dtype, build_optimizer, build_policies, compile_model, resolve_device, train_step
 from rmix.models import build
-from rmix.timing import StepTimer, machine_info, median, torch_threads
+from rmix.bench.timing import StepTimer, machine_info, median, torch_threads
 
 SYNTHETIC_BATCHES = 4  # distinct in-memory batches, cycled
 
@@ -45,12 +45,12 @@ class TimedPolicy:
 class Runner:
     """One model, optimizer, scaler and policy, built as `rmix.engine.train` builds them."""
 
-    def __init__(self, cfg, aug, num_classes, device, model):
+    def __init__(self, cfg, aug, num_classes, device, model, compile_mode="none"):
         self.rm = aug == "recursive_mix"
-        self.model = model
         if not self.rm and hasattr(model, "fc_roi"):
             model.fc_roi.requires_grad_(False)  # as the engine: unused without RM
         self.optimizer = build_optimizer(model, cfg.optim)
+        self.model = compile_model(model, compile_mode)
         self.amp = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.channels_last = cfg.channels_last and device.type == "cuda"
@@ -66,11 +66,13 @@ class Runner:
                    rm=self.rm)
 
 
-def bench_config(model, *, batch, size, device, amp, channels_last, data_dir, loader, workers, seed):
+def bench_config(model, *, batch, size, device, amp, channels_last, data_dir, loader, workers, seed,
+                 compile_mode="none", torch_decode="workers"):
     """The TrainConfig of the benchmark: `rmix train`'s defaults with these options."""
     return C.replace(C.TrainConfig(), model=model, batch_size=batch, device=device, amp=amp,
-                     channels_last=channels_last, seed=seed, **{
+                     channels_last=channels_last, seed=seed, compile=compile_mode, **{
                          "data.data_dir": data_dir or "", "data.loader": loader, "data.workers": workers,
+                         "data.torch_decode": torch_decode,
                          "data.crop_size": size, "data.val_resize": max(size, C.DataConfig.val_resize),
                          "data.min_area": 0.08 if size >= 128 else C.DataConfig.min_area})
 
@@ -84,22 +86,25 @@ def _batches_forever(loader, policy):
 
 def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, device="cpu", amp="auto",
                 channels_last=False, data_dir=None, loader="dali", workers=2, seed=0, threads=None,
-                log=None) -> dict:
+                compile_mode="none", torch_decode="workers", log=None) -> dict:
     """Median training-step times: none vs recursive_mix in memory, and recursive_mix fed by the loader.
 
     Args:
         data_dir: ImageFolder root or CIFAR folder for the pipeline run [default: the embedded set];
             the in-memory batches have its number of classes.
-        loader: "dali" or "torch"; workers: its threads / DataLoader workers.
+        loader: "dali" or "torch"; workers: its threads / DataLoader workers; torch_decode: the torch
+            loader's decode, "workers" (PIL) or "device" (torchvision.io.decode_jpeg, nvJPEG on a GPU).
         threads: torch CPU threads for the run (None: leave as is). 1 gives steadier figures on a
             machine that other work shares: each parallel op otherwise waits for a busy core.
+        compile_mode: a torch.compile mode ("default", ...): none and recursive_mix also run
+            compiled, interleaved with the eager runs, and the pipeline run is compiled; "none": eager only.
         log: a callable for progress lines, or None.
     """
     if threads is not None:
         with torch_threads(threads):
             return bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
                                channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
-                               seed=seed, log=log)
+                               seed=seed, compile_mode=compile_mode, torch_decode=torch_decode, log=log)
     for name, value, low in (("--batch", batch, 1), ("--size", size, 8), ("--steps", steps, 1),
                              ("--warmup", warmup, 0), ("--workers", workers, 0)):
         if value < low:
@@ -108,7 +113,8 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
     cfg = bench_config(model, batch=batch, size=size, device=dev.type, amp=amp, channels_last=channels_last,
-                       data_dir=data_dir, loader=loader, workers=workers, seed=seed)
+                       data_dir=data_dir, loader=loader, workers=workers, seed=seed, compile_mode=compile_mode,
+                       torch_decode=torch_decode)
     C.validate(cfg)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     cfg = C.with_dataset_stats(cfg, dataset)
@@ -121,29 +127,37 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
     net = build(cfg.model, k, share_fc=cfg.mix.share_fc).to(dev)
     if cfg.channels_last and dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    # the same initial weights for every run; the pipeline run continues the in-memory rm run
-    none = Runner(cfg, "none", k, dev, copy.deepcopy(net))
-    rm = Runner(cfg, "recursive_mix", k, dev, net)
+    # the same initial weights for every run; the pipeline run continues the in-memory rm run (compiled
+    # with --compile: the first steps of each compiled runner compile it, inside the warm-up)
+    runners = {"none": Runner(cfg, "none", k, dev, copy.deepcopy(net))}
+    if compile_mode != "none":
+        runners["none_compiled"] = Runner(cfg, "none", k, dev, copy.deepcopy(net), compile_mode)
+        runners["rm"] = Runner(cfg, "recursive_mix", k, dev, copy.deepcopy(net))
+        runners["rm_compiled"] = Runner(cfg, "recursive_mix", k, dev, net, compile_mode)
+    else:
+        runners["rm"] = Runner(cfg, "recursive_mix", k, dev, net)
+    piped = runners["rm_compiled" if compile_mode != "none" else "rm"]
 
     g = torch.Generator().manual_seed(seed)
     batches = [(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).to(dev),
                 torch.randint(0, k, (batch,), generator=g).to(dev)) for _ in range(SYNTHETIC_BATCHES)]
     if log is not None:
-        log(f"in memory: {warmup} + {steps} steps each of none and recursive_mix, interleaved")
+        log(f"in memory: {warmup} + {steps} steps each of {', '.join(runners)}, interleaved")
     for i in range(warmup + steps):
         images, targets = batches[i % SYNTHETIC_BATCHES]
-        for runner in (none, rm):
+        for runner in runners.values():
             with runner.step_timer:
                 runner.step(images, targets)
 
     if log is not None:
-        log(f"pipeline ({cfg.data.loader}, {workers} workers): {warmup} + {steps} steps of recursive_mix")
+        log(f"pipeline ({cfg.data.loader}, {workers} workers): {warmup} + {steps} steps of recursive_mix"
+            + (f", compiled ({compile_mode})" if compile_mode != "none" else ""))
     pipe_timer = StepTimer(dev)
-    feed = _batches_forever(train_loader, rm.policy)
+    feed = _batches_forever(train_loader, piped.policy)
     for _ in range(warmup + steps):
         with pipe_timer:
             images, targets = next(feed)
-            rm.step(images, targets)
+            piped.step(images, targets)
     feed.close()
     del train_loader
 
@@ -153,19 +167,26 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
     def mix_ms(runner):  # the policy call of every step; the pipeline run added more to rm's list
         return median(runner.mix_timer.results()[warmup:warmup + steps])
 
+    none, rm = runners["none"], runners["rm"]
     none_ms, rm_ms, pipe_ms = ms(none.step_timer), ms(rm.step_timer), ms(pipe_timer)
     result = {
         "none_ms": none_ms, "rm_ms": rm_ms, "pipeline_ms": pipe_ms,
         "none_img_s": batch / none_ms * 1e3, "rm_img_s": batch / rm_ms * 1e3,
         "rm_overhead": rm_ms / none_ms - 1,
         "synthetic_img_s": batch / rm_ms * 1e3, "pipeline_img_s": batch / pipe_ms * 1e3,
-        "loader_overhead": pipe_ms / rm_ms - 1,
+        "loader_overhead": pipe_ms / ms(piped.step_timer) - 1,
         "none_mix_ms": mix_ms(none), "rm_mix_ms": mix_ms(rm),
         "model": cfg.model, "batch": batch, "size": size, "steps": steps, "warmup": warmup,
         "device": str(dev), "amp": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[rm.amp],
         "channels_last": rm.channels_last, "loader": cfg.data.loader, "workers": workers,
         "data": str(root), "dataset": dataset, "num_classes": k, "torch_threads": torch.get_num_threads(),
+        "compile": compile_mode, "torch_decode": cfg.data.torch_decode,
     }
+    if compile_mode != "none":  # ratios against eager, same run, same batches, interleaved steps
+        cn, cr = ms(runners["none_compiled"].step_timer), ms(runners["rm_compiled"].step_timer)
+        result.update({"none_compiled_ms": cn, "rm_compiled_ms": cr, "none_compiled_img_s": batch / cn * 1e3,
+                       "rm_compiled_img_s": batch / cr * 1e3, "none_compile_speedup": none_ms / cn,
+                       "rm_compile_speedup": rm_ms / cr, "rm_compiled_overhead": cr / cn - 1})
     result.update(machine_info(dev))
     return result
 
@@ -185,8 +206,19 @@ def format_bench(d) -> str:
         f"{'':<24}{'ms/step':>9}{'img/s':>9}{'mix ms':>9}",
         f"{'none, in memory':<24}{d['none_ms']:>9.2f}{rate(d['none_img_s'])}{d['none_mix_ms']:>9.2f}",
         f"{'recursive_mix, in memory':<24}{d['rm_ms']:>9.2f}{rate(d['rm_img_s'])}{d['rm_mix_ms']:>9.2f}",
-        f"{'recursive_mix, ' + d['loader']:<24}{d['pipeline_ms']:>9.2f}{rate(d['pipeline_img_s'])}",
+    ]
+    if d.get("compile", "none") != "none":
+        lines += [
+            f"{'none, compiled':<24}{d['none_compiled_ms']:>9.2f}{rate(d['none_compiled_img_s'])}",
+            f"{'recursive_mix, compiled':<24}{d['rm_compiled_ms']:>9.2f}{rate(d['rm_compiled_img_s'])}",
+        ]
+    piped = "recursive_mix, " + d["loader"] + (" (compiled)" if d.get("compile", "none") != "none" else "")
+    lines += [
+        f"{piped:<24}{d['pipeline_ms']:>9.2f}{rate(d['pipeline_img_s'])}",
         f"RM overhead {d['rm_overhead']:+.1%} of step time   loader overhead {d['loader_overhead']:+.1%} "
         f"({d['loader']}, {d['workers']} workers, {d['data']})",
     ]
+    if d.get("compile", "none") != "none":
+        lines.append(f"--compile {d['compile']}: none {d['none_compile_speedup']:.2f}x, recursive_mix "
+                     f"{d['rm_compile_speedup']:.2f}x eager speed; RM overhead compiled {d['rm_compiled_overhead']:+.1%}")
     return "\n".join(lines)

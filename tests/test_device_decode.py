@@ -1,0 +1,54 @@
+"""The torchvision loader decoding on the device (--torch-decode device): nvJPEG on a GPU, the same
+code on the CPU here. Same crops and flips as the PIL path, the loader contract, bad files named."""
+import shutil
+
+import pytest
+import torch
+
+from pipelines import DecodeError, build_loader
+from test_pipelines import epoch, folder, make  # noqa: F401 (a fixture)
+
+
+def batches(root, decode, **kw):
+    kw = {"train": True, "batch_size": 8, "seed": 3, "crop_size": 16, "val_resize": 20, "num_threads": 0, **kw}
+    return list(build_loader("torch", root, torch_decode=decode, **kw))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_decode_crops_what_the_workers_crop(tiny, train):
+    pil, dev = batches(tiny / "train", "workers", train=train), batches(tiny / "train", "device", train=train)
+    other = batches(tiny / "train", "device", train=train, seed=4)
+    assert len(pil) == len(dev) == 3
+    for (a, la), (b, lb), (c, _) in zip(pil, dev, other):
+        assert b.dtype == torch.uint8 and b.shape == a.shape and b.is_contiguous() and torch.equal(la, lb)
+        # the same boxes and flips: only the decoders' and resizes' rounding differs
+        assert (a.float() - b.float()).abs().mean() < 3.0
+        if train:  # another seed crops other boxes: the comparison above can fail
+            assert (a.float() - c.float()).abs().mean() > 10.0
+
+
+def test_device_decode_keeps_the_contract(folder):  # noqa: F811
+    # JPEGs of several sizes, one .JPG, a PNG (decoded by the fallback), a nested folder
+    for train in (True, False):
+        loader = make("torch", folder, train=train, batch_size=5, torch_decode="device", num_threads=1)
+        got = epoch(loader)
+        assert len(got) == 15 and (train or sorted(got) == sorted(set(got)))
+
+
+def test_device_decode_names_an_unreadable_file(tiny, tmp_path):
+    data = tmp_path / "train"
+    shutil.copytree(tiny / "train", data)
+    bad = sorted((data / sorted(p.name for p in data.iterdir())[0]).iterdir())[0]
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    with pytest.raises(DecodeError) as e:
+        for _ in build_loader("torch", data, train=False, batch_size=8, crop_size=16, val_resize=20,
+                              num_threads=0, torch_decode="device"):
+            pass
+    assert e.value.bad_files == [str(bad)]
+
+
+def test_device_decode_refuses_aug_plus_and_unknown_modes(tiny):
+    with pytest.raises(ValueError, match="--aug-plus"):
+        batches(tiny / "train", "device", aug_plus=True)
+    with pytest.raises(ValueError, match="--torch-decode"):
+        batches(tiny / "train", "gpu")

@@ -1,0 +1,148 @@
+"""The training step reads nothing back from the device: host syncs counted around real steps.
+
+On a GPU every read of a device value (`.item()`, `bool(t)`, `nonzero`, ...) makes the host wait
+for the queued work. The counter below sees those ops as the dispatcher runs them, on the CPU too,
+so a read added to the step fails here without a GPU. Reads of the policies' host-side random
+draws (a CPU generator, also on a GPU run) are not device reads: they are told apart by where
+they happen.
+"""
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rmix import config as C
+from rmix.engine import build_optimizer, build_policies, train_one_epoch
+from rmix.guard import StepGuard, TrainingError
+from rmix.models import build
+from rmix.progress import Progress
+
+# ops that hand a device value to the host (and so wait for the device)
+SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal", "allclose", "masked_select",
+            "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave",
+            "bincount", "histc", "_assert_async"}
+HOST_DRAWS = {"_rand", "_sample_gamma"}  # rmix.mixing: scalars drawn with the policy's CPU generator
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops of SYNC_OPS run inside it, with where each came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNC_OPS:
+            stack = traceback.extract_stack()[:-1]  # without this frame
+            ours = [f for f in stack if "/torch/" not in f.filename]
+            host_draw = any(f.filename.endswith("mixing.py") and f.name in HOST_DRAWS for f in stack)
+            if not host_draw and not ours[-1].filename.endswith("test_sync.py"):  # a test's own checks: not the step's
+                self.reads.append((func.overloadpacket.__name__,
+                                   next((f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in reversed(stack)
+                                         if "/rmix/" in f.filename or "/kernels/" in f.filename), "?")))
+        return func(*args, **(kwargs or {}))
+
+
+def setup(policy_name, amp, optimizer="sgd"):
+    cfg = C.replace(C.with_dataset_stats(C.TrainConfig(), "folder"), model="resnet8", num_classes=4, log_every=1000,
+                    amp=amp, device="cpu", **{"mix.policy": policy_name, "optim.optimizer": optimizer})
+    torch.manual_seed(0)
+    model = build(cfg.model, cfg.num_classes)
+    if policy_name != "recursive_mix":
+        model.fc_roi.requires_grad_(False)
+    optimizer = build_optimizer(model, cfg.optim)
+    dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    policy, _ = build_policies(cfg, torch.device("cpu"), dtype)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=g),
+                torch.randint(0, 4, (8,), generator=g)) for _ in range(8)]
+    return cfg, model, optimizer, scaler, policy, dtype, batches
+
+
+def reads_in_epoch(policy_name, amp, steps, log_every, optimizer="sgd"):
+    cfg, model, optimizer, scaler, policy, dtype, batches = setup(policy_name, amp, optimizer)
+    cfg = C.replace(cfg, log_every=log_every)
+    with Progress(steps, "sync", enabled=False) as bar, SyncCounter() as counter:
+        train_one_epoch(model, policy, batches[:steps], optimizer, scaler, cfg, 1, dtype, bar)
+    return counter.reads
+
+
+@pytest.mark.parametrize("policy_name,amp,optimizer", [
+    ("recursive_mix", "none", "sgd"), ("none", "none", "sgd"), ("mixup", "none", "sgd"), ("cutmix", "none", "sgd"),
+    ("recursive_mix", "bf16", "sgd"), ("recursive_mix", "fp16", "sgd"), ("recursive_mix", "none", "adamw"),
+    ("recursive_mix", "fp16", "adamw")])
+def test_no_host_sync_per_step(policy_name, amp, optimizer):
+    # the same reads for 3 steps and for 8: the epoch end's, and none per step
+    three = reads_in_epoch(policy_name, amp, 3, 1000, optimizer)
+    eight = reads_in_epoch(policy_name, amp, 8, 1000, optimizer)
+    assert eight == three, eight
+    assert len(three) == 4 and all(where.startswith("guard.py") for _, where in three), three  # the guard, at the end
+
+
+def test_the_counter_sees_the_logging_steps_reads():
+    # every step a logging step: the guard is read each time, and the counter sees it
+    quiet, chatty = reads_in_epoch("recursive_mix", "none", 4, 1000), reads_in_epoch("recursive_mix", "none", 4, 1)
+    assert len(chatty) == len(quiet) + 4 * 4, chatty  # 4 values of the guard per logging step
+
+
+def test_the_counter_sees_a_read_of_a_device_value():
+    guard = StepGuard(max_skipped=1)
+    guard.update(0, torch.zeros(1), torch.zeros(()), fp16=False)
+    with SyncCounter() as counter:
+        guard.check(epoch=1)
+    assert [name for name, _ in counter.reads] == ["_local_scalar_dense"] * 4
+
+
+def test_a_non_finite_step_never_reaches_the_weights_and_is_reported_later(monkeypatch):
+    import rmix.engine as engine
+    cfg, model, optimizer, scaler, policy, dtype, batches = setup("recursive_mix", "none")
+    real_loss, real_step, unchanged = engine.mix_loss, engine.train_step, []
+
+    def poisoned(*a, **kw):  # step 1's loss is NaN, and so are its gradients
+        return real_loss(*a, **kw) * (float("nan") if len(unchanged) == 1 else 1.0)
+
+    def spy(model, *a, **kw):
+        before = [p.detach().clone() for p in model.parameters()]
+        r = real_step(model, *a, **kw)
+        unchanged.append(all(torch.equal(b, p) for b, p in zip(before, model.parameters())))
+        return r
+    monkeypatch.setattr(engine, "mix_loss", poisoned)
+    monkeypatch.setattr(engine, "train_step", spy)
+    with Progress(4, "sync", enabled=False) as bar, SyncCounter() as counter, \
+            pytest.raises(TrainingError, match=r"non-finite loss \(nan\) or gradients at epoch 1, step 1"):
+        train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, 1, dtype, bar)
+    assert unchanged == [False, True, False, False]  # step 1 skipped on the device; the host learnt it at the end
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(counter.reads) == 4  # the guard's one read, at the end of the pass
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_a_step_skipped_on_the_device_leaves_no_trace(optimizer_name):
+    # a skipped first step, then a good one == the good one alone: weights and optimizer state
+    # (fused SGD would otherwise keep the uninitialized momentum of the step it skipped)
+    from rmix.guard import nonfinite, step_skipping
+    o = C.replace(C.TrainConfig(), **{"optim.optimizer": optimizer_name}).optim
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 3)
+    b = torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = build_optimizer(a, o), build_optimizer(b, o)
+    x = torch.randn(5, 6)
+    loss = a(x).sum() * float("nan")
+    loss.backward()
+    bad = nonfinite(loss, opt_a)
+    step_skipping(opt_a, bad)
+    opt_a.zero_grad(set_to_none=True)
+    assert bad.item() == 1.0
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        loss = model(x).square().sum()
+        loss.backward()
+        found = nonfinite(loss, opt)
+        assert found.item() == 0.0
+        step_skipping(opt, found)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    for sa, sb in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), (sa, sb)
