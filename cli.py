@@ -294,7 +294,7 @@ def presets(as_json):
 
 @cli.group()
 def data():
-    """Datasets: write the embedded synthetic set, check a folder for unreadable images."""
+    """Datasets: prepare ImageNet or shards, write the embedded synthetic set, check for unreadable images."""
 
 
 @data.command()
@@ -334,6 +334,10 @@ def check(directory, dataset, decoder, threads, as_json):
         dataset = detect_dataset(root)
     if dataset in MNIST_SETS:
         result = _check_idx(root, dataset)
+    elif dataset == "wds":
+        from pipelines.wds import find_shards
+        splits = [(str(root), s) for s in ("train", "val") if find_shards(str(root), s)]
+        result = run_check(splits, decoder, threads, use_cache=False)
     else:
         splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
         result = run_check(splits, decoder, threads, use_cache=False)
@@ -347,6 +351,53 @@ def check(directory, dataset, decoder, threads, as_json):
         if not as_json:
             click.echo(f"Error: {summary(result)}", err=True)
         sys.exit(1)
+
+
+@data.group()
+def prepare():
+    """Write a dataset in the layout rmix trains on: an ImageFolder, or WebDataset shards."""
+
+
+def _prepare_options(f):
+    f = click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="images per shard (wds)")(f)
+    f = click.option("--out", required=True, help="directory to write into (new or empty, or an unfinished "
+                     "preparation with the same settings, which continues)")(f)
+    return f
+
+
+def _preparing(run):
+    """Run a preparation; an OSError midway (a full disk, ...) is one line saying a rerun continues."""
+    try:
+        run()
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise ValueError(f"--out: writing{where} failed ({e.strerror or e}); nothing complete was lost: "
+                         "the same command continues where it stopped") from None
+
+
+@prepare.command("imagenet")
+@click.option("--archives", required=True, help="folder holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar "
+              "and ILSVRC2012_devkit_t12.tar.gz")
+@click.option("--format", "fmt", type=click.Choice(["folder", "wds"]), default="folder", show_default=True,
+              help="folder: train/<wnid>/, val/<wnid>/; wds: train-NNNNNN.tar, val-NNNNNN.tar shards")
+@_prepare_options
+@click.option("--skip-md5", is_flag=True, help="take archives whose md5 is not the published one")
+def prepare_imagenet_cmd(archives, fmt, out, shard_size, skip_md5):
+    """ImageNet 2012 from the three archives image-net.org gives (torchvision's parsers and md5s)."""
+    from rmix.prepare import prepare_imagenet
+    _preparing(lambda: prepare_imagenet(archives, out, fmt=fmt, shard_size=shard_size, skip_md5=skip_md5,
+                                        say=lambda t: click.echo(t, err=True)))
+
+
+@prepare.command("folder")
+@click.option("--src", required=True, help="an ImageFolder: src/train/<class>/..., src/val/<class>/...")
+@click.option("--format", "fmt", type=click.Choice(["folder", "wds"]), default="wds", show_default=True)
+@_prepare_options
+def prepare_folder_cmd(src, fmt, out, shard_size):
+    """Any ImageFolder to WebDataset shards (or copied in rmix's layout)."""
+    from rmix.prepare import prepare_folder
+    _preparing(lambda: prepare_folder(src, out, fmt=fmt, shard_size=shard_size, say=lambda t: click.echo(t, err=True)))
 
 
 def _check_idx(root, dataset) -> dict:

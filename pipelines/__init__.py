@@ -232,6 +232,39 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
     return image_folder_loader(index, decode=torch_decode, **common)
 
 
+def build_shard_loader(kind: str, root, split: str, *, train: bool, batch_size: int, crop_size: int = 224,
+                       min_area: float = 0.08, val_resize: int = 256, aug_plus: bool = False, seed: int = 0,
+                       num_threads: int = 2, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                       dali_device: str = "auto", drop_last: bool = True, per_class: int = 0,
+                       torch_decode: str = "workers"):
+    """A loader over the ``split`` ("train"/"val") WebDataset shards in ``root`` (`pipelines.wds`).
+
+    `build_loader`'s transforms and contract. DALI reads with readers.webdataset (its own
+    order, see `pipelines.dali.shard_loader`); the torchvision loader reads the samples by
+    offset in `shard_indices` order, as it reads an ImageFolder.
+    """
+    from pipelines.wds import scan_shards
+    device = torch.device(device)
+    if kind not in ("dali", "torch"):
+        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    if val_resize < crop_size:
+        raise ValueError(f"val_resize ({val_resize}) must be >= crop_size ({crop_size})")
+    if per_class:
+        raise ValueError("--train-per-class: not for WebDataset shards (their samples are mixed); "
+                         "prepare a smaller set instead")
+    shards = scan_shards(root, split)
+    check_sharding(len(shards.samples), train=train, batch_size=batch_size, rank=rank,
+                   world_size=world_size, drop_last=drop_last)
+    common = dict(train=train, batch_size=batch_size, crop_size=crop_size, min_area=min_area,
+                  val_resize=val_resize, aug_plus=aug_plus, seed=seed, num_threads=num_threads,
+                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    if kind == "dali":
+        from pipelines.dali import shard_loader
+        return shard_loader(shards, dali_device=dali_device, **common)
+    from pipelines.torch_loader import shard_loader
+    return shard_loader(shards, decode=torch_decode, **common)
+
+
 def load_cifar(root, *, train: bool, cifar100: bool = False):
     """Read the official python CIFAR batches -> (images, labels, classes).
 

@@ -35,6 +35,7 @@ from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_
                        train_batches, val_batches)
 from pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
 from pipelines.host_resize import HostResize
+from pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
 
 # nvJPEG preallocation in bytes (NVIDIA's ResNet-50 example): large enough for ImageNet's
 # biggest images, so the mixed decoder does not reallocate mid-epoch.
@@ -214,6 +215,8 @@ class DaliEpoch(NamedTuple):
     root: str | None = None       # None: arrays (CIFAR, MNIST), no files to name
     names: list[str] = []         # paths relative to root, as FolderIndex.files
     order: list[int] = []         # indices into names, this rank's reading order
+    labels: object = None         # raw label output -> int64 (N,) labels; None: int32 labels
+    replay: object = None         # shards: step -> [(name, bytes)] of that batch (errors only)
 
     def batch_files(self, step: int, relative: bool = False) -> list[str]:
         chunk = self.order[step * self.batch_size:(step + 1) * self.batch_size]
@@ -279,11 +282,16 @@ class DaliLoader(EpochCounter):
             if self._live is not live:
                 raise RuntimeError(f"epoch {epoch} of this DALI loader was replaced by a later "
                                    "iter()")
+            if step >= self._len:
+                break  # shards: a rank whose DALI slice is longer drops its extra batch
             try:
                 data = next(live.iterator)
             except StopIteration:
                 break
             except Exception as error:
+                if live.replay is not None:
+                    self._close()
+                    raise _shard_decode_error(error, epoch, step, live.replay) from error
                 if live.root is None:
                     raise  # arrays: no files to name
                 self._close()
@@ -295,7 +303,8 @@ class DaliLoader(EpochCounter):
             if step <= start:
                 continue
             images = data[0]["images"]
-            labels = data[0]["labels"].reshape(-1).to(torch.int64)
+            labels = data[0]["labels"]
+            labels = labels.reshape(-1).to(torch.int64) if live.labels is None else live.labels(labels)
             if images.device != self.device:  # dali_device="cpu" with a CUDA device
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -408,3 +417,129 @@ def array_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, 
 
 def _output_device(decoder: str, device_id: int | None, device: torch.device) -> torch.device:
     return torch.device("cuda", device_id) if decoder == "mixed" else device
+
+
+# WebDataset shards (pipelines.wds) ---------------------------------------------------------------
+
+LABEL_DIGITS = 10  # a .cls member holds the label in ASCII; padded to this many bytes, parsed in torch
+_SHUFFLE_FILL = 1024  # readers.webdataset's shuffle buffer per rank (its default)
+
+
+@pipeline_def
+def shard_pipeline(paths: list[str], index_paths: list[str] | None, *, train: bool, decoder: str,
+                   crop_size: int, min_area: float, val_resize: int, aug_plus: bool, shard_id: int,
+                   num_shards: int, reader_seed: int, resize: bool = True, decode: bool = True):
+    """readers.webdataset -> (images uint8 HWC, labels uint8 (LABEL_DIGITS,) ASCII); see `shard_loader`.
+
+    ``decode=False``: (encoded images, their source info "shard.tar:offset:member") of the same
+    batches, for naming the members of a batch that failed. The reader has its own seed, so
+    that graph shuffles exactly as the decoding one.
+    """
+    jpegs, cls = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=[";".join(WDS_IMAGE_EXTS), "cls"],
+        missing_component_behavior="error", case_sensitive_extensions=False,
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=_SHUFFLE_FILL,
+        seed=reader_seed, pad_last_batch=True, name="Reader")
+    if not decode:
+        return jpegs, jpegs.source_info()
+    labels = fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0)
+    images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size,
+                                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
+                                resize=resize)
+    if not resize:
+        images, flips = images
+        return images, labels, flips
+    return images, labels.gpu() if decoder == "mixed" else labels
+
+
+def ascii_labels(digits: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, D) ASCII digits, zero-padded on the right -> int64 (N,), on their device, no sync."""
+    d = digits.to(torch.int64)
+    present = d > 0
+    n = present.sum(1, keepdim=True)
+    power = (n - 1 - torch.arange(d.shape[1], device=d.device)).clamp(min=0)
+    return ((d - 48) * present * (10 ** power)).sum(1)
+
+
+def dali_slice(num_samples: int, shard_id: int, num_shards: int) -> int:
+    """How many samples DALI's reader gives shard ``shard_id`` of ``num_shards`` (floor split)."""
+    return num_samples * (shard_id + 1) // num_shards - num_samples * shard_id // num_shards
+
+
+def _shard_decode_error(error, epoch: int, step: int, replay) -> DecodeError:
+    """DecodeError naming the batch's members (``shard.tar:member``), and those PIL cannot decode."""
+    import io
+    from PIL import Image
+    batch = replay(step)
+    bad = []
+    for name, data in batch:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.convert("RGB").load()
+        except Exception:
+            bad.append(name)
+    return DecodeError(epoch, step, [n for n, _ in batch], bad, _dali_reason(error))
+
+
+def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_area: float,
+                 val_resize: int, aug_plus: bool, seed: int, num_threads: int, device: torch.device,
+                 rank: int, world_size: int, dali_device: str = "auto", drop_last: bool = True) -> DaliLoader:
+    """A DaliLoader over a split of WebDataset shards (`pipelines.wds.ShardSplit`), with readers.webdataset.
+
+    Ranks read DALI's contiguous slices of the samples in shard order (prepared shards are
+    shuffled once when written). Train: the slice a rank reads moves on by one each epoch
+    (``shard_id = (rank + epoch) % world``), and readers.webdataset shuffles within a buffer of
+    1024 samples, seeded from (seed, rank, epoch): an epoch still depends on those alone, so
+    `set_epoch` and exact resume hold. This order is not the file loaders' `shard_indices`.
+    A rank whose slice is one sample longer drops the extra batch (`DaliLoader`), so every rank
+    has the contract's (N // world) // batch. Val: slice ``rank``, every image exactly once.
+    """
+    decoder, device_id = resolve_dali_device(dali_device, device)
+    host_resize = train and decoder == "cpu"
+    n = len(split.samples)
+    drop = train and drop_last
+    expected = (train_batches(n, batch_size, world_size, drop_last) if train
+                else val_batches(n, batch_size, world_size))
+    if train and not drop_last:
+        counts = {-(-dali_slice(n, r, world_size) // batch_size) for r in range(world_size)}
+        if counts != {expected}:
+            raise ValueError(f"--keep-last: DALI's shard slices of {n} samples give {sorted(counts)} batches "
+                             f"of {batch_size} on different ranks; drop --keep-last or use --loader torch")
+    paths = [os.path.join(split.root, s) for s in split.shards]
+    index_paths = ([os.path.join(split.root, i) for i in split.indexes] if all(split.indexes) else None)
+
+    def build(epoch: int, decode: bool = True):
+        shard_id = (rank + epoch) % world_size if train else rank
+        pipe = shard_pipeline(
+            paths, index_paths, train=train, decoder=decoder, crop_size=crop_size, min_area=min_area,
+            val_resize=val_resize, aug_plus=aug_plus, shard_id=shard_id, num_shards=world_size,
+            reader_seed=derive_seed(seed, rank, epoch, 1), resize=not host_resize, decode=decode,
+            batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id if decode else None,
+            seed=derive_seed(seed, rank, epoch))
+        return pipe, dali_slice(n, shard_id, world_size)
+
+    def replay(epoch: int, step: int):
+        pipe, _ = build(epoch, decode=False)
+        pipe.build()
+        for _ in range(step + 1):
+            data, info = pipe.run()
+        names = [bytes(np.array(info[i])).decode() for i in range(len(info))]
+        names = [f"{p.rsplit(':', 2)[0]}:{p.rsplit(':', 1)[1]}" for p in names]  # drop the offset
+        return list(zip(names, [np.array(data[i]).tobytes() for i in range(len(data))]))
+
+    def make_epoch(epoch: int) -> DaliEpoch:
+        pipe, count = build(epoch)
+        own = min(count // batch_size, expected) if drop else -(-count // batch_size)
+        if host_resize:
+            pipe.build()
+            iterator = HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda",
+                                  last_size=batch_size if drop else count - (own - 1) * batch_size)
+        else:
+            iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                           last_batch_policy=LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL,
+                                           auto_reset=False, prepare_first_batch=False)
+        return DaliEpoch(epoch, pipe, iterator, batch_size, labels=ascii_labels,
+                         replay=lambda step: replay(epoch, step))
+
+    return DaliLoader(make_epoch, num_batches=expected, classes=split.classes, num_samples=n,
+                      device=_output_device(decoder, device_id, device), crop_size=crop_size)

@@ -384,6 +384,54 @@ def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, cro
                        drop_last=drop_last)
 
 
+class ShardDataset(Dataset):
+    """The samples of a `pipelines.wds.ShardSplit`, read by offset; items keyed by (index, aug_seed).
+
+    ``samples`` holds ("shard.tar:member", label) pairs, so errors name the member as the
+    preflight does. ``encoded``: items are the bytes, for `DeviceDecode`.
+    """
+
+    def __init__(self, split, transform, encoded: bool = False):
+        self.split, self.transform, self.encoded = split, transform, encoded
+        self.samples = [(split.name(i), s.label) for i, s in enumerate(split.samples)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        import io
+        from PIL import Image
+        index, aug_seed = key
+        name, label = self.samples[index]
+        try:
+            data = self.split.read(index)
+            if self.encoded:
+                return (torch.frombuffer(bytearray(data), dtype=torch.uint8), aug_seed), label
+            with Image.open(io.BytesIO(data)) as im:
+                image = im.convert("RGB")  # what ImageFolder's loader does
+        except Exception as error:  # named by TorchLoader with its epoch and batch
+            return Unreadable(name, one_line(error)), label
+        return seeded(self.transform, image, aug_seed), label
+
+
+def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_area: float, val_resize: int,
+                 aug_plus: bool, seed: int, num_threads: int, device: torch.device, rank: int,
+                 world_size: int, drop_last: bool = True, decode: str = "workers") -> TorchLoader:
+    """A TorchLoader over WebDataset shards: the folder loader's split, order and transforms, bytes by offset."""
+    if decode not in ("workers", "device"):
+        raise ValueError(f"--torch-decode: expected 'workers' or 'device', got {decode!r}")
+    common = dict(classes=split.classes, train=train, batch_size=batch_size, crop_size=crop_size, seed=seed,
+                  num_threads=num_threads, device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    if decode == "device":
+        if aug_plus:
+            raise ValueError("--aug-plus: the paper's colour runs in the workers; use --torch-decode workers")
+        on_device = DeviceDecode(device, train=train, crop_size=crop_size, min_area=min_area, val_resize=val_resize)
+        return TorchLoader(ShardDataset(split, None, encoded=True), decode=on_device, **common)
+    transform = build_transform(train=train, crop_size=crop_size, min_area=min_area,
+                                val_resize=val_resize, aug_plus=aug_plus)
+    return TorchLoader(ShardDataset(split, transform), **common)
+
+
 def array_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
                  batch_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
                  world_size: int, drop_last: bool = True, flip: bool = True) -> TorchLoader:

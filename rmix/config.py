@@ -17,11 +17,11 @@ CIFAR_STD = (0.2023 * 255, 0.1994 * 255, 0.2010 * 255)
 # Fashion-MNIST and MNIST: the grey channel's mean and std over the training set, on all 3 channels.
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860 * 255,) * 3, (0.3530 * 255,) * 3
 MNIST_MEAN, MNIST_STD = (0.1307 * 255,) * 3, (0.3081 * 255,) * 3
-DATASET_STATS = {"folder": (IMAGENET_MEAN, IMAGENET_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+DATASET_STATS = {"folder": (IMAGENET_MEAN, IMAGENET_STD), "wds": (IMAGENET_MEAN, IMAGENET_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
                  "cifar10": (CIFAR_MEAN, CIFAR_STD), "cifar100": (CIFAR_MEAN, CIFAR_STD),
                  "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD), "mnist": (MNIST_MEAN, MNIST_STD)}
 
-DATASETS = ("auto", "folder", "imagenet", "cifar10", "cifar100", "fashion-mnist", "mnist")
+DATASETS = ("auto", "folder", "wds", "imagenet", "cifar10", "cifar100", "fashion-mnist", "mnist")
 AUGS = ("none", "mixup", "cutmix", "recursive_mix")
 LOADERS = ("dali", "torch")
 OPTIMIZERS = ("sgd", "adamw")
@@ -33,7 +33,7 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = ""           # ImageFolder root holding train/ and val/; "" = the embedded set
-    dataset: str = "auto"        # "auto" (detect from data_dir) | "folder" | "imagenet" | "cifar10" | "cifar100"
+    dataset: str = "auto"        # "auto" (detect from data_dir) | "folder" | "wds" (shards) | "imagenet" | "cifar10" | "cifar100"
                                  # | "fashion-mnist" | "mnist" (the idx files)
     loader: str = "dali"         # "dali" | "torch": same transforms, same batch contract
     dali_device: str = "auto"    # "auto" | "cpu" | "gpu" (mixed nvJPEG decode)

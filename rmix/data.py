@@ -1,7 +1,8 @@
 """Where the images come from: the data directory, checked, and the two loaders built from it."""
 from pathlib import Path
 
-from pipelines import build_cifar_loader, build_loader, build_mnist_loader
+from pipelines import build_cifar_loader, build_loader, build_mnist_loader, build_shard_loader
+from pipelines.wds import find_shards, is_shard_dir
 from pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
 
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -34,6 +35,8 @@ def detect_dataset(root: Path) -> str:
     for name, folder in CIFAR_DIRS.items():
         if root.name == folder or (root / folder).is_dir():
             return name
+    if is_shard_dir(root):
+        return "wds"
     return _idx_dataset(root) or "folder"
 
 
@@ -60,6 +63,12 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
         raise ValueError(f"--data-dir: {root} is not a directory{hint}")
     if dataset == "auto":
         dataset = detect_dataset(root)
+    if dataset == "wds":
+        for split in ("train", "val"):
+            if not find_shards(str(root), split):
+                raise ValueError(f"--data-dir: {root} has no {split}-NNNNNN.tar shards "
+                                 "(`rmix data prepare` writes train-000000.tar, ..., val-000000.tar, ...)")
+        return root, dataset
     if dataset in ARRAY_SETS:
         return root, dataset  # the reader names any missing or malformed file
     for split in ("train", "val"):
@@ -81,6 +90,10 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
         return build_cifar_loader(d.loader, root, cifar100=dataset == "cifar100", **common)
     if dataset in MNIST_SETS:
         return build_mnist_loader(d.loader, root, dataset=dataset, **common)
+    if dataset == "wds":
+        return build_shard_loader(d.loader, root, "train" if train else "val", crop_size=d.crop_size,
+                                  min_area=d.min_area, val_resize=d.val_resize, aug_plus=d.aug_plus and train,
+                                  torch_decode=d.torch_decode, **common)
     return build_loader(d.loader, root / ("train" if train else "val"), crop_size=d.crop_size, min_area=d.min_area,
                         val_resize=d.val_resize, aug_plus=d.aug_plus and train, torch_decode=d.torch_decode,
                         **common)

@@ -304,7 +304,7 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
                 return _complete(cfg, ckpt, run_dir, show, d)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
-        _preflight(cfg, root, d)
+        _preflight(cfg, root, dataset, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
     try:
         return _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, dataset, preempt,
@@ -455,13 +455,14 @@ def tensorboard_writer(run_dir):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _preflight(cfg, root, d):
+def _preflight(cfg, root, dataset, d):
     """Refuse to start on unreadable images (rank 0 decodes, cached; every rank learns the verdict)."""
     from rmix.preflight import check, summary
     result = None
     if d.is_main:
         decoder = "dali" if cfg.data.loader == "dali" else "pil"
-        result = check([root / "train", root / "val"], decoder, max(cfg.data.workers, 1))
+        splits = [(str(root), "train"), (str(root), "val")] if dataset == "wds" else [root / "train", root / "val"]
+        result = check(splits, decoder, max(cfg.data.workers, 1))
     result = dist.broadcast_object(result, d)
     if result["bad"]:
         raise ValueError(f"--data-dir: {summary(result)}; see `rmix data check {root}`")

@@ -31,7 +31,15 @@ def nonfinite(loss, optimizer) -> torch.Tensor:
 
 
 def step_skipping(optimizer, found_inf):
-    """optimizer.step(), skipped on the device where `found_inf` is 1 (fused optimizers only)."""
+    """optimizer.step(), skipped where `found_inf` is 1: on the device for a fused optimizer.
+
+    Any other optimizer (a user's own, foreach or single-tensor SGD) refuses `found_inf`, so
+    for it the host reads the flag and skips the call (note: a CPU-GPU sync point).
+    """
+    if not all(g.get("fused") for g in optimizer.param_groups):
+        if not bool(found_inf.reshape(()) > 0):
+            optimizer.step()
+        return
     optimizer.found_inf, optimizer.grad_scale = found_inf.reshape(()), None  # 0-dim, as fused AdamW's step counts
     try:
         optimizer.step()

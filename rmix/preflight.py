@@ -89,11 +89,24 @@ def check_split(root, decoder="dali", threads=2):
     """Decode every file of an ImageFolder split; returns (ok_count, [(path, reason)], classes)."""
     index = scan_image_folder(root)  # raises on a missing root or an empty class folder
     paths = [os.path.join(index.root, f) for f in index.files]
+    return (*_check_items(paths, lambda i: Path(paths[i]).read_bytes(), decoder, threads), index.classes)
+
+
+def check_shard_split(root, split, decoder="dali", threads=2):
+    """`check_split` of a split of WebDataset shards; each sample named ``shard.tar:member``."""
+    from pipelines.wds import scan_shards
+    shards = scan_shards(root, split)
+    names = [shards.name(i) for i in range(len(shards.samples))]
+    return (*_check_items(names, shards.read, decoder, threads), shards.classes)
+
+
+def _check_items(paths, read, decoder, threads):
+    """(ok_count, [(name, reason)]) over items named ``paths``; ``read(i)`` gives item i's bytes."""
     dali = _DaliDecoder(threads) if decoder == "dali" else None
     bad = []
     for i in range(0, len(paths), BATCH):
         chunk = paths[i:i + BATCH]
-        blobs = [Path(p).read_bytes() for p in chunk]
+        blobs = [read(j) for j in range(i, i + len(chunk))]
         if dali is not None:
             if dali.ok(blobs):
                 continue
@@ -101,12 +114,18 @@ def check_split(root, decoder="dali", threads=2):
         else:
             failed = [(p, b) for p, b in zip(chunk, blobs) if not _pil_ok(b)]
         bad += [(p, reason(b, decoder)) for p, b in failed]
-    return len(paths) - len(bad), bad, index.classes
+    return len(paths) - len(bad), bad
 
 
 def _fingerprint(roots, decoder) -> str:
     h = hashlib.sha256(decoder.encode())
     for root in roots:
+        if isinstance(root, tuple):  # (shard dir, split): the shards' sizes and times
+            from pipelines.wds import find_shards
+            for name in find_shards(root[0], root[1]):
+                st = os.stat(os.path.join(root[0], name))
+                h.update(f"{root}\0{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            continue
         index = scan_image_folder(root)
         for f in index.files:
             st = os.stat(os.path.join(index.root, f))
@@ -115,15 +134,19 @@ def _fingerprint(roots, decoder) -> str:
 
 
 def check(roots, decoder="dali", threads=2, use_cache=True) -> dict:
-    """{"ok": n, "bad": [{"path", "reason"}], "classes": k} over the splits in `roots`, cached."""
-    roots = [os.path.abspath(r) for r in roots]
+    """{"ok": n, "bad": [{"path", "reason"}], "classes": k} over the splits in `roots`, cached.
+
+    A root is an ImageFolder split directory, or (shard directory, "train"/"val") for shards.
+    """
+    roots = [(os.path.abspath(r[0]), r[1]) if isinstance(r, tuple) else os.path.abspath(r) for r in roots]
     key = _fingerprint(roots, decoder)
     cached = cache_dir() / "preflight" / f"{key}.json"
     if use_cache and cached.is_file():
         return json.loads(cached.read_text())
     total, bad, classes = 0, [], None
     for root in roots:
-        n, b, c = check_split(root, decoder, threads)
+        n, b, c = check_shard_split(*root, decoder, threads) if isinstance(root, tuple) else \
+            check_split(root, decoder, threads)
         total, bad = total + n, bad + [{"path": p, "reason": r} for p, r in b]
         classes = classes or c
         if c != classes:

@@ -146,3 +146,24 @@ def test_a_step_skipped_on_the_device_leaves_no_trace(optimizer_name):
         assert torch.equal(pa, pb)
     for sa, sb in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), (sa, sb)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_non_fused_optimizer_skips_on_the_host(foreach):
+    # a user's own SGD (single-tensor or foreach) refuses found_inf; the guard skips the call instead
+    from rmix.guard import nonfinite, step_skipping
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=foreach)
+    x = torch.randn(5, 6)
+    loss = model(x).sum() * float("inf")
+    loss.backward()
+    step_skipping(opt, nonfinite(loss, opt))
+    opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+    loss = model(x).square().sum()
+    loss.backward()
+    step_skipping(opt, nonfinite(loss, opt))
+    assert not any(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not hasattr(opt, "found_inf")

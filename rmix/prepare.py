@@ -1,0 +1,407 @@
+"""`rmix data prepare`: from ImageNet's three archives, or any ImageFolder, to what rmix trains on.
+
+The archives are the ones image-net.org hands out: ``ILSVRC2012_img_train.tar`` (a tar of one
+tar per class), ``ILSVRC2012_img_val.tar`` (50,000 flat JPEGs) and
+``ILSVRC2012_devkit_t12.tar.gz`` (the class list and the validation labels). Their md5s and
+the devkit's parser are torchvision's (`torchvision.datasets.imagenet`), so the classes, their
+order (sorted wnids) and the validation labels are exactly torchvision's `ImageNet`'s.
+
+The images are never extracted to a temporary copy: the tars are uncompressed, so each JPEG's
+byte range in ``ILSVRC2012_img_train.tar`` is known from the headers (the outer member's data
+offset plus the inner one's), and the output is written from those ranges.
+
+Outputs, atomic and resumable:
+- ``folder``: ``train/<wnid>/``, ``val/<wnid>/``. Each class is written to ``<wnid>.partial``
+  and renamed when complete; a rerun skips the complete classes.
+- ``wds``: ``train-NNNNNN.tar`` / ``val-NNNNNN.tar`` of ``--shard-size`` samples (train in one
+  fixed shuffled order, so that any rank's slice mixes the classes; val in file order), each
+  with its DALI index (`pipelines.wds`), written to ``.partial`` and renamed; a rerun skips the
+  complete shards.
+- both: ``prepare.json`` (what is being made, written first: a rerun with other settings is
+  refused) and, last, ``index.json`` (classes, names, counts): a finished set has one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+from contextlib import contextmanager
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from pipelines import IMG_EXTENSIONS, scan_image_folder
+from pipelines.wds import INDEX, ShardWriter, member_key, shard_name
+
+PLAN = "prepare.json"
+SHUFFLE_SEED = 0  # the train shards' one fixed order: the same shards on every machine
+
+
+class PrepareError(ValueError):
+    """An archive or directory that cannot be prepared; the message names it (one line)."""
+
+
+class Item(NamedTuple):
+    """One image to write: its name inside the source, its label, how to read its bytes."""
+    name: str               # e.g. n01440764/n01440764_10026.JPEG
+    label: int
+    read: Callable[[], bytes]
+
+
+# ImageNet's archives --------------------------------------------------------------------------
+
+
+def archive_paths(archives: str) -> dict:
+    """{"train", "val", "devkit"} -> path in ``archives``; PrepareError naming the first missing one."""
+    from torchvision.datasets.imagenet import ARCHIVE_META
+    if not os.path.isdir(archives):
+        raise PrepareError(f"--archives: {archives} is not a directory")
+    out = {}
+    for kind in ("devkit", "train", "val"):
+        name = ARCHIVE_META[kind][0]
+        path = os.path.join(archives, name)
+        if not os.path.isfile(path):
+            raise PrepareError(f"--archives: {archives} has no {name} (the ImageNet 2012 {kind} archive, "
+                               "from image-net.org)")
+        out[kind] = path
+    return out
+
+
+def md5sum(path: str, progress=None, chunk: int = 1 << 22) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            if progress is not None:
+                progress(len(block))
+    return h.hexdigest()
+
+
+def verify_archives(paths: dict, work: str, say=print):
+    """Each archive's md5 against torchvision's published one (as its `ImageNet` checks), remembered
+    in ``work`` by size and mtime so that a rerun does not read 150 GB again."""
+    from torchvision.datasets.imagenet import ARCHIVE_META
+    seen_file = os.path.join(work, "verified.json")
+    seen = json.load(open(seen_file)) if os.path.isfile(seen_file) else {}
+    for kind in ("devkit", "val", "train"):
+        path, (name, md5) = paths[kind], ARCHIVE_META[kind]
+        st = os.stat(path)
+        stamp = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+        if seen.get(stamp) == md5:
+            continue
+        with _bar(st.st_size, f"md5 {name}", unit="B") as bar:
+            got = md5sum(path, bar)
+        if got != md5:
+            raise PrepareError(f"{path}: md5 {got} is not the published {md5} (a truncated or different "
+                               "download; download it again, or --skip-md5 to take it as it is)")
+        seen[stamp] = md5
+        _write_json(seen_file, seen)
+
+
+def read_devkit(path: str, work: str, skip_md5: bool):
+    """(wnids sorted, {wnid: names}, val wnid per val image in file order) via torchvision's parser."""
+    from unittest import mock
+    from torchvision.datasets import imagenet
+    name = imagenet.ARCHIVE_META["devkit"][0]
+    root = os.path.join(work, "devkit")
+    os.makedirs(root, exist_ok=True)
+    link = os.path.join(root, name)
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.abspath(path), link)  # its parser reads root/<name> and writes root/meta.bin
+    meta = dict(imagenet.ARCHIVE_META)
+    if skip_md5:  # the parser checks the published md5 itself: give it this archive's own instead
+        meta["devkit"] = (name, md5sum(path))
+    try:
+        with mock.patch.dict(imagenet.ARCHIVE_META, meta):
+            imagenet.parse_devkit_archive(root)
+        wnid_to_classes, val_wnids = imagenet.load_meta_file(root)
+    except PrepareError:
+        raise
+    except Exception as error:  # not a tar.gz, no meta.mat, no ground truth, ...
+        raise PrepareError(f"{path}: not a readable ImageNet devkit ({_one_line(error)})") from None
+    wnids = sorted(wnid_to_classes)
+    if len(wnids) < 2:
+        raise PrepareError(f"{path}: its meta.mat lists {len(wnids)} leaf classes")
+    return wnids, {w: ", ".join(wnid_to_classes[w]) for w in wnids}, list(val_wnids)
+
+
+def _range_reader(path: str, offset: int, size: int):
+    def read():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise PrepareError(f"{path}: ends inside a member at byte {offset} (truncated)")
+        return data
+    return read
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def train_items(path: str, wnids: list[str]) -> list[Item]:
+    """Every JPEG of the train archive, class by class (sorted wnids), each class's files sorted."""
+    label = {w: i for i, w in enumerate(wnids)}
+    by_class: dict[str, list[Item]] = {}
+    try:
+        with tarfile.open(path, "r:") as outer:
+            for m in outer:
+                if not m.isfile():
+                    continue
+                wnid, ext = os.path.splitext(os.path.basename(m.name))
+                if ext != ".tar" or wnid not in label:
+                    raise PrepareError(f"{path}: member {m.name} is not a <wnid>.tar of the devkit's classes")
+                items = []
+                with tarfile.open(fileobj=outer.extractfile(m), mode="r:") as inner:
+                    for j in inner:
+                        if j.isfile() and _is_image(j.name):
+                            items.append(Item(f"{wnid}/{os.path.basename(j.name)}", label[wnid],
+                                              _range_reader(path, m.offset_data + j.offset_data, j.size)))
+                by_class[wnid] = sorted(items, key=lambda it: it.name)
+    except (tarfile.TarError, EOFError) as error:
+        raise PrepareError(f"{path}: not a readable train archive ({_one_line(error)})") from None
+    missing = [w for w in wnids if not by_class.get(w)]
+    if missing:
+        raise PrepareError(f"{path}: no images for {len(missing)} of the devkit's {len(wnids)} classes "
+                           f"(first: {missing[0]}); a truncated download?")
+    return [it for w in wnids for it in by_class[w]]
+
+
+def val_items(path: str, wnids: list[str], val_wnids: list[str]) -> list[Item]:
+    """The val archive's images, sorted by name, labelled by the devkit's ground truth (in that order)."""
+    label = {w: i for i, w in enumerate(wnids)}
+    members = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = sorted((m for m in tar if m.isfile() and _is_image(m.name)), key=lambda m: m.name)
+    except (tarfile.TarError, EOFError) as error:
+        raise PrepareError(f"{path}: not a readable val archive ({_one_line(error)})") from None
+    if len(members) != len(val_wnids):
+        raise PrepareError(f"{path}: holds {len(members)} images, the devkit's ground truth labels "
+                           f"{len(val_wnids)} (a truncated download, or another year's devkit?)")
+    return [Item(f"{w}/{os.path.basename(m.name)}", label[w], _range_reader(path, m.offset_data, m.size))
+            for m, w in zip(members, val_wnids)]
+
+
+def prepare_imagenet(archives: str, out: str, *, fmt: str = "folder", shard_size: int = 1000,
+                     skip_md5: bool = False, say=print) -> dict:
+    """The whole preparation; returns the index (also written to out/index.json)."""
+    paths = archive_paths(archives)
+    work = _start(out, {"source": "imagenet", "archives": os.path.abspath(archives), "format": fmt,
+                        "shard_size": shard_size if fmt == "wds" else None})
+    need = os.path.getsize(paths["train"]) + os.path.getsize(paths["val"])  # the JPEGs are the archives' bytes
+    check_space(out, need)
+    if not skip_md5:
+        verify_archives(paths, work, say)
+    wnids, names, val_wnids = read_devkit(paths["devkit"], work, skip_md5)
+    say(f"reading the archives' headers ({len(wnids)} classes)")
+    splits = {"train": train_items(paths["train"], wnids), "val": val_items(paths["val"], wnids, val_wnids)}
+    return _write(out, work, splits, wnids, names, fmt, shard_size, say)
+
+
+# Any ImageFolder -------------------------------------------------------------------------------
+
+
+def prepare_folder(src: str, out: str, *, fmt: str = "wds", shard_size: int = 1000, say=print) -> dict:
+    """An ImageFolder (src/train, src/val) to shards (or a copy in rmix's layout); returns the index."""
+    if not os.path.isdir(src):
+        raise PrepareError(f"--src: {src} is not a directory")
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise PrepareError(f"--out: {out} is --src itself; give another directory")
+    splits, classes = {}, None
+    for split in ("train", "val"):
+        root = os.path.join(src, split)
+        if not os.path.isdir(root):
+            raise PrepareError(f"--src: {src} has no {split}/ folder (expected an ImageFolder train/ and val/)")
+        try:
+            index = scan_image_folder(root)
+        except (FileNotFoundError, ValueError) as error:
+            raise PrepareError(f"--src: {error}") from None
+        if classes is not None and index.classes != classes:
+            raise PrepareError(f"--src: {src}/val's class folders differ from train/'s")
+        classes = index.classes
+        splits[split] = [Item(f, label, _file_reader(os.path.join(index.root, f)))
+                         for f, label in zip(index.files, index.labels)]
+    work = _start(out, {"source": "folder", "src": os.path.abspath(src), "format": fmt,
+                        "shard_size": shard_size if fmt == "wds" else None})
+    need = sum(os.path.getsize(os.path.join(src, s, it.name)) for s in splits for it in splits[s])
+    check_space(out, need)
+    return _write(out, work, splits, classes, {c: c for c in classes}, fmt, shard_size, say)
+
+
+def _file_reader(path: str):
+    def read():
+        with open(path, "rb") as f:
+            return f.read()
+    return read
+
+
+# Writing ------------------------------------------------------------------------------------------
+
+
+def check_space(out: str, need: int):
+    """PrepareError when ``out``'s disk has less free space than what is still to be written."""
+    have = _written_bytes(out)
+    free = shutil.disk_usage(out).free
+    if need - have > free:
+        raise PrepareError(f"--out: {out} has {free / 1e9:.1f} GB free; the prepared set needs about "
+                           f"{(need - have) / 1e9:.1f} GB more")
+
+
+def _written_bytes(out: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(out):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
+
+
+def _start(out: str, plan: dict) -> str:
+    """Create ``out`` (or take up its unfinished preparation); returns its work folder."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out: {out} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise PrepareError(f"--out: cannot create {out} ({error.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise PrepareError(f"--out: {out} is not writable")
+    plan_file = os.path.join(out, PLAN)
+    if os.path.isfile(plan_file):
+        with open(plan_file) as f:
+            before = json.load(f)
+        if before != plan:
+            differ = ", ".join(f"{k} {before.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(before) | set(plan))
+                               if before.get(k) != plan.get(k))
+            raise PrepareError(f"--out: {out} holds a preparation with other settings ({differ}); "
+                               "give those settings to continue it, or another --out")
+    elif [n for n in os.listdir(out) if not n.startswith(".")]:
+        raise PrepareError(f"--out: {out} is not empty and holds no rmix preparation; give an empty or new directory")
+    else:
+        _write_json(plan_file, plan)
+    work = os.path.join(out, ".prepare")
+    os.makedirs(work, exist_ok=True)
+    return work
+
+
+def _write(out, work, splits: dict, classes: list[str], names: dict, fmt: str, shard_size: int, say) -> dict:
+    index_file = os.path.join(out, INDEX)
+    counts = {s: len(items) for s, items in splits.items()}
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            done = json.load(f)
+        if done.get("counts") == counts:
+            say(f"{out}: already prepared ({counts['train']} train, {counts['val']} val images)")
+            return done
+    if fmt == "folder":
+        _write_folders(out, splits, classes)
+        shards = None
+    elif fmt == "wds":
+        if shard_size < 1:
+            raise PrepareError(f"--shard-size: must be >= 1, got {shard_size}")
+        shards = {s: _write_shards(out, s, _order(s, items), shard_size) for s, items in splits.items()}
+    else:
+        raise PrepareError(f"--format: expected folder or wds, got {fmt!r}")
+    index = {"format": fmt, "classes": classes, "names": [names[c] for c in classes], "counts": counts,
+             "per_class": {s: np.bincount([it.label for it in items], minlength=len(classes)).tolist()
+                           for s, items in splits.items()}}
+    if shards is not None:
+        index["shards"] = shards
+    _write_json(index_file, index)  # last: its presence says the set is complete
+    shutil.rmtree(work, ignore_errors=True)
+    say(f"{out}: {counts['train']} train and {counts['val']} val images, {len(classes)} classes ({fmt})")
+    return index
+
+
+def _order(split: str, items: list[Item]) -> list[Item]:
+    if split != "train":
+        return items
+    perm = np.random.default_rng(SHUFFLE_SEED).permutation(len(items))
+    return [items[i] for i in perm]
+
+
+def _write_shards(out: str, split: str, items: list[Item], shard_size: int) -> list[str]:
+    names, taken = [], set()
+    keys = [member_key(it.name, taken) for it in items]  # all keys first: the same on a rerun
+    n_shards = -(-len(items) // shard_size)
+    with _bar(len(items), f"{split} shards") as bar:
+        for k in range(n_shards):
+            name = shard_name(split, k)
+            names.append(name)
+            chunk = range(k * shard_size, min((k + 1) * shard_size, len(items)))
+            path = os.path.join(out, name)
+            if os.path.isfile(path) and os.path.isfile(path[:-4] + ".idx"):
+                bar(len(chunk))
+                continue  # written by an earlier run: complete, since it was renamed into place
+            writer = ShardWriter(path)
+            try:
+                for i in chunk:
+                    it = items[i]
+                    ext = os.path.splitext(it.name)[1][1:].lower() or "jpg"
+                    writer.add(keys[i], "jpg" if ext == "jpeg" else ext, it.read(), it.label)
+                    bar(1)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+    return names
+
+
+def _write_folders(out: str, splits: dict, classes: list[str]):
+    for split, items in splits.items():
+        by_class: dict[int, list[Item]] = {}
+        for it in items:
+            by_class.setdefault(it.label, []).append(it)
+        with _bar(len(items), f"{split} folders") as bar:
+            for label, group in sorted(by_class.items()):
+                final = os.path.join(out, split, classes[label])
+                if os.path.isdir(final):
+                    bar(len(group))
+                    continue  # renamed into place by an earlier run: complete
+                tmp = final + ".partial"
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                for it in group:
+                    with open(os.path.join(tmp, os.path.basename(it.name)), "wb") as f:
+                        f.write(it.read())
+                    bar(1)
+                os.rename(tmp, final)
+
+
+def _write_json(path: str, data):
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+@contextmanager
+def _bar(total: int, desc: str, unit: str = "img"):
+    """A callable ``bar(n)`` advancing a progress bar (tqdm on a terminal, a line per 10% elsewhere)."""
+    import sys
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, disable=not tty)
+    state = {"n": 0, "shown": 0}
+
+    def advance(n: int):
+        bar.update(n)
+        state["n"] += n
+        if not tty and total and state["n"] * 10 // total > state["shown"]:
+            state["shown"] = state["n"] * 10 // total
+            print(f"{desc}: {state['n']}/{total}", file=sys.stderr, flush=True)
+    try:
+        yield advance
+    finally:
+        bar.close()

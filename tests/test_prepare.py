@@ -1,0 +1,267 @@
+"""`rmix data prepare`: ImageNet's three archives (tiny, in the real formats) and any ImageFolder,
+to an ImageFolder or WebDataset shards; labels, contents, resumability, and one-line errors."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from pipelines.wds import index_shard, read_dali_index, scan_shards
+from rmix import prepare as P
+
+from imagenet_archives import LEAVES, write_archives
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archives")
+    truth = write_archives(root)
+    return root, truth
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["data", "prepare", *map(str, args)])
+
+
+def archived_bytes(root):
+    """{relative ImageFolder path: bytes} straight from the archives, by the test's own ground truth."""
+    out = {}
+    with tarfile.open(root / "ILSVRC2012_img_train.tar") as outer:
+        for m in outer:
+            with tarfile.open(fileobj=outer.extractfile(m)) as inner:
+                for j in inner:
+                    out[f"train/{m.name[:-4]}/{j.name}"] = inner.extractfile(j).read()
+    return out
+
+
+def test_archives_to_an_image_folder_with_the_ground_truth_labels(archives, tmp_path):
+    root, truth = archives
+    r = invoke("imagenet", "--archives", root, "--out", tmp_path / "in", "--skip-md5")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "in"
+    assert sorted(p.name for p in (out / "train").iterdir()) == LEAVES == sorted(p.name for p in (out / "val").iterdir())
+    for wnid, names in truth["train"].items():
+        assert sorted(p.name for p in (out / "train" / wnid).iterdir()) == sorted(names)
+    for name, wnid in truth["val"]:  # the devkit's ground truth, by ILSVRC2012_ID (not wnid order)
+        assert (out / "val" / wnid / name).is_file()
+    assert sum(1 for _ in (out / "val").glob("*/*")) == len(truth["val"])
+    for rel, data in archived_bytes(root).items():
+        assert (out / rel).read_bytes() == data
+    index = json.loads((out / "index.json").read_text())
+    assert index["classes"] == LEAVES and index["names"][0] == "alpha"
+    assert index["counts"] == {"train": 15, "val": 7} and not (out / ".prepare").exists()
+
+
+def test_the_folder_matches_torchvisions_own_imagenet(archives, tmp_path):
+    # torchvision's parsers extract the same archives (their md5 check given these archives' own)
+    from torchvision.datasets import ImageNet, imagenet
+    root, _ = archives
+    tv = tmp_path / "tv"
+    tv.mkdir()
+    for f in root.iterdir():
+        os.symlink(f, tv / f.name)
+    md5 = {k: (name, P.md5sum(root / name)) for k, (name, _) in imagenet.ARCHIVE_META.items()}
+    with mock.patch.dict(imagenet.ARCHIVE_META, md5):
+        sets = {s: ImageNet(str(tv), split=s) for s in ("train", "val")}
+    assert invoke("imagenet", "--archives", root, "--out", tmp_path / "in", "--skip-md5").exit_code == 0
+    for split, ds in sets.items():
+        ours = sorted((str(q.relative_to(tmp_path / "in" / split)), q.parent.name)
+                      for q in (tmp_path / "in" / split).glob("*/*"))
+        theirs = sorted((str(Path(p).relative_to(tv / split)), ds.wnids[t]) for p, t in ds.samples)
+        assert ours == theirs
+        assert ds.wnids == LEAVES
+
+
+def test_archives_to_shards_hold_every_image_once_with_its_label(archives, tmp_path):
+    root, truth = archives
+    r = invoke("imagenet", "--archives", root, "--out", tmp_path / "w", "--format", "wds", "--shard-size", "4",
+               "--skip-md5")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "w"
+    assert sorted(p.name for p in out.glob("train-*.tar")) == [f"train-{k:06d}.tar" for k in range(4)]  # 15 / 4
+    data = archived_bytes(root)
+    train = scan_shards(out, "train")
+    got = {f"train/{s.member.rsplit('.', 1)[0]}.JPEG": (train.read(i), train.classes[s.label])
+           for i, s in enumerate(train.samples)}
+    assert {k: v[0] for k, v in got.items()} == data  # every train JPEG, once, byte for byte
+    assert all(k.split("/")[1] == wnid for k, (_, wnid) in got.items())
+    assert [s.member.split("/")[0] for s in train.samples] != sorted(s.member.split("/")[0] for s in train.samples)
+    val = scan_shards(out, "val")
+    assert [(s.member.split("/")[1].replace(".jpg", ".JPEG"), val.classes[s.label]) for s in val.samples] == \
+        truth["val"]  # file order, the ground truth's labels
+    for shard in out.glob("*.tar"):  # our index is what DALI's own indexer reads from the tar
+        assert read_dali_index(str(shard)[:-4] + ".idx") == index_shard(str(shard))
+
+
+def test_a_killed_preparation_leaves_nothing_complete_looking_and_continues(archives, tmp_path):
+    root, _ = archives
+    out = tmp_path / "w"
+    # a process killed (SIGKILL) while writing its third shard
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); from rmix import prepare as P\n"
+              "n = [0]; real = P._range_reader\n"
+              "def reader(*a):\n"
+              "    read = real(*a)\n"
+              "    def r():\n"
+              "        n[0] += 1\n"
+              "        if n[0] == 10: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "        return read()\n"
+              "    return r\n"
+              "P._range_reader = reader\n"
+              f"P.prepare_imagenet({str(root)!r}, {str(out)!r}, fmt='wds', shard_size=4, skip_md5=True)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert sorted(x.name for x in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert (out / "train-000002.tar.partial").exists() and not (out / "index.json").exists()
+    before = {x.name: x.stat().st_mtime_ns for x in out.glob("*.tar")}
+    r = invoke("imagenet", "--archives", root, "--out", out, "--format", "wds", "--shard-size", "4", "--skip-md5")
+    assert r.exit_code == 0, r.output
+    assert {x.name: x.stat().st_mtime_ns for x in out.glob("train-00000[01].tar")} == before  # kept, not rewritten
+    assert not list(out.glob("*.partial"))
+    fresh = tmp_path / "fresh"
+    assert invoke("imagenet", "--archives", root, "--out", fresh, "--format", "wds", "--shard-size", "4",
+                  "--skip-md5").exit_code == 0
+    for x in fresh.glob("*.tar"):
+        assert (out / x.name).read_bytes() == x.read_bytes()  # the same shards as an uninterrupted run
+    again = invoke("imagenet", "--archives", root, "--out", out, "--format", "wds", "--shard-size", "4", "--skip-md5")
+    assert again.exit_code == 0 and "already prepared" in again.output
+
+
+def test_a_folder_preparation_cut_midway_keeps_its_complete_classes(archives, tmp_path):
+    root, _ = archives
+    out = tmp_path / "in"
+    real, n = P._range_reader, [0]
+
+    def reader(*a):
+        read = real(*a)
+
+        def r():
+            n[0] += 1
+            if n[0] == 7:  # inside the second class
+                raise KeyboardInterrupt
+            return read()
+        return r
+    with mock.patch.object(P, "_range_reader", reader), pytest.raises(KeyboardInterrupt):
+        P.prepare_imagenet(str(root), str(out), skip_md5=True, say=lambda t: None)
+    assert [p.name for p in (out / "train").iterdir() if not p.name.endswith(".partial")] == [LEAVES[0]]
+    assert invoke("imagenet", "--archives", root, "--out", out, "--skip-md5").exit_code == 0
+    assert sum(1 for _ in out.glob("train/*/*")) == 15 and not list(out.glob("*/*.partial"))
+
+
+def _broken(tmp_path, archives, name, data=None, **kw):
+    root = tmp_path / "a"
+    if kw:
+        write_archives(root, **kw)
+    else:
+        root.mkdir()
+        for f in archives[0].iterdir():
+            os.symlink(f, root / f.name)
+    if name is not None:
+        (root / name).unlink()
+        if data is not None:
+            (root / name).write_bytes(data)
+    return root
+
+
+def _train_tar_with_a_loose_jpeg():
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo("n01000001_1.JPEG")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no-train", "has no ILSVRC2012_img_train.tar"),
+    ("no-devkit", "has no ILSVRC2012_devkit_t12.tar.gz"),
+    ("md5", "md5 "),
+    ("devkit-garbage", "ILSVRC2012_devkit_t12.tar.gz: not a readable ImageNet devkit"),
+    ("devkit-no-meta", "ILSVRC2012_devkit_t12.tar.gz: not a readable ImageNet devkit"),
+    ("train-truncated", "ILSVRC2012_img_train.tar: "),
+    ("train-loose", "ILSVRC2012_img_train.tar: member n01000001_1.JPEG is not a <wnid>.tar"),
+    ("val-short", "ILSVRC2012_img_val.tar: holds 6 images, the devkit's ground truth labels 7"),
+])
+def test_each_missing_or_broken_archive_is_one_line_naming_it(archives, tmp_path, case, needle):
+    train = archives[0] / "ILSVRC2012_img_train.tar"
+    root = {
+        "no-train": lambda: _broken(tmp_path, archives, "ILSVRC2012_img_train.tar"),
+        "no-devkit": lambda: _broken(tmp_path, archives, "ILSVRC2012_devkit_t12.tar.gz"),
+        "md5": lambda: _broken(tmp_path, archives, None),
+        "devkit-garbage": lambda: _broken(tmp_path, archives, "ILSVRC2012_devkit_t12.tar.gz", b"not a tarball" * 9),
+        "devkit-no-meta": lambda: _broken(tmp_path, archives, None, meta=False),
+        "train-truncated": lambda: _broken(tmp_path, archives, "ILSVRC2012_img_train.tar",
+                                           train.read_bytes()[:train.stat().st_size // 2 + 300]),
+        "train-loose": lambda: _broken(tmp_path, archives, "ILSVRC2012_img_train.tar", _train_tar_with_a_loose_jpeg()),
+        "val-short": lambda: _broken(tmp_path, archives, None, val_ids=(3, 1, 2, 1, 3, 2)) and
+        _shorten_truth(tmp_path / "a"),
+    }[case]()
+    extra = [] if case == "md5" else ["--skip-md5"]
+    r = invoke("imagenet", "--archives", root, "--out", tmp_path / "out", *extra)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error: ")]  # besides progress lines
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output
+
+
+def _shorten_truth(root):
+    """A devkit labelling 7 val images beside a val archive of 6."""
+    import imagenet_archives as A
+    with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        A._add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", A.meta_mat())
+        A._add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", b"3\n1\n2\n1\n3\n2\n2\n")
+    return root
+
+
+def test_out_is_checked_before_anything_is_written(archives, tmp_path):
+    root, _ = archives
+    (tmp_path / "file").write_text("x")
+    r = invoke("imagenet", "--archives", root, "--out", tmp_path / "file", "--skip-md5")
+    assert r.exit_code == 2 and "is a file" in r.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = invoke("imagenet", "--archives", root, "--out", other, "--skip-md5")
+    assert r.exit_code == 2 and "not empty" in r.output and sorted(os.listdir(other)) == ["notes.txt"]
+    assert invoke("imagenet", "--archives", root, "--out", tmp_path / "w", "--format", "wds",
+                  "--skip-md5").exit_code == 0
+    r = invoke("imagenet", "--archives", root, "--out", tmp_path / "w", "--format", "wds", "--shard-size", "3",
+               "--skip-md5")
+    assert r.exit_code == 2 and "shard_size 1000 -> 3" in r.output
+    with mock.patch("shutil.disk_usage", return_value=mock.Mock(free=1000)):
+        r = invoke("imagenet", "--archives", root, "--out", tmp_path / "full", "--skip-md5")
+    assert r.exit_code == 2 and "GB free" in r.output and not (tmp_path / "full" / "train").exists()
+
+
+def test_the_md5s_are_torchvisions_and_a_verified_archive_is_not_read_again(archives, tmp_path, monkeypatch):
+    from torchvision.datasets import imagenet
+    root, _ = archives
+    paths = P.archive_paths(str(root))
+    own = {k: (name, P.md5sum(paths[k])) for k, (name, _) in imagenet.ARCHIVE_META.items()}
+    reads = []
+    monkeypatch.setattr(P, "md5sum", lambda path, progress=None: reads.append(path) or own[
+        next(k for k in paths if paths[k] == path)][1])
+    with mock.patch.dict(imagenet.ARCHIVE_META, own):  # as if these were the published archives
+        P.verify_archives(paths, str(tmp_path), say=lambda t: None)
+        P.verify_archives(paths, str(tmp_path), say=lambda t: None)
+    assert len(reads) == 3  # the second call trusted the first one's record (size and mtime)
+
+
+def test_any_image_folder_to_shards_and_back(tiny, tmp_path):
+    r = invoke("folder", "--src", tiny, "--out", tmp_path / "w", "--shard-size", "5")
+    assert r.exit_code == 0, r.output
+    train, val = scan_shards(tmp_path / "w", "train"), scan_shards(tmp_path / "w", "val")
+    assert len(train.samples) == 24 and len(val.samples) == 12 and train.classes == sorted(os.listdir(tiny / "train"))
+    files = {f"{p.parent.name}/{p.stem}": p.read_bytes() for p in (tiny / "train").glob("*/*")}
+    assert {s.member.rsplit(".", 1)[0]: train.read(i) for i, s in enumerate(train.samples)} == files
+    assert all(train.classes[s.label] == s.member.split("/")[0] for s in train.samples)
+    r = invoke("folder", "--src", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "is not a directory" in r.output

@@ -1,0 +1,180 @@
+"""Training on WebDataset shards: both loaders, the loader contract, exact resume, errors naming
+``shard.tar:member``, and `rmix data check` / `rmix bench data` on shards."""
+import collections
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import cli
+from pipelines import build_loader, build_shard_loader
+from pipelines.dali import ascii_labels, dali_slice
+from pipelines.wds import scan_shards
+from rmix import checkpoint
+from rmix.prepare import prepare_folder
+
+from test_reliability import train_args
+from test_resume_steps import Cut, assert_same_run
+
+KW = dict(batch_size=8, crop_size=16, val_resize=20, num_threads=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shards(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "w"
+    prepare_folder(str(tiny), str(out), shard_size=5, say=lambda t: None)  # 24 train in 5 shards, 12 val in 3
+    return out
+
+
+def batches(loader, epoch=None):
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_ascii_labels_parse_every_number():
+    values = torch.tensor([0, 7, 10, 99, 123, 1000, 98765, 4_000_000_000])
+    digits = torch.zeros(len(values), 10, dtype=torch.uint8)
+    for i, v in enumerate(values.tolist()):
+        text = str(v).encode()
+        digits[i, :len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    assert torch.equal(ascii_labels(digits), values)
+
+
+def test_dali_slices_cover_every_sample_once():
+    for n in (1, 7, 24, 1001):
+        for w in (1, 2, 3, 8):
+            if n >= w:
+                assert sum(dali_slice(n, r, w) for r in range(w)) == n
+                assert max(dali_slice(n, r, w) for r in range(w)) - min(dali_slice(n, r, w) for r in range(w)) <= 1
+
+
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_val_on_shards_is_val_on_the_folder(tiny, shards, kind):
+    # val shards keep the files' order: the same batches, pixel for pixel, as the ImageFolder
+    a = batches(build_shard_loader(kind, shards, "val", train=False, **KW))
+    b = batches(build_loader(kind, tiny / "val", train=False, **KW))
+    assert len(a) == len(b) == 2
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_a_train_epoch_reads_every_sample_once_and_is_addressable(shards, kind):
+    loader = build_shard_loader(kind, shards, "train", train=True, **KW)
+    split = scan_shards(shards, "train")
+    assert len(loader) == 3 and loader.num_classes == 4 and loader.classes == split.classes
+    e1 = batches(loader, 1)
+    labels = torch.cat([y for _, y in e1])
+    assert collections.Counter(labels.tolist()) == collections.Counter(s.label for s in split.samples)
+    assert all(x.shape == (8, 16, 16, 3) and x.dtype == torch.uint8 for x, _ in e1)
+    e0 = batches(loader, 0)
+    again = batches(loader, 1)  # after another epoch ran: epoch 1 exactly
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e1, again))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(e0, e1))  # reshuffled
+    loader.set_epoch(1, 2)
+    tail = [(x.clone(), y.clone()) for x, y in loader]  # from batch 2: the same batch
+    assert len(tail) == 1 and torch.equal(tail[0][0], e1[2][0]) and torch.equal(tail[0][1], e1[2][1])
+
+
+def test_dali_ranks_read_disjoint_slices_with_the_same_batch_count(shards):
+    kw = dict(KW, batch_size=4)
+    loaders = [build_shard_loader("dali", shards, "train", train=True, rank=r, world_size=2, **kw) for r in (0, 1)]
+    assert len(loaders[0]) == len(loaders[1]) == 3
+    for epoch in (0, 1):
+        got = [torch.cat([y for _, y in batches(ld, epoch)]) for ld in loaders]
+        assert len(got[0]) == len(got[1]) == 12
+    val = [build_shard_loader("dali", shards, "val", train=False, rank=r, world_size=2, **kw) for r in (0, 1)]
+    assert sum(len(y) for ld in val for _, y in ld) == 12
+
+
+def test_train_and_eval_on_shards_with_both_loaders(shards, tmp_path):
+    for loader in ("dali", "torch"):
+        r = CliRunner().invoke(cli, train_args(shards, tmp_path / loader, "--loader", loader, "--epochs", "2"))
+        assert r.exit_code == 0, r.output
+        rows = [json.loads(x) for x in (tmp_path / loader / "metrics.jsonl").read_text().splitlines()]
+        assert [row["epoch"] for row in rows] == [1, 2]
+        config = json.loads((tmp_path / loader / "config.json").read_text())
+        assert config["data"]["dataset"] == "wds"
+        r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / loader / "best.pt"), "--data-dir", str(shards),
+                                     "--loader", loader, "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output.strip().splitlines()[-1])["images"] == 12
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_cut_mid_epoch_on_shards_resumes_exactly(shards, tmp_path, monkeypatch, loader):
+    ref = tmp_path / "ref"
+    assert CliRunner().invoke(cli, train_args(shards, ref, "--loader", loader)).exit_code == 0
+    real = checkpoint.save
+
+    def save_then_cut(path, payload):
+        real(path, payload)
+        if payload["epoch"] == 1 and payload["step"] == 2:
+            raise Cut
+    monkeypatch.setattr(checkpoint, "save", save_then_cut)
+    out = tmp_path / "cut"
+    r = CliRunner().invoke(cli, train_args(shards, out, "--loader", loader, "--save-every-steps", "1"))
+    assert isinstance(r.exception, Cut), r.output
+    monkeypatch.setattr(checkpoint, "save", real)
+    r = CliRunner().invoke(cli, train_args(shards, out, "--loader", loader, "--save-every-steps", "1",
+                                           "--resume", "auto"))
+    assert r.exit_code == 0, r.output
+    assert_same_run(out, ref)
+
+
+@pytest.fixture
+def broken(shards, tmp_path):
+    """The shards with one train member's JPEG data overwritten (its headers intact)."""
+    import shutil
+    out = tmp_path / "broken"
+    shutil.copytree(shards, out)
+    split = scan_shards(out, "train")
+    s = split.samples[7]
+    with open(out / split.shards[s.shard], "r+b") as f:
+        f.seek(s.offset + s.size // 2)
+        f.write(b"\x00" * (s.size - s.size // 2))  # the scan data's second half gone
+    return out, f"{out / split.shards[s.shard]}:{s.member}"
+
+
+def test_data_check_and_the_preflight_name_the_member(broken, tmp_path):
+    out, name = broken
+    r = CliRunner().invoke(cli, ["data", "check", str(out), "--threads", "1"])
+    assert r.exit_code == 1 and f"{name}: " in r.output, r.output  # with its reason
+    r = CliRunner().invoke(cli, train_args(out, tmp_path / "run"))
+    assert r.exit_code == 2 and name in r.output and "unreadable image" in r.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_a_decode_error_on_shards_names_the_member(broken, kind):
+    from pipelines import DecodeError
+    out, name = broken
+    loader = build_shard_loader(kind, out, "train", train=True, **KW)
+    with pytest.raises(DecodeError) as e:
+        for epoch in range(3):
+            batches(loader, epoch)
+    assert name in e.value.bad_files and name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shards_from_other_tools_without_an_index_are_read(shards, tmp_path):
+    import shutil
+    out = tmp_path / "plain"
+    out.mkdir()
+    for p in shards.glob("*.tar"):
+        shutil.copy(p, out / p.name)  # no .idx and no index.json: classes from the labels
+    for kind in ("dali", "torch"):
+        got = batches(build_shard_loader(kind, out, "val", train=False, **KW))
+        want = batches(build_shard_loader(kind, shards, "val", train=False, **KW))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+
+
+def test_a_shard_dir_missing_a_split_is_one_line(shards, tmp_path):
+    import shutil
+    out = tmp_path / "train-only"
+    shutil.copytree(shards, out)
+    for p in out.glob("val-*"):
+        p.unlink()
+    r = CliRunner().invoke(cli, train_args(out, tmp_path / "run"))
+    assert r.exit_code == 2 and "no val-NNNNNN.tar shards" in r.output
