@@ -325,7 +325,7 @@ def synth(out, classes, train_per_class, val_per_class, width, height, seed, qua
 def check(directory, dataset, decoder, threads, as_json):
     """Decode every image once and name each unreadable file; exit 1 if any."""
     import pathlib
-    from rmix.data import MNIST_SETS, detect_dataset
+    from rmix.data import MNIST_SETS, detect_dataset, sharded
     from rmix.preflight import check as run_check, summary
     root = pathlib.Path(directory)
     if not root.is_dir():
@@ -334,7 +334,7 @@ def check(directory, dataset, decoder, threads, as_json):
         dataset = detect_dataset(root)
     if dataset in MNIST_SETS:
         result = _check_idx(root, dataset)
-    elif dataset == "wds":
+    elif sharded(root, dataset):
         from pipelines.wds import find_shards
         splits = [(str(root), s) for s in ("train", "val") if find_shards(str(root), s)]
         result = run_check(splits, decoder, threads, use_cache=False)
@@ -462,7 +462,8 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
 
 # --- bench data, bench train (rmix/bench/data.py, rmix/bench/train.py) ---
 @bench.command("data")
-@click.option("--data-dir", default=None, help="ImageFolder root (its train/) or split "
+@click.option("--data-dir", default=None, help="ImageFolder root (its train/) or split, or WebDataset shards "
+                                               "(then: shards vs the same images as files) "
                                                "[default: ImageNet-sized synthetic JPEGs]")
 @click.option("--batch", type=int, default=None, help="[default: 64, or 256 on cuda]")
 @click.option("--threads", type=int, default=None, help="DALI threads = DataLoader workers [default: all cores]")

@@ -252,7 +252,7 @@ def build_shard_loader(kind: str, root, split: str, *, train: bool, batch_size: 
     if per_class:
         raise ValueError("--train-per-class: not for WebDataset shards (their samples are mixed); "
                          "prepare a smaller set instead")
-    shards = scan_shards(root, split)
+    shards = scan_shards(root, split, labels=False)  # the labels are read with the images
     check_sharding(len(shards.samples), train=train, batch_size=batch_size, rank=rank,
                    world_size=world_size, drop_last=drop_last)
     common = dict(train=train, batch_size=batch_size, crop_size=crop_size, min_area=min_area,

@@ -393,7 +393,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, split, transform, encoded: bool = False):
         self.split, self.transform, self.encoded = split, transform, encoded
-        self.samples = [(split.name(i), s.label) for i, s in enumerate(split.samples)]
+        self.samples = [(split.name(i), s.label) for i, s in enumerate(split.samples)]  # -1: read with the image
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -404,7 +404,7 @@ class ShardDataset(Dataset):
         index, aug_seed = key
         name, label = self.samples[index]
         try:
-            data = self.split.read(index)
+            data, label = self.split.read_with_label(index)
             if self.encoded:
                 return (torch.frombuffer(bytearray(data), dtype=torch.uint8), aug_seed), label
             with Image.open(io.BytesIO(data)) as im:

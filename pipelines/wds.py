@@ -25,12 +25,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "ppm", "pgm", "tif", "tiff", "webp") 
 
 
 class Sample(NamedTuple):
-    """One image of a split: where its bytes are, what it is called, its label."""
+    """One image of a split: where its bytes are, what it is called, where its label is."""
     shard: int      # index into ShardSplit.shards
     offset: int     # byte offset of the image's data in the shard
     size: int
-    member: str     # the image's member name, e.g. n01440764_10026.jpg
-    label: int
+    member: str     # the image's member name, e.g. n01440764/n01440764_10026.jpg
+    label: int      # -1 until read (`scan_shards(labels=False)`): `ShardSplit.label(i)` reads it
+    cls_offset: int
+    cls_size: int
 
 
 class ShardSplit(NamedTuple):
@@ -51,6 +53,36 @@ class ShardSplit(NamedTuple):
         with open(os.path.join(self.root, self.shards[s.shard]), "rb") as f:
             f.seek(s.offset)
             return f.read(s.size)
+
+    def read_with_label(self, i: int) -> tuple[bytes, int]:
+        """The image's bytes and its label, in one read where the .cls follows the image (rmix's shards)."""
+        s = self.samples[i]
+        with open(os.path.join(self.root, self.shards[s.shard]), "rb") as f:
+            if s.cls_offset > s.offset and s.cls_offset - s.offset < s.size + 2048:
+                f.seek(s.offset)
+                blob = f.read(s.cls_offset + s.cls_size - s.offset)
+                data, text = blob[:s.size], blob[s.cls_offset - s.offset:]
+            else:
+                f.seek(s.offset)
+                data = f.read(s.size)
+                f.seek(s.cls_offset)
+                text = f.read(s.cls_size)
+        return data, _label(text, self.name(i))
+
+    def label(self, i: int) -> int:
+        s = self.samples[i]
+        if s.label >= 0:
+            return s.label
+        with open(os.path.join(self.root, self.shards[s.shard]), "rb") as f:
+            f.seek(s.cls_offset)
+            return _label(f.read(s.cls_size), self.name(i))
+
+
+def _label(text: bytes, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}: its .cls is {text[:20]!r}, not a class number") from None
 
 
 def shard_name(split: str, k: int) -> str:
@@ -170,12 +202,26 @@ def find_shards(root: str, split: str) -> list[str]:
 
 
 def is_shard_dir(root) -> bool:
+    """A directory of train shards, or one whose index.json says shards (`rmix data prepare --format wds`)."""
     root = os.fspath(root)
-    return os.path.isdir(root) and (os.path.isfile(os.path.join(root, INDEX)) or bool(find_shards(root, "train")))
+    if not os.path.isdir(root):
+        return False
+    if find_shards(root, "train"):
+        return True
+    try:
+        with open(os.path.join(root, INDEX)) as f:
+            return json.load(f).get("format") == "wds"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def scan_shards(root, split: str) -> ShardSplit:
-    """A split's shards and samples; the labels come from the .cls members, the classes from index.json."""
+def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
+    """A split's shards and samples, from their indexes (DALI's ``.idx``, else the tar headers).
+
+    The classes come from index.json. ``labels``: read every sample's .cls now (one small read per
+    sample: for ImageNet on network storage, minutes); with False they stay -1 (`ShardSplit.label`
+    reads one), unless there is no index.json, whose classes are then counted from the labels.
+    """
     root = os.path.abspath(os.fspath(root))
     shards = find_shards(root, split)
     if not shards:
@@ -184,6 +230,7 @@ def scan_shards(root, split: str) -> ShardSplit:
     if os.path.isfile(os.path.join(root, INDEX)):
         with open(os.path.join(root, INDEX)) as f:
             meta = json.load(f)
+    labels = labels or not meta.get("classes")
     samples, indexes = [], []
     for k, name in enumerate(shards):
         path, idx = os.path.join(root, name), name[:-len(".tar")] + ".idx"
@@ -193,16 +240,14 @@ def scan_shards(root, split: str) -> ShardSplit:
         with open(path, "rb") as f:
             for j, sample in enumerate(entries):
                 (_, off, size, member), (_, c_off, c_size, _) = _image_and_label(sample, path, j)
-                f.seek(c_off)
-                text = f.read(c_size)
-                try:
-                    label = int(text)
-                except ValueError:
-                    raise ValueError(f"{path}:{member}: its .cls is {text[:20]!r}, not a class number") from None
-                samples.append(Sample(k, off, size, member, label))
+                label = -1
+                if labels:
+                    f.seek(c_off)
+                    label = _label(f.read(c_size), f"{path}:{member}")
+                samples.append(Sample(k, off, size, member, label, c_off, c_size))
         indexes.append(idx)
-    top = max(s.label for s in samples) if samples else -1
-    classes = meta.get("classes") or [str(i) for i in range(top + 1)]
-    if samples and (top >= len(classes) or min(s.label for s in samples) < 0):
+    known = [s.label for s in samples if s.label >= 0]
+    classes = meta.get("classes") or [str(i) for i in range(max(known, default=-1) + 1)]
+    if known and (max(known) >= len(classes) or min(known) < 0):
         raise ValueError(f"{root}: a {split} label is outside the {len(classes)} classes of {INDEX}")
     return ShardSplit(root, shards, indexes, list(classes), samples)

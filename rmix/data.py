@@ -63,7 +63,7 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
         raise ValueError(f"--data-dir: {root} is not a directory{hint}")
     if dataset == "auto":
         dataset = detect_dataset(root)
-    if dataset == "wds":
+    if sharded(root, dataset):
         for split in ("train", "val"):
             if not find_shards(str(root), split):
                 raise ValueError(f"--data-dir: {root} has no {split}-NNNNNN.tar shards "
@@ -78,6 +78,12 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
     return root, dataset
 
 
+def sharded(root: Path, dataset: str) -> bool:
+    """Whether ``root`` is read as WebDataset shards: --dataset wds, or folder/imagenet given shards
+    (the same images, `rmix data prepare --format wds`; the name, and so the statistics, stay)."""
+    return dataset == "wds" or (dataset in ("folder", "imagenet") and is_shard_dir(root))
+
+
 def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, world_size=1):
     """This process's loader of one split; the batch size is the global one split over ranks."""
     d = cfg.data
@@ -90,7 +96,7 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
         return build_cifar_loader(d.loader, root, cifar100=dataset == "cifar100", **common)
     if dataset in MNIST_SETS:
         return build_mnist_loader(d.loader, root, dataset=dataset, **common)
-    if dataset == "wds":
+    if sharded(root, dataset):
         return build_shard_loader(d.loader, root, "train" if train else "val", crop_size=d.crop_size,
                                   min_area=d.min_area, val_resize=d.val_resize, aug_plus=d.aug_plus and train,
                                   torch_decode=d.torch_decode, **common)

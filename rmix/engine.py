@@ -13,7 +13,7 @@ from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from pipelines import DecodeError
 from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
-from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data
+from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data, sharded
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build
@@ -461,7 +461,7 @@ def _preflight(cfg, root, dataset, d):
     result = None
     if d.is_main:
         decoder = "dali" if cfg.data.loader == "dali" else "pil"
-        splits = [(str(root), "train"), (str(root), "val")] if dataset == "wds" else [root / "train", root / "val"]
+        splits = [(str(root), "train"), (str(root), "val")] if sharded(root, dataset) else [root / "train", root / "val"]
         result = check(splits, decoder, max(cfg.data.workers, 1))
     result = dist.broadcast_object(result, d)
     if result["bad"]:

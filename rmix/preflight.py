@@ -95,7 +95,7 @@ def check_split(root, decoder="dali", threads=2):
 def check_shard_split(root, split, decoder="dali", threads=2):
     """`check_split` of a split of WebDataset shards; each sample named ``shard.tar:member``."""
     from pipelines.wds import scan_shards
-    shards = scan_shards(root, split)
+    shards = scan_shards(root, split, labels=False)
     names = [shards.name(i) for i in range(len(shards.samples))]
     return (*_check_items(names, shards.read, decoder, threads), shards.classes)
 

@@ -82,6 +82,11 @@ def rm(out, data, d):
         _, val_loader = make_loaders(replace(cfg, **{"data.loader": loader}), data, "folder", CPU, d.rank,
                                      d.world_size)
         totals[loader] = evaluate(raw, val_loader, normalize, None, d)
+    for loader in ("torch", "dali"):  # the same images as WebDataset shards (prepared by the test)
+        train_loader, val_loader = make_loaders(replace(cfg, **{"data.loader": loader}), data.parent / "shards",
+                                                "wds", CPU, d.rank, d.world_size)
+        totals[f"wds-{loader}"] = evaluate(raw, val_loader, normalize, None, d)
+        totals[f"wds-{loader}"]["train_batches"] = sum(1 for _ in train_loader)
     (out / f"rank{d.rank}.json").write_text(json.dumps(totals))
 
 

@@ -52,6 +52,20 @@ def test_bench_data_reports_every_loader(jpegs):
         assert d[k], k
 
 
+def test_bench_data_on_shards_compares_them_with_the_same_images_as_files(jpegs, tmp_path):
+    from rmix.prepare import prepare_folder
+    prepare_folder(str(jpegs), str(tmp_path / "w"), shard_size=3, say=lambda t: None)
+    d = run_json(["bench", "data", "--data-dir", str(tmp_path / "w"), "--size", "32", "--batch", "4", "--reps", "1",
+                  "--threads", "1", "--images", "12", "--json"])
+    assert d["mode"] == "shards" and d["images"] == 12 and d["files"] == 12
+    positive(d, [f"{k}_img_s" for k in ("torch_files", "torch_wds", "dali_files", "dali_wds")] +
+             ["dali_wds_vs_files", "torch_wds_vs_files"])
+    assert d["dali_wds_vs_files"] == pytest.approx(d["dali_wds_img_s"] / d["dali_files_img_s"])
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(tmp_path / "w"), "--size", "32", "--batch", "4",
+                                 "--reps", "1", "--threads", "1", "--images", "12"])
+    assert "dali shards / files" in r.output
+
+
 def test_bench_data_without_dali_compares_the_torchvision_loaders(jpegs, monkeypatch):
     monkeypatch.setitem(sys.modules, "pipelines.dali", None)  # its import now fails, as without DALI
     d = bench_data(jpegs, size=32, batch=4, reps=1, threads=1)

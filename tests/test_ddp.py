@@ -70,6 +70,8 @@ def worker_run(tiny, tmp_path_factory):
     data = tmp / "data"
     shutil.copytree(tiny, data)
     next((data / "val").glob("*/*")).unlink()
+    from rmix.prepare import prepare_folder
+    prepare_folder(str(data), str(tmp / "shards"), shard_size=5, say=lambda t: None)
     rc, out = launch([ROOT / "tests/ddp_worker.py", tmp, data], cwd=tmp)
     assert rc == 0, out
     return tmp
@@ -98,10 +100,12 @@ def test_recursive_mix_ranks_stay_identical(worker_run):
     assert not torch.equal(r0["policy_rng"], r1["policy_rng"])  # one box stream (and history) per rank
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", ["torch", "dali", "wds-torch", "wds-dali"])
 def test_validation_counts_every_image_once_over_ranks(worker_run, loader):
     v0, v1 = (json.loads((worker_run / f"rm/rank{r}.json").read_text())[loader] for r in (0, 1))
     assert v0 == v1 and v0["images"] == 11
+    if loader.startswith("wds"):  # 32 train images, 16 a rank, batch 4 a rank: 4 steps on both
+        assert v0["train_batches"] == 4
 
 
 def test_a_dead_rank_fails_the_job_and_names_it(tiny, tmp_path):
@@ -254,3 +258,16 @@ def test_compile_under_torchrun_trains_and_saves_plain_keys(tiny, tmp_path):
     ckpt = torch.load(tmp_path / "run/latest.pt", weights_only=True)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
     build("resnet8", 4).load_state_dict(ckpt["model"], strict=True)
+
+
+def test_rmix_train_on_shards_under_torchrun(tiny, tmp_path):
+    from rmix.prepare import prepare_folder
+    prepare_folder(str(tiny), str(tmp_path / "shards"), shard_size=7, say=lambda t: None)
+    for loader in ("dali", "torch"):
+        args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tmp_path / "shards", *TINY, "--loader", loader,
+                "--out", f"run-{loader}"]
+        rc, out = launch(args, cwd=tmp_path)
+        assert rc == 0, out
+        rows = [json.loads(r) for r in (tmp_path / f"run-{loader}/metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        assert checkpoint.read(tmp_path / f"run-{loader}/best.pt")["config"]["data"]["dataset"] == "wds"

@@ -42,3 +42,25 @@ def test_reproduce_cifar10_smoke(tmp_path):
     assert "over 3 seeds" in out
     seeds = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert seeds == [f"pyramidnet200-rm-seed{s}" for s in range(3)]
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("folder", marks=pytest.mark.slow), "wds"])  # folder: test_prepare
+def test_reproduce_imagenet_from_the_archives_prepares_once(tmp_path, fmt):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from imagenet_archives import write_archives
+    archives = tmp_path / "archives"
+    write_archives(archives, train_per_class=(4, 4, 4), val_ids=(1, 2, 3, 1, 2, 3))
+    env = {**os.environ, "SMOKE": "1", "OMP_NUM_THREADS": "1", "FORMAT": fmt}
+    cmd = ["bash", str(ROOT / "scripts/reproduce_imagenet.sh"), str(archives), "1", str(tmp_path / "out")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    prepared = tmp_path / "out" / "data"
+    assert json.loads((prepared / "index.json").read_text())["format"] == fmt
+    for row in ("baseline", "mixup", "cutmix", "rm"):
+        run = tmp_path / "out" / f"r50-{row}"
+        assert json.loads((run / "config.json").read_text())["data"]["data_dir"] == str(prepared.resolve())
+        assert json.loads((run / "eval.json").read_text())["images"] == 6
+    stamp = (prepared / "index.json").stat().st_mtime_ns
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)  # again: nothing prepared twice
+    assert r.returncode == 0 and "already prepared" in r.stderr
+    assert (prepared / "index.json").stat().st_mtime_ns == stamp

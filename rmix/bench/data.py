@@ -184,7 +184,11 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
         dali_device: "auto" (gpu when device is cuda), "cpu", or "gpu" (nvJPEG, implies device cuda).
         log: a callable for progress lines (e.g. click.echo to stderr), or None.
     """
+    from pipelines.wds import is_shard_dir
     from rmix.engine import resolve_device
+    if data_dir and is_shard_dir(pathlib.Path(data_dir).expanduser()):
+        return bench_shards(data_dir, batch=batch, threads=threads, size=size, reps=reps, images=images,
+                            min_area=min_area, device=device, dali_device=dali_device, seed=seed, log=log)
     if dali_device == "gpu" and device == "cpu":
         device = "cuda"
     device = resolve_device(device)  # ValueError when cuda is asked for and absent
@@ -259,8 +263,98 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
     return result
 
 
+SHARD_LOADERS = ("torch_files", "torch_wds", "dali_files", "dali_wds")  # forked workers before DALI threads
+SHARD_SIZE = 1000
+
+
+def bench_shards(data_dir, *, batch=None, threads=None, size=224, reps=3, images=None, min_area=0.08,
+                 device="cpu", dali_device="auto", seed=0, log=None) -> dict:
+    """Shards against files: the same images (taken evenly from the train shards of ``data_dir``),
+    written once as an ImageFolder and once as shards of SHARD_SIZE, read by both loaders in one run.
+
+    DALI reads the shards with readers.webdataset and the files with readers.file; the torchvision
+    loader reads the shards by offset and the files by path. Both copies are on the same disk, so
+    this measures the readers' own cost: the page cache hides what shards save on network storage.
+    """
+    from pipelines import build_shard_loader
+    from pipelines.wds import ShardWriter, member_key, scan_shards, shard_name
+    from rmix.engine import resolve_device
+    device = resolve_device(device)
+    batch = batch or (256 if device.type == "cuda" else 64)
+    threads = threads or os.cpu_count() or 1
+    shards = scan_shards(pathlib.Path(data_dir).expanduser(), "train")
+    n = len(shards.samples)
+    images = min(images or max(1024, 4 * batch), n)
+    if images < batch:
+        raise ValueError(f"--data-dir: {data_dir} holds {n} train images, not one batch of {batch}")
+    pick = np.unique(np.linspace(0, n - 1, images).round().astype(np.int64)).tolist()
+    result = {"mode": "shards", "data": str(shards.root), "batch": batch, "threads": threads, "size": size,
+              "min_area": min_area, "reps": reps, "device": str(device), "passes": {}, "shard_size": SHARD_SIZE}
+    with tempfile.TemporaryDirectory(prefix="rmix-bench-shards-") as tmp:
+        tmp = pathlib.Path(tmp)
+        if log is not None:
+            log(f"writing {len(pick)} images as files and as shards of {SHARD_SIZE} into {tmp}")
+        taken, writer, sizes = set(), None, []
+        (tmp / "shards").mkdir()
+        for j, i in enumerate(pick):
+            s = shards.samples[i]
+            data = shards.read(i)
+            sizes.append(len(data))
+            key = member_key(s.member.rsplit(".", 1)[0], taken)
+            ext = s.member.rsplit(".", 1)[-1]
+            path = tmp / "files" / "train" / shards.classes[s.label] / f"{key.replace('/', '__')}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            if j % SHARD_SIZE == 0:
+                if writer is not None:
+                    writer.close()
+                writer = ShardWriter(str(tmp / "shards" / shard_name("train", j // SHARD_SIZE)))
+            writer.add(key, ext, data, s.label)
+        writer.close()
+        n_batches = len(pick) // batch
+        result.update(images=n_batches * batch, files=len(pick), batches=n_batches,
+                      mean_file_kb=round(sum(sizes) / len(sizes) / 1e3, 1))
+        common = dict(train=True, batch_size=batch, crop_size=size, min_area=min_area, val_resize=size,
+                      seed=seed, num_threads=threads, device=device, dali_device=dali_device)
+        for name in SHARD_LOADERS:
+            kind, form = name.split("_")
+            if log is not None:
+                log(f"{name}: {reps} passes of {n_batches} batches after a warm-up pass")
+            loader = (build_shard_loader(kind, tmp / "shards", "train", **common) if form == "wds" else
+                      build_loader(kind, tmp / "files" / "train", **common))
+            rates, cpu_ms = _passes(lambda: _epoch(loader), reps, device)
+            del loader
+            result["passes"][name] = [round(r, 1) for r in rates]
+            result[f"{name}_img_s"] = median(rates)
+            if cpu_ms:
+                result.setdefault("cpu_ms_per_img", {})[name] = median(cpu_ms)
+    for kind in ("torch", "dali"):
+        result[f"{kind}_wds_vs_files"] = result[f"{kind}_wds_img_s"] / result[f"{kind}_files_img_s"]
+    result.update(machine_info(device))
+    return result
+
+
+def format_shards(d) -> str:
+    load = "" if not d.get("load_avg") else f", load {d['load_avg'][0]:.1f}"
+    lines = [
+        f"shards vs files: the same {d['images']} images per pass (from {d['data']}, {d['mean_file_kb']:.0f} KB "
+        f"mean), shards of {d['shard_size']}, crop {d['size']}, batch {d['batch']}, {d['threads']} threads",
+        f"{d['cpu_model']} ({d['cpu_count']} CPUs{load}), {d['device_name']}; torch {d['torch']}, DALI {d['dali']}",
+        f"{'':<13}{'img/s':>9}{'CPU ms/img':>12}   passes (img/s; medians of {d['reps']} after a warm-up)",
+    ]
+    cpu = d.get("cpu_ms_per_img", {})
+    for name in SHARD_LOADERS:
+        ms = f"{cpu[name]:>12.2f}" if name in cpu else f"{'-':>12}"
+        lines.append(f"{name:<13}{d[name + '_img_s']:>9.0f}{ms}   {d['passes'][name]}")
+    lines.append(f"dali shards / files {d['dali_wds_vs_files']:.2f}x   torch shards / files "
+                 f"{d['torch_wds_vs_files']:.2f}x")
+    return "\n".join(lines)
+
+
 def format_bench(d) -> str:
     """A side-by-side table of a `bench_data` result."""
+    if d.get("mode") == "shards":
+        return format_shards(d)
     decoder = {"mixed": "nvJPEG (mixed)", "cpu": "CPU", None: "not installed"}[d["dali_decoder"]]
     load = "" if not d.get("load_avg") else f", load {d['load_avg'][0]:.1f}"
     lines = [
