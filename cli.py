@@ -103,6 +103,9 @@ TRAIN_OPTIONS = [
      "train on the first N images of each class in file order [default: 0 = all]"),
     ("--max-steps", "max_steps", int, "cap steps per epoch, for smoke runs"),
     ("--sync-bn/--no-sync-bn", "sync_bn", None, "torchrun: SyncBatchNorm over all ranks, CUDA only [default: off]"),
+    ("--ema", "ema", float, "keep a weight EMA with this decay (e.g. 0.9998), evaluated beside the model "
+                            "[default: 0 = none]"),
+    ("--ema-warmup/--no-ema-warmup", "ema_warmup", None, "timm's EMA warmup of the decay [default: off]"),
     ("--dist-timeout", "dist_timeout", int, "torchrun: seconds a collective waits for the other ranks "
                                            ""),
 ]
@@ -265,12 +268,13 @@ def train(preset, config_file, allow_changes, **opts):
 @click.option("--loader", type=click.Choice(C.LOADERS), default=None, help="[default: the checkpoint's]")
 @click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
 @click.option("--device", type=click.Choice(C.DEVICES), default="auto")
+@click.option("--ema", is_flag=True, help="evaluate the checkpoint's EMA weights (runs trained with --ema)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def eval_cmd(path, data_dir, dataset, model, loader, batch_size, device, as_json):
+def eval_cmd(path, data_dir, dataset, model, loader, batch_size, device, ema, as_json):
     """Evaluate a checkpoint on the validation split (top-1 / top-5 in percent)."""
     from rmix.engine import evaluate_checkpoint
     r = evaluate_checkpoint(path, data_dir=data_dir, dataset=dataset, model=model, loader=loader, batch_size=batch_size,
-                            device=device)
+                            device=device, ema=ema)
     if as_json:
         click.echo(json.dumps(r))
     else:

@@ -167,3 +167,13 @@ def model_state(ckpt: dict) -> dict:
         return ckpt["model"]
     state = ckpt.get("state_dict", ckpt.get("model", ckpt))
     return {k: v for k, v in state.items() if k != "foreign"}
+
+
+def ema_state(ckpt: dict, path) -> dict:
+    """The EMA weights of a checkpoint: rmix's `ema` (from --ema) or timm's `state_dict_ema`."""
+    state = ckpt.get("ema", ckpt.get("state_dict_ema"))
+    if state is None:
+        raise ValueError(f"--ema: {path} has no EMA weights (trained without --ema); leave out --ema")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return state

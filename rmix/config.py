@@ -102,6 +102,8 @@ class TrainConfig:
     save_every_steps: int = 0    # also write latest.pt every N steps inside an epoch (0 = epoch ends only)
     sync_bn: bool = False        # DDP: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout: int = 1800     # seconds a collective waits for the other ranks before failing
+    ema: float = 0.0             # weight EMA decay (timm's --model-ema-decay, e.g. 0.9998); 0 = none
+    ema_warmup: bool = False     # timm's EMA warmup: decay min(ema, 1 - (1 + k) ** -2/3) at update k + 1
 
 
 def to_dict(cfg) -> dict:
@@ -223,6 +225,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_steps >= 0, "--max-steps", cfg.max_steps, "must be >= 0")
     need(cfg.save_every_steps >= 0, "--save-every-steps", cfg.save_every_steps, "must be >= 0 (0 = epoch ends only)")
     need(cfg.max_skipped_steps >= 0, "--max-skipped-steps", cfg.max_skipped_steps, "must be >= 0")
+    need(0 <= cfg.ema < 1, "--ema", cfg.ema, "must be in [0, 1) (a decay such as 0.9998; 0 = no EMA)")
+    need(cfg.ema or not cfg.ema_warmup, "--ema-warmup", cfg.ema_warmup, "needs --ema DECAY")
     need(cfg.dist_timeout > 0, "--dist-timeout", cfg.dist_timeout, "must be positive (seconds)")
     need(cfg.resume != "auto" or cfg.out, "--resume", cfg.resume,
          "'auto' needs --out, a fixed run directory to look for latest.pt in (torchrun restarts rely on it)")

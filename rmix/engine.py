@@ -12,6 +12,7 @@ from rmix import checkpoint, dist, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from pipelines import DecodeError
+from rmix.ema import ModelEma
 from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
 from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data, sharded
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
@@ -148,7 +149,7 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
 
 
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, progress, *, start_step=0,
-                    sums=None, seen=0, on_step=None, guard=None, stop=None):
+                    sums=None, seen=0, on_step=None, guard=None, stop=None, ema=None):
     """One pass over `loader`; returns summed (loss, correct, images) as a tensor.
 
     `start_step` > 0 continues a pass that a mid-epoch checkpoint cut: the loader was set to
@@ -157,7 +158,8 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
     `on_step(steps_done, sums, seen)` runs after each optimizer step (mid-epoch checkpoints);
     `stop(steps_done, last)` after that ends the pass early when true (preemption, rmix.preempt).
     `guard` (rmix.guard.StepGuard, carried across epochs by train()) holds the bad steps on the
-    device; it is read at the sync points below and raises TrainingError there.
+    device; it is read at the sync points below and raises TrainingError there. `ema`
+    (rmix.ema.ModelEma) is updated after each optimizer step.
 
     Sync points (where the host waits for the device), and nowhere else in the loop:
     - the progress line, every `cfg.log_every` steps and at the last: the loss, and the guard;
@@ -185,6 +187,8 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
         loss, logits, out, bad = train_step(model, policy, images, targets, optimizer, scaler, amp,
                                             cfg.mix.omega, rm=rm)
         guard.update(step, bad, loss, fp16)
+        if ema is not None:
+            ema.update()  # device ops only (rmix.ema)
         n = images.shape[0]
         correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
         stats = torch.stack([loss.detach().double() * n, correct.double()])
@@ -340,6 +344,9 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
         start, best, partial = _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d)
     model = wrap_ddp(model, device, d, sync_bn=cfg.sync_bn)
     raw_model = model.module if d.enabled else model  # saved, exported and evaluated: plain keys, eager
+    ema = ModelEma(raw_model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])  # else --allow-changes ema: it starts from the resumed model
     model = compile_model(model, cfg.compile)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -366,7 +373,7 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
         ranks = dist.gather_to_main(mine, d)  # each rank's own history and streams
         if d.is_main:
             checkpoint.save(run_dir / "latest.pt", _payload(raw_model, optimizer, scaler, cfg, epoch - 1, best,
-                                                            ranks, data, step=step))
+                                                            ranks, data, step=step, ema=ema))
 
     guard = StepGuard(cfg.max_skipped_steps)  # bad steps, on the device, across epoch boundaries
     preempted = None
@@ -381,7 +388,7 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
             sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
                                    start_step=part["step"], sums=part["sums"], seen=part["seen"],
                                    on_step=save_every if cfg.save_every_steps else None, guard=guard,
-                                   stop=preempt.stop)
+                                   stop=preempt.stop, ema=ema)
         if preempt.signal and preempt.at < steps:  # stopped inside the epoch: save at that step
             save_mid_epoch(preempt.at, sums[:2], int(sums[2].item()))
             preempted = {"signal": preempt.signal, "epoch": epoch, "step": preempt.at}
@@ -392,34 +399,45 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
         evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
         val = evaluate(raw_model, val_loader, normalize, amp, d) if evaluated else \
             {"top1": None, "top5": None, "loss": None}
-        final = val["top1"] if evaluated else final
         row = {"epoch": epoch, "lr": lr, "train_loss": _finite(sums[0].item() / sums[2].item()),
                "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
                "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
+        score, best_of = val["top1"], "model"
+        if ema is not None:
+            dist.broadcast_buffers(ema.module, d)  # rank 0's averaged statistics, as the model's
+            val_ema = evaluate(ema.module, val_loader, normalize, amp, d) if evaluated else \
+                {"top1": None, "top5": None, "loss": None}
+            row.update(val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"], val_loss_ema=val_ema["loss"])
+            if evaluated and val_ema["top1"] > val["top1"]:
+                score, best_of = val_ema["top1"], "ema"
+            row["best_of"] = best_of if evaluated else None
+        final = val["top1"] if evaluated else final  # the model's; the EMA's is in the row
         history.append(row)
         ranks = dist.gather_to_main({"rng": rng_state(policy)}, d)  # each rank's own stream, for --resume
         if d.is_main:
-            is_best = evaluated and val["top1"] > best
-            best = max(best, val["top1"]) if evaluated else best
+            is_best = evaluated and score > best  # with --ema: the better of the model and its EMA
+            best = max(best, score) if evaluated else best
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if board is not None:
                 for k, v in row.items():
-                    if k != "epoch" and v is not None:
+                    if k != "epoch" and isinstance(v, (int, float)):
                         board.add_scalar(k, v, epoch)
                 board.flush()
-            payload = _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data)
+            payload = _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, ema=ema,
+                               best_of=best_of if evaluated else None)
             checkpoint.save(run_dir / "latest.pt", payload)
             if is_best:
                 checkpoint.save(run_dir / "best.pt", payload)
             if show:
                 top5 = "" if val["top5"] is None else f" top-5 {val['top5']:.2f}%"
-                scores = (f"val top-1 {val['top1']:.2f}%{top5} (best {best:.2f}%)" if evaluated
+                of_ema = "" if ema is None or not evaluated else f", EMA {row['val_top1_ema']:.2f}%"
+                scores = (f"val top-1 {val['top1']:.2f}%{top5}{of_ema} (best {best:.2f}%)" if evaluated
                           else f"not evaluated (--eval-every {cfg.eval_every})")
                 Progress.line(f"epoch {epoch}: train loss {_fmt(row['train_loss'])} top-1 {row['train_top1']:.1f}% | "
                               f"{scores} | {row['img_s']:.0f} img/s")
         elif evaluated:
-            best = max(best, val["top1"])
+            best = max(best, score)
         dist.barrier(d)
         if epoch < cfg.epochs and (preempt.signal or preempt.stop(0, last=True)):  # a signal during eval
             preempted = {"signal": preempt.signal, "epoch": epoch + 1, "step": 0}
@@ -431,12 +449,19 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
             "config": to_dict(cfg), "rank": d.rank, "preempted": preempted}
 
 
-def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, step=0):
-    """A training checkpoint: `epoch` complete epochs and `step` steps of the next; per-rank state."""
+def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, step=0, ema=None, best_of=None):
+    """A training checkpoint: `epoch` complete epochs and `step` steps of the next; per-rank state.
+
+    With --ema: "ema" ({"model": its state dict, "updates", ...}, rank 0's) and, at an epoch end,
+    "best_of": which of the two scored `best_top1`'s candidate this epoch ("model" or "ema").
+    """
     payload = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best_top1": best,
                "config": to_dict(cfg), "rng": ranks[0]["rng"], "rng_ranks": [r["rng"] for r in ranks],
                "data": data}
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
+        payload["best_of"] = best_of
     if step:  # mid-epoch: what each rank needs to continue at `step` exactly
         payload["partial_ranks"] = [{k: v for k, v in r.items() if k != "rng"} for r in ranks]
     return payload
@@ -529,8 +554,10 @@ def _trim_metrics(path, start):
 
 
 def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader=None, batch_size=None,
-                        device="auto"):
-    """Evaluate a checkpoint (rmix's, or the paper's layout with `model`) on the val split."""
+                        device="auto", ema=False):
+    """Evaluate a checkpoint (rmix's, or the paper's layout with `model`) on the val split.
+
+    `ema`: its EMA weights (`--ema` runs; timm's `state_dict_ema`) instead of the model's."""
     from rmix.models import load_state_dict_flexible, model_family
     ckpt = checkpoint.read(path)
     if ckpt["foreign"]:
@@ -556,10 +583,13 @@ def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader
     if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:
         raise ValueError(f"--data-dir: {root} has {num_classes} classes, the checkpoint was trained on {cfg.num_classes}")
     net = build(cfg.model, num_classes, share_fc=cfg.mix.share_fc).to(dev)
+    state = checkpoint.model_state(ckpt)
+    if ema:
+        state = checkpoint.ema_state(ckpt, path)
     try:
-        load_state_dict_flexible(net, checkpoint.model_state(ckpt))
+        load_state_dict_flexible(net, state)
     except ValueError as e:
         raise checkpoint.CheckpointError(f"{path}: {e}") from None
     normalize = NoMix(num_classes, mean=cfg.data.mean, std=cfg.data.std)
     r = evaluate(net, val_loader, normalize, amp_dtype(cfg, dev))
-    return {**r, "model": cfg.model, "checkpoint": str(path), "data_dir": str(root)}
+    return {**r, "model": cfg.model, "checkpoint": str(path), "data_dir": str(root), "ema": bool(ema)}

@@ -66,12 +66,7 @@ def export_state(path, *, model=None, drop_classifier=False, ema=False) -> tuple
         if model is not None and model != name:
             raise ValueError(f"--model: {path} holds a {name!r}, not {model!r}")
     if ema:
-        state = ckpt.get("ema", ckpt.get("state_dict_ema"))
-        if state is None:
-            raise ValueError(f"--ema: {path} has no EMA weights (rmix does not keep an EMA yet); "
-                             "export without --ema")
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
+        state = checkpoint.ema_state(ckpt, path)
     else:
         state = checkpoint.model_state(ckpt)
     state = {_strip(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -18,6 +18,7 @@ import torch
 from rmix import dist
 from rmix.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, replace
 from rmix.data import make_loaders
+from rmix.ema import ModelEma
 from rmix.engine import evaluate, train_one_epoch, wrap_ddp
 from rmix.mixing import NoMix, build_policy
 from rmix.models import build
@@ -37,14 +38,18 @@ def without_bn(model):
     return model
 
 
-def run(model, policy, loader, cfg, d):
+def run(model, policy, loader, cfg, d, ema_decay=0.0):
     model = wrap_ddp(model, CPU, d)
+    raw = model.module if d.enabled else model
+    ema = ModelEma(raw, ema_decay, warmup=True) if ema_decay else None
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
                                 nesterov=True, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with Progress(STEPS, "ddp worker", enabled=False) as bar:
-        sums = train_one_epoch(model, policy, loader, optimizer, scaler, cfg, 1, None, bar)
-    return (model.module if d.enabled else model), dist.all_sum(sums, d)
+        sums = train_one_epoch(model, policy, loader, optimizer, scaler, cfg, 1, None, bar, ema=ema)
+    if ema is not None:
+        raw.ema = ema  # for the caller; not a module attribute torch tracks
+    return raw, dist.all_sum(sums, d)
 
 
 def equal(out, d):
@@ -72,10 +77,11 @@ def rm(out, data, d):
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)  # as the engine: one RNG per rank
     policy = build_policy("recursive_mix", CLASSES, alpha=0.5, omega=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                           generator=gen)
-    raw, _ = run(build("resnet8", CLASSES), policy, train_loader, cfg, d)
+    raw, _ = run(build("resnet8", CLASSES), policy, train_loader, cfg, d, ema_decay=0.9)
     dist.broadcast_buffers(raw, d)
+    dist.broadcast_buffers(raw.ema.module, d)  # as the engine does at an epoch end
     torch.save({"params": dict(raw.named_parameters()), "buffers": dict(raw.named_buffers()),
-                "policy_rng": gen.get_state()}, out / f"rank{d.rank}.pt")
+                "ema": raw.ema.state_dict()["model"], "policy_rng": gen.get_state()}, out / f"rank{d.rank}.pt")
     normalize = NoMix(CLASSES, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     totals = {}
     for loader in ("torch", "dali"):

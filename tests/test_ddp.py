@@ -98,6 +98,9 @@ def test_recursive_mix_ranks_stay_identical(worker_run):
     for name, b in r0["buffers"].items():  # running stats: rank 0's, after dist.broadcast_buffers
         assert torch.equal(b, r1["buffers"][name]), name
     assert not torch.equal(r0["policy_rng"], r1["policy_rng"])  # one box stream (and history) per rank
+    for name, e in r0["ema"].items():  # one EMA per rank, the same on both
+        assert torch.equal(e, r1["ema"][name]), name
+    assert not torch.equal(r0["ema"]["fc.weight"], r0["params"]["fc.weight"])  # it is an average, not a copy
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali", "wds-torch", "wds-dali"])
