@@ -328,7 +328,7 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
                   **{"data.data_dir": str(root), "data.dataset": dataset})
 
     data = {"train_samples": train_loader.num_samples, "classes": train_loader.classes}  # the same data?
-    model = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc).to(device)
+    model = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc, image_size=cfg.data.crop_size).to(device)
     if cfg.mix.policy != "recursive_mix" and hasattr(model, "fc_roi"):
         model.fc_roi.requires_grad_(False)  # unused without RM: frozen, so DDP sees no unused grads
     channels_last = cfg.channels_last and device.type == "cuda"
@@ -582,7 +582,7 @@ def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader
     num_classes = val_loader.num_classes
     if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:
         raise ValueError(f"--data-dir: {root} has {num_classes} classes, the checkpoint was trained on {cfg.num_classes}")
-    net = build(cfg.model, num_classes, share_fc=cfg.mix.share_fc).to(dev)
+    net = build(cfg.model, num_classes, share_fc=cfg.mix.share_fc, image_size=cfg.data.crop_size).to(dev)
     state = checkpoint.model_state(ckpt)
     if ema:
         state = checkpoint.ema_state(ckpt, path)

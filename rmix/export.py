@@ -27,16 +27,16 @@ def _classifier_prefix(model) -> str:
     raise ValueError("the model's classifier is not one of its modules")  # not reached for rmix models
 
 
-def _meta_model(name, num_classes, share_fc):
+def _meta_model(name, num_classes, share_fc, image_size=None):
     """Build `name` on the meta device: the key names and shapes without allocating the weights."""
     from rmix.models import build
     with torch.device("meta"):
-        return build(name, num_classes, share_fc=share_fc)
+        return build(name, num_classes, share_fc=share_fc, image_size=image_size)
 
 
-def _num_classes(name, state, share_fc):
+def _num_classes(name, state, share_fc, image_size=None):
     """num_classes read from the checkpoint's classifier weight (rows of `<classifier>.weight`)."""
-    key = _classifier_prefix(_meta_model(name, 1, share_fc)) + ".weight"
+    key = _classifier_prefix(_meta_model(name, 1, share_fc, image_size)) + ".weight"
     if key not in state:
         raise ValueError(f"checkpoint has no classifier weight {key!r} for model {name!r}")
     return int(state[key].shape[0])
@@ -71,7 +71,8 @@ def export_state(path, *, model=None, drop_classifier=False, ema=False) -> tuple
         state = checkpoint.model_state(ckpt)
     state = {_strip(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     share_fc = not any(map(_is_roi, state))
-    meta = _meta_model(name, _num_classes(name, state, share_fc), share_fc)
+    size = None if ckpt["foreign"] else ckpt["config"]["data"]["crop_size"]  # ViT-style timm models: their grid
+    meta = _meta_model(name, _num_classes(name, state, share_fc, size), share_fc, size)
     # Old checkpoints lack BatchNorm's num_batches_tracked; a strict torchvision load wants it.
     for k, v in meta.state_dict().items():
         if k.endswith(".num_batches_tracked") and k not in state:

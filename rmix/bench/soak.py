@@ -114,7 +114,7 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
     cfg = C.replace(cfg, epochs=epochs, num_classes=train_loader.num_classes)
 
     # as rmix.engine.train builds them (one process, no channels_last on the CPU)
-    net = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc).to(dev)
+    net = build(cfg.model, cfg.num_classes, share_fc=cfg.mix.share_fc, image_size=cfg.data.crop_size).to(dev)
     optimizer = build_optimizer(net, cfg.optim)
     amp = amp_dtype(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)

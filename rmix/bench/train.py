@@ -124,7 +124,7 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
     k = train_loader.num_classes
 
     torch.manual_seed(seed)
-    net = build(cfg.model, k, share_fc=cfg.mix.share_fc).to(dev)
+    net = build(cfg.model, k, share_fc=cfg.mix.share_fc, image_size=size).to(dev)
     if cfg.channels_last and dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     # the same initial weights for every run; the pipeline run continues the in-memory rm run (compiled

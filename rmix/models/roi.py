@@ -49,12 +49,15 @@ class RoIClassifier(nn.Module):
         return logits, self.forward_roi(feat, boxes, images.shape[-1])
 
 
-def roi_pool(feat: torch.Tensor, boxes: torch.Tensor, image_width: int) -> torch.Tensor:
+def roi_pool(feat: torch.Tensor, boxes: torch.Tensor, image_width: int,
+             spatial_scale: float | None = None) -> torch.Tensor:
     """RoIAlign to 1x1 of box i (x1, y1, x2, y2 in input pixels) on feat[i]; returns (N, C).
 
     Args:
         feat: (N, C, h, w) feature map of an image batch of width `image_width` pixels.
         boxes: (N, 4), int or float, one box per image.
+        spatial_scale: feature pixels per input pixel, 1 / the model's stride; default
+            w / image_width (the same where the stride divides the input).
     """
     n = feat.shape[0]
     if boxes.dim() != 2 or boxes.shape != (n, 4):
@@ -64,7 +67,8 @@ def roi_pool(feat: torch.Tensor, boxes: torch.Tensor, image_width: int) -> torch
     dtype = feat.dtype if feat.dtype in (torch.float32, torch.float64) else torch.float32
     index = torch.arange(n, device=feat.device, dtype=dtype).unsqueeze(1)
     rois = torch.cat([index, boxes.to(device=feat.device, dtype=dtype)], dim=1)
-    pooled = roi_align(feat.to(dtype), rois, output_size=1, spatial_scale=feat.shape[-1] / image_width,
+    pooled = roi_align(feat.to(dtype), rois, output_size=1,
+                       spatial_scale=feat.shape[-1] / image_width if spatial_scale is None else spatial_scale,
                        sampling_ratio=-1, aligned=True)
     return pooled.flatten(1).to(feat.dtype)
 

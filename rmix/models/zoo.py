@@ -48,15 +48,18 @@ def _check_name(name: str) -> None:
                          f"pyramidnet_200_240, resnet50 (all: rmix.models.list_models()), or 'timm/<name>'")
 
 
-def build(name: str, num_classes: int, *, share_fc: bool = False, **kw) -> nn.Module:
+def build(name: str, num_classes: int, *, share_fc: bool = False, image_size: int | None = None,
+          **kw) -> nn.Module:
     """Build model `name` with `num_classes` outputs and the RoI head (`fc_roi`, or the shared `fc`).
 
+    `image_size`: the input side the model will see; timm's ViT-style models are built for it
+    (their position embeddings), every other model ignores it.
     `kw` goes to the architecture (e.g. torchvision's `zero_init_residual=True`, timm's options).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if name.startswith(TIMM_PREFIX):
-        return TimmBackbone(name[len(TIMM_PREFIX):], num_classes, share_fc, **kw)
+        return TimmBackbone(name[len(TIMM_PREFIX):], num_classes, share_fc, image_size=image_size, **kw)
     _check_name(name)
     return _REGISTRY[name][1](num_classes=num_classes, share_fc=share_fc, **kw)
 
