@@ -237,7 +237,9 @@ class RecursiveMix(_Policy):
         """Keep this step's mixed batch as the next step's history (images and targets detached, not copied)."""
         self.history = images.detach()
         self.history_targets = soft_targets.detach().float()
-        self.history_logits = logits.detach().clone()  # N x K: cheap; a CUDA-graph replay reuses the logits' memory
+        # N x K: cheap; a CUDA-graph replay reuses the logits' memory. None: a loop without the
+        # consistency term (rmix.timm_mix), where prev_logits stays None
+        self.history_logits = None if logits is None else logits.detach().clone()
 
     def state_dict(self) -> dict:
         return {"history": self.history, "history_targets": self.history_targets,
@@ -272,7 +274,7 @@ class RecursiveMix(_Policy):
         x, soft, lam = recursive_mix(images, self.history, soft, self.history_targets, boxes,
                                      mode=self.interpolate, mean=self.mean, std=self.std,
                                      out=self._buffer(n, c, h, w, images.device), backend=self.backend)
-        self.prev_logits = self.history_logits[:n]
+        self.prev_logits = None if self.history_logits is None else self.history_logits[:n]
         return MixOut(x, soft, boxes, lam)
 
     def _buffer(self, n, c, h, w, device):
