@@ -189,6 +189,36 @@ def derive_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFF_FFFF)
 
 
+def _check_crop_options(kind: str, crop_size: int, val_resize: int, min_area: float):
+    """What every loader of encoded images (folders, shards) checks first; raises ValueError."""
+    if kind not in ("dali", "torch"):
+        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    if val_resize < crop_size:
+        raise ValueError(f"val_resize ({val_resize}) must be >= crop_size ({crop_size})")
+    if not 0.0 < min_area <= 1.0:
+        raise ValueError(f"min_area must be in (0, 1], got {min_area}")
+
+
+def _crop_loader_args(num_samples: int, *, train, batch_size, rank, world_size, drop_last, device, **kw) -> dict:
+    """The split checked against the ranks and batch (`check_sharding`), and the loaders' common arguments."""
+    check_sharding(num_samples, train=train, batch_size=batch_size, rank=rank, world_size=world_size,
+                   drop_last=drop_last)
+    return dict(train=train, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
+                device=torch.device(device), **kw)
+
+
+def pil_decodes(data: bytes) -> bool:
+    """Whether PIL opens and fully decodes ``data`` as torchvision's ImageFolder loader would."""
+    import io
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").load()
+        return True
+    except Exception:
+        return False
+
+
 def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: int = 224,
                  min_area: float = 0.08, val_resize: int = 256, aug_plus: bool = False,
                  seed: int = 0, num_threads: int = 2, device: torch.device | str = "cpu",
@@ -209,22 +239,15 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
         per_class: > 0 keeps the first that many files of each class (`first_per_class`).
         torch_decode: the torch loader's decode: "workers" (PIL) or "device" (torchvision.io on `device`).
     """
-    device = torch.device(device)
-    if kind not in ("dali", "torch"):
-        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
-    if val_resize < crop_size:
-        raise ValueError(f"val_resize ({val_resize}) must be >= crop_size ({crop_size})")
-    if not 0.0 < min_area <= 1.0:
-        raise ValueError(f"min_area must be in (0, 1], got {min_area}")
+    _check_crop_options(kind, crop_size, val_resize, min_area)
     index = scan_image_folder(root)
     if per_class:
         keep = first_per_class(index.labels, per_class, index.classes)
         index = index._replace(files=[index.files[i] for i in keep], labels=[index.labels[i] for i in keep])
-    check_sharding(len(index.files), train=train, batch_size=batch_size, rank=rank,
-                   world_size=world_size, drop_last=drop_last)
-    common = dict(train=train, batch_size=batch_size, crop_size=crop_size, min_area=min_area,
-                  val_resize=val_resize, aug_plus=aug_plus, seed=seed, num_threads=num_threads,
-                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    common = _crop_loader_args(len(index.files), train=train, batch_size=batch_size, crop_size=crop_size,
+                               min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, seed=seed,
+                               num_threads=num_threads, device=device, rank=rank, world_size=world_size,
+                               drop_last=drop_last)
     if kind == "dali":
         from pipelines.dali import image_folder_loader  # DALI is imported only when used
         return image_folder_loader(index, dali_device=dali_device, **common)
@@ -244,20 +267,15 @@ def build_shard_loader(kind: str, root, split: str, *, train: bool, batch_size: 
     offset in `shard_indices` order, as it reads an ImageFolder.
     """
     from pipelines.wds import scan_shards
-    device = torch.device(device)
-    if kind not in ("dali", "torch"):
-        raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
-    if val_resize < crop_size:
-        raise ValueError(f"val_resize ({val_resize}) must be >= crop_size ({crop_size})")
+    _check_crop_options(kind, crop_size, val_resize, min_area)
     if per_class:
         raise ValueError("--train-per-class: not for WebDataset shards (their samples are mixed); "
                          "prepare a smaller set instead")
     shards = scan_shards(root, split, labels=False)  # the labels are read with the images
-    check_sharding(len(shards.samples), train=train, batch_size=batch_size, rank=rank,
-                   world_size=world_size, drop_last=drop_last)
-    common = dict(train=train, batch_size=batch_size, crop_size=crop_size, min_area=min_area,
-                  val_resize=val_resize, aug_plus=aug_plus, seed=seed, num_threads=num_threads,
-                  device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    common = _crop_loader_args(len(shards.samples), train=train, batch_size=batch_size, crop_size=crop_size,
+                               min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, seed=seed,
+                               num_threads=num_threads, device=device, rank=rank, world_size=world_size,
+                               drop_last=drop_last)
     if kind == "dali":
         from pipelines.dali import shard_loader
         return shard_loader(shards, dali_device=dali_device, **common)

@@ -31,8 +31,8 @@ from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, shard_indices,
-                       train_batches, val_batches)
+from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, pil_decodes,
+                       shard_indices, train_batches, val_batches)
 from pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
 from pipelines.host_resize import HostResize
 from pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
@@ -156,9 +156,14 @@ def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decode
     """
     jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, pad_last_batch=True,
                                     random_shuffle=False, name="Reader")
-    images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size,
-                                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
-                                resize=resize)
+    return _decoded_outputs(jpegs, labels, train=train, decoder=decoder, crop_size=crop_size,
+                            min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, resize=resize)
+
+
+def _decoded_outputs(jpegs, labels, *, decoder: str, resize: bool, **kw):
+    """A reader's (encoded images, labels) -> the pipeline's outputs: (images, labels), or with
+    ``resize=False`` (crops, labels, flips) for `HostResize`; labels on the GPU with the mixed decoder."""
+    images = decode_and_augment(jpegs, decoder=decoder, resize=resize, **kw)
     if not resize:
         images, flips = images
         return images, labels, flips
@@ -442,14 +447,9 @@ def shard_pipeline(paths: list[str], index_paths: list[str] | None, *, train: bo
         seed=reader_seed, pad_last_batch=True, name="Reader")
     if not decode:
         return jpegs, jpegs.source_info()
-    labels = fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0)
-    images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size,
-                                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
-                                resize=resize)
-    if not resize:
-        images, flips = images
-        return images, labels, flips
-    return images, labels.gpu() if decoder == "mixed" else labels
+    return _decoded_outputs(jpegs, fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0), train=train, decoder=decoder,
+                            crop_size=crop_size, min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
+                            resize=resize)
 
 
 def ascii_labels(digits: torch.Tensor) -> torch.Tensor:
@@ -468,16 +468,8 @@ def dali_slice(num_samples: int, shard_id: int, num_shards: int) -> int:
 
 def _shard_decode_error(error, epoch: int, step: int, replay) -> DecodeError:
     """DecodeError naming the batch's members (``shard.tar:member``), and those PIL cannot decode."""
-    import io
-    from PIL import Image
     batch = replay(step)
-    bad = []
-    for name, data in batch:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.convert("RGB").load()
-        except Exception:
-            bad.append(name)
+    bad = [name for name, data in batch if not pil_decodes(data)]
     return DecodeError(epoch, step, [n for n, _ in batch], bad, _dali_reason(error))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import io
 import os
 import signal
 import threading
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -399,8 +401,6 @@ class ShardDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        import io
-        from PIL import Image
         index, aug_seed = key
         name, label = self.samples[index]
         try:

@@ -583,9 +583,7 @@ def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader
     if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:
         raise ValueError(f"--data-dir: {root} has {num_classes} classes, the checkpoint was trained on {cfg.num_classes}")
     net = build(cfg.model, num_classes, share_fc=cfg.mix.share_fc, image_size=cfg.data.crop_size).to(dev)
-    state = checkpoint.model_state(ckpt)
-    if ema:
-        state = checkpoint.ema_state(ckpt, path)
+    state = checkpoint.ema_state(ckpt, path) if ema else checkpoint.model_state(ckpt)
     try:
         load_state_dict_flexible(net, state)
     except ValueError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import scan_image_folder
+from pipelines import pil_decodes, scan_image_folder
 from rmix.paths import cache_dir
 
 BATCH = 64
@@ -41,17 +41,6 @@ def reason(data: bytes, decoder: str) -> str:
         if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
             return "truncated"
     return f"corrupt {fmt}"
-
-
-def _pil_ok(data: bytes) -> bool:
-    import io
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").load()  # what torchvision's default loader does
-        return True
-    except Exception:
-        return False
 
 
 class _DaliDecoder:
@@ -112,7 +101,7 @@ def _check_items(paths, read, decoder, threads):
                 continue
             failed = [(p, b) for p, b in zip(chunk, blobs) if not dali.ok([b])]
         else:
-            failed = [(p, b) for p, b in zip(chunk, blobs) if not _pil_ok(b)]
+            failed = [(p, b) for p, b in zip(chunk, blobs) if not pil_decodes(b)]
         bad += [(p, reason(b, decoder)) for p, b in failed]
     return len(paths) - len(bad), bad
 

@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from pipelines import IMG_EXTENSIONS, scan_image_folder
+from pipelines import IMG_EXTENSIONS, one_line, scan_image_folder
 from pipelines.wds import INDEX, ShardWriter, member_key, shard_name
 
 PLAN = "prepare.json"
@@ -121,7 +121,7 @@ def read_devkit(path: str, work: str, skip_md5: bool):
     except PrepareError:
         raise
     except Exception as error:  # not a tar.gz, no meta.mat, no ground truth, ...
-        raise PrepareError(f"{path}: not a readable ImageNet devkit ({_one_line(error)})") from None
+        raise PrepareError(f"{path}: not a readable ImageNet devkit ({one_line(error)})") from None
     wnids = sorted(wnid_to_classes)
     if len(wnids) < 2:
         raise PrepareError(f"{path}: its meta.mat lists {len(wnids)} leaf classes")
@@ -163,7 +163,7 @@ def train_items(path: str, wnids: list[str]) -> list[Item]:
                                               _range_reader(path, m.offset_data + j.offset_data, j.size)))
                 by_class[wnid] = sorted(items, key=lambda it: it.name)
     except (tarfile.TarError, EOFError) as error:
-        raise PrepareError(f"{path}: not a readable train archive ({_one_line(error)})") from None
+        raise PrepareError(f"{path}: not a readable train archive ({one_line(error)})") from None
     missing = [w for w in wnids if not by_class.get(w)]
     if missing:
         raise PrepareError(f"{path}: no images for {len(missing)} of the devkit's {len(wnids)} classes "
@@ -179,7 +179,7 @@ def val_items(path: str, wnids: list[str], val_wnids: list[str]) -> list[Item]:
         with tarfile.open(path, "r:") as tar:
             members = sorted((m for m in tar if m.isfile() and _is_image(m.name)), key=lambda m: m.name)
     except (tarfile.TarError, EOFError) as error:
-        raise PrepareError(f"{path}: not a readable val archive ({_one_line(error)})") from None
+        raise PrepareError(f"{path}: not a readable val archive ({one_line(error)})") from None
     if len(members) != len(val_wnids):
         raise PrepareError(f"{path}: holds {len(members)} images, the devkit's ground truth labels "
                            f"{len(val_wnids)} (a truncated download, or another year's devkit?)")
@@ -380,10 +380,6 @@ def _write_json(path: str, data):
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 @contextmanager

@@ -31,7 +31,7 @@ calling `observe(logits)` each step. docs/RESULTS.md has what each part gives on
 import torch
 
 from rmix.losses import consistency_loss
-from rmix.mixing import RecursiveMix, roi_boxes
+from rmix.mixing import RecursiveMix, _dims, roi_boxes
 
 
 class RecursiveMixup:
@@ -83,7 +83,7 @@ class RecursiveMixup:
         h = self.policy.history
         if h is None:
             return
-        n, c, hh, ww = (x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if x.dtype == torch.uint8 else x.shape
+        n, c, hh, ww = _dims(x)  # uint8 NHWC or float NCHW
         if h.shape[0] < n or tuple(h.shape[1:]) != (c, hh, ww) or h.device != x.device:
             self.policy.reset()
 

@@ -11,7 +11,7 @@ from rmix import checkpoint
 from rmix.ema import ModelEma, ema_decay
 
 from test_reliability import train_args
-from test_resume_steps import Cut, assert_same_run
+from test_resume_steps import Cut, assert_same_run, cut_after_save
 
 timm = pytest.importorskip("timm")
 
@@ -101,13 +101,7 @@ def test_a_cut_mid_epoch_resumes_the_ema_exactly(tiny, tmp_path, monkeypatch, lo
     args = ("--loader", loader, "--ema", "0.7", "--save-every-steps", "1")
     ref = tmp_path / "ref"
     assert CliRunner().invoke(cli, train_args(tiny, ref, *args)).exit_code == 0
-    real = checkpoint.save
-
-    def save_then_cut(path, payload):
-        real(path, payload)
-        if payload["epoch"] == 1 and payload["step"] == 2:
-            raise Cut
-    monkeypatch.setattr(checkpoint, "save", save_then_cut)
+    real = cut_after_save(monkeypatch, 1, 2)
     out = tmp_path / "cut"
     r = CliRunner().invoke(cli, train_args(tiny, out, *args))
     assert isinstance(r.exception, Cut), r.output

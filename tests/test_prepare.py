@@ -265,3 +265,26 @@ def test_any_image_folder_to_shards_and_back(tiny, tmp_path):
     assert all(train.classes[s.label] == s.member.split("/")[0] for s in train.samples)
     r = invoke("folder", "--src", tmp_path / "nothing", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "is not a directory" in r.output
+
+
+def test_a_disk_error_midway_is_one_line_and_the_rerun_continues(archives, tmp_path, monkeypatch):
+    import errno
+    from pipelines import wds
+    root, _ = archives
+    out = tmp_path / "w"
+    real, n = wds.ShardWriter.add, [0]
+
+    def add(self, *a):  # the disk fills while the second shard is written
+        n[0] += 1
+        if n[0] == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", self._tmp)
+        return real(self, *a)
+    monkeypatch.setattr(wds.ShardWriter, "add", add)
+    args = ("imagenet", "--archives", root, "--out", out, "--format", "wds", "--shard-size", "4", "--skip-md5")
+    r = invoke(*args)
+    errors = [line for line in r.output.splitlines() if line.startswith("Error: ")]
+    assert r.exit_code == 2 and len(errors) == 1 and "No space left on device" in errors[0]
+    assert "continues where it stopped" in errors[0] and "Traceback" not in r.output
+    assert [x.name for x in out.glob("*.tar")] == ["train-000000.tar"] and not list(out.glob("*.partial"))
+    monkeypatch.setattr(wds.ShardWriter, "add", real)
+    assert invoke(*args).exit_code == 0 and (out / "index.json").is_file()

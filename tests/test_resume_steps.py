@@ -49,6 +49,18 @@ class Cut(Exception):
     pass
 
 
+def cut_after_save(monkeypatch, epoch, step):
+    """Make `checkpoint.save` raise Cut right after writing the checkpoint of (epoch, step); returns the real save."""
+    real = checkpoint.save
+
+    def save_then_cut(path, payload):
+        real(path, payload)
+        if payload["epoch"] == epoch and payload["step"] == step:
+            raise Cut
+    monkeypatch.setattr(checkpoint, "save", save_then_cut)
+    return real
+
+
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch, reference, loader):
     real = checkpoint.save

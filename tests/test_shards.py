@@ -15,7 +15,7 @@ from rmix import checkpoint
 from rmix.prepare import prepare_folder
 
 from test_reliability import train_args
-from test_resume_steps import Cut, assert_same_run
+from test_resume_steps import Cut, assert_same_run, cut_after_save
 
 KW = dict(batch_size=8, crop_size=16, val_resize=20, num_threads=1, seed=3)
 
@@ -107,13 +107,7 @@ def test_train_and_eval_on_shards_with_both_loaders(shards, tmp_path):
 def test_a_cut_mid_epoch_on_shards_resumes_exactly(shards, tmp_path, monkeypatch, loader):
     ref = tmp_path / "ref"
     assert CliRunner().invoke(cli, train_args(shards, ref, "--loader", loader)).exit_code == 0
-    real = checkpoint.save
-
-    def save_then_cut(path, payload):
-        real(path, payload)
-        if payload["epoch"] == 1 and payload["step"] == 2:
-            raise Cut
-    monkeypatch.setattr(checkpoint, "save", save_then_cut)
+    real = cut_after_save(monkeypatch, 1, 2)
     out = tmp_path / "cut"
     r = CliRunner().invoke(cli, train_args(shards, out, "--loader", loader, "--save-every-steps", "1"))
     assert isinstance(r.exception, Cut), r.output
@@ -178,3 +172,13 @@ def test_a_shard_dir_missing_a_split_is_one_line(shards, tmp_path):
         p.unlink()
     r = CliRunner().invoke(cli, train_args(out, tmp_path / "run"))
     assert r.exit_code == 2 and "no val-NNNNNN.tar shards" in r.output
+
+
+def test_keep_last_on_dali_shards_is_refused_where_ranks_would_differ(shards):
+    from pipelines.dali import shard_loader
+    split = scan_shards(shards, "train")
+    nine = split._replace(samples=split.samples[:9])  # DALI's slices over 2 ranks: 4 and 5, so 1 and 2 batches of 4
+    kw = dict(KW, batch_size=4, seed=0)
+    with pytest.raises(ValueError, match=r"--keep-last: DALI's shard slices of 9 samples give \[1, 2\] batches"):
+        shard_loader(nine, train=True, drop_last=False, rank=0, world_size=2, min_area=0.08, aug_plus=False,
+                     device=torch.device("cpu"), **kw)
