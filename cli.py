@@ -88,10 +88,14 @@ TRAIN_OPTIONS = [
     ("--max-skipped-steps", "max_skipped_steps", int, "fp16: stop after this many overflowing steps in a row"),
     ("--workers", "data.workers", int, "loader threads/workers per process"),
     ("--device", "device", click.Choice(C.DEVICES), ""),
-    ("--amp", "amp", click.Choice(C.AMPS), "autocast dtype [default: auto = bf16 on cuda]"),
+    ("--amp", "amp", click.Choice(C.AMPS),
+     "autocast dtype [default: auto = bf16 on GPUs that compute it natively (sm_80 on), else fp16; fp32 on cpu]"),
     ("--compile", "compile", click.Choice(C.COMPILE_MODES),
      "torch.compile the model and its RoI head with this mode; bare --compile = default [default: none]",
      {"is_flag": False, "flag_value": "default"}),
+    ("--deterministic/--no-deterministic", "deterministic", None,
+     "cuda: deterministic kernels, so a rerun or resume is bit-identical (slower); off: cudnn.benchmark "
+     "[default: off; the CPU is deterministic either way]"),
     ("--seed", "seed", int, ""),
     ("--out", "out", str, "run directory [default: runs/<model>-<aug>-<time>]"),
     ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
@@ -495,7 +499,8 @@ def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, devic
 @click.option("--steps", type=int, default=20, show_default=True, help="timed steps per run")
 @click.option("--warmup", type=int, default=5, show_default=True, help="untimed steps first")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--amp", type=click.Choice(C.AMPS), default="auto", show_default=True, help="auto = bf16 on cuda")
+@click.option("--amp", type=click.Choice(C.AMPS), default="auto", show_default=True,
+              help="auto = bf16 on GPUs that compute it natively, else fp16")
 @click.option("--channels-last", is_flag=True, help="channels_last model and inputs (cuda, as rmix train)")
 @click.option("--data-dir", default=None, help="data of the pipeline run [default: the embedded synthetic set]")
 @click.option("--loader", type=click.Choice(C.LOADERS), default="dali", show_default=True)
@@ -505,15 +510,17 @@ def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, devic
               flag_value="default", default=None, help="also torch.compile'd runs with this mode, beside eager")
 @click.option("--torch-decode", type=click.Choice(["workers", "device"]), default="workers", show_default=True,
               help="torch loader: PIL in the workers, or torchvision.io.decode_jpeg on the device (nvJPEG)")
+@click.option("--deterministic", is_flag=True,
+              help="also recursive_mix with `rmix train --deterministic`'s kernels: what it costs")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_last, data_dir, loader, workers,
-                    threads, compile_mode, torch_decode, as_json):
+                    threads, compile_mode, torch_decode, deterministic, as_json):
     """Train-step img/s: recursive_mix vs none in memory, and recursive_mix fed by the real loader."""
     from rmix.bench.train import bench_train, format_bench
     d = bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
                     channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
                     threads=threads, compile_mode=compile_mode or "none", torch_decode=torch_decode,
-                    log=lambda m: click.echo(m, err=True))
+                    deterministic=deterministic, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 

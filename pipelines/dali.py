@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
 import nvidia.dali.math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -37,10 +38,23 @@ from pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIG
 from pipelines.host_resize import HostResize
 from pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
 
-# nvJPEG preallocation in bytes (NVIDIA's ResNet-50 example): large enough for ImageNet's
-# biggest images, so the mixed decoder does not reallocate mid-epoch.
-_DEVICE_MEMORY_PADDING = 211_025_920
-_HOST_MEMORY_PADDING = 140_544_512
+# nvJPEG preallocation per pipeline, in bytes: NVIDIA's ResNet-50 example gives each decoder
+# *thread* 211 MB of device memory and two 140 MB pinned host buffers (DALI's schema: "one device
+# buffer ... per thread", "two host-pinned buffers ... per thread"), which at the ImageNet presets'
+# 8 threads is 1.7 GB of GPU memory and 2.2 GB pinned per pipeline, train and val each, built
+# again every epoch. rmix gives a whole pipeline that much and splits it over the threads; a
+# thread that meets a bigger image grows its buffer once (nvJPEG reallocates), which is all the
+# preallocation saves.
+DEVICE_PADDING_PER_PIPELINE = 211_025_920
+HOST_PADDING_PER_PIPELINE = 2 * 140_544_512
+
+
+def nvjpeg_padding(num_threads: int) -> dict:
+    """The mixed decoder's padding arguments for a pipeline of `num_threads` threads: at most
+    DEVICE_PADDING_PER_PIPELINE of device and HOST_PADDING_PER_PIPELINE of pinned memory in all."""
+    n = max(1, num_threads)
+    return dict(device_memory_padding=DEVICE_PADDING_PER_PIPELINE // n,
+                host_memory_padding=HOST_PADDING_PER_PIPELINE // (2 * n))  # two host buffers a thread
 
 
 
@@ -113,8 +127,7 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
     clipping, so they commute with the resize), and the flips to apply after the resize.
     """
     mixed = decoder == "mixed"
-    pad = dict(device_memory_padding=_DEVICE_MEMORY_PADDING,
-               host_memory_padding=_HOST_MEMORY_PADDING) if mixed else {}
+    pad = nvjpeg_padding(Pipeline.current().num_threads) if mixed else {}
     linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
     if train:
         images = fn.decoders.image_random_crop(

@@ -89,9 +89,10 @@ class TrainConfig:
     batch_size: int = 64         # global: split evenly over the processes
     seed: int = 0
     device: str = "auto"         # "auto" (cuda when present) | "cpu" | "cuda"
-    amp: str = "auto"            # "auto" (bf16 on cuda, none on cpu) | "none" | "bf16" | "fp16"
+    amp: str = "auto"            # "auto" (bf16 where native, fp16 on older GPUs, none on cpu) | "none" | "bf16" | "fp16"
     channels_last: bool = True   # only used on cuda
     compile: str = "none"        # torch.compile mode of the model and its RoI head, or "none" (eager)
+    deterministic: bool = False  # cuda: deterministic kernels (bit-identical reruns, slower); else cudnn.benchmark
     out: str = ""                # run directory; "" = runs/<model>-<aug>-<time>
     resume: str = ""             # checkpoint path, or "auto" for the run directory's latest
     log_every: int = 20          # steps between progress updates

@@ -1,6 +1,7 @@
 """The training core: build everything from a TrainConfig, run the epochs, keep the run directory."""
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -31,10 +32,53 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def auto_amp(device) -> tuple[str, str]:
+    """What `--amp auto` means on `device`, and why: bf16 where the GPU computes it natively
+    (compute capability 8.0 on: Ampere, Hopper, ...), fp16 with the loss scaler on older GPUs
+    (Volta, Turing: bf16 is emulated there, or refused), fp32 on the CPU."""
+    if device.type != "cuda":
+        return "none", f"fp32 on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return "bf16", f"sm_{major}{minor} computes bf16 natively"
+    return "fp16", f"sm_{major}{minor} has no native bf16; fp16 with the loss scaler"
+
+
 def amp_dtype(cfg, device):
     """The autocast dtype, or None for fp32."""
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    amp = cfg.amp if cfg.amp != "auto" else auto_amp(device)[0]
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def set_determinism(deterministic: bool, device) -> None:
+    """`--deterministic`: the same kernels every run (cuDNN's deterministic algorithms, cuBLAS's
+    fixed workspace, torch's deterministic ops); else cuDNN benchmarks and keeps the fastest
+    algorithms for the run's fixed shapes. The CPU is deterministic either way.
+
+    Ops with no deterministic CUDA kernel only warn (`warn_only`): torchvision's roi_align then
+    takes its deterministic path, and adaptive average pooling to 1x1 (one add per input
+    element) is deterministic in fact though torch flags it.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts in this process
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+# torch.compile modes that capture CUDA graphs, and what a run under torchrun compiles instead:
+# BatchNorm + DDP + CUDA graphs skip or slow down (pytorch#139207, #113809), until a multi-GPU
+# run shows them working.
+DDP_COMPILE = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def compile_mode_for(mode: str, d) -> tuple[str, str | None]:
+    """(the mode to compile with, a line saying why it changed or None)."""
+    if not d.enabled or mode not in DDP_COMPILE:
+        return mode, None
+    to = DDP_COMPILE[mode]
+    return to, (f"--compile {mode}: its CUDA graphs under torchrun hit open torch problems (pytorch#139207, "
+                f"#113809); compiling with {to!r} instead")
 
 
 def build_optimizer(model, o):
@@ -59,6 +103,20 @@ def init_momentum(optimizer):
         if g["momentum"] and not g["dampening"]:
             for p in g["params"]:
                 optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+def match_param_layout(optimizer):
+    """Lay each per-parameter state tensor (momentum, Adam's moments) out as its parameter is:
+    same device, dtype and strides. `Optimizer.load_state_dict` keeps the saved strides, so a
+    checkpoint of a channels_last CUDA run resumed on the CPU (or the reverse) would hand the
+    fused kernels a buffer laid out unlike its parameter: CUDA's fused SGD/AdamW refuse it, and
+    the CPU's fused SGD walks the two in different element orders (wrong momentum, silently).
+    Scalars (Adam's `step`) are left where torch put them."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and (
+                    v.stride() != p.stride() or v.device != p.device or v.dtype != p.dtype):
+                state[k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's strides (preserve_format)
 
 
 def default_run_dir(cfg) -> Path:
@@ -212,7 +270,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
 def evaluate(model, loader, normalize, amp, d=dist.Dist(), progress=None):
     """Top-1 / top-5 in percent and mean loss over every image of `loader`, summed over ranks."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = None  # summed where the logits are: the pass reads nothing back until its end
     for images, targets in loader:
         if len(targets) == 0:  # a rank's share of the val set can end one batch early
             continue
@@ -221,11 +279,12 @@ def evaluate(model, loader, normalize, amp, d=dist.Dist(), progress=None):
             logits = model(x.images)
         c1, c5 = topk_correct(logits, targets)
         loss = soft_cross_entropy(logits, x.soft_targets) * len(targets)
-        sums += torch.stack([c1.double().cpu(), c5.double().cpu(), loss.double().cpu(),
-                             torch.tensor(len(targets), dtype=torch.float64)])
+        batch = torch.stack([c1.double(), c5.double(), loss.double(), loss.new_full((), len(targets)).double()])
+        sums = batch if sums is None else sums + batch
         if progress is not None:
             progress.update(len(targets))
-    sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
+    sums = torch.zeros(4, dtype=torch.float64) if sums is None else sums
+    sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()  # note: the pass's one CPU-GPU sync
     n = max(sums[3].item(), 1)
     top5 = 100 * sums[1].item() / n if getattr(loader, "num_classes", 6) > 5 else None  # with <= 5 classes: always 100
     return {"top1": 100 * sums[0].item() / n, "top5": top5,
@@ -264,6 +323,7 @@ def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=())
     d = dist.setup(device.type, cfg.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    set_determinism(cfg.deterministic, device)
     with Preemption(d, _reduce_device(d), every=cfg.log_every) as preempt:  # SIGTERM/SIGUSR1: save, exit 0
         return _claim_and_train(cfg, d, device, show_progress, given, allow_changes, preempt)
 
@@ -347,7 +407,8 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
     ema = ModelEma(raw_model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
     if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
         ema.load_state_dict(ckpt["ema"])  # else --allow-changes ema: it starts from the resumed model
-    model = compile_model(model, cfg.compile)
+    mode, why = compile_mode_for(cfg.compile, d)
+    model = compile_model(model, mode)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
@@ -359,6 +420,10 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
     final = None
     if show:  # everything checked: say where the run goes, before its first step
         Progress.line(f"run directory: {run_dir}")
+        if cfg.amp == "auto" and device.type == "cuda":
+            Progress.line("--amp auto: {} ({})".format(*auto_amp(device)))
+        if why:
+            Progress.line(why)
     if show and (start > 1 or partial):
         at = f", step {partial['step']}" if partial else ""
         Progress.line(f"resuming at epoch {start}{at} (best val top-1 so far {max(best, 0):.2f}%)")
@@ -508,6 +573,7 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
                          f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell)")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    match_param_layout(optimizer)  # saved by a run on another device or memory format
     for g in optimizer.param_groups:  # checkpoints before the fused optimizer saved fused=None
         g["fused"], g["foreach"] = True, None
     init_momentum(optimizer)

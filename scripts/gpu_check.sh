@@ -5,26 +5,28 @@
 #   OUT=gpu_results bash scripts/gpu_check.sh          # from the repository root
 #   GPU_CHECK_DRY=1 OUT=/tmp/x bash scripts/gpu_check.sh   # anywhere: every step skipped, JSON and table still written
 #
-# Steps, in order of what matters most when time runs short (each has its own timeout, cut to what
-# is left of BUDGET_S; one that fails is recorded and the next runs):
+# Steps, in order of what matters most when time runs short. BUDGET_S is shared out in advance
+# (SHARES below, in percent): each step may run for its share plus whatever the steps before it
+# left unused, never into the shares of the steps after it, so the whole ends inside BUDGET_S and
+# no step is starved. One that fails is recorded and the next runs:
 #   kernels       the Triton kernel against the torch reference on full-size batches (pytest -m needs_cuda)
 #   host-syncs    synchronizing CUDA calls per training step, counted by CUDA (scripts/gpu_sync.py): 0 expected
 #   bench-mix     the fused op against the unfused steps: GB/s and the fraction of HBM peak (fp32, bf16)
 #   train-smoke   30 steps of `rmix train` end to end on the embedded set (torchvision loader, nvJPEG)
-#   bench-train   ResNet-50, batch 256, 224 px, bf16, channels_last: RM vs none in memory, and fed by the
-#                 torchvision loader with nvJPEG decode on the GPU (--torch-decode device); eager, then
-#                 eager beside --compile in one run
+#   bench-train   ResNet-50, batch 256, 224 px, bf16, channels_last: RM vs none in memory (and RM with
+#                 --deterministic's kernels: what they cost), and fed by the torchvision loader with nvJPEG
+#                 decode on the GPU (--torch-decode device); eager, then eager beside --compile default
 # Environment (all optional):
 #   OUT            results folder [gpu_results]; at most 8 files land there (what the device tool returns)
 #   GPU_CHECK_DRY  1: skip every step, saying why (CI runs this)
 #   RMIX_PYTHON    the python to use [.venv/bin/python if it imports torch, else python3]
-#   BUDGET_S       seconds for the whole script [510]
+#   BUDGET_S       seconds for the whole script [510]; the device tool's timeout should leave ~30 s more
 #   RMIX_CACHE     where synthetic JPEGs are written [/tmp/rmix-cache]
 #   IMAGES         synthetic 500x375 JPEGs for the loader run [1024]
 #   WORKERS        DataLoader workers of the loader run [12]
 # Nothing is downloaded. A missing package (click, tqdm, ...) is installed only from a carried wheels/
 # folder: `pip download -d wheels click tqdm` beside the checkout, then carry wheels/.
-# Files in $OUT: summary.json (every step: status, reason, exit code, seconds; rewritten after each),
+# Files in $OUT: summary.json (every step: status, reason, exit code, seconds, its limit; rewritten after each),
 # versions.json, nvidia-smi.txt, log.txt (all output), bench_mix.jsonl, host_syncs.jsonl,
 # bench_train.jsonl, train_smoke.jsonl. The last lines printed are the summary table.
 set -u  # no -e: a failure is recorded, not fatal
@@ -43,41 +45,62 @@ WORKERS=${WORKERS:-12}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the working tree, whatever the venv's editable install points at
 unset TRITON_INTERPRET                               # compiled Triton on the GPU, not the interpreter
 STEPS=""
+GRACE=5  # seconds between a step's timeout and its SIGKILL, inside its limit
 
-record() {  # record NAME STATUS RC SECONDS REASON: one entry of summary.json, rewritten after every step
+# Each step's share of BUDGET_S in percent, in the order they run (install-wheels only runs when a
+# package is missing; its share then goes to the others when it does not).
+ORDER=(install-wheels kernels host-syncs bench-mix-fp32 bench-mix-bf16 train-smoke synth-jpegs bench-train-r50
+       bench-train-r50-compile)
+declare -A SHARES=([install-wheels]=8 [kernels]=12 [host-syncs]=8 [bench-mix-fp32]=5 [bench-mix-bf16]=5
+                   [train-smoke]=10 [synth-jpegs]=5 [bench-train-r50]=19 [bench-train-r50-compile]=28)
+share() { echo $(( BUDGET_S * SHARES[$1] / 100 )); }
+after() {  # after NAME: the seconds the steps after NAME are owed (their shares)
+    local n seen=0 sum=0
+    for n in "${ORDER[@]}"; do
+        [ "$seen" = 1 ] && sum=$(( sum + $(share "$n") ))
+        [ "$n" = "$1" ] && seen=1
+    done
+    echo "$sum"
+}
+limit() {  # limit NAME: its share plus what the steps before it left, never the later steps' shares
+    local left=$(( DEADLINE - $(date +%s) - $(after "$1") ))
+    echo $(( left > 0 ? left : 0 ))
+}
+
+record() {  # record NAME STATUS RC SECONDS REASON LIMIT: one entry of summary.json, rewritten after every step
     STEPS="${STEPS:+$STEPS,
-}  {\"step\": \"$1\", \"status\": \"$2\", \"rc\": $3, \"seconds\": $4, \"reason\": \"$5\"}"
+}  {\"step\": \"$1\", \"status\": \"$2\", \"rc\": $3, \"seconds\": $4, \"reason\": \"$5\", \"limit_s\": $6}"
     printf '{"budget_s": %s, "dry": %s, "steps": [\n%s\n]}\n' "$BUDGET_S" "$([ "$DRY" = 1 ] && echo true || echo false)" \
         "$STEPS" > "$OUT/summary.json"
 }
 
-step() {  # step NAME MAX_SECONDS STDOUT_FILE|- COMMAND...: run with a timeout, append stdout to the file
-    local name=$1 max=$2 dest=$3 left t t0 rc status
-    shift 3
-    if [ "$DRY" = 1 ]; then
-        echo "=== $name: skipped (dry run): $*" >> "$LOG"
-        record "$name" skipped null 0 "dry run (GPU_CHECK_DRY=1)"
+step() {  # step NAME STDOUT_FILE|- COMMAND...: run within its limit, append stdout to the file
+    local name=$1 dest=$2 t t0 rc status
+    shift 2
+    t=$(limit "$name")
+    if [ "$DRY" = 1 ]; then  # the limit it would get if every step before it ran to its own
+        echo "=== $name: skipped (dry run, limit ${t}s): $*" >> "$LOG"
+        record "$name" skipped null 0 "dry run (GPU_CHECK_DRY=1)" "$t"
+        DEADLINE=$(( DEADLINE - t ))
         return
     fi
     if [ -n "${NO_GPU:-}" ]; then
         echo "=== $name: skipped, $NO_GPU" >> "$LOG"
-        record "$name" skipped null 0 "$NO_GPU"
+        record "$name" skipped null 0 "$NO_GPU" "$t"
         return
     fi
-    left=$(( DEADLINE - $(date +%s) ))
-    t=$(( left < max ? left : max ))
     if [ "$t" -lt 20 ]; then
-        echo "=== $name: skipped, ${left}s of the budget left" >> "$LOG"
-        record "$name" skipped null 0 "budget spent (${left}s left)"
+        echo "=== $name: skipped, ${t}s of the budget left for it" >> "$LOG"
+        record "$name" skipped null 0 "budget spent (${t}s left for it)" "$t"
         return
     fi
-    echo "=== $name (timeout ${t}s): $*" >> "$LOG"
+    echo "=== $name (limit ${t}s): $*" >> "$LOG"
     t0=$(date +%s)
     if [ "$dest" = - ]; then
-        timeout -k 10 "$t" "$@" >> "$LOG" 2>&1
+        timeout -k "$GRACE" $(( t - GRACE )) "$@" >> "$LOG" 2>&1
         rc=$?
     else
-        timeout -k 10 "$t" "$@" > "$dest.part" 2>> "$LOG"
+        timeout -k "$GRACE" $(( t - GRACE )) "$@" > "$dest.part" 2>> "$LOG"
         rc=$?
         cat "$dest.part" >> "$dest"
         cat "$dest.part" >> "$LOG"
@@ -89,7 +112,7 @@ step() {  # step NAME MAX_SECONDS STDOUT_FILE|- COMMAND...: run with a timeout, 
         *) status=failed; reason="exit $rc, see log.txt" ;;
     esac
     echo "=== $name: $status (rc $rc, $(( $(date +%s) - t0 ))s)" >> "$LOG"
-    record "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$reason"
+    record "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$reason" "$t"
 }
 
 # ---- python: the carried venv if it works, else the machine's; missing packages from wheels/ only
@@ -118,10 +141,10 @@ if [ -n "$MISSING" ] && [ "$DRY" != 1 ]; then
     echo "missing packages: $MISSING" >> "$LOG"
     if [ -d wheels ]; then
         # shellcheck disable=SC2086 # one word per package
-        step install-wheels 120 - "$PY" -m pip install --no-index --find-links wheels $MISSING
+        step install-wheels - "$PY" -m pip install --no-index --find-links wheels $MISSING
     else
         echo "no wheels/ folder to install them from" >> "$LOG"
-        record install-wheels failed null 0 "missing $MISSING and no wheels/ folder"
+        record install-wheels failed null 0 "missing $MISSING and no wheels/ folder" 0
     fi
 fi
 if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" > /dev/null 2>&1; then
@@ -154,26 +177,26 @@ print(json.dumps(info, indent=1))
 EOF
 
 # ---- kernels: the full-size CUDA tests (compiled Triton against the torch reference)
-step kernels 150 - "$PY" -m pytest tests/test_kernels.py -q -m needs_cuda -p no:cacheprovider
+step kernels - "$PY" -m pytest tests/test_kernels.py -q -m needs_cuda -p no:cacheprovider
 # ---- the step's host syncs, as CUDA counts them
-step host-syncs 120 "$OUT/host_syncs.jsonl" "$PY" scripts/gpu_sync.py --steps 10
+step host-syncs "$OUT/host_syncs.jsonl" "$PY" scripts/gpu_sync.py --steps 10
 # ---- the fused op's bandwidth
-step bench-mix-fp32 60 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --json
-step bench-mix-bf16 60 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --dtype bf16 --json
+step bench-mix-fp32 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --json
+step bench-mix-bf16 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --dtype bf16 --json
 # ---- end to end: a short epoch on the embedded set
 RUN=$(mktemp -d)/run
-step train-smoke 120 - "${RMIX[@]}" train --device cuda --loader "$LOADER" "${DECODE[@]}" --epochs 1 --max-steps 30 \
+step train-smoke - "${RMIX[@]}" train --device cuda --loader "$LOADER" "${DECODE[@]}" --epochs 1 --max-steps 30 \
     --out "$RUN" --log-every 10
 [ -f "$RUN/metrics.jsonl" ] && cp "$RUN/metrics.jsonl" "$OUT/train_smoke.jsonl"
 # ---- the training step at ImageNet scale: in memory, and fed by the loader
 DATA_FILE=$(mktemp)  # the synthetic set's path, printed by the step (outside $OUT)
-step synth-jpegs 120 "$DATA_FILE" "$PY" -c "from rmix.bench.data import synthetic_jpegs; print(synthetic_jpegs($IMAGES))"
+step synth-jpegs "$DATA_FILE" "$PY" -c "from rmix.bench.data import synthetic_jpegs; print(synthetic_jpegs($IMAGES))"
 DATA=$(tail -n 1 "$DATA_FILE" 2>/dev/null)
 [ -n "$DATA" ] && [ -d "$DATA" ] || DATA=""
 R50=(bench train --device cuda --model resnet50 --amp bf16 --channels-last --batch 256 --size 224 --loader "$LOADER"
      "${DECODE[@]}" --workers "$WORKERS" --json ${DATA:+--data-dir "$DATA"})
-step bench-train-r50 150 "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}"
-step bench-train-r50-compile 240 "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --compile
+step bench-train-r50 "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --deterministic
+step bench-train-r50-compile "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --compile default
 
 echo "=== done: $(grep -c '"ok"' "$OUT/summary.json") ok of $(grep -c '"step"' "$OUT/summary.json") steps" >> "$LOG"
 "$PY" scripts/gpu_summary.py "$OUT" 2>> "$LOG" || python3 scripts/gpu_summary.py "$OUT" || cat "$OUT/summary.json"

@@ -37,6 +37,8 @@ def figures(out: Path) -> dict:
         name = "bench-train-r50" + ("-compile" if r.get("compile", "none") != "none" else "")
         text = (f"none {r['none_img_s']:.0f} img/s, RM {r['rm_img_s']:.0f} img/s ({r['rm_overhead']:+.1%}), "
                 f"RM fed by {r['loader']} {r['pipeline_img_s']:.0f} img/s")
+        if r.get("deterministic"):
+            text += f"; RM with --deterministic {r['deterministic_cost']:+.1%}"
         if r.get("compile", "none") != "none":
             text += f"; compiled: none {r['none_compile_speedup']:.2f}x, RM {r['rm_compile_speedup']:.2f}x eager"
         f[name] = text

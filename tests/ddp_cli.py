@@ -8,6 +8,8 @@ The hooks are read from the environment here, never by the library:
   RMIX_TEST_CRASH_MARKER  crash only while this file does not exist (it is created just before)
   RMIX_TEST_RESULTS       a folder: each rank writes rank{r}.json with the run directory it trains into
   RMIX_TEST_SKEW_CLOCK    give each rank its own default run directory, as clocks that disagree would
+  RMIX_TEST_NO_COMPILE    record the mode each rank would torch.compile with (RESULTS/compile{r}.json)
+                          and run eager: what the engine asks for, without minutes of inductor
 """
 import json
 import os
@@ -60,6 +62,12 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, *args,
 engine.train_one_epoch = train_one_epoch
 if os.environ.get("RMIX_TEST_SKEW_CLOCK"):
     engine.default_run_dir = lambda cfg: Path("runs") / f"clock-of-rank-{RANK}"
+
+if os.environ.get("RMIX_TEST_NO_COMPILE"):
+    def compile_model(model, mode):
+        (Path(RESULTS) / f"compile{RANK}.json").write_text(json.dumps({"mode": mode}))
+        return model
+    engine.compile_model = compile_model
 
 if __name__ == "__main__":
     cli.main()

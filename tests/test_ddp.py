@@ -263,6 +263,18 @@ def test_compile_under_torchrun_trains_and_saves_plain_keys(tiny, tmp_path):
     build("resnet8", 4).load_state_dict(ckpt["model"], strict=True)
 
 
+@pytest.mark.parametrize("mode,want", [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")])
+def test_cuda_graph_compile_modes_are_mapped_under_torchrun(tiny, tmp_path, mode, want):
+    env = {"RMIX_TEST_NO_COMPILE": "1", "RMIX_TEST_RESULTS": str(tmp_path)}
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--epochs", "1",
+                      "--max-steps", "1", "--compile", mode, "--out", "run"], cwd=tmp_path, env=env)
+    assert rc == 0, out
+    said = [line for line in out.splitlines() if line.startswith(f"--compile {mode}:")]
+    assert len(said) == 1 and f"compiling with {want!r} instead" in said[0], out  # once, by rank 0
+    assert [json.loads((tmp_path / f"compile{r}.json").read_text())["mode"] for r in (0, 1)] == [want, want]
+    assert json.loads((tmp_path / "run/config.json").read_text())["compile"] == mode  # the run keeps what was asked
+
+
 def test_rmix_train_on_shards_under_torchrun(tiny, tmp_path):
     from rmix.prepare import prepare_folder
     prepare_folder(str(tiny), str(tmp_path / "shards"), shard_size=7, say=lambda t: None)

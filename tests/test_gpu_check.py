@@ -2,9 +2,12 @@
 skipped, write valid JSON and print the summary table; the table reads real results the same way."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -33,6 +36,20 @@ def test_dry_run_skips_every_step_with_a_reason(tmp_path):
     assert len(list(out.iterdir())) <= 8  # the device tool returns no more
 
 
+@pytest.mark.parametrize("budget", [510, 900])
+def test_the_steps_limits_fit_the_budget_and_none_is_starved(tmp_path, budget):
+    r, out = check(tmp_path, GPU_CHECK_DRY="1", BUDGET_S=str(budget))
+    assert r.returncode == 0, r.stderr
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    limits = {s["step"]: s["limit_s"] for s in steps}
+    shares = dict(re.findall(r"\[([\w-]+)\]=(\d+)", re.search(r"SHARES=\(([^)]*)\)",
+                                                            (ROOT / "scripts/gpu_check.sh").read_text()).group(1)))
+    assert sum(int(v) for v in shares.values()) == 100 and set(limits) <= set(shares)
+    assert sum(limits.values()) <= budget  # every step running to its limit still ends in time
+    for name, limit in limits.items():  # each gets at least its share, and enough to do something
+        assert limit >= budget * int(shares[name]) // 100 and limit >= 20, (name, limit)
+
+
 def test_without_a_gpu_each_step_says_so(tmp_path):
     r, out = check(tmp_path, CUDA_VISIBLE_DEVICES="")
     assert r.returncode == 0, r.stderr
@@ -51,13 +68,13 @@ def test_summary_table_reads_the_steps_figures(tmp_path):
                                                        for p in ("recursive_mix", "none")) + '{"half a li')
     (tmp_path / "bench_train.jsonl").write_text(json.dumps(
         {"compile": "none", "none_img_s": 3000, "rm_img_s": 2900, "rm_overhead": 0.034, "loader": "torch",
-         "pipeline_img_s": 2500}) + "\n")
+         "pipeline_img_s": 2500, "deterministic": True, "deterministic_cost": 0.12}) + "\n")
     (tmp_path / "train_smoke.jsonl").write_text(json.dumps({"img_s": 5000.0, "val_top1": 31.5}) + "\n")
     text = gpu_summary.table(tmp_path)
     assert text.splitlines()[0] == "gpu_check: 7 of 8 steps ok"
     assert "fused 0.210 ms, 2900 GB/s (60% of HBM peak), 6.50x the unfused steps" in text
     assert "recursive_mix 0 per step, none 0 per step" in text
-    assert "none 3000 img/s, RM 2900 img/s (+3.4%), RM fed by torch 2500 img/s" in text
+    assert "none 3000 img/s, RM 2900 img/s (+3.4%), RM fed by torch 2500 img/s; RM with --deterministic +12.0%" in text
     assert "bench-train-r50-compile  timeout  3  no result within 240s" in text
     assert "5000 img/s, val top-1 31.5%" in text
 

@@ -21,7 +21,8 @@ import torch
 
 from rmix import config as C
 from rmix.data import CIFAR_DIRS, make_loader, resolve_data
-from rmix.engine import amp_dtype, build_optimizer, build_policies, compile_model, resolve_device, train_step
+from rmix.engine import (amp_dtype, build_optimizer, build_policies, compile_model, resolve_device, set_determinism,
+                         train_step)
 from rmix.models import build
 from rmix.bench.timing import StepTimer, machine_info, median, torch_threads
 
@@ -45,8 +46,9 @@ class TimedPolicy:
 class Runner:
     """One model, optimizer, scaler and policy, built as `rmix.engine.train` builds them."""
 
-    def __init__(self, cfg, aug, num_classes, device, model, compile_mode="none"):
+    def __init__(self, cfg, aug, num_classes, device, model, compile_mode="none", deterministic=False):
         self.rm = aug == "recursive_mix"
+        self.deterministic = deterministic  # its steps run with `--deterministic`'s settings
         if not self.rm and hasattr(model, "fc_roi"):
             model.fc_roi.requires_grad_(False)  # as the engine: unused without RM
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -86,7 +88,7 @@ def _batches_forever(loader, policy):
 
 def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, device="cpu", amp="auto",
                 channels_last=False, data_dir=None, loader="dali", workers=2, seed=0, threads=None,
-                compile_mode="none", torch_decode="workers", log=None) -> dict:
+                compile_mode="none", torch_decode="workers", deterministic=False, log=None) -> dict:
     """Median training-step times: none vs recursive_mix in memory, and recursive_mix fed by the loader.
 
     Args:
@@ -98,13 +100,16 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
             machine that other work shares: each parallel op otherwise waits for a busy core.
         compile_mode: a torch.compile mode ("default", ...): none and recursive_mix also run
             compiled, interleaved with the eager runs, and the pipeline run is compiled; "none": eager only.
+        deterministic: recursive_mix also runs with `rmix train --deterministic`'s settings (deterministic
+            kernels), interleaved with the others, which run as `rmix train` does by default (cudnn.benchmark).
         log: a callable for progress lines, or None.
     """
     if threads is not None:
         with torch_threads(threads):
             return bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
                                channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
-                               seed=seed, compile_mode=compile_mode, torch_decode=torch_decode, log=log)
+                               seed=seed, compile_mode=compile_mode, torch_decode=torch_decode,
+                               deterministic=deterministic, log=log)
     for name, value, low in (("--batch", batch, 1), ("--size", size, 8), ("--steps", steps, 1),
                              ("--warmup", warmup, 0), ("--workers", workers, 0)):
         if value < low:
@@ -136,6 +141,9 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
         runners["rm_compiled"] = Runner(cfg, "recursive_mix", k, dev, net, compile_mode)
     else:
         runners["rm"] = Runner(cfg, "recursive_mix", k, dev, net)
+    if deterministic:
+        runners["rm_deterministic"] = Runner(cfg, "recursive_mix", k, dev, copy.deepcopy(runners["rm"].model),
+                                             deterministic=True)
     piped = runners["rm_compiled" if compile_mode != "none" else "rm"]
 
     g = torch.Generator().manual_seed(seed)
@@ -146,12 +154,14 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
     for i in range(warmup + steps):
         images, targets = batches[i % SYNTHETIC_BATCHES]
         for runner in runners.values():
+            set_determinism(runner.deterministic, dev)  # outside the timer; as `rmix train` sets it
             with runner.step_timer:
                 runner.step(images, targets)
 
     if log is not None:
         log(f"pipeline ({cfg.data.loader}, {workers} workers): {warmup} + {steps} steps of recursive_mix"
             + (f", compiled ({compile_mode})" if compile_mode != "none" else ""))
+    set_determinism(False, dev)  # the pipeline run: `rmix train`'s default
     pipe_timer = StepTimer(dev)
     feed = _batches_forever(train_loader, piped.policy)
     for _ in range(warmup + steps):
@@ -180,8 +190,12 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
         "device": str(dev), "amp": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[rm.amp],
         "channels_last": rm.channels_last, "loader": cfg.data.loader, "workers": workers,
         "data": str(root), "dataset": dataset, "num_classes": k, "torch_threads": torch.get_num_threads(),
-        "compile": compile_mode, "torch_decode": cfg.data.torch_decode,
+        "compile": compile_mode, "torch_decode": cfg.data.torch_decode, "deterministic": deterministic,
     }
+    if deterministic:  # the same run, batches and interleaving: what --deterministic costs
+        dm = ms(runners["rm_deterministic"].step_timer)
+        result.update({"rm_deterministic_ms": dm, "rm_deterministic_img_s": batch / dm * 1e3,
+                       "deterministic_cost": dm / rm_ms - 1})
     if compile_mode != "none":  # ratios against eager, same run, same batches, interleaved steps
         cn, cr = ms(runners["none_compiled"].step_timer), ms(runners["rm_compiled"].step_timer)
         result.update({"none_compiled_ms": cn, "rm_compiled_ms": cr, "none_compiled_img_s": batch / cn * 1e3,
@@ -207,6 +221,8 @@ def format_bench(d) -> str:
         f"{'none, in memory':<24}{d['none_ms']:>9.2f}{rate(d['none_img_s'])}{d['none_mix_ms']:>9.2f}",
         f"{'recursive_mix, in memory':<24}{d['rm_ms']:>9.2f}{rate(d['rm_img_s'])}{d['rm_mix_ms']:>9.2f}",
     ]
+    if d.get("deterministic"):
+        lines.append(f"{'recursive_mix, determ.':<24}{d['rm_deterministic_ms']:>9.2f}{rate(d['rm_deterministic_img_s'])}")
     if d.get("compile", "none") != "none":
         lines += [
             f"{'none, compiled':<24}{d['none_compiled_ms']:>9.2f}{rate(d['none_compiled_img_s'])}",
@@ -218,6 +234,8 @@ def format_bench(d) -> str:
         f"RM overhead {d['rm_overhead']:+.1%} of step time   loader overhead {d['loader_overhead']:+.1%} "
         f"({d['loader']}, {d['workers']} workers, {d['data']})",
     ]
+    if d.get("deterministic"):
+        lines.append(f"--deterministic costs {d['deterministic_cost']:+.1%} of recursive_mix's step time")
     if d.get("compile", "none") != "none":
         lines.append(f"--compile {d['compile']}: none {d['none_compile_speedup']:.2f}x, recursive_mix "
                      f"{d['rm_compile_speedup']:.2f}x eager speed; RM overhead compiled {d['rm_compiled_overhead']:+.1%}")
