@@ -3,9 +3,16 @@
 Launch with `torchrun --nproc_per_node=N cli.py train ...` (multi-node: docs/DISTRIBUTED.md).
 A dead rank is torchrun's to report: its elastic agent tears the other ranks down and exits
 non-zero naming the rank; the process-group timeout bounds any collective that waits longer.
+
+Without torchrun, a SLURM step of one task per process (`srun --ntasks-per-node=G rmix train`,
+what Lightning and submitit users run) is understood from SLURM's variables, as Lightning reads
+them: rank SLURM_PROCID of SLURM_NTASKS, local rank SLURM_LOCALID, the master the first host of
+SLURM_JOB_NODELIST on a port derived from SLURM_JOB_ID. torchrun's variables win when both are set
+(`srun torchrun ...`: one torchrun per node).
 """
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,19 +40,64 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
     Args:
         timeout_s: how long a collective may wait for the other ranks before it raises.
     """
+    os.environ.update(slurm_env(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
-        torch.cuda.set_device(local)  # before init: NCCL binds each rank to its own GPU
+        # before init: NCCL binds each rank to its own GPU. A SLURM task bound to one GPU
+        # (--gpus-per-task=1) sees it as cuda:0 whatever its local rank.
+        local = local % torch.cuda.device_count()
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _attempt_store(timeout)
         where = dict(store=store, rank=int(os.environ["RANK"]), world_size=world) if store else {}
+        if device_type == "cuda":
+            where["device_id"] = torch.device("cuda", local)  # NCCL's barrier then knows its device
         dist.init_process_group(backend, timeout=timeout, **where)
     return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def slurm_env(env) -> dict:
+    """torch.distributed's variables from a SLURM step's, where no launcher set them; else {}.
+
+    Only a step of several tasks counts (srun with one task per process): a batch script or an
+    interactive allocation (job name bash/interactive, as Lightning reads it) is one process.
+    MASTER_ADDR/MASTER_PORT already in the environment win (a site's own choice).
+    """
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return {}
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    if tasks <= 1:
+        return {}
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodes and "MASTER_ADDR" not in env:
+        raise ValueError("SLURM: SLURM_PROCID and SLURM_NTASKS are set but SLURM_JOB_NODELIST is not; "
+                         "set MASTER_ADDR to the first node's address")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": re.split(r"[(,]", env.get("SLURM_NTASKS_PER_NODE", ""))[0] or "1",  # "2(x3)"
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID", "0")))}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: "gpu[003-010,017],cpu1" -> "gpu003" (`scontrol show hostnames`)."""
+    nodelist = nodelist.strip()
+    first = re.match(r"([^,\[\]]*(?:\[[^\]]*\][^,\[\]]*)*)", nodelist).group(1)  # up to a top-level comma
+    host = re.sub(r"\[([^],-]+)[^]]*\]", r"\1", first)  # each bracket: its first number, padding kept
+    if not host or "[" in host or "]" in host or nodelist[len(first):][:1] not in ("", ","):
+        raise ValueError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
+    return host
+
+
+def slurm_port(job_id: str) -> int:
+    """A port the job's tasks agree on without talking: 15000 + the job id's last 4 digits (Lightning's rule),
+    so two jobs sharing a node rarely collide."""
+    digits = re.sub(r"\D", "", job_id)[-4:]
+    return 15000 + int(digits or 0)
 
 
 def _attempt_store(timeout):
@@ -57,6 +109,12 @@ def _attempt_store(timeout):
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    if os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get("WORLD_SIZE") \
+            and os.environ.get("RANK") == "0":
+        # several nodes: each agent counts its own restarts (a node whose ranks did not fail restarts
+        # with count 0), so attempts cannot be told apart by that count, here or in torch itself
+        print("rmix: multi-node torchrun shares one store across restarts; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+              "in torchrun's environment, or a restart after a failure can hang (pytorch#135712)", flush=True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timeout)
     return dist.PrefixStore(f"rmix/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
