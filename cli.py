@@ -9,6 +9,7 @@ import sys
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import click  # noqa: E402
+import torch.distributed  # noqa: E402
 
 from rmix import config as C  # noqa: E402
 from rmix.checkpoint import CheckpointError, SaveError  # noqa: E402
@@ -39,6 +40,24 @@ class RmixGroup(click.Group):
         except (TrainingError, SaveError) as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
+        except RuntimeError as e:
+            if not _lost_peer(e):
+                raise
+            what = " ".join(str(e).split())[:300]
+            click.echo(f"Error: lost contact with another process of the job ({type(e).__name__}: {what}); "
+                       "with --out and --resume auto, relaunching the job continues from its last checkpoint",
+                       err=True)
+            sys.exit(1)
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """A collective failed because another process of the job died or hung (gloo raises plain
+    RuntimeErrors for a reset connection); torchrun's summary names that process."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return torch.distributed.is_initialized() and any(w in text for w in ("gloo", "NCCL", "Connection reset",
+                                                                          "Connection closed", "Timed out"))
 
 
 @click.group(cls=RmixGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,13 +172,23 @@ def config_from_options(opts: dict, base=None) -> C.TrainConfig:
     return C.replace(base or C.TrainConfig(), **changes)
 
 
+CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")  # what --config reads, by its suffix
+
+
 def load_config_file(path, base=None, keys=None) -> C.TrainConfig:
     """`base` overlaid with a config file (.json, .toml, .yaml): config.json's nested fields, or any subset."""
     import pathlib
     p = pathlib.Path(path)
     if not p.is_file():
         raise ValueError(f"--config: {p} is not a file")
-    text = p.read_text()
+    if p.suffix not in CONFIG_SUFFIXES:
+        raise ValueError(f"--config: {p}: {p.suffix or 'a file without a suffix'} is not a supported format; "
+                         f"use {'/'.join(CONFIG_SUFFIXES[:3])}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config: {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
+            from None
     try:
         if p.suffix == ".toml":
             import tomllib
@@ -226,6 +255,18 @@ def _config_key(key: str, types: dict) -> str:
     raise ValueError(f"--config: unknown key {tail!r} {where}{hint}; valid keys there: {', '.join(sorted(valid))}")
 
 
+def _allowed_field(name: str, types: dict) -> str:
+    """An --allow-changes name as a dotted field; ValueError naming it, with its close matches, if none."""
+    try:
+        return _config_key(name, types)
+    except ValueError:
+        import difflib
+        names = sorted(set(types) | set(option_fields()))
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `rmix train --help` lists the settings"
+        raise ValueError(f"--allow-changes: {name!r} is not a config field{hint}") from None
+
+
 @cli.command()
 @click.option("--preset", default=None, help="start from a named recipe, see `rmix presets`")
 @click.option("--config", "config_file", default=None, help="config file (.toml, .json, .yaml); options override it")
@@ -249,7 +290,7 @@ def train(preset, config_file, allow_changes, **opts):
     cfg = config_from_options(opts, base)
     given |= {k.replace("__", ".") for k, v in opts.items() if v is not None}
     types = C.field_types()
-    allow = {_config_key(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
+    allow = {_allowed_field(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
     result = run(cfg, given=given, allow_changes=allow)
     stopped = result.get("preempted")
     if stopped and result.get("rank", 0) == 0:  # SIGTERM/SIGUSR1: saved where it stopped, exit 0
@@ -316,9 +357,15 @@ def data():
 @click.option("--quality", type=int, default=SYNTH["quality"], show_default=True, help="JPEG quality")
 def synth(out, classes, train_per_class, val_per_class, width, height, seed, quality):
     """Write the deterministic synthetic JPEG dataset (ImageFolder layout)."""
+    from rmix.outputs import check_out
     from rmix.synth import synth_dataset
-    path = synth_dataset(out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                         width=width, height=height, seed=seed, quality=quality)
+    out = check_out(out, directory=True)
+    try:
+        path = synth_dataset(out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                             width=width, height=height, seed=seed, quality=quality)
+    except FileExistsError:  # a different set, or anything else: never written into
+        raise ValueError(f"--out: {out} is not empty and is not a synth set of these parameters; "
+                         "give a new or empty folder") from None
     click.echo(str(path))
 
 
@@ -352,6 +399,9 @@ def check(directory, dataset, decoder, threads, as_json):
     if as_json:
         click.echo(json.dumps(result))
     else:
+        for split, c in result.get("shards", {}).items():  # a short set shows here
+            how = "as index.json records" if c["verified"] else "no index.json: counted from the shards"
+            click.echo(f"{split}: {c['samples']} samples in {c['shards']} shards ({how})")
         for b in result["bad"]:
             click.echo(f"{b['path']}: {b['reason']}")
         click.echo(f"{result['ok']} images decode, {len(result['bad'])} do not, {result['classes']} classes")
@@ -565,7 +615,9 @@ def bench_contention_cmd(epochs, procs, reps, policies, max_steps, as_json):
 @click.option("--title", default=None, help="figure title")
 def plot(run_dirs, out, title):
     """Plot the training curves of one or more run directories, overlaid (needs matplotlib)."""
+    from rmix.outputs import check_out
     from rmix.plot import plot_runs
+    check_out(out, inputs=[os.path.join(d, name) for d in run_dirs for name in ("metrics.jsonl", "config.json")])
     click.echo(str(plot_runs(run_dirs, out, title=title)))
 
 
@@ -584,13 +636,31 @@ def plot(run_dirs, out, title):
 @click.option("--out", default="grid.png", show_default=True, help="PNG to write")
 def show(data_dir, dataset, aug, steps, batch, loader, seed, alpha, crop_size, tile, out):
     """Draw the last mixed batch of a few loader + policy steps as a captioned PNG grid."""
+    from rmix.outputs import check_out
     from rmix.show import show as run
+    check_out(out, inputs=[data_dir] if data_dir else [])
+    if seed < 0:  # torch.Generator's own message names nothing
+        raise ValueError(f"--seed: must be >= 0, got {seed}")
     changes = {"data.data_dir": data_dir or "", "data.dataset": dataset, "mix.policy": aug, "batch_size": batch, "data.loader": loader,
                "seed": seed, "mix.alpha": alpha, "device": "cpu"}
     if crop_size is not None:
         changes.update({"data.crop_size": crop_size, "data.val_resize": max(crop_size, C.DataConfig.val_resize)})
-    path, (w, h) = run(C.replace(C.TrainConfig(), **changes), steps=steps, out=out, tile=tile)
+    try:
+        path, (w, h) = run(C.replace(C.TrainConfig(), **changes), steps=steps, out=out, tile=tile)
+    except ValueError as e:  # the config checks name train's options; say show's
+        raise ValueError(_show_names(str(e))) from None
     click.echo(f"{path} ({w} x {h} px)")
+
+
+# train's option names in config messages -> show's (a message is about what the user typed)
+_SHOW_NAMES = {"--batch-size": "--batch", "--aug-alpha": "--alpha",
+               "(train drops the partial batch; --keep-last keeps it)": "(a smaller --batch fits)"}
+
+
+def _show_names(message: str) -> str:
+    for train_name, show_name in _SHOW_NAMES.items():
+        message = message.replace(train_name, show_name)
+    return message
 
 
 @cli.command()
@@ -604,6 +674,8 @@ def show(data_dir, dataset, aug, steps, batch, loader, seed, alpha, crop_size, t
 def export(checkpoint, fmt, out, drop_classifier, ema, model):
     """Export a checkpoint's weights under torchvision key names, without the RoI head (docs/EXPORT.md)."""
     from rmix.export import export as run
+    from rmix.outputs import check_out
+    check_out(out, inputs=[checkpoint])
     info = run(checkpoint, out, fmt, model=model, drop_classifier=drop_classifier, ema=ema)
     click.echo(f"{info['out']}: {info['format']}, {info['model']}, {info['tensors']} tensors "
                f"(dropped {info['dropped_roi']} RoI-head and {info['dropped_classifier']} classifier tensors)")

@@ -57,6 +57,8 @@ def check_inputs(images, history, targets, history_targets, boxes, mode, num_cla
     for name, v in (("mean", mean), ("std", std)):
         if v is not None and len(v) != c:
             raise ValueError(f"{name}: expected {c} values, got {len(v)}")
+    if std is not None and not hasattr(std, "device") and not all(float(s) > 0 for s in std):
+        raise ValueError(f"std: must be positive (it divides every pixel), got {std}")  # host values: no sync
     return n, c, h, w, k, nhwc
 
 

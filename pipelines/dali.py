@@ -309,7 +309,7 @@ class DaliLoader(EpochCounter):
             except Exception as error:
                 if live.replay is not None:
                     self._close()
-                    raise _shard_decode_error(error, epoch, step, live.replay) from error
+                    raise _shard_decode_error(error, epoch, step, live.replay, live.root) from error
                 if live.root is None:
                     raise  # arrays: no files to name
                 self._close()
@@ -439,7 +439,6 @@ def _output_device(decoder: str, device_id: int | None, device: torch.device) ->
 
 # WebDataset shards (pipelines.wds) ---------------------------------------------------------------
 
-LABEL_DIGITS = 10  # a .cls member holds the label in ASCII; padded to this many bytes, parsed in torch
 _SHUFFLE_FILL = 1024  # readers.webdataset's shuffle buffer per rank (its default)
 
 
@@ -447,31 +446,63 @@ _SHUFFLE_FILL = 1024  # readers.webdataset's shuffle buffer per rank (its defaul
 def shard_pipeline(paths: list[str], index_paths: list[str] | None, *, train: bool, decoder: str,
                    crop_size: int, min_area: float, val_resize: int, aug_plus: bool, shard_id: int,
                    num_shards: int, reader_seed: int, resize: bool = True, decode: bool = True):
-    """readers.webdataset -> (images uint8 HWC, labels uint8 (LABEL_DIGITS,) ASCII); see `shard_loader`.
+    """readers.webdataset -> (images uint8 HWC, source info uint8 (L,)); see `shard_loader`.
 
-    ``decode=False``: (encoded images, their source info "shard.tar:offset:member") of the same
-    batches, for naming the members of a batch that failed. The reader has its own seed, so
-    that graph shuffles exactly as the decoding one.
+    The second output is each image's source info, "shard.tar:offset:member" in UTF-8, zero-padded
+    to the batch's longest, on the CPU: `SampleLabels` reads the label of that sample on the host
+    (DALI's ASCII-to-number is not `pipelines.wds.read_label`). ``decode=False``: (encoded images,
+    source info) of the same batches, for naming the members of a batch that failed. The reader
+    has its own seed, so that graph shuffles exactly as the decoding one.
     """
-    jpegs, cls = fn.readers.webdataset(
+    jpegs, _ = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=[";".join(WDS_IMAGE_EXTS), "cls"],
         missing_component_behavior="error", case_sensitive_extensions=False,
         shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=_SHUFFLE_FILL,
         seed=reader_seed, pad_last_batch=True, name="Reader")
+    info = fn.pad(jpegs.source_info(), fill_value=0)
     if not decode:
-        return jpegs, jpegs.source_info()
-    return _decoded_outputs(jpegs, fn.pad(cls, shape=[LABEL_DIGITS], fill_value=0), train=train, decoder=decoder,
-                            crop_size=crop_size, min_area=min_area, val_resize=val_resize, aug_plus=aug_plus,
-                            resize=resize)
+        return jpegs, info
+    images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size, min_area=min_area,
+                                val_resize=val_resize, aug_plus=aug_plus, resize=resize)
+    if not resize:
+        images, flips = images
+        return images, info, flips
+    return images, info
 
 
-def ascii_labels(digits: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, D) ASCII digits, zero-padded on the right -> int64 (N,), on their device, no sync."""
-    d = digits.to(torch.int64)
-    present = d > 0
-    n = present.sum(1, keepdim=True)
-    power = (n - 1 - torch.arange(d.shape[1], device=d.device)).clamp(min=0)
-    return ((d - 48) * present * (10 ** power)).sum(1)
+class SampleLabels:
+    """DALI's source info rows -> the samples' indices in a `ShardSplit`, and their labels.
+
+    Each label is read once, by `pipelines.wds.read_label` (as the torchvision loader reads it),
+    when its sample first comes by, and kept: one small read per sample and process.
+    """
+
+    def __init__(self, split):
+        self.split, self.prefix = split, os.path.join(split.root, "")  # the reader's paths are root/shard.tar
+        self.shard_of = {name: k for k, name in enumerate(split.shards)}
+        self.index = {(s.shard, s.offset): i for i, s in enumerate(split.samples)}
+        self.labels = np.full(len(split.samples), -1, dtype=np.int64)
+
+    def indices(self, info) -> list[int]:
+        """uint8 (N, L) source info -> the samples' indices; a row naming no known sample is an error."""
+        rows = np.asarray(info.cpu() if isinstance(info, torch.Tensor) else info, dtype=np.uint8)
+        out = []
+        for row in rows.reshape(len(rows), -1):
+            text = bytes(row).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            shard, offset, _ = (text[len(self.prefix):].split(":", 2) + ["", ""])[:3]  # "shard.tar:offset:member"
+            key = (self.shard_of.get(shard), int(offset) if offset.isdigit() else -1)
+            if not text.startswith(self.prefix) or key not in self.index:
+                raise RuntimeError(f"DALI read a sample rmix did not index: {text!r}")
+            out.append(self.index[key])
+        return out
+
+    def __call__(self, info) -> torch.Tensor:
+        """uint8 (N, L) source info -> int64 (N,) labels, on the CPU."""
+        idx = self.indices(info)
+        for i in idx:
+            if self.labels[i] < 0:
+                self.labels[i] = self.split.label(i)  # ValueError naming shard.tar:member
+        return torch.from_numpy(self.labels[idx].copy())
 
 
 def dali_slice(num_samples: int, shard_id: int, num_shards: int) -> int:
@@ -479,9 +510,17 @@ def dali_slice(num_samples: int, shard_id: int, num_shards: int) -> int:
     return num_samples * (shard_id + 1) // num_shards - num_samples * shard_id // num_shards
 
 
-def _shard_decode_error(error, epoch: int, step: int, replay) -> DecodeError:
-    """DecodeError naming the batch's members (``shard.tar:member``), and those PIL cannot decode."""
-    batch = replay(step)
+def _shard_decode_error(error, epoch: int, step: int, replay, root: str | None = None) -> DecodeError:
+    """DecodeError naming the batch's members (``shard.tar:member``), and those PIL cannot decode.
+
+    The batch is read again by a reader-only pipeline; where that fails too (a shard gone or
+    cut short since the start), the error names what failed instead of raising from the replay.
+    """
+    try:
+        batch = replay(step)
+    except Exception as again:
+        return DecodeError(epoch, step, [f"a sample of the shards in {root}"], [],
+                           f"{_dali_reason(error)}; reading the batch again to name it failed: {_dali_reason(again)}")
     bad = [name for name, data in batch if not pil_decodes(data)]
     return DecodeError(epoch, step, [n for n, _ in batch], bad, _dali_reason(error))
 
@@ -523,13 +562,15 @@ def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_are
             seed=derive_seed(seed, rank, epoch))
         return pipe, dali_slice(n, shard_id, world_size)
 
+    sample_labels = SampleLabels(split)
+    out_device = _output_device(decoder, device_id, device)
+
     def replay(epoch: int, step: int):
         pipe, _ = build(epoch, decode=False)
         pipe.build()
         for _ in range(step + 1):
             data, info = pipe.run()
-        names = [bytes(np.array(info[i])).decode() for i in range(len(info))]
-        names = [f"{p.rsplit(':', 2)[0]}:{p.rsplit(':', 1)[1]}" for p in names]  # drop the offset
+        names = [split.name(i) for i in sample_labels.indices(info.as_array())]
         return list(zip(names, [np.array(data[i]).tobytes() for i in range(len(data))]))
 
     def make_epoch(epoch: int) -> DaliEpoch:
@@ -543,8 +584,9 @@ def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_are
             iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                            last_batch_policy=LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL,
                                            auto_reset=False, prepare_first_batch=False)
-        return DaliEpoch(epoch, pipe, iterator, batch_size, labels=ascii_labels,
+        return DaliEpoch(epoch, pipe, iterator, batch_size, split.root,
+                         labels=lambda info: sample_labels(info).to(out_device),
                          replay=lambda step: replay(epoch, step))
 
     return DaliLoader(make_epoch, num_batches=expected, classes=split.classes, num_samples=n,
-                      device=_output_device(decoder, device_id, device), crop_size=crop_size)
+                      device=out_device, crop_size=crop_size)

@@ -7,6 +7,15 @@ one DALI index per shard (``<split>-000000.idx``, `wds2idx`'s v1.2 format: each 
 members with their byte offsets), so that neither DALI nor the torchvision reader scans the
 tars. Shards another tool wrote are indexed by reading their headers (`index_shard`).
 
+Names in an ``.idx`` are percent-encoded (``a%20b/c.jpg``): DALI's index parser splits lines on
+whitespace, so a member named with a space would make an index no reader can read; DALI only
+shows the names (its source info), and rmix decodes them back. Every label is read by
+`read_label`, by both loaders, the preflight and `rmix data check`.
+
+A set rmix prepared (``prepare.json`` beside the shards) is verified by `scan_shards` before
+it is used: ``index.json`` present, exactly the shards it lists, the counts it records, and each
+``.idx`` ending where its tar ends; a set without either file is counted from its shards.
+
 Writing is atomic per shard: ``.tar.partial`` and ``.idx.partial``, renamed when complete, so a
 killed run leaves no shard that looks complete and the next run starts where it stopped.
 """
@@ -18,8 +27,10 @@ import os
 import re
 import tarfile
 from typing import NamedTuple
+from urllib.parse import quote, unquote
 
 INDEX = "index.json"
+PLAN = "prepare.json"  # rmix.prepare.PLAN: written first, so it marks a set rmix prepared
 SHARD = re.compile(r"^(train|val)-(\d{6})\.tar$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "ppm", "pgm", "tif", "tiff", "webp")  # pipelines.IMG_EXTENSIONS
 
@@ -67,7 +78,7 @@ class ShardSplit(NamedTuple):
                 data = f.read(s.size)
                 f.seek(s.cls_offset)
                 text = f.read(s.cls_size)
-        return data, _label(text, self.name(i))
+        return data, read_label(text, self.name(i), len(self.classes))
 
     def label(self, i: int) -> int:
         s = self.samples[i]
@@ -75,14 +86,26 @@ class ShardSplit(NamedTuple):
             return s.label
         with open(os.path.join(self.root, self.shards[s.shard]), "rb") as f:
             f.seek(s.cls_offset)
-            return _label(f.read(s.cls_size), self.name(i))
+            return read_label(f.read(s.cls_size), self.name(i), len(self.classes))
 
 
-def _label(text: bytes, name: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name}: its .cls is {text[:20]!r}, not a class number") from None
+_INTEGER = re.compile(rb"[+-]?[0-9]+")
+
+
+def read_label(text: bytes, name: str, num_classes: int | None = None) -> int:
+    """A .cls member's class index: the one reader of every path (both loaders, checks).
+
+    ASCII whitespace around the digits is allowed (``b"12\\n"`` is 12: many writers end a line);
+    anything else, or a class outside ``[0, num_classes)``, is a ValueError naming ``name``.
+    """
+    value = text.strip()
+    if not _INTEGER.fullmatch(value):
+        raise ValueError(f"{name}: its .cls is {text[:20]!r}, not a class number")
+    label = int(value)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        bound = f"[0, {num_classes})" if num_classes is not None else "0 or more"
+        raise ValueError(f"{name}: its .cls says {label}, outside the classes {bound}")
+    return label
 
 
 def shard_name(split: str, k: int) -> str:
@@ -127,7 +150,7 @@ class ShardWriter:
             info.size, info.mode, info.mtime = len(blob), 0o644, 0  # mtime 0: shards are reproducible
             offset = self._tar.offset + tarfile.BLOCKSIZE  # the data follows its header
             self._tar.addfile(info, io.BytesIO(blob))
-            members.append(f"{name.rsplit('.', 1)[1]} {offset} {len(blob)} {name}")
+            members.append(f"{_quote(name.rsplit('.', 1)[1])} {offset} {len(blob)} {_quote(name)}")
         self._lines.append(" ".join(members))
 
     def __len__(self):
@@ -147,18 +170,29 @@ class ShardWriter:
                 os.remove(p)
 
 
+def _quote(name: str) -> str:
+    # no whitespace reaches DALI's parser; letters, digits, "/_.-~" stay readable
+    return quote(name, safe="/")
+
+
 def read_dali_index(path: str) -> list[list[tuple[str, int, int, str]]]:
-    """A v1.2 index: per sample, its members as (ext, offset, size, name)."""
-    with open(path) as f:
-        head = f.readline().split()
-        if len(head) != 2 or head[0] != "v1.2":
-            raise ValueError(f"{path}: not a v1.2 WebDataset index (DALI's wds2idx format)")
-        out = []
-        for line in f:
-            p = line.split()
-            if not p or len(p) % 4:
-                raise ValueError(f"{path}: malformed line {len(out) + 2}")
-            out.append([(p[j], int(p[j + 1]), int(p[j + 2]), p[j + 3]) for j in range(0, len(p), 4)])
+    """A v1.2 index: per sample, its members as (ext, offset, size, name); ValueError names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read this WebDataset index ({error})") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
+        raise ValueError(f"{path}: not a v1.2 WebDataset index (DALI's wds2idx format: 'v1.2 <samples>' first)")
+    out = []
+    for n, line in enumerate(lines[1:], 2):
+        p = line.split()
+        if not p:
+            continue
+        if len(p) % 4 or not all(p[j].isdigit() and p[j + 1].isdigit() for j in range(1, len(p), 4)):
+            raise ValueError(f"{path}: malformed line {n} (expected 'ext offset size name' per member)")
+        out.append([(unquote(p[j]), int(p[j + 1]), int(p[j + 2]), unquote(p[j + 3])) for j in range(0, len(p), 4)])
     if len(out) != int(head[1]):
         raise ValueError(f"{path}: says {head[1]} samples, holds {len(out)}")
     return out
@@ -215,39 +249,113 @@ def is_shard_dir(root) -> bool:
         return False
 
 
-def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
-    """A split's shards and samples, from their indexes (DALI's ``.idx``, else the tar headers).
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; ValueError naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable JSON ({' '.join(str(error).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
-    The classes come from index.json. ``labels``: read every sample's .cls now (one small read per
-    sample: for ImageNet on network storage, minutes); with False they stay -1 (`ShardSplit.label`
-    reads one), unless there is no index.json, whose classes are then counted from the labels.
+
+def _set_meta(root: str, split: str) -> tuple[dict, int | None]:
+    """(index.json, prepare.json's --shard-size) of a set rmix prepared, else ({}, None): refuses an unfinished one."""
+    if not os.path.isfile(os.path.join(root, PLAN)) and not os.path.isfile(os.path.join(root, INDEX)):
+        return {}, None
+    if not os.path.isfile(os.path.join(root, INDEX)):
+        raise ValueError(f"{root}: {PLAN} but no {INDEX}: the preparation did not finish; "
+                         "rerun the same `rmix data prepare` to complete it")
+    meta = _read_json(os.path.join(root, INDEX))
+    plan = _read_json(os.path.join(root, PLAN)) if os.path.isfile(os.path.join(root, PLAN)) else {}
+    listed, counts = meta.get("shards", {}).get(split) if isinstance(meta.get("shards"), dict) else None, \
+        meta.get("counts", {}).get(split) if isinstance(meta.get("counts"), dict) else None
+    classes = meta.get("classes")
+    if not (isinstance(listed, list) and all(isinstance(n, str) for n in listed) and isinstance(counts, int)
+            and isinstance(classes, list) and classes):
+        raise ValueError(f"{os.path.join(root, INDEX)}: no {split} shard list, count or classes "
+                         "(expected rmix data prepare --format wds's index)")
+    found = find_shards(root, split)
+    missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+    if missing or extra:
+        what = ([f"missing {', '.join(missing)}"] if missing else []) + \
+            ([f"not in {INDEX}: {', '.join(extra)}"] if extra else [])
+        raise ValueError(f"{root}: the {split} shards differ from {INDEX}'s list ({'; '.join(what)})")
+    size = plan.get("shard_size")
+    return meta, size if isinstance(size, int) and size > 0 else None
+
+
+def _check_tar_end(path: str, idx: str, entries) -> None:
+    """The index ends where the tar does: nothing truncated, no member after the last one listed.
+
+    Two cheap looks per shard (its size, one 512-byte block), so it runs at every start.
+    """
+    size = os.path.getsize(path)
+    ends = [(off + n, name) for sample in entries for _, off, n, name in sample]
+    end, last = max(ends, default=(0, None))
+    if end > size:
+        raise ValueError(f"{path}: truncated ({size} bytes; {last} ends at byte {end}); "
+                         "copy or prepare the shard again")
+    if not idx:
+        return  # read from the tar's own headers just now
+    block = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    with open(path, "rb") as f:
+        f.seek(block)
+        header = f.read(tarfile.BLOCKSIZE)
+    if len(header) < tarfile.BLOCKSIZE or not header.strip(b"\0"):
+        return  # the end-of-archive zeros
+    try:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        info = None
+    if info is not None and info.isfile() and os.path.basename(split_key(info.name)[0]):
+        raise ValueError(f"{os.path.join(os.path.dirname(path), idx)}: lists {len(entries)} samples but "
+                         f"{os.path.basename(path)} holds more ({info.name} at byte {block}); delete the .idx "
+                         "(rmix then reads the tar's headers) or prepare the set again")
+
+
+def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
+    """A split's shards and samples, from their indexes (DALI's ``.idx``, else the tar headers), verified.
+
+    A set rmix prepared must hold index.json, exactly the shards it lists, with the counts it
+    records (`_set_meta`); every ``.idx`` must end where its tar ends (`_check_tar_end`). Each
+    failure is a ValueError naming the file. The classes come from index.json. ``labels``: read
+    every sample's .cls now (one small read per sample: for ImageNet on network storage,
+    minutes); with False they stay -1 (`ShardSplit.label` reads one), unless there is no
+    index.json, whose classes are then counted from the labels.
     """
     root = os.path.abspath(os.fspath(root))
     shards = find_shards(root, split)
     if not shards:
         raise FileNotFoundError(f"no {split}-NNNNNN.tar shards in {root}")
-    meta = {}
-    if os.path.isfile(os.path.join(root, INDEX)):
-        with open(os.path.join(root, INDEX)) as f:
-            meta = json.load(f)
-    labels = labels or not meta.get("classes")
+    meta, shard_size = _set_meta(root, split)
+    num_classes = len(meta["classes"]) if meta else None
+    labels = labels or not meta
     samples, indexes = [], []
     for k, name in enumerate(shards):
         path, idx = os.path.join(root, name), name[:-len(".tar")] + ".idx"
         entries = read_dali_index(os.path.join(root, idx)) if os.path.isfile(os.path.join(root, idx)) else None
         if entries is None:
             entries, idx = index_shard(path), ""
+        _check_tar_end(path, idx, entries)
+        if shard_size and meta:
+            want = min(shard_size, meta["counts"][split] - k * shard_size)
+            if len(entries) != want:
+                raise ValueError(f"{path}: holds {len(entries)} samples, {INDEX} and --shard-size {shard_size} "
+                                 f"say {want}; prepare the set again")
         with open(path, "rb") as f:
             for j, sample in enumerate(entries):
                 (_, off, size, member), (_, c_off, c_size, _) = _image_and_label(sample, path, j)
                 label = -1
                 if labels:
                     f.seek(c_off)
-                    label = _label(f.read(c_size), f"{path}:{member}")
+                    label = read_label(f.read(c_size), f"{path}:{member}", num_classes)
                 samples.append(Sample(k, off, size, member, label, c_off, c_size))
         indexes.append(idx)
-    known = [s.label for s in samples if s.label >= 0]
-    classes = meta.get("classes") or [str(i) for i in range(max(known, default=-1) + 1)]
-    if known and (max(known) >= len(classes) or min(known) < 0):
-        raise ValueError(f"{root}: a {split} label is outside the {len(classes)} classes of {INDEX}")
+    if meta and len(samples) != meta["counts"][split]:
+        raise ValueError(f"{root}: {INDEX} records {meta['counts'][split]} {split} samples, "
+                         f"the shards hold {len(samples)}")
+    classes = meta.get("classes") or [str(i) for i in range(max((s.label for s in samples), default=-1) + 1)]
     return ShardSplit(root, shards, indexes, list(classes), samples)

@@ -1,8 +1,9 @@
 """Where the images come from: the data directory, checked, and the two loaders built from it."""
+import sys
 from pathlib import Path
 
 from pipelines import build_cifar_loader, build_loader, build_mnist_loader, build_shard_loader
-from pipelines.wds import find_shards, is_shard_dir
+from pipelines.wds import INDEX, find_shards, is_shard_dir
 from pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
 
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -97,9 +98,14 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
     if dataset in MNIST_SETS:
         return build_mnist_loader(d.loader, root, dataset=dataset, **common)
     if sharded(root, dataset):
-        return build_shard_loader(d.loader, root, "train" if train else "val", crop_size=d.crop_size,
-                                  min_area=d.min_area, val_resize=d.val_resize, aug_plus=d.aug_plus and train,
-                                  torch_decode=d.torch_decode, **common)
+        split = "train" if train else "val"
+        loader = build_shard_loader(d.loader, root, split, crop_size=d.crop_size, min_area=d.min_area,
+                                    val_resize=d.val_resize, aug_plus=d.aug_plus and train,
+                                    torch_decode=d.torch_decode, **common)
+        if rank == 0 and not (root / INDEX).is_file():  # nothing to verify against: a short set shows here
+            print(f"{root}: no {INDEX}; {split}: {loader.num_samples} samples in "
+                  f"{len(find_shards(str(root), split))} shards, counted from the shards", file=sys.stderr)
+        return loader
     return build_loader(d.loader, root / ("train" if train else "val"), crop_size=d.crop_size, min_area=d.min_area,
                         val_resize=d.val_resize, aug_plus=d.aug_plus and train, torch_decode=d.torch_decode,
                         **common)

@@ -18,7 +18,7 @@ from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
 from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data, sharded
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
-from rmix.models import build
+from rmix.models import build, check_input_size
 from rmix.preempt import Preemption
 from rmix.progress import Progress
 from rmix.schedule import lr_at
@@ -56,8 +56,8 @@ def set_determinism(deterministic: bool, device) -> None:
     algorithms for the run's fixed shapes. The CPU is deterministic either way.
 
     Ops with no deterministic CUDA kernel only warn (`warn_only`): torchvision's roi_align then
-    takes its deterministic path, and adaptive average pooling to 1x1 (one add per input
-    element) is deterministic in fact though torch flags it.
+    takes its deterministic path (a torch.compile'd one: the first step compiles it), and adaptive
+    average pooling to 1x1 (one add per input element) is deterministic in fact though torch flags it.
     """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts in this process
@@ -319,6 +319,7 @@ def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=())
     time (None: all of cfg), `allow_changes` the fields that may then differ (see rmix.resume).
     """
     validate(cfg)
+    check_input_size(cfg.model, 2, cfg.data.crop_size, share_fc=cfg.mix.share_fc)  # before --out is created
     device = resolve_device(cfg.device)
     d = dist.setup(device.type, cfg.dist_timeout)
     if device.type == "cuda":
@@ -577,7 +578,8 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
     for g in optimizer.param_groups:  # checkpoints before the fused optimizer saved fused=None
         g["fused"], g["foreach"] = True, None
     init_momentum(optimizer)
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"] and scaler.is_enabled():  # {} from a run without fp16 (a CPU, bf16): a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     states = ckpt.get("rng_ranks", [ckpt["rng"]])
     if len(states) == d.world_size:  # else another world size: keep this run's per-rank seeds
         rng = states[d.rank]

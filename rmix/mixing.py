@@ -37,6 +37,7 @@ def smooth(targets, num_classes, smoothing, form="paper"):
     """
     if form not in SMOOTHING_FORMS:
         raise ValueError(f"smoothing form: expected one of {SMOOTHING_FORMS}, got {form!r}")
+    check_targets(targets, num_classes)
     if targets.dim() == 1:
         # not F.one_hot: it reads the indices' min and max back to check them (a sync on a GPU)
         idx = targets.long()[:, None]
@@ -51,6 +52,29 @@ def smooth(targets, num_classes, smoothing, form="paper"):
     if form == "paper":
         return soft * (1 - smoothing) + (1 - soft) * (smoothing / (num_classes - 1))
     return soft * (1 - smoothing) + smoothing / num_classes
+
+
+def check_targets(targets, num_classes):
+    """ValueError unless `targets` are integer class indices (N,) in [0, K) or probabilities (N, K).
+
+    dtype and shape always; values only on the CPU, where reading them costs no host-device sync
+    (on a GPU the step must not wait for a check: the trainer's labels are checked where they are read).
+    """
+    if targets.dim() == 1:
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(f"targets: class indices must be integers, got {targets.dtype} "
+                             f"(probabilities go as (N, {num_classes}))")
+        if targets.device.type == "cpu" and targets.numel():
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"targets: class indices must be in [0, {num_classes}), got {lo if lo < 0 else hi}")
+    elif targets.dim() == 2 and targets.shape[1] == num_classes:
+        if not targets.is_floating_point():
+            raise ValueError(f"targets: probabilities (N, {num_classes}) must be floats, got {targets.dtype}")
+        if targets.device.type == "cpu" and targets.numel():
+            sums = targets.float().sum(1)
+            if bool((targets < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+                raise ValueError(f"targets: probabilities (N, {num_classes}) must be >= 0 with rows summing to 1")
 
 
 def sample_beta(alpha, generator=None):
@@ -117,6 +141,8 @@ class _Policy:
             raise ValueError(f"smoothing: must be in [0, 1), got {smoothing}")
         if smoothing_form not in SMOOTHING_FORMS:
             raise ValueError(f"smoothing_form: expected one of {SMOOTHING_FORMS}, got {smoothing_form!r}")
+        if std is not None and not bool((torch.as_tensor(std, dtype=torch.float64).cpu() > 0).all()):
+            raise ValueError(f"std: must be positive (it divides every pixel), got {std}")  # once, at construction
         self.num_classes, self.alpha, self.smoothing = num_classes, alpha, smoothing
         self.smoothing_form = smoothing_form
         self.mean, self.std = mean, std
@@ -132,10 +158,17 @@ class _Policy:
         """Normalized float NCHW images and smoothed soft targets, via the fused op with no history."""
         n, c, h, w = _dims(images)
         out = self._empty(n, c, h, w, images.device) if out is None else out
-        soft = smooth(targets, self.num_classes, self.smoothing, self.smoothing_form).to(images.device)
+        soft = self._soft(targets, n, images.device)
         x, soft, lam = recursive_mix(images, None, soft, None, None, mean=self.mean, std=self.std,
                                      out=out, backend=self.backend)
         return x, soft, lam
+
+    def _soft(self, targets, n, device):
+        """Smoothed float32 (N, K) targets on `device`, for a batch of `n` images."""
+        if targets.dim() not in (1, 2) or targets.shape[0] != n:
+            raise ValueError(f"targets: expected ({n},) indices or ({n}, {self.num_classes}) probabilities "
+                             f"for a batch of {n} images, got {tuple(targets.shape)}")
+        return smooth(targets, self.num_classes, self.smoothing, self.smoothing_form).to(device)
 
     def reset(self):
         """Forget any state (only RecursiveMix has some)."""
@@ -212,6 +245,7 @@ class RecursiveMix(_Policy):
 
     History (mixed images, mixed soft targets, logits) is kept on the object: `remember` it after
     the forward pass, `reset` it at each epoch start. While it is empty nothing is pasted (lam = 1).
+    A second call without `remember` (or `reset`) in between raises: it would mix a stale history.
     The output buffer of step t is the history of step t+1, so two buffers alternate: no clone.
     """
 
@@ -232,9 +266,11 @@ class RecursiveMix(_Policy):
         """Forget the history (the trainer calls this at each epoch start, as the paper's code)."""
         self.history = self.history_targets = self.history_logits = None
         self.prev_logits = None  # logits of the history rows used by the last call, for the loss
+        self._called = False  # called since the last remember/reset: a second call is an error
 
     def remember(self, images, soft_targets, logits):
         """Keep this step's mixed batch as the next step's history (images and targets detached, not copied)."""
+        self._called = False
         self.history = images.detach()
         self.history_targets = soft_targets.detach().float()
         # N x K: cheap; a CUDA-graph replay reuses the logits' memory. None: a loop without the
@@ -250,6 +286,7 @@ class RecursiveMix(_Policy):
             return None if t is None else t.to(device) if device is not None else t
         self.history, self.history_targets, self.history_logits = (
             put(state["history"]), put(state["history_targets"]), put(state["history_logits"]))
+        self._called = False
 
     def sample_boxes(self, n, h, w):
         """Boxes with side sqrt(U(0, alpha)) of the image side: one for the batch, or one per image."""
@@ -261,20 +298,25 @@ class RecursiveMix(_Policy):
 
     def __call__(self, images, targets, boxes=None):
         n, c, h, w = _dims(images)
+        if self._called:  # else this batch would mix with a stale history, or with none at all
+            raise RuntimeError("RecursiveMix called twice without remember(): call policy.remember(out.images, "
+                               "out.soft_targets, logits) after each step's forward pass (reset() starts over)")
         if self.history is None:
             self.prev_logits = None
             x, soft, lam = self._normalize(images, targets, out=self._buffer(n, c, h, w, images.device))
+            self._called = True  # only once it mixed: a refused batch can be retried
             return MixOut(x, soft, _no_boxes(n, x.device), lam)
         if self.history.shape[0] < n:
             raise ValueError(f"history: holds {self.history.shape[0]} images, the batch has {n}; "
                              "call reset() when the batch size grows")
         boxes = self.sample_boxes(n, h, w) if boxes is None else boxes.to(torch.int64)
         boxes = to_device(boxes, images.device)
-        soft = smooth(targets, self.num_classes, self.smoothing, self.smoothing_form).to(images.device)
+        soft = self._soft(targets, n, images.device)
         x, soft, lam = recursive_mix(images, self.history, soft, self.history_targets, boxes,
                                      mode=self.interpolate, mean=self.mean, std=self.std,
                                      out=self._buffer(n, c, h, w, images.device), backend=self.backend)
         self.prev_logits = None if self.history_logits is None else self.history_logits[:n]
+        self._called = True
         return MixOut(x, soft, boxes, lam)
 
     def _buffer(self, n, c, h, w, device):

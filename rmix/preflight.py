@@ -82,11 +82,17 @@ def check_split(root, decoder="dali", threads=2):
 
 
 def check_shard_split(root, split, decoder="dali", threads=2):
-    """`check_split` of a split of WebDataset shards; each sample named ``shard.tar:member``."""
-    from pipelines.wds import scan_shards
+    """`check_split` of a split of WebDataset shards; each sample named ``shard.tar:member``.
+
+    The set is verified first (`scan_shards`), and each label is read with its image by the
+    loaders' one reader: a bad one is a ValueError naming its member.
+    """
+    from pipelines.wds import INDEX, scan_shards
     shards = scan_shards(root, split, labels=False)
     names = [shards.name(i) for i in range(len(shards.samples))]
-    return (*_check_items(names, shards.read, decoder, threads), shards.classes)
+    counts = {"samples": len(names), "shards": len(shards.shards),
+              "verified": os.path.isfile(os.path.join(shards.root, INDEX))}  # else counted from the shards
+    return (*_check_items(names, lambda i: shards.read_with_label(i)[0], decoder, threads), shards.classes, counts)
 
 
 def _check_items(paths, read, decoder, threads):
@@ -132,15 +138,17 @@ def check(roots, decoder="dali", threads=2, use_cache=True) -> dict:
     cached = cache_dir() / "preflight" / f"{key}.json"
     if use_cache and cached.is_file():
         return json.loads(cached.read_text())
-    total, bad, classes = 0, [], None
+    total, bad, classes, shards = 0, [], None, {}
     for root in roots:
-        n, b, c = check_shard_split(*root, decoder, threads) if isinstance(root, tuple) else \
-            check_split(root, decoder, threads)
+        if isinstance(root, tuple):
+            n, b, c, shards[root[1]] = check_shard_split(*root, decoder, threads)
+        else:
+            n, b, c = check_split(root, decoder, threads)
         total, bad = total + n, bad + [{"path": p, "reason": r} for p, r in b]
         classes = classes or c
         if c != classes:
             raise ValueError(f"{root}: class folders differ from {roots[0]}'s")
-    result = {"ok": total, "bad": bad, "classes": len(classes)}
+    result = {"ok": total, "bad": bad, "classes": len(classes), **({"shards": shards} if shards else {})}
     if total == 0 and not bad:
         raise ValueError(f"{roots[0]}: the dataset holds no images")
     try:

@@ -12,13 +12,20 @@ offset plus the inner one's), and the output is written from those ranges.
 
 Outputs, atomic and resumable:
 - ``folder``: ``train/<wnid>/``, ``val/<wnid>/``. Each class is written to ``<wnid>.partial``
-  and renamed when complete; a rerun skips the complete classes.
+  and renamed when complete; a rerun skips the complete classes. An ImageFolder's subfolders
+  inside a class are kept (``cls/a/x.jpg`` and ``cls/b/x.jpg`` stay two files).
 - ``wds``: ``train-NNNNNN.tar`` / ``val-NNNNNN.tar`` of ``--shard-size`` samples (train in one
   fixed shuffled order, so that any rank's slice mixes the classes; val in file order), each
   with its DALI index (`pipelines.wds`), written to ``.partial`` and renamed; a rerun skips the
   complete shards.
-- both: ``prepare.json`` (what is being made, written first: a rerun with other settings is
-  refused) and, last, ``index.json`` (classes, names, counts): a finished set has one.
+- both: ``prepare.json`` (what is being made, written first: a rerun with other settings, or
+  from a source that changed since, is refused naming what differs) and, last, ``index.json``
+  (classes, names, counts): a finished set has one.
+
+Nothing is written outside ``--out``: it may not overlap the source, the devkit is extracted by
+rmix (every member checked first: no ``../x``, ``/abs/x``, links or devices) into ``--out``
+before torchvision's parser reads it, an archived image keeps only its base name, and a class
+must be one folder name.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
@@ -84,7 +92,7 @@ def verify_archives(paths: dict, work: str, say=print):
     in ``work`` by size and mtime so that a rerun does not read 150 GB again."""
     from torchvision.datasets.imagenet import ARCHIVE_META
     seen_file = os.path.join(work, "verified.json")
-    seen = json.load(open(seen_file)) if os.path.isfile(seen_file) else {}
+    seen = _read_json(seen_file, "delete it to check the archives again") if os.path.isfile(seen_file) else {}
     for kind in ("devkit", "val", "train"):
         path, (name, md5) = paths[kind], ARCHIVE_META[kind]
         st = os.stat(path)
@@ -115,7 +123,12 @@ def read_devkit(path: str, work: str, skip_md5: bool):
     if skip_md5:  # the parser checks the published md5 itself: give it this archive's own instead
         meta["devkit"] = (name, md5sum(path))
     try:
-        with mock.patch.dict(imagenet.ARCHIVE_META, meta):
+        devkit_members(path)  # refused before anything is written, whoever extracts it
+        # its parser extracts with no member filter into the system's temp folder: it gets rmix's
+        # checked extraction instead, into a temp folder inside --out
+        with mock.patch.dict(imagenet.ARCHIVE_META, meta), \
+                mock.patch.object(imagenet, "extract_archive", lambda src, to, *a, **k: extract_devkit(path, to)), \
+                mock.patch.object(tempfile, "tempdir", root):
             imagenet.parse_devkit_archive(root)
         wnid_to_classes, val_wnids = imagenet.load_meta_file(root)
     except PrepareError:
@@ -125,7 +138,50 @@ def read_devkit(path: str, work: str, skip_md5: bool):
     wnids = sorted(wnid_to_classes)
     if len(wnids) < 2:
         raise PrepareError(f"{path}: its meta.mat lists {len(wnids)} leaf classes")
+    bad = [w for w in wnids if not _is_part(w)]
+    if bad:  # a class is a folder of the output: "..", "." or "a/b" would write beside it
+        raise PrepareError(f"{path}: its meta.mat names a class {bad[0]!r}, which is not a folder name")
     return wnids, {w: ", ".join(wnid_to_classes[w]) for w in wnids}, list(val_wnids)
+
+
+def devkit_members(path: str) -> list[tarfile.TarInfo]:
+    """The devkit's members, each a file or folder whose name stays inside the folder it is
+    extracted to; PrepareError naming the first that is not (``../x``, ``/abs/x``, a link, a device)."""
+    with tarfile.open(path, "r:*") as tar:
+        members = tar.getmembers()
+    for m in members:
+        if not (m.isfile() or m.isdir()):
+            raise PrepareError(f"{path}: member {m.name} is a {_kind(m)}, not a file or folder; refused")
+        if os.path.isabs(m.name) or ".." in m.name.split("/"):
+            raise PrepareError(f"{path}: member {m.name} would be written outside --out; refused")
+    return members
+
+
+def extract_devkit(path: str, to: str):
+    """Extract the devkit into ``to``, its files' bytes only (no links, modes or owners), after
+    `devkit_members` checked every name: the same on every Python (tarfile's ``filter="data"``
+    is only in >= 3.10.12)."""
+    members = devkit_members(path)
+    with tarfile.open(path, "r:*") as tar:
+        for m in members:
+            target = os.path.join(to, os.path.normpath(m.name))
+            if m.isdir():
+                os.makedirs(target, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with tar.extractfile(m) as src, open(target, "wb") as f:
+                shutil.copyfileobj(src, f)
+
+
+def _kind(m: tarfile.TarInfo) -> str:
+    return ("symlink" if m.issym() else "hard link" if m.islnk() else "device" if m.ischr() or m.isblk()
+            else "fifo" if m.isfifo() else "special member")
+
+
+def _is_part(name: str) -> bool:
+    """Whether ``name`` is one folder or file name (what a class or a file may be called in --out)."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and \
+        (os.altsep is None or os.altsep not in name)
 
 
 def _range_reader(path: str, offset: int, size: int):
@@ -191,8 +247,10 @@ def prepare_imagenet(archives: str, out: str, *, fmt: str = "folder", shard_size
                      skip_md5: bool = False, say=print) -> dict:
     """The whole preparation; returns the index (also written to out/index.json)."""
     paths = archive_paths(archives)
+    check_apart(out, archives, "--archives")
+    inputs = {os.path.basename(p): _file_stamp(p) for p in paths.values()}
     work = _start(out, {"source": "imagenet", "archives": os.path.abspath(archives), "format": fmt,
-                        "shard_size": shard_size if fmt == "wds" else None})
+                        "shard_size": shard_size if fmt == "wds" else None, "inputs": inputs}, "--archives")
     need = os.path.getsize(paths["train"]) + os.path.getsize(paths["val"])  # the JPEGs are the archives' bytes
     check_space(out, need)
     if not skip_md5:
@@ -210,8 +268,7 @@ def prepare_folder(src: str, out: str, *, fmt: str = "wds", shard_size: int = 10
     """An ImageFolder (src/train, src/val) to shards (or a copy in rmix's layout); returns the index."""
     if not os.path.isdir(src):
         raise PrepareError(f"--src: {src} is not a directory")
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise PrepareError(f"--out: {out} is --src itself; give another directory")
+    check_apart(out, src, "--src")
     splits, classes = {}, None
     for split in ("train", "val"):
         root = os.path.join(src, split)
@@ -226,10 +283,10 @@ def prepare_folder(src: str, out: str, *, fmt: str = "wds", shard_size: int = 10
         classes = index.classes
         splits[split] = [Item(f, label, _file_reader(os.path.join(index.root, f)))
                          for f, label in zip(index.files, index.labels)]
+    inputs = folder_stamp(src, splits, classes)
     work = _start(out, {"source": "folder", "src": os.path.abspath(src), "format": fmt,
-                        "shard_size": shard_size if fmt == "wds" else None})
-    need = sum(os.path.getsize(os.path.join(src, s, it.name)) for s in splits for it in splits[s])
-    check_space(out, need)
+                        "shard_size": shard_size if fmt == "wds" else None, "inputs": inputs}, "--src")
+    check_space(out, sum(s["bytes"] for s in inputs.values()))
     return _write(out, work, splits, classes, {c: c for c in classes}, fmt, shard_size, say)
 
 
@@ -238,6 +295,58 @@ def _file_reader(path: str):
         with open(path, "rb") as f:
             return f.read()
     return read
+
+
+# The source: apart from --out, and unchanged since the preparation began ---------------------------
+
+
+def check_apart(out: str, src: str, option: str):
+    """PrepareError when ``out`` is ``src``, inside it or holds it (symlinks resolved): writing
+    there would change the source, or read what is being written."""
+    o, s = os.path.realpath(out), os.path.realpath(src)
+    where = ("is" if o == s else "is inside" if os.path.commonpath([o, s]) == s
+             else "holds" if os.path.commonpath([o, s]) == o else None)
+    if where:
+        raise PrepareError(f"--out: {out} {where} {option} {src}; give a directory outside it")
+
+
+def _file_stamp(path: str) -> dict:
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def folder_stamp(src: str, splits: dict, classes: list[str]) -> dict:
+    """{"<split>/<class>": {"files", "bytes", "digest"}}: the digest of every file's name, size and
+    mtime, so that a rerun names the class that changed without keeping 1.3M names in prepare.json."""
+    stamp, hashes = {}, {}
+    for split, items in splits.items():
+        for it in items:
+            st = os.stat(os.path.join(src, split, it.name))
+            key = f"{split}/{classes[it.label]}"
+            s = stamp.setdefault(key, {"files": 0, "bytes": 0})
+            s["files"] += 1
+            s["bytes"] += st.st_size
+            hashes.setdefault(key, hashlib.sha256()).update(f"{it.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for key, h in hashes.items():
+        stamp[key]["digest"] = h.hexdigest()
+    return stamp
+
+
+def changes(before: dict, now: dict, limit: int = 3) -> str:
+    """What differs between two stamps, e.g. ``train/cat (files 6 -> 7, bytes 800 -> 950)``; "" if nothing."""
+    said = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        if a is None or b is None:
+            said.append(f"{key} {'is new' if a is None else 'is gone'}")
+            continue
+        a, b = (x if isinstance(x, dict) else {} for x in (a, b))
+        parts = [f"{f} {a.get(f)} -> {b.get(f)}" for f in ("files", "bytes") if a.get(f) != b.get(f)]
+        said.append(f"{key} ({', '.join(parts) or 'modified'})")
+    more = f"; and {len(said) - limit} more" if len(said) > limit else ""
+    return "; ".join(said[:limit]) + more
 
 
 # Writing ------------------------------------------------------------------------------------------
@@ -263,8 +372,9 @@ def _written_bytes(out: str) -> int:
     return total
 
 
-def _start(out: str, plan: dict) -> str:
-    """Create ``out`` (or take up its unfinished preparation); returns its work folder."""
+def _start(out: str, plan: dict, option: str) -> str:
+    """Create ``out`` (or take up its preparation, if its settings and ``plan["inputs"]``, the
+    source named by ``option``, are the same); returns its work folder."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"--out: {out} is a file, not a directory")
     try:
@@ -275,31 +385,46 @@ def _start(out: str, plan: dict) -> str:
         raise PrepareError(f"--out: {out} is not writable")
     plan_file = os.path.join(out, PLAN)
     if os.path.isfile(plan_file):
-        with open(plan_file) as f:
-            before = json.load(f)
-        if before != plan:
-            differ = ", ".join(f"{k} {before.get(k)!r} -> {plan.get(k)!r}" for k in sorted(set(before) | set(plan))
-                               if before.get(k) != plan.get(k))
+        before = _read_json(plan_file, "restore it, or prepare into another --out")
+        if before != plan and all(n in (PLAN, ".prepare") for n in os.listdir(out)):
+            # refused before any image was written (an md5, a devkit): the fixed source starts again
+            _write_json(plan_file, plan)
+            before = plan
+        settings = (set(before) | set(plan)) - {"inputs"}
+        differ = ", ".join(f"{k} {before.get(k)!r} -> {plan.get(k)!r}" for k in sorted(settings)
+                           if before.get(k) != plan.get(k))
+        if differ:
             raise PrepareError(f"--out: {out} holds a preparation with other settings ({differ}); "
                                "give those settings to continue it, or another --out")
+        # a plan without inputs is an older rmix's: its source was not recorded, so not compared
+        changed = changes(_as_dict(before.get("inputs", plan["inputs"])), plan["inputs"])
+        if changed:  # continuing would mix the old source's images with the new one's
+            raise PrepareError(f"{option}: {plan.get('src') or plan.get('archives')} changed since {out} was "
+                               f"prepared from it: {changed}; prepare it into a new --out")
     elif [n for n in os.listdir(out) if not n.startswith(".")]:
         raise PrepareError(f"--out: {out} is not empty and holds no rmix preparation; give an empty or new directory")
     else:
         _write_json(plan_file, plan)
+    _done(out)  # a malformed index is refused before anything is written
     work = os.path.join(out, ".prepare")
     os.makedirs(work, exist_ok=True)
     return work
 
 
+def _done(out: str) -> dict | None:
+    """The finished preparation's index.json, None if there is none yet."""
+    index_file = os.path.join(out, INDEX)
+    return _read_json(index_file, "delete it and rerun to write it again") if os.path.isfile(index_file) else None
+
+
 def _write(out, work, splits: dict, classes: list[str], names: dict, fmt: str, shard_size: int, say) -> dict:
     index_file = os.path.join(out, INDEX)
     counts = {s: len(items) for s, items in splits.items()}
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            done = json.load(f)
-        if done.get("counts") == counts:
-            say(f"{out}: already prepared ({counts['train']} train, {counts['val']} val images)")
-            return done
+    done = _done(out)
+    if done is not None and done.get("counts") == counts:
+        shutil.rmtree(work, ignore_errors=True)
+        say(f"{out}: already prepared ({counts['train']} train, {counts['val']} val images)")
+        return done
     if fmt == "folder":
         _write_folders(out, splits, classes)
         shards = None
@@ -368,11 +493,47 @@ def _write_folders(out: str, splits: dict, classes: list[str]):
                 tmp = final + ".partial"
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
-                for it in group:
-                    with open(os.path.join(tmp, os.path.basename(it.name)), "wb") as f:
+                for it, name in zip(group, _names_in_class(group)):
+                    path = os.path.join(tmp, name)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
                         f.write(it.read())
                     bar(1)
                 os.rename(tmp, final)
+
+
+def _names_in_class(group: list[Item]) -> list[str]:
+    """Each item's path inside its class folder: its own subfolders kept, so that ``cls/a/x.jpg``
+    and ``cls/b/x.jpg`` stay two files; a name met twice (an archive's) gets ``_1``, ``_2``..."""
+    names, taken = [], set()
+    for it in group:
+        parts = it.name.replace(os.sep, "/").split("/")[1:]
+        if not parts or not all(_is_part(p) for p in parts):
+            raise PrepareError(f"{it.name}: not a file name inside its class folder")
+        rel = "/".join(parts)
+        stem, ext = os.path.splitext(rel)
+        name, n = rel, 1
+        while name in taken:
+            name, n = f"{stem}_{n}{ext}", n + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _read_json(path: str, fix: str) -> dict:
+    """A JSON object rmix wrote; PrepareError naming ``path`` (and ``fix``) when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as error:  # not JSON, not UTF-8
+        raise PrepareError(f"{path}: not readable JSON ({one_line(error)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise PrepareError(f"{path}: holds a JSON {type(data).__name__}, not the object rmix writes; {fix}")
+    return data
+
+
+def _as_dict(x) -> dict:
+    return x if isinstance(x, dict) else {"(unreadable)": x}
 
 
 def _write_json(path: str, data):

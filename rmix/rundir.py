@@ -7,6 +7,7 @@ can outlive a killed trainer for a while and would keep the directory locked.
 """
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 RUN_FILES = ("config.json", "metrics.jsonl", "latest.pt", "best.pt")  # any of these: a run lives here
@@ -56,16 +57,19 @@ def claim(run_dir: Path, *, resume: bool):
 
 
 class Claim:
-    """A held run directory; `release(failed=True)` also removes it when this run created it and wrote nothing."""
+    """A held run directory; `release(failed=True)` also removes it when this run created it and it holds no results."""
 
     def __init__(self, run_dir: Path, lock_file, created: bool):
         self.run_dir, self._file, self._created = run_dir, lock_file, created
 
     def release(self, failed: bool = False):
         self._file.close()
-        if failed and self._created and not holds_run(self.run_dir):
-            try:
-                (self.run_dir / LOCK).unlink()
-                self.run_dir.rmdir()  # only if nothing else is in it
-            except OSError:
-                pass
+        if failed and self._created and not _has_results(self.run_dir):
+            # this run made the directory and failed before its first metrics row or checkpoint:
+            # what it holds (config.json, tb/, the lock) describes a run that never happened
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _has_results(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a metrics row or a checkpoint (mid-epoch saves included)."""
+    return (run_dir / "metrics.jsonl").exists() or any(run_dir.glob("*.pt"))

@@ -75,6 +75,8 @@ class RecursiveMixup:
         if self.mixup_enabled:
             # the next call pastes this batch; logits only once `observe` gives them
             self.policy.remember(out.images, out.soft_targets, None)
+        else:
+            self.policy.reset()  # mixing off: no history to keep, and no remember() to wait for
         self.out = out
         return out.images, out.soft_targets
 

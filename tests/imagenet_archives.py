@@ -34,12 +34,19 @@ def _add(tar, name, data: bytes):
     tar.addfile(info, io.BytesIO(data))
 
 
-def meta_mat() -> bytes:
+def symlink(name: str, target: str) -> tarfile.TarInfo:
+    """A symlink member, for `write_archives(devkit_extra=...)`."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+def meta_mat(synsets_=SYNSETS) -> bytes:
     import scipy.io as sio
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
               "num_train_images"]
-    synsets = np.zeros((len(SYNSETS), 1), dtype=[(f, "O") for f in fields])
-    for k, (idx, wnid, words) in enumerate(SYNSETS):
+    synsets = np.zeros((len(synsets_), 1), dtype=[(f, "O") for f in fields])
+    for k, (idx, wnid, words) in enumerate(synsets_):
         leaf = k < 3
         synsets[k, 0] = (np.array([[idx]], dtype=np.uint16), np.array([wnid]), np.array([words]),
                          np.array([f"gloss of {wnid}"]), np.array([[0 if leaf else 3]], dtype=np.uint8),
@@ -50,25 +57,35 @@ def meta_mat() -> bytes:
     return out.getvalue()
 
 
-def write_archives(root, train_per_class=(5, 4, 6), val_ids=(3, 1, 2, 1, 3, 2, 2), *, meta=True, truth=True):
-    """The three archives in ``root``; returns {"val": [(file name, wnid)], "train": {wnid: [names]}}."""
+def write_archives(root, train_per_class=(5, 4, 6), val_ids=(3, 1, 2, 1, 3, 2, 2), *, meta=True, truth=True,
+                   synsets=SYNSETS, devkit_extra=(), rename=lambda name: name):
+    """The three archives in ``root``; returns {"val": [(file name, wnid)], "train": {wnid: [names]}}.
+
+    ``devkit_extra``: more devkit members, (name or TarInfo, bytes or None); ``rename``: what the
+    train and val images' member names become (e.g. ``../x.JPEG``).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    id_to_wnid = {i: w for i, w, _ in SYNSETS}
+    id_to_wnid = {i: w for i, w, _ in synsets}
     with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
         if meta:
-            _add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", meta_mat())
+            _add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", meta_mat(synsets))
         if truth:
             _add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
                  "".join(f"{i}\n" for i in val_ids).encode())
         _add(tar, "ILSVRC2012_devkit_t12/readme.txt", b"tiny devkit for tests\n")
+        for member, data in devkit_extra:
+            if isinstance(member, str):
+                _add(tar, member, data)
+            else:
+                tar.addfile(member)
     train = {}
     with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
-        for k, (idx, wnid, _) in enumerate(SYNSETS[:3]):
+        for k, (idx, wnid, _) in enumerate(synsets[:3]):
             inner_bytes = io.BytesIO()
             names = []
             with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
                 for n in range(train_per_class[k]):
-                    name = f"{wnid}_{100 + n}.JPEG"
+                    name = rename(f"{wnid}_{100 + n}.JPEG")
                     _add(inner, name, jpeg(idx * 10 + n))
                     names.append(name)
             train[wnid] = names
@@ -76,7 +93,7 @@ def write_archives(root, train_per_class=(5, 4, 6), val_ids=(3, 1, 2, 1, 3, 2, 2
     val = []
     with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as tar:
         for k, idx in enumerate(val_ids, start=1):
-            name = f"ILSVRC2012_val_{k:08d}.JPEG"
+            name = rename(f"ILSVRC2012_val_{k:08d}.JPEG")
             _add(tar, name, jpeg(idx * 10 + 50 + k))
             val.append((name, id_to_wnid[idx]))
     return {"val": val, "train": train}

@@ -247,3 +247,54 @@ def test_nomix_and_bad_inputs():
         RecursiveMix(K, alpha=1.5)
     with pytest.raises(ValueError, match="aug"):
         build_policy("mixmix", K, alpha=1.0)
+
+
+@pytest.mark.parametrize("policy", [NoMix, Mixup, CutMix, RecursiveMix])
+def test_float_or_out_of_range_labels_are_refused(policy):
+    images, _ = batch(3, 6, 6, 0)
+    mix = policy(K, alpha=0.5, mean=MEAN, std=STD)
+    for labels, needle in ((torch.tensor([0.7, 1.0, 2.0]), "integers"), (torch.tensor([0, K, 1]), f"\\[0, {K}\\)"),
+                           (torch.tensor([-1, 0, 1]), f"\\[0, {K}\\)"), (torch.tensor([0, 1]), "batch of 3"),
+                           (torch.full((3, K), 0.5), "sum"), (torch.ones(3, K, dtype=torch.long), "floats")):
+        with pytest.raises(ValueError, match=needle):
+            mix(images, labels)
+    out = mix(images, torch.tensor([0, K - 1, 2]))  # a refused batch leaves nothing half done
+    assert torch.allclose(out.soft_targets.sum(1), torch.ones(3))
+
+
+def test_probability_targets_still_mix():
+    images, labels = batch(3, 6, 6, 0)
+    probs = F.one_hot(labels, K).float() * 0.5 + 0.5 / K
+    out = RecursiveMix(K, mean=MEAN, std=STD)(images, probs)
+    assert torch.allclose(out.soft_targets, probs)
+
+
+def test_non_positive_std_is_refused():
+    from kernels import recursive_mix
+    images, labels = batch(2, 5, 5, 0)
+    for std in ((60.0, 0.0, 70.0), (60.0, -1.0, 70.0)):
+        with pytest.raises(ValueError, match="std: must be positive"):
+            NoMix(K, mean=MEAN, std=std)
+        with pytest.raises(ValueError, match="std: must be positive"):
+            recursive_mix(images, None, labels, None, None, num_classes=K, mean=MEAN, std=std)
+
+
+def test_a_second_call_without_remember_is_an_error():
+    rm = RecursiveMix(K, mean=MEAN, std=STD)
+    images, labels = batch(4, 8, 8, 0)
+    out = rm(images, labels)
+    with pytest.raises(RuntimeError, match=r"remember\("):
+        rm(images, labels)  # before: mixed with no history, silently
+    rm.remember(out.images, out.soft_targets, None)
+    out = rm(images, labels)
+    assert (out.lam < 1).any()  # the remembered batch is pasted
+    rm.reset()  # an epoch boundary starts over
+    rm(images, labels)
+
+
+def test_label_values_are_read_only_on_the_host():
+    from rmix.mixing import check_targets
+    check_targets(torch.empty(3, dtype=torch.long, device="meta"), K)  # reading a meta tensor would raise
+    check_targets(torch.empty(3, K, device="meta"), K)
+    with pytest.raises(ValueError, match="integers"):  # the dtype is checked everywhere
+        check_targets(torch.empty(3, device="meta"), K)

@@ -288,3 +288,232 @@ def test_a_disk_error_midway_is_one_line_and_the_rerun_continues(archives, tmp_p
     assert [x.name for x in out.glob("*.tar")] == ["train-000000.tar"] and not list(out.glob("*.partial"))
     monkeypatch.setattr(wds.ShardWriter, "add", real)
     assert invoke(*args).exit_code == 0 and (out / "index.json").is_file()
+
+
+# Never corrupts its source, never leaves --out, never half-mixes (#31) --------------------------------
+
+
+def tree(root, skip=None):
+    """{path under root: sha256, "dir" or "-> link target"} of everything under ``root`` but ``skip``."""
+    import hashlib
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if skip is None or Path(dirpath, d) != Path(skip)]
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            out[str(p.relative_to(root))] = (f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir()
+                                             else hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def the_error(r):
+    """The refused command's one `Error:` line (besides progress lines)."""
+    errors = [line for line in r.output.splitlines() if line.startswith("Error: ")]
+    assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.output, r.output
+    return errors[0]
+
+
+def image_folder(root, files):
+    """``files`` (paths under ``root``), each a distinct small JPEG; returns root."""
+    from imagenet_archives import jpeg
+    for k, rel in enumerate(files):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(jpeg(k))
+    return root
+
+
+SMALL = ["train/c0/x.jpg", "train/c0/y.jpg", "train/c1/z.jpg", "val/c0/v.jpg", "val/c1/w.jpg"]
+
+
+@pytest.mark.parametrize("skip_md5", [True, False])
+@pytest.mark.parametrize("kind", ["parent", "absolute", "link"])
+def test_a_devkit_member_outside_its_folder_is_refused_by_name(tmp_path, monkeypatch, kind, skip_md5):
+    import tempfile
+    from torchvision.datasets import imagenet
+    from imagenet_archives import symlink
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where torchvision's parser extracted to
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    member, extra = {  # each would overwrite the victim, extracted without a filter
+        "parent": ("../../victim.txt", [("../../victim.txt", b"overwritten")]),
+        "absolute": (str(victim), [(str(victim), b"overwritten")]),
+        "link": ("ILSVRC2012_devkit_t12/evil", [(symlink("ILSVRC2012_devkit_t12/evil", str(victim)), None),
+                                                 ("ILSVRC2012_devkit_t12/evil", b"overwritten")]),
+    }[kind]
+    root = tmp_path / "a"
+    write_archives(root, devkit_extra=extra)
+    own = {k: (name, P.md5sum(root / name)) for k, (name, _) in imagenet.ARCHIVE_META.items()}
+    before = tree(tmp_path)
+    with mock.patch.dict(imagenet.ARCHIVE_META, own):  # as if these were the published archives
+        r = invoke("imagenet", "--archives", root, "--out", tmp_path / "out", *["--skip-md5"] * skip_md5)
+    error = the_error(r)
+    assert f"ILSVRC2012_devkit_t12.tar.gz: member {member} " in error and error.endswith("refused")
+    assert victim.read_text() == "mine" and tree(tmp_path, skip=tmp_path / "out") == before
+
+
+def test_the_devkit_is_extracted_inside_out(archives, tmp_path, monkeypatch):
+    import tempfile
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    seen = []
+    real = P.extract_devkit
+    monkeypatch.setattr(P, "extract_devkit", lambda path, to: seen.append(to) or real(path, to))
+    assert invoke("imagenet", "--archives", archives[0], "--out", tmp_path / "out", "--skip-md5").exit_code == 0
+    assert len(seen) == 1 and Path(seen[0]).is_relative_to(tmp_path / "out") and not os.listdir(tmp_path / "tmp")
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_archive_image_names_cannot_leave_their_class_folder(tmp_path, fmt):
+    root = tmp_path / "a"
+    truth = write_archives(root, rename=lambda name: f"sub/../../../{name}")
+    before = tree(tmp_path)
+    r = invoke("imagenet", "--archives", root, "--out", tmp_path / "out", "--format", fmt, "--skip-md5")
+    assert r.exit_code == 0, r.output
+    assert tree(tmp_path, skip=tmp_path / "out") == before
+    want = sorted(f"{w}/{os.path.basename(n)}" for w, names in truth["train"].items() for n in names)
+    if fmt == "folder":
+        train = tmp_path / "out" / "train"
+        assert sorted(str(p.relative_to(train)) for p in train.rglob("*") if p.is_file()) == want
+    else:
+        members = [s.member for s in scan_shards(tmp_path / "out", "train").samples]
+        assert sorted(m.replace(".jpg", ".JPEG") for m in members) == want
+
+
+@pytest.mark.parametrize("wnid", ["..", "."])
+def test_a_devkit_class_that_is_not_a_folder_name_is_refused(tmp_path, wnid):
+    import imagenet_archives as A
+    root = tmp_path / "a"
+    write_archives(root, synsets=[(1, wnid, "dots")] + A.SYNSETS[1:])
+    before = tree(tmp_path)
+    error = the_error(invoke("imagenet", "--archives", root, "--out", tmp_path / "out", "--skip-md5"))
+    assert f"ILSVRC2012_devkit_t12.tar.gz: its meta.mat names a class {wnid!r}" in error
+    assert tree(tmp_path, skip=tmp_path / "out") == before
+
+
+def test_same_named_archive_members_stay_distinct(tmp_path):
+    root = tmp_path / "a"
+    write_archives(root, rename=lambda name: "same.JPEG")
+    assert invoke("imagenet", "--archives", root, "--out", tmp_path / "out", "--skip-md5").exit_code == 0
+    assert sum(1 for _ in (tmp_path / "out" / "train").glob("*/*")) == 15
+    assert sum(1 for _ in (tmp_path / "out" / "val").glob("*/*")) == 7
+
+
+@pytest.mark.parametrize("case", ["inside", "same", "holds", "through a link", "archives"])
+def test_out_overlapping_the_source_is_refused(archives, tmp_path, case):
+    src = image_folder(tmp_path / "src", SMALL)
+    os.symlink(src, tmp_path / "alias")
+    (tmp_path / "a").mkdir()
+    for f in archives[0].iterdir():
+        os.symlink(f, tmp_path / "a" / f.name)
+    out = {"inside": src / "train" / "prepared", "same": src, "holds": tmp_path,
+           "through a link": tmp_path / "alias" / "prepared", "archives": tmp_path / "a" / "prepared"}[case]
+    before = tree(tmp_path)
+    if case == "archives":
+        error = the_error(invoke("imagenet", "--archives", tmp_path / "a", "--out", out, "--skip-md5"))
+        assert error.startswith(f"Error: --out: {out} is inside --archives {tmp_path / 'a'}")
+    else:
+        error = the_error(invoke("folder", "--src", src, "--out", out))
+        assert error.startswith(f"Error: --out: {out} ") and f" --src {src};" in error
+    assert tree(tmp_path) == before
+
+
+def _cut_after(n):
+    """A `_file_reader` whose ``n``th read is a Ctrl-C."""
+    real, count = P._file_reader, [0]
+
+    def reader(path):
+        read = real(path)
+
+        def r():
+            count[0] += 1
+            if count[0] == n:
+                raise KeyboardInterrupt
+            return read()
+        return r
+    return reader
+
+
+CHANGES = {
+    "added": (lambda s: (s / "train/c0/new.jpg").write_bytes(b"\xff\xd8new"), "train/c0 (files 2 -> 3, bytes "),
+    "removed": (lambda s: (s / "train/c0/y.jpg").unlink(), "train/c0 (files 2 -> 1, bytes "),
+    "rewritten": (lambda s: (s / "val/c1/w.jpg").write_bytes(b"\xff\xd8other"), "val/c1 (bytes "),
+    "touched": (lambda s: os.utime(s / "val/c0/v.jpg", ns=(1, 1)), "val/c0 (modified)"),
+    "new class": (lambda s: image_folder(s, ["train/c2/n.jpg", "val/c2/n.jpg"]), "train/c2 is new"),
+}
+
+
+@pytest.mark.parametrize("stage", ["finished", "half-finished"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_source_changed_since_its_preparation_is_refused_naming_what_changed(tmp_path, change, stage):
+    src, out = image_folder(tmp_path / "src", SMALL), tmp_path / "out"
+    args = ("folder", "--src", src, "--out", out, "--shard-size", "2", "--format",
+            "folder" if stage == "finished" else "wds")
+    if stage == "finished":
+        assert invoke(*args).exit_code == 0
+        assert "already prepared" in invoke(*args).output  # unchanged: nothing to do
+    else:  # its first shard written
+        with mock.patch.object(P, "_file_reader", _cut_after(3)), pytest.raises(KeyboardInterrupt):
+            P.prepare_folder(str(src), str(out), shard_size=2, say=lambda t: None)
+        assert (out / "train-000000.tar").is_file() and not (out / "index.json").exists()
+    edit, needle = CHANGES[change]
+    edit(src)
+    before = tree(tmp_path)
+    error = the_error(invoke(*args))
+    assert f"Error: --src: {src} changed since {out} was prepared from it: {needle}" in error
+    assert tree(tmp_path) == before
+
+
+def test_changed_archives_are_refused_naming_them(archives, tmp_path):
+    root = tmp_path / "a"
+    root.mkdir()
+    for f in archives[0].iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    assert invoke("imagenet", "--archives", root, "--out", out, "--skip-md5").exit_code == 0
+    with open(root / "ILSVRC2012_img_val.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    before = tree(tmp_path)
+    error = the_error(invoke("imagenet", "--archives", root, "--out", out, "--skip-md5"))
+    assert f"--archives: {root} changed since {out} was prepared from it: ILSVRC2012_img_val.tar (bytes " in error
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_same_named_files_in_nested_folders_stay_distinct(tmp_path, fmt):
+    files = ["train/c0/x.jpg", "train/c0/a/x.jpg", "train/c0/b/x.jpg", "train/c0/a/x.png", "train/c1/x.jpg",
+             "val/c0/a/x.jpg", "val/c0/b/x.jpg", "val/c1/x.jpg"]
+    src, out = image_folder(tmp_path / "src", files), tmp_path / "out"
+    r = invoke("folder", "--src", src, "--out", out, "--format", fmt, "--shard-size", "3")
+    assert r.exit_code == 0, r.output
+    for split in ("train", "val"):
+        want = {f: (src / f).read_bytes() for f in files if f.startswith(split)}
+        if fmt == "folder":  # the same tree
+            assert {str(p.relative_to(out)): p.read_bytes() for p in (out / split).rglob("*") if p.is_file()} == want
+        else:
+            shards = scan_shards(out, split)
+            got = {s.member: shards.read(i) for i, s in enumerate(shards.samples)}
+            assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
+
+
+@pytest.mark.parametrize("name", ["prepare.json", "index.json"])
+@pytest.mark.parametrize("content,needle", [(b"{not json", "not readable JSON"), (b"\xff\xfe\x00", "not readable JSON"),
+                                            (b"[1, 2]", "holds a JSON list")])
+def test_a_malformed_prepare_or_index_json_is_one_line_naming_it(tmp_path, name, content, needle):
+    src, out = image_folder(tmp_path / "src", SMALL), tmp_path / "out"
+    assert invoke("folder", "--src", src, "--out", out).exit_code == 0
+    (out / name).write_bytes(content)
+    before = tree(tmp_path)
+    error = the_error(invoke("folder", "--src", src, "--out", out))
+    assert error.startswith(f"Error: {out / name}: {needle}")
+    assert tree(tmp_path) == before
+
+
+def test_a_run_refused_before_writing_an_image_starts_again_from_the_fixed_archives(tmp_path):
+    root, out = tmp_path / "a", tmp_path / "out"
+    write_archives(root, devkit_extra=[("../x", b"")])
+    assert "member ../x would be written outside --out" in the_error(
+        invoke("imagenet", "--archives", root, "--out", out, "--skip-md5"))
+    write_archives(root)  # downloaded again
+    assert invoke("imagenet", "--archives", root, "--out", out, "--skip-md5").exit_code == 0
+    assert sum(1 for _ in out.glob("*/*/*")) == 22

@@ -22,7 +22,9 @@ from rmix.progress import Progress
 SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "equal", "allclose", "masked_select",
             "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave",
             "bincount", "histc", "_assert_async"}
-HOST_DRAWS = {"_rand", "_sample_gamma"}  # rmix.mixing: scalars drawn with the policy's CPU generator
+# rmix.mixing: scalars drawn with the policy's CPU generator, and labels' values checked only where
+# they are host tensors (`check_targets` reads nothing of a device tensor)
+HOST_DRAWS = {"_rand", "_sample_gamma", "check_targets"}
 
 
 class SyncCounter(TorchDispatchMode):

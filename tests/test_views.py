@@ -144,7 +144,7 @@ def test_draw_grid_with_boxes_under_a_pixel():
 def test_show_rejects_bad_options(tiny, tmp_path):
     assert "--steps" in one_line_error(run(["show", "--data-dir", str(tiny), "--steps", "0",
                                             "--out", str(tmp_path / "g.png")]))
-    assert "--aug-alpha" in one_line_error(run(["show", "--data-dir", str(tiny), "--alpha", "2",
+    assert "--alpha:" in one_line_error(run(["show", "--data-dir", str(tiny), "--alpha", "2",
                                                 "--out", str(tmp_path / "g.png")]))
 
 

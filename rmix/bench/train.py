@@ -16,6 +16,7 @@ process, one configuration:
 Medians over `steps` steps after `warmup` steps; on CUDA, CUDA events read once at the end.
 """
 import copy
+import os
 
 import torch
 
@@ -117,6 +118,8 @@ def bench_train(model="resnet8", *, batch=128, size=32, steps=20, warmup=5, devi
     dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
+    if deterministic:  # cuBLAS reads it when its first handle is made, before any runner's matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = bench_config(model, batch=batch, size=size, device=dev.type, amp=amp, channels_last=channels_last,
                        data_dir=data_dir, loader=loader, workers=workers, seed=seed, compile_mode=compile_mode,
                        torch_decode=torch_decode)

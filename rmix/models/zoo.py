@@ -64,6 +64,26 @@ def build(name: str, num_classes: int, *, share_fc: bool = False, image_size: in
     return _REGISTRY[name][1](num_classes=num_classes, share_fc=share_fc, **kw)
 
 
+def check_input_size(name: str, num_classes: int, image_size: int, *, share_fc: bool = False):
+    """ValueError (one line) when `name` cannot take `image_size`-pixel inputs (a ViT's patch larger than the crop).
+
+    One forward of the model built on the meta device: shapes only, no memory, no weights.
+    """
+    with torch.device("meta"):
+        try:
+            model = build(name, num_classes, share_fc=share_fc, image_size=image_size).eval()
+        except ValueError:
+            raise  # an unknown model: its own message
+        except Exception:  # noqa: BLE001 - a model that cannot be built on meta (a `.item()` in its init)
+            return  # is checked by its first real step instead
+        try:
+            model(torch.empty(2, 3, image_size, image_size))
+        except (RuntimeError, ValueError, AssertionError) as e:
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"--crop-size: {image_size} px is too small for model {name!r} ({why}); "
+                             "give a larger --crop-size or another --model") from None
+
+
 def param_count(name: str, num_classes: int, **kw) -> int:
     """count_parameters of `build(name, num_classes)`, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):

@@ -1,0 +1,273 @@
+"""Shard sets are never silently wrong (#31): one label reader for every path, prepared sets verified
+against their index.json and tars, any member name, and one-line errors naming the file."""
+import hashlib
+import io
+import json
+import random
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import cli
+from pipelines import build_shard_loader
+from pipelines.wds import read_dali_index, read_label, scan_shards
+from rmix.prepare import prepare_folder
+
+from test_reliability import train_args
+
+KW = dict(batch_size=4, crop_size=16, val_resize=20, num_threads=1, seed=3)
+
+
+def jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path, samples):
+    """A shard as another WebDataset writer makes it: [(key, label bytes)], no .idx, PAX names."""
+    with tarfile.open(path, "w") as tar:
+        for i, (key, cls) in enumerate(samples):
+            for name, blob in ((f"{key}.jpg", jpeg(i)), (f"{key}.cls", cls)):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+
+def foreign(tmp_path, train, val):
+    """A shard set without index.json: train-000000.tar and val-000000.tar of [(key, label bytes)]."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    write_tar(tmp_path / "train-000000.tar", train)
+    write_tar(tmp_path / "val-000000.tar", val)
+    return tmp_path
+
+
+def hashes(root):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def one_error(r, *names):
+    """The output is one `Error:` line naming each of ``names``."""
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2, r.output
+    assert lines[-1].startswith("Error: ") and "Traceback" not in r.output, r.output
+    assert all(name in lines[-1] for name in names), r.output
+    return lines[-1]
+
+
+def refused(root, tmp_path, *names):
+    """`rmix data check` and `rmix train` both refuse ``root`` naming ``names``; nothing written or changed."""
+    before = hashes(root)
+    check = one_error(CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"]), *names)
+    for extra in ((), ("--no-preflight",)):
+        r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--epochs", "1", *extra))
+        one_error(r, *names)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert hashes(root) == before
+    return check
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "w"
+    prepare_folder(str(tiny), str(out), shard_size=5, say=lambda t: None)  # 24 train in 5 shards, 12 val in 3
+    return out
+
+
+@pytest.fixture
+def copy(prepared, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(prepared, out)
+    return out
+
+
+# one label reader --------------------------------------------------------------------------------
+
+def test_labels_with_newlines_train_and_evaluate_the_same_under_both_loaders(tmp_path):
+    # 13 classes, each .cls ending in a newline as many writers do: 12\n is 12 and 2\n is 2 on every path
+    train = [(f"t{i}", f"{i % 13}\n".encode()) for i in range(16)]
+    val = [(f"v{i}", f"{(i * 5) % 13}\r\n".encode()) for i in range(8)]
+    root = foreign(tmp_path / "nl", train, val)
+    want = [(i * 5) % 13 for i in range(8)]
+    for kind in ("dali", "torch"):
+        got = torch.cat([y for _, y in build_shard_loader(kind, root, "val", train=False, **KW)])
+        assert got.tolist() == want, kind
+    r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--loader", "dali", "--epochs", "1"))
+    assert r.exit_code == 0, r.output
+    scores = []
+    for kind in ("dali", "torch"):
+        r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data-dir",
+                                     str(root), "--loader", kind, "--json"])
+        assert r.exit_code == 0, r.output
+        scores.append(json.loads([line for line in r.output.splitlines() if line.startswith("{")][-1]))
+    assert scores[0]["top1"] == scores[1]["top1"] and scores[0]["images"] == 8
+
+
+@pytest.mark.parametrize("text", [b"-1", b"1.0", b"one", b"", b"1 2", b"0x1"])
+def test_a_label_that_is_not_a_class_number_is_refused_naming_its_member(tmp_path, text):
+    train = [(f"t{i}", str(i % 2).encode()) for i in range(8)]
+    train[5] = ("bad one", text)
+    root = foreign(tmp_path / "set", train, [(f"v{i}", b"1") for i in range(4)])
+    refused(root, tmp_path, f"{root}/train-000000.tar:bad one.jpg")
+
+
+def test_a_label_outside_the_index_classes_is_refused_by_every_path(copy, tmp_path):
+    split = scan_shards(copy, "train")
+    s = split.samples[3]
+    with open(copy / split.shards[s.shard], "r+b") as f:  # a one-byte .cls: 7 of 4 classes
+        f.seek(s.cls_offset)
+        f.write(b"7")
+    name = split.name(3)
+    assert "outside the classes [0, 4)" in refused(copy, tmp_path, name)
+    for kind in ("dali", "torch"):  # the loaders themselves, as with --no-preflight
+        with pytest.raises(Exception, match="outside the classes") as e:
+            for epoch in range(2):
+                list(build_shard_loader(kind, copy, "train", train=True, **KW))
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_read_label_refuses_what_is_not_an_integer():
+    for text in (b"1.5", b"1e3", b"", b" ", b"--1", b"1_0", "١".encode()):
+        with pytest.raises(ValueError, match="s.tar:m: its .cls"):
+            read_label(text, "s.tar:m", 10)
+    with pytest.raises(ValueError, match=r"s.tar:m: its .cls says 10, outside the classes \[0, 10\)"):
+        read_label(b"10\n", "s.tar:m", 10)
+
+
+# a prepared set is verified ----------------------------------------------------------------------
+
+def test_the_prepared_set_passes_and_data_check_reports_its_counts(prepared):
+    r = CliRunner().invoke(cli, ["data", "check", str(prepared), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "train: 24 samples in 5 shards (as index.json records)" in r.output
+    assert "val: 12 samples in 3 shards (as index.json records)" in r.output
+
+
+def test_a_missing_shard_is_refused(copy, tmp_path):
+    (copy / "train-000001.tar").unlink()
+    (copy / "train-000001.idx").unlink()
+    refused(copy, tmp_path, "missing train-000001.tar")
+
+
+def test_an_extra_shard_is_refused(copy, tmp_path):
+    shutil.copy(copy / "train-000004.tar", copy / "train-000005.tar")
+    refused(copy, tmp_path, "not in index.json: train-000005.tar")
+
+
+def test_a_preparation_without_its_index_json_is_refused(copy, tmp_path):
+    (copy / "index.json").unlink()
+    refused(copy, tmp_path, f"{copy}: prepare.json but no index.json")
+
+
+def test_an_idx_shorter_than_its_tar_is_refused(copy, tmp_path):
+    idx = copy / "train-000000.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text(f"v1.2 {len(lines) - 2}\n" + "".join(line + "\n" for line in lines[1:-1]))
+    refused(copy, tmp_path, str(idx), "holds more")
+
+
+def test_a_truncated_shard_is_refused_and_not_called_zero_byte(copy, tmp_path):
+    tar = copy / "train-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:2000])
+    line = refused(copy, tmp_path, f"{tar}: truncated")
+    assert "zero-byte" not in line
+
+
+def test_a_shard_dropped_from_the_middle_of_an_idx_is_refused(copy, tmp_path):
+    idx = copy / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text(f"v1.2 {len(lines) - 2}\n" + "".join(line + "\n" for line in lines[2:]))
+    refused(copy, tmp_path, str(copy / "train-000001.tar"), "holds 4 samples")
+
+
+@pytest.mark.parametrize("what, text, says", [
+    ("index.json", "{not json", "not readable JSON"),
+    ("index.json", "[1, 2]", "expected a JSON object"),
+    ("index.json", '{"format": "wds"}', "no train shard list"),
+    ("train-000000.idx", "v1.2 5\njpg x 7 a.jpg cls 9 1 a.cls\n", "malformed line 2"),
+    ("train-000000.idx", "v2 5\n", "not a v1.2 WebDataset index"),
+    ("train-000000.idx", b"v1.2 1\n\xff\xfe\n", "cannot read"),
+])
+def test_malformed_index_files_are_one_line_naming_the_file(copy, tmp_path, what, text, says):
+    path = copy / what
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    refused(copy, tmp_path, str(path), says)
+
+
+def test_a_foreign_set_is_counted_at_the_start(tmp_path):
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(8)],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--epochs", "1"))
+    assert r.exit_code == 0, r.output
+    assert "no index.json; train: 8 samples in 1 shards, counted from the shards" in r.output
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert "train: 8 samples in 1 shards (no index.json: counted from the shards)" in r.output
+
+
+# any member name ---------------------------------------------------------------------------------
+
+def test_names_with_spaces_and_unicode_are_prepared_read_and_named(tmp_path):
+    src = tmp_path / "src"
+    for split, n in (("train", 8), ("val", 4)):
+        for c, cls in enumerate(("a b", "é ü")):
+            (src / split / cls).mkdir(parents=True)
+            for i in range(n // 2):
+                (src / split / cls / f"im {i} – ½ [x]:y.jpg").write_bytes(jpeg(10 * c + i))
+    out = tmp_path / "w"
+    prepare_folder(str(src), str(out), shard_size=3, say=lambda t: None)
+    names = {m[3] for sample in read_dali_index(str(out / "val-000000.idx")) for m in sample}
+    assert "a b/im 0 – ½ [x]:y.jpg" in names  # decoded back from the .idx's percent-encoding
+    r = CliRunner().invoke(cli, ["data", "check", str(out), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    want = [0, 0, 1, 1]
+    for kind in ("dali", "torch"):
+        got = torch.cat([y for _, y in build_shard_loader(kind, out, "val", train=False, **KW)])
+        assert got.tolist() == want, kind
+        r = CliRunner().invoke(cli, train_args(out, tmp_path / kind, "--loader", kind, "--epochs", "1",
+                                               "--batch-size", "4"))
+        assert r.exit_code == 0, r.output
+
+
+# every path agrees -------------------------------------------------------------------------------
+
+NAME_CHARS = list("abcXYZ019 _-()[]+,;=@:'!~éüß中文½–") + ["\u00a0"]
+LABEL_FORMATS = ["{}", "{}\n", " {}", "{} \r\n", "\t{}\n", "0{}"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_path_reads_the_same_member_and_label(seed, tmp_path):
+    # a random small set: member names with spaces and unicode, labels with and without whitespace
+    rng = random.Random(seed)
+    root = tmp_path / "prop"
+    classes = rng.randint(2, 12)
+    keys = []
+    while len(keys) < rng.randint(6, 10):
+        key = "".join(rng.choice(NAME_CHARS) for _ in range(rng.randint(1, 12))).strip()
+        if key and key not in keys:
+            keys.append(key)
+    labels = [rng.randrange(classes) for _ in keys]
+    labels[0] = classes - 1  # a foreign set's classes are counted from its largest label
+    formats = [rng.choice(LABEL_FORMATS) for _ in keys]
+    samples = [(k, f.format(v).encode()) for k, v, f in zip(keys, labels, formats)]
+    foreign(root, samples[:4], samples)
+    split = scan_shards(root, "val")
+    truth = dict(zip(keys, labels))
+    assert {s.member: s.label for s in split.samples} == {f"{k}.jpg": v for k, v in truth.items()}
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["shards"]["val"]["samples"] == len(keys)
+    for kind in ("dali", "torch"):  # val reads the shard in order: position i is member i
+        got = torch.cat([y for _, y in build_shard_loader(kind, root, "val", train=False, **KW)])
+        assert got.tolist() == labels, kind
+    from pipelines.dali import SampleLabels  # and DALI's own source info names each member
+    mapping = SampleLabels(split)
+    rows = [f"{root}/val-000000.tar:{s.offset}:{s.member}".encode() for s in split.samples]
+    width = max(map(len, rows))
+    info = np.stack([np.frombuffer(r.ljust(width, b"\0"), dtype=np.uint8) for r in rows])
+    assert mapping(info).tolist() == labels
