@@ -137,9 +137,8 @@ def test_a_lost_node_ends_the_job_on_the_other_and_both_relaunched_continue_exac
     while time.time() < deadline and not (tmp_path / "run/metrics.jsonl").is_file():
         time.sleep(0.1)  # epoch 1 saved: lose the node during epoch 2
     kill_tree(second.pid)
-    t0 = time.time()
-    (rc, out), = wait_all([first], timeout=240)
-    assert rc != 0 and time.time() - t0 < 120, out
+    (rc, out), = wait_all([first], timeout=120)  # within --dist-timeout and the rendezvous' timeouts, or it fails
+    assert rc != 0, out
     errors = [line for line in out.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "another process of the job" in errors[0], out
     second.communicate()
