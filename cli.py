@@ -13,7 +13,7 @@ import torch.distributed  # noqa: E402
 
 from rmix import config as C  # noqa: E402
 from rmix.checkpoint import CheckpointError, SaveError  # noqa: E402
-from rmix.synth import DEFAULT_ARGS as SYNTH  # noqa: E402
+from rmix.pipelines.synth import DEFAULT_ARGS as SYNTH  # noqa: E402
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError)
 
@@ -121,6 +121,8 @@ TRAIN_OPTIONS = [
     ("--save-every-steps", "save_every_steps", int,
      "also checkpoint every N steps inside an epoch; resume continues at that step exactly [default: 0 = epoch ends]"),
     ("--log-every", "log_every", int, "steps between progress lines"),
+    ("--log", "log", str, "run logs beside metrics.jsonl (and TensorBoard, when installed), comma-separated: wandb "
+                          "(pip install 'rmix[wandb]'; WANDB_MODE=offline keeps it on this machine) [default: none]"),
     ("--eval-every", "eval_every", int, "evaluate every N epochs (and after the last)"),
     ("--train-per-class", "data.train_per_class", int,
      "train on the first N images of each class in file order [default: 0 = all]"),
@@ -168,6 +170,8 @@ def config_from_options(opts: dict, base=None) -> C.TrainConfig:
                 v = tuple(int(m) for m in v.split(",") if m.strip())
             except ValueError:
                 raise ValueError(f"--milestones: expected comma-separated epochs like 150,225, got {v!r}") from None
+        if key == "log":
+            v = tuple(name.strip() for name in v.split(",") if name.strip())
         changes[key] = v
     return C.replace(base or C.TrainConfig(), **changes)
 
@@ -191,7 +195,10 @@ def load_config_file(path, base=None, keys=None) -> C.TrainConfig:
             from None
     try:
         if p.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, from PyPI
+                import tomli as tomllib
             d = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
             try:
@@ -282,7 +289,8 @@ def train(preset, config_file, allow_changes, **opts):
     --allow-changes names it.
     """
     from rmix.engine import train as run
-    from rmix.presets import PRESETS, preset as get_preset
+    from rmix.presets import PRESETS
+    from rmix.presets import preset as get_preset
     base = get_preset(preset) if preset else None
     given = set(PRESETS[preset][1]) if preset else set()
     if config_file:
@@ -358,7 +366,7 @@ def data():
 def synth(out, classes, train_per_class, val_per_class, width, height, seed, quality):
     """Write the deterministic synthetic JPEG dataset (ImageFolder layout)."""
     from rmix.outputs import check_out
-    from rmix.synth import synth_dataset
+    from rmix.pipelines.synth import synth_dataset
     out = check_out(out, directory=True)
     try:
         path = synth_dataset(out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
@@ -380,8 +388,10 @@ def synth(out, classes, train_per_class, val_per_class, width, height, seed, qua
 def check(directory, dataset, decoder, threads, as_json):
     """Decode every image once and name each unreadable file; exit 1 if any."""
     import pathlib
+
     from rmix.data import MNIST_SETS, detect_dataset, sharded
-    from rmix.preflight import check as run_check, summary
+    from rmix.pipelines.preflight import check as run_check
+    from rmix.pipelines.preflight import summary
     root = pathlib.Path(directory)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
@@ -390,7 +400,7 @@ def check(directory, dataset, decoder, threads, as_json):
     if dataset in MNIST_SETS:
         result = _check_idx(root, dataset)
     elif sharded(root, dataset):
-        from pipelines.wds import find_shards
+        from rmix.pipelines.wds import find_shards
         splits = [(str(root), s) for s in ("train", "val") if find_shards(str(root), s)]
         result = run_check(splits, decoder, threads, use_cache=False)
     else:
@@ -443,7 +453,7 @@ def _preparing(run):
 @click.option("--skip-md5", is_flag=True, help="take archives whose md5 is not the published one")
 def prepare_imagenet_cmd(archives, fmt, out, shard_size, skip_md5):
     """ImageNet 2012 from the three archives image-net.org gives (torchvision's parsers and md5s)."""
-    from rmix.prepare import prepare_imagenet
+    from rmix.pipelines.prepare import prepare_imagenet
     _preparing(lambda: prepare_imagenet(archives, out, fmt=fmt, shard_size=shard_size, skip_md5=skip_md5,
                                         say=lambda t: click.echo(t, err=True)))
 
@@ -454,13 +464,13 @@ def prepare_imagenet_cmd(archives, fmt, out, shard_size, skip_md5):
 @_prepare_options
 def prepare_folder_cmd(src, fmt, out, shard_size):
     """Any ImageFolder to WebDataset shards (or copied in rmix's layout)."""
-    from rmix.prepare import prepare_folder
+    from rmix.pipelines.prepare import prepare_folder
     _preparing(lambda: prepare_folder(src, out, fmt=fmt, shard_size=shard_size, say=lambda t: click.echo(t, err=True)))
 
 
 def _check_idx(root, dataset) -> dict:
     """`rmix data check` of the four idx files: each split read whole (a bad file names itself)."""
-    from pipelines.idx import IdxError, load_mnist
+    from rmix.pipelines.idx import IdxError, load_mnist
     ok, bad, classes = 0, [], 0
     for train in (True, False):
         try:
@@ -507,6 +517,7 @@ def bench():
 def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
     """The fused mixing op against the paper's unfused steps, same inputs, one run."""
     import torch
+
     from rmix.bench.mix import bench_mix, format_bench
     for name, v in (("--batch", batch), ("--size", size), ("--reps", reps)):
         if v < 1:

@@ -1,5 +1,5 @@
 """The fused RecursiveMix op: `recursive_mix`, Triton on CUDA tensors, the torch reference elsewhere."""
-from kernels.mix_ref import recursive_mix_ref
+from rmix.kernels.mix_ref import recursive_mix_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -18,7 +18,7 @@ def recursive_mix(images, history, targets, history_targets, boxes, *, mode="nea
     if backend == "torch":
         fn = recursive_mix_ref
     else:
-        from kernels.mix_triton import recursive_mix_triton as fn  # lazy: Triton is GPU-only baggage
+        from rmix.kernels.mix_triton import recursive_mix_triton as fn  # lazy: Triton is GPU-only baggage
     return fn(images, history, targets, history_targets, boxes, mode=mode, num_classes=num_classes,
               mean=mean, std=std, out=out, out_dtype=out_dtype)
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mix_ref import check_inputs, resolve_out
+from rmix.kernels.mix_ref import check_inputs, resolve_out
 
 # Pixels per program (times BLOCK_C channels), 8 values per thread at Triton's 4 warps. ptxas for sm_90
 # (tests/test_triton_aot.py), u8 in, bf16 channels_last out: 1024 spilled every bilinear launch (255

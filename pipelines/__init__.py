@@ -126,7 +126,8 @@ def train_batches(num_samples: int, batch_size: int, world_size: int, drop_last:
     """
     if drop_last:
         return (num_samples // world_size) // batch_size
-    return -(-(-(-num_samples // world_size)) // batch_size)
+    per_rank = -(-num_samples // world_size)  # ceil: DistributedSampler pads every rank to this
+    return -(-per_rank // batch_size)
 
 
 def val_batches(num_samples: int, batch_size: int, world_size: int) -> int:
@@ -210,6 +211,7 @@ def _crop_loader_args(num_samples: int, *, train, batch_size, rank, world_size, 
 def pil_decodes(data: bytes) -> bool:
     """Whether PIL opens and fully decodes ``data`` as torchvision's ImageFolder loader would."""
     import io
+
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -249,9 +251,9 @@ def build_loader(kind: str, root, *, train: bool, batch_size: int, crop_size: in
                                num_threads=num_threads, device=device, rank=rank, world_size=world_size,
                                drop_last=drop_last)
     if kind == "dali":
-        from pipelines.dali import image_folder_loader  # DALI is imported only when used
+        from rmix.pipelines.dali import image_folder_loader  # DALI is imported only when used
         return image_folder_loader(index, dali_device=dali_device, **common)
-    from pipelines.torch_loader import image_folder_loader
+    from rmix.pipelines.torch_loader import image_folder_loader
     return image_folder_loader(index, decode=torch_decode, **common)
 
 
@@ -266,7 +268,7 @@ def build_shard_loader(kind: str, root, split: str, *, train: bool, batch_size: 
     order, see `pipelines.dali.shard_loader`); the torchvision loader reads the samples by
     offset in `shard_indices` order, as it reads an ImageFolder.
     """
-    from pipelines.wds import scan_shards
+    from rmix.pipelines.wds import scan_shards
     _check_crop_options(kind, crop_size, val_resize, min_area)
     if per_class:
         raise ValueError("--train-per-class: not for WebDataset shards (their samples are mixed); "
@@ -277,9 +279,9 @@ def build_shard_loader(kind: str, root, split: str, *, train: bool, batch_size: 
                                num_threads=num_threads, device=device, rank=rank, world_size=world_size,
                                drop_last=drop_last)
     if kind == "dali":
-        from pipelines.dali import shard_loader
+        from rmix.pipelines.dali import shard_loader
         return shard_loader(shards, dali_device=dali_device, **common)
-    from pipelines.torch_loader import shard_loader
+    from rmix.pipelines.torch_loader import shard_loader
     return shard_loader(shards, decode=torch_decode, **common)
 
 
@@ -351,9 +353,9 @@ def build_array_loader(kind: str, images: np.ndarray, labels: np.ndarray, classe
     common = dict(train=train, batch_size=batch_size, seed=seed, num_threads=num_threads,
                   device=device, rank=rank, world_size=world_size, drop_last=drop_last, flip=flip)
     if kind == "dali":
-        from pipelines.dali import array_loader
+        from rmix.pipelines.dali import array_loader
         return array_loader(images, labels, classes, dali_device=dali_device, **common)
-    from pipelines.torch_loader import array_loader
+    from rmix.pipelines.torch_loader import array_loader
     return array_loader(images, labels, classes, **common)
 
 
@@ -371,7 +373,7 @@ def build_mnist_loader(kind: str, root, *, train: bool, dataset: str = "fashion-
     Train: pad 4 + random crop 28, plus a horizontal flip for Fashion-MNIST (a mirrored digit is
     another glyph, so MNIST has none).
     """
-    from pipelines.idx import load_mnist
+    from rmix.pipelines.idx import load_mnist
     if kind not in ("dali", "torch"):
         raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
     images, labels, classes = load_mnist(root, train=train, dataset=dataset)

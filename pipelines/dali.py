@@ -26,17 +26,26 @@ import tempfile
 from typing import NamedTuple
 
 import numpy as np
+import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
-import nvidia.dali.math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, pil_decodes,
-                       shard_indices, train_batches, val_batches)
-from pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
-from pipelines.host_resize import HostResize
-from pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
+from rmix.pipelines import (
+    DecodeError,
+    EpochCounter,
+    FolderIndex,
+    derive_seed,
+    one_line,
+    pil_decodes,
+    shard_indices,
+    train_batches,
+    val_batches,
+)
+from rmix.pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
+from rmix.pipelines.host_resize import HostResize
+from rmix.pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
 
 # nvJPEG preallocation per pipeline, in bytes: NVIDIA's ResNet-50 example gives each decoder
 # *thread* 211 MB of device memory and two 140 MB pinned host buffers (DALI's schema: "one device

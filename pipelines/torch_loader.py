@@ -29,9 +29,17 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
 
-from pipelines import (DecodeError, EpochCounter, FolderIndex, derive_seed, one_line, shard_indices,
-                       train_batches, val_batches)
-from pipelines.colour import PaperColour
+from rmix.pipelines import (
+    DecodeError,
+    EpochCounter,
+    FolderIndex,
+    derive_seed,
+    one_line,
+    shard_indices,
+    train_batches,
+    val_batches,
+)
+from rmix.pipelines.colour import PaperColour
 
 
 def _to_hwc_uint8(image) -> torch.Tensor:

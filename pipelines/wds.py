@@ -30,7 +30,7 @@ from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 INDEX = "index.json"
-PLAN = "prepare.json"  # rmix.prepare.PLAN: written first, so it marks a set rmix prepared
+PLAN = "prepare.json"  # rmix.pipelines.prepare.PLAN: written first, so it marks a set rmix prepared
 SHARD = re.compile(r"^(train|val)-(\d{6})\.tar$")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "ppm", "pgm", "tif", "tiff", "webp")  # pipelines.IMG_EXTENSIONS
 

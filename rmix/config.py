@@ -27,6 +27,7 @@ LOADERS = ("dali", "torch")
 OPTIMIZERS = ("sgd", "adamw")
 AMPS = ("auto", "none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+LOGS = ("wandb",)  # --log: run logs beside metrics.jsonl (rmix.logs)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 
 
@@ -95,7 +96,8 @@ class TrainConfig:
     deterministic: bool = False  # cuda: deterministic kernels (bit-identical reruns, slower); else cudnn.benchmark
     out: str = ""                # run directory; "" = runs/<model>-<aug>-<time>
     resume: str = ""             # checkpoint path, or "auto" for the run directory's latest
-    log_every: int = 20          # steps between progress updates
+    log_every: int = 20          # steps between progress updates (and step rows of TensorBoard and W&B)
+    log: tuple = ()              # run logs beside metrics.jsonl (and TensorBoard when installed): ("wandb",)
     eval_every: int = 1          # evaluate every N epochs, and always after the last; best.pt follows them
     num_classes: int = 0         # derived from the data
     max_steps: int = 0           # stop each epoch after this many steps (0 = all); for smoke runs
@@ -220,6 +222,8 @@ def validate(cfg: TrainConfig) -> None:
          "expected 'workers' or 'device'")
     need(cfg.data.workers >= 0, "--workers", cfg.data.workers, "must be >= 0")
     need(cfg.compile in COMPILE_MODES, "--compile", cfg.compile, f"expected one of {', '.join(COMPILE_MODES)}")
+    need(isinstance(cfg.log, tuple) and all(name in LOGS for name in cfg.log), "--log", ",".join(map(str, cfg.log)),
+         f"expected names among {', '.join(LOGS)}")
     need(cfg.log_every > 0, "--log-every", cfg.log_every, "must be positive")
     need(cfg.eval_every > 0, "--eval-every", cfg.eval_every, "must be positive (epochs)")
     need(cfg.data.train_per_class >= 0, "--train-per-class", cfg.data.train_per_class, "must be >= 0 (0 = all)")

@@ -2,9 +2,9 @@
 import sys
 from pathlib import Path
 
-from pipelines import build_cifar_loader, build_loader, build_mnist_loader, build_shard_loader
-from pipelines.wds import INDEX, find_shards, is_shard_dir
-from pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
+from rmix.pipelines import build_cifar_loader, build_loader, build_mnist_loader, build_shard_loader
+from rmix.pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
+from rmix.pipelines.wds import INDEX, find_shards, is_shard_dir
 
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 MNIST_SETS = ("fashion-mnist", "mnist")
@@ -55,7 +55,7 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
         elif dataset not in ("auto", "folder"):
             raise ValueError(f"--dataset: {dataset} needs --data-dir")
         else:
-            from rmix.synth import default_data_dir
+            from rmix.pipelines.synth import default_data_dir
             return default_data_dir(), "folder"
     root = Path(data_dir).expanduser().resolve()  # absolute, so a resumed run compares equal
     if not root.is_dir():

@@ -1,9 +1,11 @@
 """The training core: build everything from a TrainConfig, run the epochs, keep the run directory."""
+import functools
 import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,14 @@ import torch
 from rmix import checkpoint, dist, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
-from pipelines import DecodeError
+from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data, sharded
 from rmix.ema import ModelEma
 from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
-from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data, sharded
+from rmix.logs import RunLogs, check_backends
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build, check_input_size
+from rmix.pipelines import DecodeError
 from rmix.preempt import Preemption
 from rmix.progress import Progress
 from rmix.schedule import lr_at
@@ -296,10 +299,6 @@ def _finite(x):
     return x if math.isfinite(x) else None
 
 
-def _fmt(x):
-    return "n/a" if x is None else f"{x:.3f}"
-
-
 def _reduce_device(d):
     return torch.device("cuda") if d.enabled and torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
@@ -319,6 +318,7 @@ def train(cfg: TrainConfig, *, show_progress=None, given=None, allow_changes=())
     time (None: all of cfg), `allow_changes` the fields that may then differ (see rmix.resume).
     """
     validate(cfg)
+    check_backends(cfg.log)  # every rank, before anything starts: a --log backend that is not installed
     check_input_size(cfg.model, 2, cfg.data.crop_size, share_fc=cfg.mix.share_fc)  # before --out is created
     device = resolve_device(cfg.device)
     d = dist.setup(device.type, cfg.dist_timeout)
@@ -412,12 +412,12 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
     model = compile_model(model, mode)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            _trim_metrics(run_dir / "metrics.jsonl", start)
         if ckpt is None or not (run_dir / "config.json").is_file():  # a resume keeps the original
             (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         resume.record(run_dir, start, partial["step"] if partial else 0, changes)
-    board = tensorboard_writer(run_dir) if d.is_main else None
+    # metrics.jsonl (trimmed to latest.pt's epochs on resume), TensorBoard, --log's; the main rank's only
+    logs = RunLogs(run_dir, to_dict(cfg), start, backends=cfg.log, show=show, enabled=d.is_main)
+    saver = Saver(cfg, d, run_dir, raw_model, optimizer, scaler, policy, data, ema)
     final = None
     if show:  # everything checked: say where the run goes, before its first step
         Progress.line(f"run directory: {run_dir}")
@@ -429,90 +429,102 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
         at = f", step {partial['step']}" if partial else ""
         Progress.line(f"resuming at epoch {start}{at} (best val top-1 so far {max(best, 0):.2f}%)")
 
-    def save_every(step, sums, seen):  # --save-every-steps
-        if step % cfg.save_every_steps == 0 and step < min(len(train_loader), cfg.max_steps or len(train_loader)):
-            save_mid_epoch(step, sums, seen)  # the epoch-end checkpoint follows the last step
-
-    def save_mid_epoch(step, sums, seen):  # reads this loop's epoch and t0
-        mine = {"rng": rng_state(policy), "policy": _to_cpu(policy.state_dict()), "step": step,
-                "sums": sums.cpu(), "seen": seen, "seconds": time.perf_counter() - t0}
-        ranks = dist.gather_to_main(mine, d)  # each rank's own history and streams
-        if d.is_main:
-            checkpoint.save(run_dir / "latest.pt", _payload(raw_model, optimizer, scaler, cfg, epoch - 1, best,
-                                                            ranks, data, step=step, ema=ema))
-
-    guard = StepGuard(cfg.max_skipped_steps)  # bad steps, on the device, across epoch boundaries
-    preempted = None
-    for epoch in range(start, cfg.epochs + 1):
-        lr = set_lr(optimizer, cfg, epoch)
-        part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
-        train_loader.set_epoch(epoch - 1, part["step"])  # epochs count from 0 there; replays exactly on resume
-        t0 = time.perf_counter() - part["seconds"]
-        steps = min(len(train_loader), cfg.max_steps or len(train_loader))  # --max-steps ends every epoch early
-        with Progress(max(steps - part["step"], 0), f"epoch {epoch}/{cfg.epochs}", enabled=show,
-                      every=cfg.log_every) as bar:
-            sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
-                                   start_step=part["step"], sums=part["sums"], seen=part["seen"],
-                                   on_step=save_every if cfg.save_every_steps else None, guard=guard,
-                                   stop=preempt.stop, ema=ema)
-        if preempt.signal and preempt.at < steps:  # stopped inside the epoch: save at that step
-            save_mid_epoch(preempt.at, sums[:2], int(sums[2].item()))
-            preempted = {"signal": preempt.signal, "epoch": epoch, "step": preempt.at}
-            break
-        sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
-        seconds = time.perf_counter() - t0
-        dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
-        evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-        val = evaluate(raw_model, val_loader, normalize, amp, d) if evaluated else \
-            {"top1": None, "top5": None, "loss": None}
-        row = {"epoch": epoch, "lr": lr, "train_loss": _finite(sums[0].item() / sums[2].item()),
-               "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
-               "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
-        score, best_of = val["top1"], "model"
-        if ema is not None:
-            dist.broadcast_buffers(ema.module, d)  # rank 0's averaged statistics, as the model's
-            val_ema = evaluate(ema.module, val_loader, normalize, amp, d) if evaluated else \
+    try:  # the logs are closed however the loop ends; W&B records a run that raised as failed
+        guard = StepGuard(cfg.max_skipped_steps)  # bad steps, on the device, across epoch boundaries
+        preempted = None
+        for epoch in range(start, cfg.epochs + 1):
+            lr = set_lr(optimizer, cfg, epoch)
+            part, partial = partial or {"step": 0, "sums": None, "seen": 0, "seconds": 0.0}, None
+            train_loader.set_epoch(epoch - 1, part["step"])  # epochs count from 0 there; replays exactly on resume
+            t0 = time.perf_counter() - part["seconds"]
+            steps = min(len(train_loader), cfg.max_steps or len(train_loader))  # --max-steps ends every epoch early
+            on_step = functools.partial(saver.every, epoch, best, t0, steps) if cfg.save_every_steps else None
+            with Progress(max(steps - part["step"], 0), f"epoch {epoch}/{cfg.epochs}", enabled=show,
+                          every=cfg.log_every, on_log=logs.step_logger(epoch, steps, part["step"])) as bar:
+                sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar,
+                                       start_step=part["step"], sums=part["sums"], seen=part["seen"],
+                                       on_step=on_step, guard=guard, stop=preempt.stop, ema=ema)
+            if preempt.signal and preempt.at < steps:  # stopped inside the epoch: save at that step
+                saver.mid_epoch(epoch, best, t0, preempt.at, sums[:2], int(sums[2].item()))
+                preempted = {"signal": preempt.signal, "epoch": epoch, "step": preempt.at}
+                break
+            sums = dist.all_sum(sums.to(_reduce_device(d)), d).cpu()
+            seconds = time.perf_counter() - t0
+            dist.broadcast_buffers(raw_model, d)  # evaluate (and save) rank 0's BatchNorm statistics
+            evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+            val = evaluate(raw_model, val_loader, normalize, amp, d) if evaluated else \
                 {"top1": None, "top5": None, "loss": None}
-            row.update(val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"], val_loss_ema=val_ema["loss"])
-            if evaluated and val_ema["top1"] > val["top1"]:
-                score, best_of = val_ema["top1"], "ema"
-            row["best_of"] = best_of if evaluated else None
-        final = val["top1"] if evaluated else final  # the model's; the EMA's is in the row
-        history.append(row)
-        ranks = dist.gather_to_main({"rng": rng_state(policy)}, d)  # each rank's own stream, for --resume
-        if d.is_main:
-            is_best = evaluated and score > best  # with --ema: the better of the model and its EMA
-            best = max(best, score) if evaluated else best
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if board is not None:
-                for k, v in row.items():
-                    if k != "epoch" and isinstance(v, (int, float)):
-                        board.add_scalar(k, v, epoch)
-                board.flush()
-            payload = _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, ema=ema,
-                               best_of=best_of if evaluated else None)
-            checkpoint.save(run_dir / "latest.pt", payload)
-            if is_best:
-                checkpoint.save(run_dir / "best.pt", payload)
-            if show:
-                top5 = "" if val["top5"] is None else f" top-5 {val['top5']:.2f}%"
-                of_ema = "" if ema is None or not evaluated else f", EMA {row['val_top1_ema']:.2f}%"
-                scores = (f"val top-1 {val['top1']:.2f}%{top5}{of_ema} (best {best:.2f}%)" if evaluated
-                          else f"not evaluated (--eval-every {cfg.eval_every})")
-                Progress.line(f"epoch {epoch}: train loss {_fmt(row['train_loss'])} top-1 {row['train_top1']:.1f}% | "
-                              f"{scores} | {row['img_s']:.0f} img/s")
-        elif evaluated:
-            best = max(best, score)
-        dist.barrier(d)
-        if epoch < cfg.epochs and (preempt.signal or preempt.stop(0, last=True)):  # a signal during eval
-            preempted = {"signal": preempt.signal, "epoch": epoch + 1, "step": 0}
-            break
-    if board is not None:
-        board.close()
+            row = {"epoch": epoch, "lr": lr, "train_loss": _finite(sums[0].item() / sums[2].item()),
+                   "train_top1": 100 * sums[1].item() / sums[2].item(), "val_top1": val["top1"],
+                   "val_top5": val["top5"], "val_loss": val["loss"], "img_s": sums[2].item() / seconds}
+            score, best_of = val["top1"], "model"
+            if ema is not None:
+                dist.broadcast_buffers(ema.module, d)  # rank 0's averaged statistics, as the model's
+                val_ema = evaluate(ema.module, val_loader, normalize, amp, d) if evaluated else \
+                    {"top1": None, "top5": None, "loss": None}
+                row.update(val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"], val_loss_ema=val_ema["loss"])
+                if evaluated and val_ema["top1"] > val["top1"]:
+                    score, best_of = val_ema["top1"], "ema"
+                row["best_of"] = best_of if evaluated else None
+            final = val["top1"] if evaluated else final  # the model's; the EMA's is in the row
+            history.append(row)
+            ranks = dist.gather_to_main({"rng": rng_state(policy)}, d)  # each rank's own stream, for --resume
+            if d.is_main:
+                is_best = evaluated and score > best  # with --ema: the better of the model and its EMA
+                best = max(best, score) if evaluated else best
+                logs.epoch(row, best)  # metrics.jsonl first (a resume trims rows past latest.pt), then the others
+                saver.epoch_end(epoch, best, ranks, is_best, best_of if evaluated else None)
+            elif evaluated:
+                best = max(best, score)
+            dist.barrier(d)
+            if epoch < cfg.epochs and (preempt.signal or preempt.stop(0, last=True)):  # a signal during eval
+                preempted = {"signal": preempt.signal, "epoch": epoch + 1, "step": 0}
+                break
+    except BaseException:
+        logs.close(exit_code=1)
+        raise
+    logs.close()
     dist.cleanup(d)
     return {"best_top1": best, "final_top1": final, "run_dir": str(run_dir), "epochs": history,
             "config": to_dict(cfg), "rank": d.rank, "preempted": preempted}
+
+
+@dataclass(frozen=True)
+class Saver:
+    """What a checkpoint of this run is made of (fixed for the whole run) and where it goes."""
+    cfg: TrainConfig
+    d: dist.Dist
+    run_dir: Path
+    raw_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    policy: object
+    data: dict
+    ema: object
+
+    def every(self, epoch, best, t0, steps, done, sums, seen):
+        """train_one_epoch's `on_step` under --save-every-steps; the last step's save is the epoch end's."""
+        if done % self.cfg.save_every_steps == 0 and done < steps:
+            self.mid_epoch(epoch, best, t0, done, sums, seen)
+
+    def mid_epoch(self, epoch, best, t0, done, sums, seen):
+        """latest.pt after `done` steps of `epoch` (started at perf_counter `t0`): each rank's state so far."""
+        mine = {"rng": rng_state(self.policy), "policy": _to_cpu(self.policy.state_dict()), "step": done,
+                "sums": sums.cpu(), "seen": seen, "seconds": time.perf_counter() - t0}
+        ranks = dist.gather_to_main(mine, self.d)  # each rank's own history and streams
+        if self.d.is_main:
+            checkpoint.save(self.run_dir / "latest.pt", self._payload(epoch - 1, best, ranks, step=done))
+
+    def epoch_end(self, epoch, best, ranks, is_best, best_of):
+        """latest.pt (and best.pt when `is_best`) after `epoch`; main rank only."""
+        payload = self._payload(epoch, best, ranks, best_of=best_of)
+        checkpoint.save(self.run_dir / "latest.pt", payload)
+        if is_best:
+            checkpoint.save(self.run_dir / "best.pt", payload)
+
+    def _payload(self, epoch, best, ranks, step=0, best_of=None):
+        return _payload(self.raw_model, self.optimizer, self.scaler, self.cfg, epoch, best, ranks, self.data,
+                        step=step, ema=self.ema, best_of=best_of)
 
 
 def _payload(raw_model, optimizer, scaler, cfg, epoch, best, ranks, data, step=0, ema=None, best_of=None):
@@ -537,18 +549,9 @@ def _to_cpu(state):
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def tensorboard_writer(run_dir):
-    """A SummaryWriter into run_dir/tb when the optional `tensorboard` extra is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
 def _preflight(cfg, root, dataset, d):
     """Refuse to start on unreadable images (rank 0 decodes, cached; every rank learns the verdict)."""
-    from rmix.preflight import check, summary
+    from rmix.pipelines.preflight import check, summary
     result = None
     if d.is_main:
         decoder = "dali" if cfg.data.loader == "dali" else "pil"
@@ -612,13 +615,6 @@ def _complete(cfg, ckpt, run_dir, show, d):
     dist.cleanup(d)
     return {"best_top1": ckpt["best_top1"], "final_top1": final, "run_dir": str(run_dir), "epochs": rows,
             "config": to_dict(cfg), "rank": d.rank, "complete": True}
-
-
-def _trim_metrics(path, start):
-    """Drop rows of epochs >= start: a restart between a metrics row and its latest.pt would repeat them."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < start]
-        path.write_text("".join(line + "\n" for line in rows))
 
 
 def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader=None, batch_size=None,

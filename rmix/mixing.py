@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import recursive_mix
+from rmix.kernels import recursive_mix
 
 
 class MixOut(NamedTuple):

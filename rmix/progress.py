@@ -6,10 +6,14 @@ from tqdm import tqdm
 
 
 class Progress:
-    """Counts steps and images; shows images/s, loss and lr every `every` steps."""
+    """Counts steps and images; shows images/s, loss and lr every `every` steps (and the last).
 
-    def __init__(self, total_steps, desc, *, enabled=True, every=20, stream=None):
-        self.total, self.desc, self.enabled, self.every = total_steps, desc, enabled, every
+    `on_log(steps, {"loss", "lr", "img_s"})`, if given, receives the same values at the same steps,
+    shown or not (the run logs' step rows, rmix.logs).
+    """
+
+    def __init__(self, total_steps, desc, *, enabled=True, every=20, stream=None, on_log=None):
+        self.total, self.desc, self.enabled, self.every, self.on_log = total_steps, desc, enabled, every, on_log
         self.stream = stream or sys.stderr
         self.tty = self.enabled and self.stream.isatty()
         self.steps = self.images = 0
@@ -25,14 +29,19 @@ class Progress:
     def update(self, images, loss=None, lr=None):
         self.steps += 1
         self.images += images
-        if not self.enabled or (self.steps % self.every and self.steps != self.total):
+        if not (self.enabled or self.on_log) or (self.steps % self.every and self.steps != self.total):
             if self.bar is not None:
                 self.bar.update(1)
             return
         rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        loss = None if loss is None else float(loss)  # note: a CPU-GPU sync point, every `every` steps only
+        if self.on_log is not None:
+            self.on_log(self.steps, {"loss": loss, "lr": lr, "img_s": rate})
+        if not self.enabled:
+            return
         info = {"img/s": f"{rate:.0f}"}
         if loss is not None:
-            info["loss"] = f"{float(loss):.3f}"  # note: a CPU-GPU sync point, every `every` steps only
+            info["loss"] = f"{loss:.3f}"
         if lr is not None:
             info["lr"] = f"{lr:.4g}"
         if self.bar is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from rmix import config as C
 
 # May differ on resume: where things are and how fast they run, not what is trained.
-RUNTIME = ("out", "resume", "device", "compile", "deterministic", "log_every", "dist_timeout", "data.workers", "data.preflight",
+RUNTIME = ("out", "resume", "device", "compile", "deterministic", "log_every", "log", "dist_timeout", "data.workers", "data.preflight",
            "data.data_dir", "data.dali_device", "data.torch_decode", "max_skipped_steps")
 # Never, even when allowed: the optimizer's state or the weights would no longer fit.
 NEVER = ("model", "num_classes", "mix.policy", "mix.share_fc", "optim.optimizer", "data.dataset")

@@ -24,10 +24,10 @@ import time
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import scan_image_folder
-from pipelines.dali import write_file_list
-from pipelines.host_resize import HostResize, resize_crops
 from rmix.bench.data import synthetic_jpegs
+from rmix.pipelines import scan_image_folder
+from rmix.pipelines.dali import write_file_list
+from rmix.pipelines.host_resize import HostResize, resize_crops
 
 RESIZE = {"linear_aa": dict(interp_type=types.INTERP_LINEAR, antialias=True),
           "linear": dict(interp_type=types.INTERP_LINEAR, antialias=False),
@@ -69,7 +69,7 @@ def main():
             pipe.build()
             feed = HostResize(pipe, 4 * batches, 224) if variant == "host_resize" else None
 
-            def one_pass():
+            def one_pass(pipe=pipe, feed=feed, variant=variant):
                 for _ in range(batches):
                     if feed is not None:
                         next(feed)

@@ -42,7 +42,16 @@ DEADLINE=$(( $(date +%s) + BUDGET_S ))
 export RMIX_CACHE=${RMIX_CACHE:-/tmp/rmix-cache}
 IMAGES=${IMAGES:-1024}
 WORKERS=${WORKERS:-12}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the working tree, whatever the venv's editable install points at
+# The working tree in the installed layout (rmix.pipelines, rmix.kernels, rmix.cli), whatever the
+# venv's editable install points at, with no install (the GPU machine may lack setuptools): a folder
+# of links first on the path, and no implicit ./ (PYTHONSAFEPATH) so the tree's bare rmix/ is not
+# found before it by `python -c` and `python -m pytest`.
+SRC=$(mktemp -d)
+mkdir "$SRC/rmix"
+for f in rmix/*; do ln -s "$PWD/$f" "$SRC/rmix/"; done
+ln -s "$PWD/pipelines" "$SRC/rmix/pipelines"
+ln -s "$PWD/kernels" "$SRC/rmix/kernels"
+export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 unset TRITON_INTERPRET                               # compiled Triton on the GPU, not the interpreter
 STEPS=""
 GRACE=5  # seconds between a step's timeout and its SIGKILL, inside its limit
@@ -150,7 +159,7 @@ fi
 if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" > /dev/null 2>&1; then
     NO_GPU="no CUDA device visible to $PY"
 fi
-RMIX=("$PY" -c "import sys; sys.argv[0] = 'rmix'; from cli import main; main()")
+RMIX=("$PY" -c "import sys; sys.argv[0] = 'rmix'; from rmix.cli import main; main()")
 # DALI's wheel (~0.5 GB) is too big to carry: without it the loaders are torchvision's
 # (there the loader runs decode JPEGs with nvJPEG through torchvision.io.decode_jpeg: --torch-decode device)
 if "$PY" -c "import nvidia.dali" > /dev/null 2>&1; then LOADER=dali; DECODE=(); else LOADER=torch; DECODE=(--torch-decode device); fi

@@ -1,7 +1,7 @@
 """Fixtures shared by test modules."""
 import pytest
 
-from rmix.synth import synth_dataset
+from rmix.pipelines.synth import synth_dataset
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import signal
 import time
 from pathlib import Path
 
-import cli
 import rmix.engine as engine
+from rmix import cli
 
 RANK = int(os.environ.get("RANK", "0"))
 CRASH_EPOCH = int(os.environ.get("RMIX_TEST_CRASH_EPOCH", "0"))

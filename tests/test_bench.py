@@ -12,11 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from pipelines import scan_image_folder
 from rmix.bench.data import bench_data, subset, train_split
-from rmix.synth import synth_dataset
 from rmix.bench.timing import StepTimer, cpu_seconds, machine_info
+from rmix.cli import cli
+from rmix.pipelines import scan_image_folder
+from rmix.pipelines.synth import synth_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def test_bench_data_reports_every_loader(jpegs):
 
 
 def test_bench_data_on_shards_compares_them_with_the_same_images_as_files(jpegs, tmp_path):
-    from rmix.prepare import prepare_folder
+    from rmix.pipelines.prepare import prepare_folder
     prepare_folder(str(jpegs), str(tmp_path / "w"), shard_size=3, say=lambda t: None)
     d = run_json(["bench", "data", "--data-dir", str(tmp_path / "w"), "--size", "32", "--batch", "4", "--reps", "1",
                   "--threads", "1", "--images", "12", "--json"])
@@ -67,7 +67,7 @@ def test_bench_data_on_shards_compares_them_with_the_same_images_as_files(jpegs,
 
 
 def test_bench_data_without_dali_compares_the_torchvision_loaders(jpegs, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pipelines.dali", None)  # its import now fails, as without DALI
+    monkeypatch.setitem(sys.modules, "rmix.pipelines.dali", None)  # its import now fails, as without DALI
     d = bench_data(jpegs, size=32, batch=4, reps=1, threads=1)
     assert set(d["skipped"]) == {"dali", "decode_only"} and "dali_img_s" not in d and "dali_vs_torch_pil" not in d
     positive(d, ["torch_pil_img_s", "torch_v2_img_s"])

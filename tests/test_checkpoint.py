@@ -1,5 +1,6 @@
 """Checkpoints: round trip, atomic replace, and refusal of damaged or hostile files."""
 import os
+import pickle
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path):
     p = tmp_path / "latest.pt"
     checkpoint.save(p, payload())
     before = p.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.PicklingError):
         checkpoint.save(p, {"bad": lambda: 0})  # not serializable: fails mid-save
     assert p.read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]

@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from rmix.cli import cli
 
 TINY = ["--epochs", "2", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
         "--workers", "1", "--log-every", "1"]
@@ -97,6 +97,7 @@ def _has_mix_stderr():
 
 def test_paper_layout_checkpoint_evaluates(tiny, tmp_path):
     import torch
+
     from rmix.models import build
     sd = {f"module.{k}": v for k, v in build("resnet8", 4).state_dict().items()}
     p = tmp_path / "model_best.pth.tar"
@@ -112,6 +113,7 @@ def test_paper_layout_checkpoint_evaluates(tiny, tmp_path):
 
 def write_cifar10(root, n=16):
     import pickle
+
     import numpy as np
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True)
@@ -158,6 +160,7 @@ def test_tensorboard_events_when_installed(tiny, tmp_path):
 
 def test_non_tty_progress_is_plain_lines():
     import io
+
     from rmix.progress import Progress
     buf = io.StringIO()
     with Progress(3, "epoch 1/1", every=1, stream=buf) as p:
@@ -169,8 +172,8 @@ def test_non_tty_progress_is_plain_lines():
 
 def test_completion_script():
     import os
-    import subprocess
     import shutil
+    import subprocess
     if shutil.which("rmix") is None:
         pytest.skip("needs the installed rmix console script")
     r = subprocess.run(["rmix"], env={**os.environ, "_RMIX_COMPLETE": "bash_source"}, capture_output=True, text=True)

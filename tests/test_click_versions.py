@@ -7,7 +7,6 @@ version below is installed from the package index into a folder of its own and a
 import os
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
 ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ["8.1.8", "8.2.1", "8.3.0", "8.3.1", "8.3.2"]  # the floor's last, and around the broken pair
 PARSE = """
-import cli
+from rmix import cli
 from click.testing import CliRunner
 seen = {}
 cli.train.callback = lambda **kw: seen.update(kw)  # parse only
@@ -44,8 +43,8 @@ def test_bare_compile_parses_on_each_accepted_click(version, tmp_path):
                           "--target", str(target), f"click=={version}"], capture_output=True, text=True, timeout=120)
     if pip.returncode != 0:
         pytest.skip(f"click {version} could not be installed here: {pip.stderr.strip()[-200:]}")
-    r = subprocess.run([sys.executable, "-c", PARSE], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])})
+    r = subprocess.run([sys.executable, "-c", PARSE], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(target)})
     assert r.returncode == 0, r.stderr[-2000:]
     got = r.stdout.strip().splitlines()[-1]
     if accepted().contains(version):

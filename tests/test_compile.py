@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
+from rmix.cli import cli
 from rmix.engine import compile_model
 from rmix.models import build
 from test_reliability import train_args

@@ -18,9 +18,10 @@ import torch
 
 from rmix import checkpoint, dist
 from rmix.config import TrainConfig, replace, validate
-from rmix.engine import _trim_metrics, wrap_ddp
+from rmix.engine import wrap_ddp
+from rmix.logs import trim_metrics as _trim_metrics
 from rmix.models import build
-from rmix.synth import synth_dataset
+from rmix.pipelines.synth import synth_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--workers", "1", "--batch-size", "8",
@@ -36,9 +37,9 @@ def tiny(tmp_path_factory):
 
 
 def launch_env(env=None):
-    """This process's environment without a launcher's variables, one thread, tests importable."""
+    """This process's environment without a launcher's variables, one thread."""
     environ = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
-    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    environ.update(OMP_NUM_THREADS="1", **(env or {}))
     return environ
 
 
@@ -70,7 +71,7 @@ def worker_run(tiny, tmp_path_factory):
     data = tmp / "data"
     shutil.copytree(tiny, data)
     next((data / "val").glob("*/*")).unlink()
-    from rmix.prepare import prepare_folder
+    from rmix.pipelines.prepare import prepare_folder
     prepare_folder(str(data), str(tmp / "shards"), shard_size=5, say=lambda t: None)
     rc, out = launch([ROOT / "tests/ddp_worker.py", tmp, data], cwd=tmp)
     assert rc == 0, out
@@ -276,7 +277,7 @@ def test_cuda_graph_compile_modes_are_mapped_under_torchrun(tiny, tmp_path, mode
 
 
 def test_rmix_train_on_shards_under_torchrun(tiny, tmp_path):
-    from rmix.prepare import prepare_folder
+    from rmix.pipelines.prepare import prepare_folder
     prepare_folder(str(tiny), str(tmp_path / "shards"), shard_size=7, say=lambda t: None)
     for loader in ("dali", "torch"):
         args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tmp_path / "shards", *TINY, "--loader", loader,

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from pipelines import DecodeError, build_loader
+from rmix.pipelines import DecodeError, build_loader
 from test_pipelines import epoch, folder, make  # noqa: F401 (a fixture)
 
 

@@ -5,9 +5,8 @@ import torch
 
 from rmix import config as C
 from rmix import engine
-from rmix.engine import amp_dtype, auto_amp, compile_mode_for, set_determinism
 from rmix.dist import Dist
-
+from rmix.engine import amp_dtype, auto_amp, compile_mode_for, set_determinism
 from test_sync import SyncCounter
 
 
@@ -52,7 +51,8 @@ def test_deterministic_sets_every_switch_and_benchmark_is_its_opposite(torch_fla
 
 def test_deterministic_is_a_runtime_setting_of_the_cli(tiny, tmp_path, torch_flags):
     from click.testing import CliRunner
-    from cli import cli
+
+    from rmix.cli import cli
     from test_reliability import train_args
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, train_args(tiny, out, "--deterministic", "--epochs", "1", "--max-steps", "1"))
@@ -78,7 +78,8 @@ def test_cuda_graph_compile_modes_are_mapped_under_torchrun_only(mode, want):
 @pytest.mark.parametrize("threads", [1, 3, 8, 16])
 def test_nvjpeg_preallocation_is_bounded_per_pipeline(threads):
     from nvidia.dali import fn, pipeline_def
-    from pipelines.dali import DEVICE_PADDING_PER_PIPELINE, HOST_PADDING_PER_PIPELINE, decode_and_augment
+
+    from rmix.pipelines.dali import DEVICE_PADDING_PER_PIPELINE, HOST_PADDING_PER_PIPELINE, decode_and_augment
 
     @pipeline_def
     def graph(train):
@@ -101,6 +102,7 @@ def eval_reads(monkeypatch, batches):
     """Host reads (`.cpu()`, `.item()`, `.tolist()` and the dispatcher's sync ops) made by `evaluate` itself
     (the policies' checks of CPU labels read host tensors only, and are test_sync's business)."""
     import sys
+
     from rmix.mixing import NoMix
     from rmix.models import build
     reads = []

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines import scan_image_folder
-from pipelines.dali import image_folder_pipeline, write_file_list
-from pipelines.host_resize import HostResize, resize_crops
+from rmix.pipelines import scan_image_folder
+from rmix.pipelines.dali import image_folder_pipeline, write_file_list
+from rmix.pipelines.host_resize import HostResize, resize_crops
 
 SHAPES = [(300, 260), (100, 150), (24, 24), (375, 500), (50, 400), (231, 225)]  # (H, W): down, up, equal, mixed
 
@@ -87,7 +87,7 @@ def _threads():
 def test_epoch_batches_and_skip(jpegs, tmp_path):
     full = [(b[0]["images"].clone(), b[0]["labels"].clone()) for b in _host_resize(jpegs, tmp_path)]
     assert len(full) == 4
-    for images, labels in full:
+    for images, _labels in full:
         assert images.shape == (4, 16, 16, 3) and images.dtype == torch.uint8
     assert torch.cat([lab.reshape(-1) for _, lab in full]).tolist() == jpegs.labels[:16]  # the list's order
     hr = _host_resize(jpegs, tmp_path)
@@ -151,7 +151,7 @@ def test_pipeline_errors_reach_the_consumer(jpegs, tmp_path):
 
 def test_threads_are_stopped_at_exit(jpegs, tmp_path):
     """atexit stops them: one left inside DALI while the interpreter tears DALI down aborts."""
-    from pipelines import host_resize
+    from rmix.pipelines import host_resize
     hr = _host_resize(jpegs, tmp_path, num_batches=5)
     next(hr)
     assert _threads()
@@ -161,7 +161,7 @@ def test_threads_are_stopped_at_exit(jpegs, tmp_path):
 
 EXIT_MID_EPOCH = """
 import sys, torch
-from pipelines import build_loader
+from rmix.pipelines import build_loader
 loader = build_loader("dali", sys.argv[1], train=True, batch_size=2, crop_size=16, val_resize=16, num_threads=2,
                       device=torch.device("cpu"))
 next(iter(loader))

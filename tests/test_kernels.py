@@ -13,14 +13,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels.mix_ref as mix_ref  # noqa: E402
-from kernels import recursive_mix  # noqa: E402
-from kernels.mix_ref import normalize, recursive_mix_ref  # noqa: E402
+import rmix.kernels.mix_ref as mix_ref  # noqa: E402
+from rmix.kernels import recursive_mix  # noqa: E402
+from rmix.kernels.mix_ref import normalize, recursive_mix_ref  # noqa: E402
 
 try:
     import triton  # noqa: F401
-    from kernels import mix_triton
-    from kernels.mix_triton import recursive_mix_triton
+
+    from rmix.kernels import mix_triton
+    from rmix.kernels.mix_triton import recursive_mix_triton
 except ImportError:  # the package works without triton; only these tests need it
     mix_triton = None
 

@@ -270,7 +270,7 @@ def test_probability_targets_still_mix():
 
 
 def test_non_positive_std_is_refused():
-    from kernels import recursive_mix
+    from rmix.kernels import recursive_mix
     images, labels = batch(2, 5, 5, 0)
     for std in ((60.0, 0.0, 70.0), (60.0, -1.0, 70.0)):
         with pytest.raises(ValueError, match="std: must be positive"):

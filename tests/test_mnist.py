@@ -9,13 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from pipelines import build_cifar_loader, build_loader, build_mnist_loader, first_per_class, scan_image_folder
-from pipelines.idx import DEBIAN_FASHION_MNIST, IdxError, find_idx_dir, load_mnist, read_idx
 from rmix import checkpoint
 from rmix import config as C
+from rmix.cli import cli
 from rmix.data import detect_dataset, resolve_data
-
+from rmix.pipelines import build_cifar_loader, build_loader, build_mnist_loader, first_per_class, scan_image_folder
+from rmix.pipelines.idx import DEBIAN_FASHION_MNIST, IdxError, find_idx_dir, load_mnist, read_idx
 from test_pipelines import _write_cifar, folder  # noqa: F401  (folder is a fixture)
 
 TRAIN, TEST = 40, 12  # images in the fake sets

@@ -3,8 +3,7 @@ import torch
 import torchvision
 from torchvision.ops import roi_align
 
-from rmix.models import (build, count_parameters, list_models, load_state_dict_flexible, model_family,
-                         param_count)
+from rmix.models import build, count_parameters, list_models, load_state_dict_flexible, model_family, param_count
 
 HEAVY = {"pyramidnet_164_270", "resnet152", "resnext101_32x8d", "resnext101_64x4d",
          "wide_resnet101_2"}

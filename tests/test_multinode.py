@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from rmix import checkpoint
-from rmix.synth import synth_dataset
-
+from rmix.pipelines.synth import synth_dataset
 from test_ddp import ROOT, TINY, launch, launch_env
 
 
@@ -29,7 +28,7 @@ def data(tmp_path_factory):
 def standalone(data, tmp_path_factory):
     """The reference: `torchrun --standalone --nproc_per_node 2`, 3 epochs."""
     cwd = tmp_path_factory.mktemp("standalone")
-    rc, out = launch(["-m", "cli", "train", "--data-dir", data, *TINY, "--epochs", "3", "--out", "run"], cwd=cwd)
+    rc, out = launch(["-m", "rmix", "train", "--data-dir", data, *TINY, "--epochs", "3", "--out", "run"], cwd=cwd)
     assert rc == 0, out
     return cwd / "run"
 
@@ -151,7 +150,7 @@ def test_a_lost_node_ends_the_job_on_the_other_and_both_relaunched_continue_exac
 def test_ranks_started_with_a_pytorchjobs_variables_train_as_torchrun_does(data, standalone, tmp_path):
     # Kubeflow's PyTorchJob (no elastic policy) sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK in each pod
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "cli", "train", "--data-dir", str(data), *TINY, "--epochs", "3",
+    procs = [subprocess.Popen([sys.executable, "-m", "rmix", "train", "--data-dir", str(data), *TINY, "--epochs", "3",
                                "--out", "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=launch_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                                          "WORLD_SIZE": "2", "RANK": str(r)}), start_new_session=True)

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from rmix.cli import cli
 
 TINY = ["--epochs", "1", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
         "--workers", "1", "--loader", "torch"]

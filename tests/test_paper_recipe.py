@@ -8,16 +8,14 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data.distributed import DistributedSampler
 
-from cli import cli
-from pipelines import build_cifar_loader, shard_indices, train_batches
-from pipelines.colour import PaperColour, colour_reference
 from rmix import config as C
+from rmix.cli import cli
 from rmix.mixing import RecursiveMix, smooth
+from rmix.pipelines import build_cifar_loader, shard_indices, train_batches
+from rmix.pipelines.colour import PaperColour, colour_reference
 from rmix.presets import preset
 from rmix.schedule import lr_at
-
-from test_pipelines import _write_cifar, epoch, folder, ids, make  # noqa: F401  (folder is a fixture)
-
+from test_pipelines import _write_cifar, folder, ids, make  # noqa: F401  (folder is a fixture)
 
 # ---- the learning rate of every epoch ----
 
@@ -106,7 +104,7 @@ def test_kept_last_batch_gives_every_rank_the_same_steps_and_every_sample(world)
 @pytest.mark.parametrize("world", [1, 2])
 def test_loaders_keep_the_short_last_batch(kind, world, folder):  # noqa: F811
     # 15 images, batch 4: one rank 4 + 4 + 4 + 3; two ranks pad to 8 each, 4 + 4
-    from pipelines import scan_image_folder
+    from rmix.pipelines import scan_image_folder
     index = scan_image_folder(folder)
     for rank in range(world):
         loader = make(kind, folder, train=True, batch_size=4, seed=6, rank=rank, world_size=world, drop_last=False)
@@ -258,7 +256,8 @@ def test_the_papers_three_jitters_commute(seed):
 
 def _dali_colour(images, factors, alphas):
     from nvidia.dali import fn, pipeline_def
-    from pipelines.dali import _colour_jitter_and_lighting
+
+    from rmix.pipelines.dali import _colour_jitter_and_lighting
 
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
     def pipe():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import DecodeError, build_loader, scan_image_folder, shard_indices
+from rmix.pipelines import DecodeError, build_loader, scan_image_folder, shard_indices
 
 KINDS = ["dali", "torch"]
 CLASSES = ["Apple", "mango", "zebra"]     # sorted order: uppercase first, as ImageFolder
@@ -206,7 +206,7 @@ def test_aug_plus_recolours_whole_image(kind, folder):
     loader = make(kind, folder, train=True, batch_size=4, aug_plus=True, seed=2)
     plain = make(kind, folder, train=True, batch_size=4, aug_plus=False, seed=2)
     changed = 0
-    for (images, labels), (reference, _) in zip(loader, plain):
+    for (images, _labels), (reference, _) in zip(loader, plain):
         assert images.dtype == torch.uint8 and images.shape == reference.shape
         flat = images.float().reshape(images.shape[0], -1, 3)
         # every op is a per-image colour map: a solid image stays (nearly) solid
@@ -310,7 +310,7 @@ def _cifar_epoch(loader):
 @pytest.mark.parametrize("cifar100", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cifar(kind, cifar100, tmp_path):
-    from pipelines import build_cifar_loader
+    from rmix.pipelines import build_cifar_loader
     truth = _write_cifar(tmp_path, cifar100)
     kw = dict(cifar100=cifar100, num_threads=2 if kind == "dali" else 0, seed=1)
     val = build_cifar_loader(kind, tmp_path, train=False, batch_size=4, **kw)
@@ -333,7 +333,7 @@ def test_cifar(kind, cifar100, tmp_path):
 
 
 def test_cifar_val_identical_across_kinds(tmp_path):
-    from pipelines import build_cifar_loader
+    from rmix.pipelines import build_cifar_loader
     _write_cifar(tmp_path, False)
     a, b = (torch.cat([x for x, _ in build_cifar_loader(k, tmp_path, train=False, batch_size=4)])
             for k in KINDS)
@@ -445,7 +445,7 @@ def test_both_kinds_read_the_same_split(kind, folder):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cifar_set_epoch_replays_an_epoch(kind, train, tmp_path):
-    from pipelines import build_cifar_loader
+    from rmix.pipelines import build_cifar_loader
     _write_cifar(tmp_path, False)
     kw = dict(train=train, batch_size=4, seed=2, num_threads=2 if kind == "dali" else 0)
     run = build_cifar_loader(kind, tmp_path, **kw)
@@ -552,8 +552,8 @@ def test_header_cut_jpeg_names_its_batch(kind, threads, folder, tmp_path):
 
 FORK_AFTER_DALI = """
 import gc, sys, torch
-from pipelines import build_loader
-from pipelines.torch_loader import TorchLoader
+from rmix.pipelines import build_loader
+from rmix.pipelines.torch_loader import TorchLoader
 
 dali = build_loader("dali", sys.argv[1], train=True, batch_size=2, crop_size=16, val_resize=16, num_threads=1)
 for _ in range(2):
@@ -581,7 +581,6 @@ print(sum(len(x) for x, _ in loader))
 def test_torch_workers_forked_after_dali_do_not_hang(folder):
     # Without the collection before the fork, the worker frees the dead DALI pipeline, whose
     # destructor waits for executor threads the fork did not copy: the epoch never ends.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", FORK_AFTER_DALI, str(folder)], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": root})
+                       timeout=120)
     assert r.returncode == 0 and r.stdout.split()[-1] == "4", r.stderr[-2000:]

@@ -10,7 +10,6 @@ import pytest
 import rmix.engine as engine
 from rmix import checkpoint
 from rmix.preempt import Preemption
-
 from test_reliability import train_args
 from test_resume_steps import assert_same_run, reference, run  # noqa: F401 (a fixture)
 
@@ -84,7 +83,7 @@ def test_preemption_restores_the_handlers_it_replaced():
 
 def test_sigterm_to_the_cli_exits_0_with_the_way_to_resume(tiny, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-c", "import cli; cli.main()", *train_args(tiny, out, "--loader", "torch"),
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", *train_args(tiny, out, "--loader", "torch"),
            "--epochs", "500"]  # far more than the time to the signal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

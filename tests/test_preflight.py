@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
-from rmix import preflight
+from rmix.cli import cli
+from rmix.pipelines import preflight
 
 
 def encode(fmt, mode="RGB", seed=0):

@@ -13,11 +13,10 @@ from unittest import mock
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
-from pipelines.wds import index_shard, read_dali_index, scan_shards
-from rmix import prepare as P
-
 from imagenet_archives import LEAVES, write_archives
+from rmix.cli import cli
+from rmix.pipelines import prepare as P
+from rmix.pipelines.wds import index_shard, read_dali_index, scan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +106,7 @@ def test_a_killed_preparation_leaves_nothing_complete_looking_and_continues(arch
     root, _ = archives
     out = tmp_path / "w"
     # a process killed (SIGKILL) while writing its third shard
-    script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); from rmix import prepare as P\n"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); from rmix.pipelines import prepare as P\n"
               "n = [0]; real = P._range_reader\n"
               "def reader(*a):\n"
               "    read = real(*a)\n"
@@ -269,7 +268,8 @@ def test_any_image_folder_to_shards_and_back(tiny, tmp_path):
 
 def test_a_disk_error_midway_is_one_line_and_the_rerun_continues(archives, tmp_path, monkeypatch):
     import errno
-    from pipelines import wds
+
+    from rmix.pipelines import wds
     root, _ = archives
     out = tmp_path / "w"
     real, n = wds.ShardWriter.add, [0]
@@ -329,7 +329,9 @@ SMALL = ["train/c0/x.jpg", "train/c0/y.jpg", "train/c1/z.jpg", "val/c0/v.jpg", "
 @pytest.mark.parametrize("kind", ["parent", "absolute", "link"])
 def test_a_devkit_member_outside_its_folder_is_refused_by_name(tmp_path, monkeypatch, kind, skip_md5):
     import tempfile
+
     from torchvision.datasets import imagenet
+
     from imagenet_archives import symlink
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where torchvision's parser extracted to

@@ -4,8 +4,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
 from rmix import config as C
+from rmix.cli import cli
 from rmix.presets import PRESETS, preset
 
 EXPECTED = {
@@ -63,7 +63,7 @@ def test_unknown_preset():
 
 
 def test_config_file_layers(tmp_path):
-    from cli import config_from_options, load_config_file
+    from rmix.cli import config_from_options, load_config_file
     f = tmp_path / "c.toml"
     f.write_text('epochs = 7\n[mix]\nalpha = 0.3\npolicy = "cutmix"\n[optim]\nmilestones = [3, 5]\n')
     cfg = load_config_file(f, preset("imagenet-r50-rm"))
@@ -78,7 +78,7 @@ def test_config_file_layers(tmp_path):
 
 
 def test_run_config_json_round_trips(tmp_path):
-    from cli import load_config_file
+    from rmix.cli import load_config_file
     cfg = preset("cifar10-pyramidnet200-rm")
     f = tmp_path / "config.json"
     f.write_text(json.dumps(C.to_dict(cfg)))

@@ -23,7 +23,7 @@ def test_own_loop_example_runs():
 
 def test_setup_commands_are_two_and_match_ci():
     text = README.read_text()
-    setup = text[text.index("## Set up"):text.index("## Using it")]
+    setup = text[text.index("## Set up"):text.index("## Quick start")]
     commands = re.findall(r"```bash\n(.*?)\n```", setup, re.S)
     assert len(commands) == 2 and "rmix train" in commands[0] and "pytest" in commands[1]
     ci = (README.parent / ".ci" / "run").read_text()

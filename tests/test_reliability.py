@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
 from rmix import checkpoint
+from rmix.cli import cli
 
 TINY = ["--epochs", "3", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
         "--workers", "1", "--log-every", "1"]
@@ -31,7 +31,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, loader):
     r = CliRunner().invoke(cli, train_args(tiny, ref, "--loader", loader), catch_exceptions=False)
     assert r.exit_code == 0, r.output
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "import cli; cli.main()", *train_args(tiny, run, "--loader", loader)]
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", *train_args(tiny, run, "--loader", loader)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -229,8 +229,9 @@ def _cut_after_scan_start(path, keep=8):
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_decode_error_mid_run_stops_and_keeps_the_checkpoint(tiny, tmp_path, loader):
     import shutil
-    from pipelines import scan_image_folder, shard_indices
+
     from rmix.config import TrainConfig
+    from rmix.pipelines import scan_image_folder, shard_indices
     data = tmp_path / "data"
     shutil.copytree(tiny, data)
     out = tmp_path / "run"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rmix.synth import synth_dataset
+from rmix.pipelines.synth import synth_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None or shutil.which("rmix") is None,

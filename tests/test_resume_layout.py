@@ -7,10 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
 from rmix import checkpoint
+from rmix.cli import cli
 from rmix.engine import match_param_layout  # noqa
-
 from test_reliability import train_args
 from test_resume_steps import Cut, assert_same_run, cut_after_save
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
 from rmix import checkpoint
-
+from rmix.cli import cli
 from test_reliability import TINY, train_args
 
 # tiny (conftest): 24 train images, batch 8: 3 steps per epoch, so --save-every-steps 1 saves after steps 1 and 2
@@ -87,7 +86,7 @@ def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch,
 
 def test_sigkill_with_mid_epoch_saves_resumes_exactly(tiny, tmp_path, reference):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(out),
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(out),
            *TINY, "--loader", "dali", "--save-every-steps", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -13,11 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
-from pipelines import build_shard_loader
-from pipelines.wds import read_dali_index, read_label, scan_shards
-from rmix.prepare import prepare_folder
-
+from rmix.cli import cli
+from rmix.pipelines import build_shard_loader
+from rmix.pipelines.prepare import prepare_folder
+from rmix.pipelines.wds import read_dali_index, read_label, scan_shards
 from test_reliability import train_args
 
 KW = dict(batch_size=4, crop_size=16, val_resize=20, num_threads=1, seed=3)
@@ -127,7 +126,7 @@ def test_a_label_outside_the_index_classes_is_refused_by_every_path(copy, tmp_pa
     assert "outside the classes [0, 4)" in refused(copy, tmp_path, name)
     for kind in ("dali", "torch"):  # the loaders themselves, as with --no-preflight
         with pytest.raises(Exception, match="outside the classes") as e:
-            for epoch in range(2):
+            for _epoch in range(2):
                 list(build_shard_loader(kind, copy, "train", train=True, **KW))
         assert name in str(e.value) and "\n" not in str(e.value)
 
@@ -265,7 +264,7 @@ def test_every_path_reads_the_same_member_and_label(seed, tmp_path):
     for kind in ("dali", "torch"):  # val reads the shard in order: position i is member i
         got = torch.cat([y for _, y in build_shard_loader(kind, root, "val", train=False, **KW)])
         assert got.tolist() == labels, kind
-    from pipelines.dali import SampleLabels  # and DALI's own source info names each member
+    from rmix.pipelines.dali import SampleLabels  # and DALI's own source info names each member
     mapping = SampleLabels(split)
     rows = [f"{root}/val-000000.tar:{s.offset}:{s.member}".encode() for s in split.samples]
     width = max(map(len, rows))

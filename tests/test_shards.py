@@ -7,13 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
-from pipelines import build_loader, build_shard_loader
-from pipelines.dali import dali_slice
-from pipelines.wds import read_label, scan_shards
 from rmix import checkpoint
-from rmix.prepare import prepare_folder
-
+from rmix.cli import cli
+from rmix.pipelines import build_loader, build_shard_loader
+from rmix.pipelines.dali import dali_slice
+from rmix.pipelines.prepare import prepare_folder
+from rmix.pipelines.wds import read_label, scan_shards
 from test_reliability import train_args
 from test_resume_steps import Cut, assert_same_run, cut_after_save
 
@@ -140,7 +139,7 @@ def test_data_check_and_the_preflight_name_the_member(broken, tmp_path):
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_a_decode_error_on_shards_names_the_member(broken, kind):
-    from pipelines import DecodeError
+    from rmix.pipelines import DecodeError
     out, name = broken
     loader = build_shard_loader(kind, out, "train", train=True, **KW)
     with pytest.raises(DecodeError) as e:
@@ -172,7 +171,7 @@ def test_a_shard_dir_missing_a_split_is_one_line(shards, tmp_path):
 
 
 def test_keep_last_on_dali_shards_is_refused_where_ranks_would_differ(shards):
-    from pipelines.dali import shard_loader
+    from rmix.pipelines.dali import shard_loader
     split = scan_shards(shards, "train")
     nine = split._replace(samples=split.samples[:9])  # DALI's slices over 2 ranks: 4 and 5, so 1 and 2 batches of 4
     kw = dict(KW, batch_size=4, seed=0)

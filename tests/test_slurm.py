@@ -14,7 +14,7 @@ import torch
 
 from rmix import checkpoint
 from rmix.dist import first_host, slurm_env, slurm_port
-from rmix.synth import synth_dataset
+from rmix.pipelines.synth import synth_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--workers", "1", "--batch-size", "8",
@@ -81,8 +81,7 @@ def sbatch(script, tmp_path, out, job, data):
                                                             "MASTER_PORT") and not k.startswith("SLURM_")}
     env.update(PATH=os.pathsep.join([str(ROOT / "tests/slurm_stub"), str(Path(sys.executable).parent), env["PATH"]]),
                SLURM_JOB_ID=job, SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost",
-               SLURM_JOB_NAME="rmix", SLURM_CPUS_PER_TASK="2", SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-               PYTHONPATH=str(ROOT))
+               SLURM_JOB_NAME="rmix", SLURM_CPUS_PER_TASK="2", SCONTROL_LOG=str(tmp_path / "scontrol.log"))
     return subprocess.Popen(["bash", str(ROOT / "scripts/slurm" / script), "--data-dir", str(data), *ARGS,
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

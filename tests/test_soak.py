@@ -8,8 +8,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
 from rmix.bench.soak import LIMIT_PCT, format_soak, plateau, rss_bytes, soak
+from rmix.cli import cli
 
 
 def test_plateau_arithmetic():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rmix import synth
-from rmix.synth import CONCEPTS, MANIFEST, default_data_dir, synth_dataset
+from rmix.pipelines import synth
+from rmix.pipelines.synth import CONCEPTS, MANIFEST, default_data_dir, synth_dataset
 
 TINY = dict(classes=10, train_per_class=3, val_per_class=2, width=24, height=24)
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import cli
+from rmix.cli import cli
 from rmix.models import build, roi_pool
-
 from test_reliability import train_args
 
 timm = pytest.importorskip("timm")

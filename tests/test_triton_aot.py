@@ -12,8 +12,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels import mix_triton  # noqa: E402
-from kernels.aot import compile_launch, parse_ptxas  # noqa: E402
+from rmix.kernels import mix_triton  # noqa: E402
+from rmix.kernels.aot import compile_launch, parse_ptxas  # noqa: E402
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

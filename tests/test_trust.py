@@ -17,8 +17,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
 from rmix import checkpoint
+from rmix.cli import cli
 
 TINY = ["--epochs", "2", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
         "--workers", "1"]
@@ -108,7 +108,7 @@ def test_a_second_run_into_a_live_run_directory_is_refused_naming_the_pid(tiny, 
 
 def test_two_runs_started_together_one_is_refused(tiny, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-c", "import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(run),
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(run),
            *TINY, "--epochs", "1"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -245,7 +245,7 @@ def test_what_is_not_a_checkpoint_says_so(tmp_path):
 
 
 def test_ctrl_c_names_the_resume(tmp_path, tiny):
-    cmd = [sys.executable, "-c", "import cli; cli.main()", "train", "--data-dir", str(tiny),
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny),
            "--out", str(tmp_path / "r"), *TINY, "--epochs", "200"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -269,7 +269,7 @@ def test_the_readme_checkpoint_snippet_loads_a_real_run(finished):
 
 
 def test_the_cli_bounds_openmp_spinning_before_torch_loads_and_keeps_a_users_value():
-    code = "import os, sys; import cli; print(os.environ['GOMP_SPINCOUNT'])"
+    code = "import os, sys; from rmix import cli; print(os.environ['GOMP_SPINCOUNT'])"
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip() == "10000"

@@ -8,9 +8,9 @@ import torchvision
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import cli
 from rmix import checkpoint
 from rmix import config as C
+from rmix.cli import cli
 from rmix.models import build
 from rmix.progress import Progress
 from rmix.show import grid_size
@@ -104,7 +104,7 @@ def test_export_small_model_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from rmix.synth import synth_dataset
+    from rmix.pipelines.synth import synth_dataset
     return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=2,
                          width=24, height=24)
 

@@ -33,8 +33,7 @@ POLICIES = {  # environment of the child processes; OpenMP variables not named h
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
 }
 OPENMP_WAIT_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
-RMIX = "import sys; sys.argv[0] = 'rmix'; from cli import main; main()"
-ROOT = Path(__file__).resolve().parents[2]
+RMIX = "import sys; sys.argv[0] = 'rmix'; from rmix.cli import main; main()"
 
 
 def policy_env(policy: str) -> dict:
@@ -51,7 +50,6 @@ def child_env(policy: str) -> dict:
     """This process's environment with `policy`'s OpenMP wait settings and nothing else of the kind."""
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARS}
     env.update(policy_env(policy))
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -60,7 +58,7 @@ def timed_runs(n: int, policy: str, train_args: list, workdir: Path) -> float:
     env = child_env(policy)
     procs, logs = [], []
     t0 = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
         log = open(out.parent / "log.txt", "w+")  # a file, not a pipe: a full pipe would stall the run
         logs.append(log)
@@ -85,7 +83,7 @@ def contention(*, epochs=5, procs=2, reps=1, policies=("rmix", "libgomp"), max_s
     if not policies:
         raise ValueError(f"--policies: expected some of {', '.join(POLICIES)}, spin:N; got none")
     envs = {p: policy_env(p) for p in policies}
-    from rmix.synth import default_data_dir
+    from rmix.pipelines.synth import default_data_dir
     default_data_dir()  # generated now, not inside a timed run (nor by two runs at once)
     info = machine_info("cpu")  # the load average before any run
     args = ["--epochs", str(epochs)] + (["--max-steps", str(max_steps)] if max_steps else [])

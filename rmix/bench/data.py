@@ -28,13 +28,14 @@ import os
 import pathlib
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
-from pipelines import FolderIndex, build_loader, scan_image_folder
-from rmix.paths import cache_dir
 from rmix.bench.timing import cpu_seconds, machine_info, median, synchronize
+from rmix.pipelines import FolderIndex, build_loader, scan_image_folder
+from rmix.pipelines.paths import cache_dir
 
 LOADERS = ("torch_pil", "torch_v2", "decode_only", "dali")  # run order: forked workers before DALI threads
 SYNTH = dict(width=500, height=375, quality=96, classes=8)  # ImageNet-like: ~100 KB, 500x375
@@ -42,7 +43,7 @@ SYNTH = dict(width=500, height=375, quality=96, classes=8)  # ImageNet-like: ~10
 
 def synthetic_jpegs(images: int, log=None) -> pathlib.Path:
     """A cached synthetic ImageFolder (train/ and val/) with at least `images` ImageNet-sized JPEGs."""
-    from rmix.synth import VERSION, synth_dataset
+    from rmix.pipelines.synth import VERSION, synth_dataset
     per_class = math.ceil(images / SYNTH["classes"])
     name = "bench-jpeg-v{v}-{width}x{height}-q{quality}-{classes}x{n}".format(v=VERSION, n=per_class, **SYNTH)
     out = cache_dir() / name
@@ -123,7 +124,7 @@ class DecodeOnly:
     def __init__(self, index, *, batch_size, num_threads, decoder, device_id, seed=0):
         from nvidia.dali import fn, pipeline_def, types
 
-        from pipelines.dali import write_file_list
+        from rmix.pipelines.dali import write_file_list
 
         @pipeline_def
         def decode_pipeline(file_root, file_list):
@@ -184,8 +185,8 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
         dali_device: "auto" (gpu when device is cuda), "cpu", or "gpu" (nvJPEG, implies device cuda).
         log: a callable for progress lines (e.g. click.echo to stderr), or None.
     """
-    from pipelines.wds import is_shard_dir
     from rmix.engine import resolve_device
+    from rmix.pipelines.wds import is_shard_dir
     if data_dir and is_shard_dir(pathlib.Path(data_dir).expanduser()):
         return bench_shards(data_dir, batch=batch, threads=threads, size=size, reps=reps, images=images,
                             min_area=min_area, device=device, dali_device=dali_device, seed=seed, log=log)
@@ -196,7 +197,7 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
         device = torch.device("cuda", torch.cuda.current_device())
     skipped = {}
     try:
-        from pipelines.dali import resolve_dali_device
+        from rmix.pipelines.dali import resolve_dali_device
         decoder, device_id = resolve_dali_device(dali_device, device)
     except ImportError as e:  # a machine without DALI still compares the torchvision loaders
         decoder, device_id = None, None
@@ -241,7 +242,7 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
             if name == "decode_only":
                 ceiling = DecodeOnly(index, batch_size=batch, num_threads=threads, decoder=decoder,
                                      device_id=device_id, seed=seed)
-                rates, cpu_ms = _passes(lambda: ceiling.run(n_batches), reps, device)
+                rates, cpu_ms = _passes(partial(ceiling.run, n_batches), reps, device)
                 ceiling.close()
             else:
                 if name == "torch_v2":
@@ -250,7 +251,7 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
                 else:
                     loader = build_loader("dali" if name == "dali" else "torch", index.root,
                                           dali_device=dali_device, **common)
-                rates, cpu_ms = _passes(lambda: _epoch(loader), reps, device)
+                rates, cpu_ms = _passes(partial(_epoch, loader), reps, device)
                 del loader  # stops DataLoader workers / DALI threads before the next loader runs
             result["passes"][name] = [round(r, 1) for r in rates]
             result[f"{name}_img_s"] = median(rates)
@@ -276,9 +277,9 @@ def bench_shards(data_dir, *, batch=None, threads=None, size=224, reps=3, images
     loader reads the shards by offset and the files by path. Both copies are on the same disk, so
     this measures the readers' own cost: the page cache hides what shards save on network storage.
     """
-    from pipelines import build_shard_loader
-    from pipelines.wds import ShardWriter, member_key, scan_shards, shard_name
     from rmix.engine import resolve_device
+    from rmix.pipelines import build_shard_loader
+    from rmix.pipelines.wds import ShardWriter, member_key, scan_shards, shard_name
     device = resolve_device(device)
     batch = batch or (256 if device.type == "cuda" else 64)
     threads = threads or os.cpu_count() or 1
@@ -322,7 +323,7 @@ def bench_shards(data_dir, *, batch=None, threads=None, size=224, reps=3, images
                 log(f"{name}: {reps} passes of {n_batches} batches after a warm-up pass")
             loader = (build_shard_loader(kind, tmp / "shards", "train", **common) if form == "wds" else
                       build_loader(kind, tmp / "files" / "train", **common))
-            rates, cpu_ms = _passes(lambda: _epoch(loader), reps, device)
+            rates, cpu_ms = _passes(partial(_epoch, loader), reps, device)
             del loader
             result["passes"][name] = [round(r, 1) for r in rates]
             result[f"{name}_img_s"] = median(rates)

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import recursive_mix
+from rmix.kernels import recursive_mix
 
 MEAN = (123.675, 116.28, 103.53)  # ImageNet, pixel units
 STD = (58.395, 57.12, 57.375)
@@ -138,7 +138,7 @@ def bench_mix(batch=256, size=224, device="cpu", reps=10, mode="nearest", out_dt
         "gbps": None, "peak_fraction": None,
     }
     if device.type == "cuda":
-        from kernels.mix_triton import bytes_moved
+        from rmix.kernels.mix_triton import bytes_moved
         moved = bytes_moved(n, c, h, w, box_fraction, 1, history.element_size(), k)
         result["gbps"] = moved / (times["fused"] * 1e-3) / 1e9
         peak = peak_gbps(result["device_name"])

@@ -31,12 +31,11 @@ import time
 import torch
 
 from rmix import config as C
+from rmix.bench.timing import machine_info, torch_threads
 from rmix.data import make_loaders, resolve_data
-from rmix.engine import (amp_dtype, build_optimizer, build_policies, evaluate, resolve_device, set_lr,
-                         train_one_epoch)
+from rmix.engine import amp_dtype, build_optimizer, build_policies, evaluate, resolve_device, set_lr, train_one_epoch
 from rmix.models import build
 from rmix.progress import Progress
-from rmix.bench.timing import machine_info, torch_threads
 
 LIMIT_PCT = 5.0  # issue #8: less than 5% growth after warm-up
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIDE = 4, 16, 4, 24  # the tiny data set
@@ -91,7 +90,7 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
     if not 0 < warmup_fraction < 1:
         raise ValueError(f"--warmup-fraction: must be in (0, 1), got {warmup_fraction}")
     if data_dir is None:
-        from rmix.synth import synth_dataset
+        from rmix.pipelines.synth import synth_dataset
         with tempfile.TemporaryDirectory(prefix="rmix-soak-") as tmp:
             path = synth_dataset(os.path.join(tmp, "data"), classes=CLASSES, train_per_class=TRAIN_PER_CLASS,
                                  val_per_class=VAL_PER_CLASS, width=SIDE, height=SIDE, seed=seed)

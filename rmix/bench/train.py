@@ -21,11 +21,18 @@ import os
 import torch
 
 from rmix import config as C
-from rmix.data import CIFAR_DIRS, make_loader, resolve_data
-from rmix.engine import (amp_dtype, build_optimizer, build_policies, compile_model, resolve_device, set_determinism,
-                         train_step)
-from rmix.models import build
 from rmix.bench.timing import StepTimer, machine_info, median, torch_threads
+from rmix.data import CIFAR_DIRS, make_loader, resolve_data
+from rmix.engine import (
+    amp_dtype,
+    build_optimizer,
+    build_policies,
+    compile_model,
+    resolve_device,
+    set_determinism,
+    train_step,
+)
+from rmix.models import build
 
 SYNTHETIC_BATCHES = 4  # distinct in-memory batches, cycled
 

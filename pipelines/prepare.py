@@ -40,8 +40,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from pipelines import IMG_EXTENSIONS, one_line, scan_image_folder
-from pipelines.wds import INDEX, ShardWriter, member_key, shard_name
+from rmix.pipelines import IMG_EXTENSIONS, one_line, scan_image_folder
+from rmix.pipelines.wds import INDEX, ShardWriter, member_key, shard_name
 
 PLAN = "prepare.json"
 SHUFFLE_SEED = 0  # the train shards' one fixed order: the same shards on every machine
@@ -111,6 +111,7 @@ def verify_archives(paths: dict, work: str, say=print):
 def read_devkit(path: str, work: str, skip_md5: bool):
     """(wnids sorted, {wnid: names}, val wnid per val image in file order) via torchvision's parser."""
     from unittest import mock
+
     from torchvision.datasets import imagenet
     name = imagenet.ARCHIVE_META["devkit"][0]
     root = os.path.join(work, "devkit")
@@ -547,6 +548,7 @@ def _write_json(path: str, data):
 def _bar(total: int, desc: str, unit: str = "img"):
     """A callable ``bar(n)`` advancing a progress bar (tqdm on a terminal, a line per 10% elsewhere)."""
     import sys
+
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False, disable=not tty)

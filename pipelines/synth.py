@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from rmix.paths import cache_dir
+from rmix.pipelines.paths import cache_dir
 
 VERSION = 2  # bump whenever the pixels change, so cached copies are regenerated
 # v2: distractors are clutter (blobs, strokes), no longer other classes' shapes shrunk: an image
@@ -58,7 +58,7 @@ def synth_dataset(out, *, classes=DEFAULT_CLASSES, train_per_class=100, val_per_
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         stats = _write_all(tmp, params)
-        manifest = dict(generator="rmix.synth", version=VERSION, params=params,
+        manifest = dict(generator="rmix.pipelines.synth", version=VERSION, params=params,
                         classes=sorted(CONCEPTS[:classes]),
                         counts={"train": classes * train_per_class, "val": classes * val_per_class},
                         **stats)

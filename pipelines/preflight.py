@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import pil_decodes, scan_image_folder
-from rmix.paths import cache_dir
+from rmix.pipelines import pil_decodes, scan_image_folder
+from rmix.pipelines.paths import cache_dir
 
 BATCH = 64
 MAGIC = [(b"\xff\xd8", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
@@ -87,7 +87,7 @@ def check_shard_split(root, split, decoder="dali", threads=2):
     The set is verified first (`scan_shards`), and each label is read with its image by the
     loaders' one reader: a bad one is a ValueError naming its member.
     """
-    from pipelines.wds import INDEX, scan_shards
+    from rmix.pipelines.wds import INDEX, scan_shards
     shards = scan_shards(root, split, labels=False)
     names = [shards.name(i) for i in range(len(shards.samples))]
     counts = {"samples": len(names), "shards": len(shards.shards),
@@ -116,7 +116,7 @@ def _fingerprint(roots, decoder) -> str:
     h = hashlib.sha256(decoder.encode())
     for root in roots:
         if isinstance(root, tuple):  # (shard dir, split): the shards' sizes and times
-            from pipelines.wds import find_shards
+            from rmix.pipelines.wds import find_shards
             for name in find_shards(root[0], root[1]):
                 st = os.stat(os.path.join(root[0], name))
                 h.update(f"{root}\0{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

@@ -1,0 +1,160 @@
+"""Run logs (rmix.logs): every backend gets the same rows; one that fails costs a warning, never the run."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rmix import checkpoint, logs
+from rmix.cli import cli
+
+TINY = ["--epochs", "2", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
+        "--workers", "1", "--log-every", "1", "--loader", "torch"]
+
+
+def train(tiny, out, *extra):
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(out), *TINY, *extra])
+    return r.exit_code, r.output
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class Spy:
+    """A backend that records what it is given, in the form the real ones take."""
+    name, wants_steps = "spy", True
+    seen = {}
+
+    def __init__(self, run_dir, cfg, start):
+        self.calls = Spy.seen.setdefault(type(self).__name__, [])
+        self.calls.append(("start", cfg["epochs"]))
+
+    def epoch(self, row):
+        self.calls.append(("epoch", dict(row)))
+
+    def step(self, values):
+        self.calls.append(("step", dict(values)))
+
+    def close(self, exit_code=0):
+        self.calls.append(("close", exit_code))
+
+
+class SpyA(Spy):
+    pass
+
+
+class SpyB(Spy):
+    pass
+
+
+def with_backends(monkeypatch, **classes):
+    """Replace the optional backends by `classes` ({"tensorboard": cls, "wandb": cls})."""
+    monkeypatch.setattr(logs, "OPTIONAL", {**logs.OPTIONAL, **classes})
+    real = logs.importlib.util.find_spec
+    monkeypatch.setattr(logs.importlib.util, "find_spec",  # both "installed"
+                        lambda name, *a: object() if name in ("tensorboard", "wandb") else real(name, *a))
+
+
+def test_every_backend_gets_the_same_rows(tiny, tmp_path, monkeypatch):
+    Spy.seen.clear()
+    with_backends(monkeypatch, tensorboard=SpyA, wandb=SpyB)
+    code, out = train(tiny, tmp_path / "run", "--log", "wandb")
+    assert code == 0, out
+    a, b = Spy.seen["SpyA"], Spy.seen["SpyB"]
+    assert a == b
+    epochs = [c[1] for c in a if c[0] == "epoch"]
+    assert epochs == rows(tmp_path / "run")  # the same keys and values as metrics.jsonl
+    steps = [c[1] for c in a if c[0] == "step"]
+    assert [s["global_step"] for s in steps] == list(range(1, 7))  # 3 steps per epoch, --log-every 1
+    assert all(set(s) == set(logs.STEP_KEYS) for s in steps)
+    assert all(isinstance(s["step/loss"], float) and s["step/lr"] > 0 for s in steps)
+    assert a[0] == ("start", 2) and a[-1] == ("close", 0)
+
+
+class Raises(Spy):
+    name = "flaky"
+
+    when = "epoch"
+
+    def __init__(self, run_dir, cfg, start):
+        super().__init__(run_dir, cfg, start)
+        if self.when == "start":
+            raise ConnectionError("no route to api.example")
+
+    def epoch(self, row):
+        super().epoch(row)
+        if self.when == "epoch":
+            raise OSError("disk quota exceeded\nsecond line")
+
+    def step(self, values):
+        super().step(values)
+        if self.when == "step" and values["global_step"] == 4:
+            raise RuntimeError("step 4")
+
+
+@pytest.mark.parametrize("when", ["start", "step", "epoch"])
+def test_a_failing_backend_is_one_warning_and_the_run_is_intact(tiny, tmp_path, monkeypatch, when):
+    ref = tmp_path / "ref"
+    code, out = train(tiny, ref)
+    assert code == 0, out
+    Spy.seen.clear()
+    flaky = type("Flaky", (Raises,), {"when": when})
+    with_backends(monkeypatch, tensorboard=flaky)
+    run = tmp_path / "run"
+    code, out = train(tiny, run)
+    assert code == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "flaky logging failed at " + when in warnings[0], out
+    calls = Spy.seen["Flaky"]
+    assert not [c for c in calls if c[0] == "close"]  # off after its failure: not called again
+    if when == "epoch":
+        assert sum(c[0] == "epoch" for c in calls) == 1
+    strip = [{k: v for k, v in r.items() if k != "img_s"} for r in rows(run)]
+    assert strip == [{k: v for k, v in r.items() if k != "img_s"} for r in rows(ref)]
+    for name in ("latest.pt", "best.pt"):
+        got, want = checkpoint.read(run / name), checkpoint.read(ref / name)
+        assert got["epoch"] == want["epoch"] == 2
+        assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+
+
+def test_tensorboard_holds_the_epoch_rows_and_step_rows(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    code, out = train(tiny, tmp_path / "run")
+    assert code == 0, out
+    acc = EventAccumulator(str(tmp_path / "run/tb"))
+    acc.Reload()
+    for row in rows(tmp_path / "run"):
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                (event,) = [e for e in acc.Scalars(k) if e.step == row["epoch"]]
+                assert event.value == pytest.approx(v, rel=1e-6)
+    assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 7))
+
+
+def test_wandb_offline_writes_its_run_and_a_resume_continues_it(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    code, out = train(tiny, run, "--log", "wandb", "--epochs", "1")
+    assert code == 0 and "warning:" not in out, out
+    run_id = (run / "wandb_id").read_text().strip()
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert offline.name.endswith(run_id)
+    assert (offline / f"run-{run_id}.wandb").stat().st_size > 0
+    code, out = train(tiny, run, "--log", "wandb", "--resume", "auto", "--allow-changes", "epochs")
+    assert code == 0 and "warning:" not in out, out
+    assert (run / "wandb_id").read_text().strip() == run_id  # the same W&B run, continued
+    assert [r["epoch"] for r in rows(run)] == [1, 2]
+
+
+def test_log_names_what_is_missing_in_one_line(tiny, tmp_path, monkeypatch):
+    code, out = train(tiny, tmp_path / "a", "--log", "neptune")
+    assert code == 2 and out.strip().splitlines() == ["Error: --log: expected names among wandb, got 'neptune'"]
+    real = logs.importlib.util.find_spec
+    monkeypatch.setattr(logs.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    code, out = train(tiny, tmp_path / "b", "--log", "wandb")
+    assert code == 2 and len(out.strip().splitlines()) == 1 and "pip install 'rmix[wandb]'" in out, out
+    assert not (tmp_path / "b").exists()  # refused before the run directory is made
