@@ -1,6 +1,5 @@
 """Checkpoints: round trip, atomic replace, and refusal of damaged or hostile files."""
 import os
-import pickle
 import subprocess
 import sys
 
@@ -24,13 +23,28 @@ def test_roundtrip(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # no temp file left
 
 
-def test_failed_save_keeps_the_previous_file(tmp_path):
+def test_a_value_that_cannot_be_stored_is_refused_before_writing(tmp_path):
     p = tmp_path / "latest.pt"
     checkpoint.save(p, payload())
     before = p.read_bytes()
-    with pytest.raises(pickle.PicklingError):
-        checkpoint.save(p, {"bad": lambda: 0})  # not serializable: fails mid-save
+    with pytest.raises(TypeError, match="cannot store a function"):
+        checkpoint.save(p, {"bad": lambda: 0})
     assert p.read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_an_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    p = tmp_path / "latest.pt"
+    checkpoint.save(p, payload())
+    before = p.read_bytes()
+
+    def half_then_interrupt(f, data):  # as Ctrl-C (or a kill the process sees) halfway through
+        f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint, "_write", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(p, {**payload(), "epoch": 4})
+    assert p.read_bytes() == before and checkpoint.read(p)["epoch"] == 3
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 

@@ -258,10 +258,10 @@ def test_ctrl_c_names_the_resume(tmp_path, tiny):
     assert "Aborted!" in out and "--resume auto" in out and "Traceback" not in out, out
 
 
-def test_the_readme_checkpoint_snippet_loads_a_real_run(finished):
+def test_the_documented_checkpoint_snippet_loads_a_real_run(finished):
     import re
     from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "RUNS.md").read_text()
     code = re.search(r"loaded the usual way.*?```python\n(.*?)```", text, re.S).group(1)
     ns = {}
     exec(code.replace("runs/rm/best.pt", str(finished / "best.pt")), ns)
