@@ -1,6 +1,6 @@
 """torch.distributed as torchrun sets it up: NCCL on GPUs, gloo on CPUs. Nothing home-made.
 
-Launch with `torchrun --nproc_per_node=N cli.py train ...` (multi-node: docs/DISTRIBUTED.md).
+Launch with `torchrun --nproc_per_node=N --no-python rmix train ...` (multi-node: docs/DISTRIBUTED.md).
 A dead rank is torchrun's to report: its elastic agent tears the other ranks down and exits
 non-zero naming the rank; the process-group timeout bounds any collective that waits longer.
 

@@ -472,8 +472,9 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
             if d.is_main:
                 is_best = evaluated and score > best  # with --ema: the better of the model and its EMA
                 best = max(best, score) if evaluated else best
-                logs.epoch(row, best)  # metrics.jsonl first (a resume trims rows past latest.pt), then the others
+                logs.epoch(row)  # metrics.jsonl first (a resume trims rows past latest.pt), then the others
                 saver.epoch_end(epoch, best, ranks, is_best, best_of if evaluated else None)
+                logs.announce(row, best)  # the console line once the epoch is on disk
             elif evaluated:
                 best = max(best, score)
             dist.barrier(d)

@@ -1,8 +1,9 @@
 """Run logs: where the training loop's numbers go, so the loop itself writes none of them.
 
-The loop calls `RunLogs.epoch(row, best)` once per epoch and, where a backend wants steps,
-`RunLogs.step(...)` at each progress line (every --log-every steps: values the progress line
-has already read back, so no extra sync). Every backend receives the same keys: the epoch row
+The loop calls `RunLogs.epoch(row)` once per epoch, before its checkpoint (a resume trims
+metrics.jsonl's rows past latest.pt), `RunLogs.announce(row, best)` after it, and, where a backend
+wants steps, `RunLogs.step(...)` every --log-every steps with the values the progress line reads
+back there (one sync each time; with the line hidden, these rows are what still read them). Every backend receives the same keys: the epoch row
 (epoch, lr, train_loss, train_top1, val_top1, val_top5, val_loss, img_s, and the EMA's with
 --ema) and the step row (`STEP_KEYS`).
 
@@ -141,11 +142,14 @@ class RunLogs:
                "step/img_s": values.get("img_s")}
         self._each("step", row)
 
-    def epoch(self, row: dict, best: float) -> None:
-        """One epoch's row to every backend; then the console line."""
+    def epoch(self, row: dict) -> None:
+        """One epoch's row to every backend."""
         if self.jsonl is not None:
             self.jsonl.epoch(row)  # raises: as a checkpoint that cannot be written, the run stops
         self._each("epoch", row)
+
+    def announce(self, row: dict, best: float) -> None:
+        """The epoch's console line, once its checkpoint is written: the line means the epoch is kept."""
         if self.show:
             Progress.line(console_line(row, best, self.eval_every))
 

@@ -87,7 +87,7 @@ def main():
             print(f"{variant:<13}{n / wall:>8.0f} img/s {cpu * 1e3 / n:>7.2f} CPU ms/img", flush=True)
             if feed is not None:
                 feed.close()
-            pipe = feed = None  # shut down before the next variant runs
+            pipe = feed = one_pass = None  # shut down before the next variant runs (one_pass's defaults hold them)
 
 
 if __name__ == "__main__":

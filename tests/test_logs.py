@@ -158,3 +158,17 @@ def test_log_names_what_is_missing_in_one_line(tiny, tmp_path, monkeypatch):
     code, out = train(tiny, tmp_path / "b", "--log", "wandb")
     assert code == 2 and len(out.strip().splitlines()) == 1 and "pip install 'rmix[wandb]'" in out, out
     assert not (tmp_path / "b").exists()  # refused before the run directory is made
+
+
+def test_the_epoch_line_comes_once_its_checkpoint_is_written(tiny, tmp_path, monkeypatch):
+    events, real = [], checkpoint.save
+    monkeypatch.setattr(logs.Progress, "line", staticmethod(lambda text, *a, **k: events.append(text)))
+
+    def save(path, payload):
+        real(path, payload)
+        events.append(f"saved {path.name} of epoch {payload['epoch']}")
+    monkeypatch.setattr(checkpoint, "save", save)
+    code, out = train(tiny, tmp_path / "run")
+    assert code == 0, out
+    lines = [e for e in events if e.startswith("epoch 1:")]
+    assert len(lines) == 1 and events.index("saved latest.pt of epoch 1") < events.index(lines[0]), events
