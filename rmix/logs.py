@@ -3,9 +3,9 @@
 The loop calls `RunLogs.epoch(row)` once per epoch, before its checkpoint (a resume trims
 metrics.jsonl's rows past latest.pt), `RunLogs.announce(row, best)` after it, and, where a backend
 wants steps, `RunLogs.step(...)` every --log-every steps with the values the progress line reads
-back there (one sync each time; with the line hidden, these rows are what still read them). Every backend receives the same keys: the epoch row
-(epoch, lr, train_loss, train_top1, val_top1, val_top5, val_loss, img_s, and the EMA's with
---ema) and the step row (`STEP_KEYS`).
+back there (one sync each time; with the line hidden, these rows are what still read them).
+Every backend receives the same keys: the epoch row (epoch, lr, train_loss, train_top1,
+val_top1, val_top5, val_loss, img_s, and the EMA's with --ema) and the step row (`STEP_KEYS`).
 
 - metrics.jsonl, always: one JSON object per epoch; `rmix plot`, `--resume` and the tests read it.
   Writing it can fail only as a checkpoint can (the disk), and then the run stops, as for one.
