@@ -13,9 +13,10 @@ import torch.distributed  # noqa: E402
 
 from rmix import config as C  # noqa: E402
 from rmix.checkpoint import CheckpointError, SaveError  # noqa: E402
+from rmix.pipelines import MissingPackage  # noqa: E402
 from rmix.pipelines.synth import DEFAULT_ARGS as SYNTH  # noqa: E402
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, MissingPackage)
 
 
 class RmixGroup(click.Group):
@@ -544,12 +545,17 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
               help="where the batches are delivered")
 @click.option("--dali-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="DALI decode: gpu = nvJPEG mixed (implies --device cuda); auto = gpu on cuda")
+@click.option("--decoders", is_flag=True, help="instead: whole-image JPEG decode, one thread, PIL vs torchvision vs "
+                                               "TorchCodec (img/s, and pixels against PIL's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, device, dali_device, as_json):
+def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, device, dali_device, decoders, as_json):
     """Train-pipeline img/s on the same files and threads: DALI, torchvision+PIL, torchvision v2, decode only."""
-    from rmix.bench.data import bench_data, format_bench
-    d = bench_data(data_dir, batch=batch, threads=threads, size=size, reps=reps, images=images, min_area=min_area,
-                   device=device, dali_device=dali_device, log=lambda m: click.echo(m, err=True))
+    from rmix.bench.data import bench_data, bench_decoders, format_bench
+    if decoders:
+        d = bench_decoders(data_dir, images=images, reps=reps, log=lambda m: click.echo(m, err=True))
+    else:
+        d = bench_data(data_dir, batch=batch, threads=threads, size=size, reps=reps, images=images,
+                       min_area=min_area, device=device, dali_device=dali_device, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 
@@ -571,17 +577,20 @@ def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, devic
               flag_value="default", default=None, help="also torch.compile'd runs with this mode, beside eager")
 @click.option("--torch-decode", type=click.Choice(["workers", "device"]), default="workers", show_default=True,
               help="torch loader: PIL in the workers, or torchvision.io.decode_jpeg on the device (nvJPEG)")
+@click.option("--compiled", type=click.Choice(["both", "rm"]), default="both", show_default=True,
+              help="with --compile: none and recursive_mix compiled, or recursive_mix alone (one graph)")
 @click.option("--deterministic", is_flag=True,
-              help="also recursive_mix with `rmix train --deterministic`'s kernels: what it costs")
+              help="also recursive_mix with `rmix train --deterministic`'s kernels: what cuDNN's and torch's "
+                   "deterministic choices cost (cuBLAS's workspace setting is the whole process's)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def bench_train_cmd(model, batch, size, steps, warmup, device, amp, channels_last, data_dir, loader, workers,
-                    threads, compile_mode, torch_decode, deterministic, as_json):
+                    threads, compile_mode, torch_decode, compiled, deterministic, as_json):
     """Train-step img/s: recursive_mix vs none in memory, and recursive_mix fed by the real loader."""
     from rmix.bench.train import bench_train, format_bench
     d = bench_train(model, batch=batch, size=size, steps=steps, warmup=warmup, device=device, amp=amp,
                     channels_last=channels_last, data_dir=data_dir, loader=loader, workers=workers,
                     threads=threads, compile_mode=compile_mode or "none", torch_decode=torch_decode,
-                    deterministic=deterministic, log=lambda m: click.echo(m, err=True))
+                    deterministic=deterministic, compiled=compiled, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_bench(d))
 
 
@@ -617,6 +626,20 @@ def bench_contention_cmd(epochs, procs, reps, policies, max_steps, as_json):
     d = contention(epochs=epochs, procs=procs, reps=reps, policies=tuple(p for p in policies.split(",") if p),
                    max_steps=max_steps, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(d) if as_json else format_contention(d))
+
+
+@cli.command()
+@click.option("--device", type=click.Choice(C.DEVICES), default="auto", show_default=True,
+              help="auto: the GPU where there is one")
+@click.option("--json", "as_json", is_flag=True, help='print {"versions", "checks", "ok"}')
+def doctor(device, as_json):
+    """Versions and whether they match; the GPU path against its references (kernel, decoders, 20 steps each loader)."""
+    from rmix.doctor import doctor as run
+    from rmix.doctor import format_doctor
+    d = run(device, log=None if as_json else lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(d) if as_json else format_doctor(d))
+    if not d["ok"]:
+        sys.exit(1)
 
 
 # --- views: plot, show, export (rmix/plot.py, rmix/show.py, rmix/export.py) ---

@@ -113,7 +113,11 @@ def _recursive_mix_kernel(
         soft_row = soft_ptr + n64 * K
         if INDEX_TARGETS:
             t = tl.load(tgt_row)
-        for k0 in range(0, K, BLOCK_K):
+        # a while loop, not range(0, K, BLOCK_K): Triton 3.6's interpreter takes a runtime range bound
+        # with int() of a 1-element array, which numpy 2.4 refuses (a constant trip count instead
+        # unrolls, and spills one bilinear variant on sm_80)
+        k0 = 0
+        while k0 < K:
             ks = k0 + tl.arange(0, BLOCK_K)
             kmask = ks < K
             if INDEX_TARGETS:
@@ -124,6 +128,7 @@ def _recursive_mix_kernel(
                 prev = tl.load(htgt_row + ks * s_ht_k, mask=kmask, other=0).to(tl.float32)
                 own = lam * own + (1.0 - lam) * prev
             tl.store(soft_row + ks, own, mask=kmask)
+            k0 += BLOCK_K
 
 
 def bytes_moved(N, C, H, W, box_fraction, in_bytes, out_bytes, K):

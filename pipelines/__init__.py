@@ -27,6 +27,23 @@ import torch
 # counts agree; DALI's own file_root scan has a different filter list and does not recurse.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+class MissingPackage(ImportError):
+    """A package that the asked-for path needs is not installed; the message says what to install."""
+
+
+def dali_wheel() -> str:
+    """The DALI wheel for this torch: nvidia-dali-cudaXY0 for torch's CUDA major (CUDA 13 for a CPU torch,
+    whose DALI runs CPU-only with any build)."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    return f"nvidia-dali-cuda{major}0"
+
+
+def missing_dali(error: ImportError) -> MissingPackage:
+    cuda = f"this torch's CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU torch (CPU-only mode)"
+    return MissingPackage(f"--loader dali: NVIDIA DALI is not installed ({error.name or error}); "
+                          f"`pip install {dali_wheel()}` (the build for {cuda}), or pass --loader torch")
+
+
 class DecodeError(RuntimeError):
     """An image of one batch could not be read or decoded.
 

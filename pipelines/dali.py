@@ -26,13 +26,19 @@ import tempfile
 from typing import NamedTuple
 
 import numpy as np
-import nvidia.dali.math as dmath
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from rmix.pipelines import (
+from rmix.pipelines import missing_dali
+
+try:
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as error:  # one line saying what to install, wherever DALI is first needed
+    raise missing_dali(error) from None
+
+from rmix.pipelines import (  # noqa: E402
     DecodeError,
     EpochCounter,
     FolderIndex,
@@ -45,26 +51,36 @@ from rmix.pipelines import (
 )
 from rmix.pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
 from rmix.pipelines.host_resize import HostResize
+from rmix.pipelines.streams import BatchHold
 from rmix.pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
 
 # nvJPEG preallocation per pipeline, in bytes: NVIDIA's ResNet-50 example gives each decoder
 # *thread* 211 MB of device memory and two 140 MB pinned host buffers (DALI's schema: "one device
 # buffer ... per thread", "two host-pinned buffers ... per thread"), which at the ImageNet presets'
 # 8 threads is 1.7 GB of GPU memory and 2.2 GB pinned per pipeline, train and val each, built
-# again every epoch. rmix gives a whole pipeline that much and splits it over the threads; a
-# thread that meets a bigger image grows its buffer once (nvJPEG reallocates), which is all the
-# preallocation saves.
+# again every epoch. rmix gives a whole pipeline that much and splits it over the threads, but never
+# less per thread than DALI's own defaults (16 MiB device, 8 MiB host in DALI 2.4): above 12 threads
+# the split would preallocate less than passing nothing. A thread that meets a bigger image grows its
+# buffer once (nvJPEG reallocates), which is all the preallocation saves.
 DEVICE_PADDING_PER_PIPELINE = 211_025_920
 HOST_PADDING_PER_PIPELINE = 2 * 140_544_512
 
 
-def nvjpeg_padding(num_threads: int) -> dict:
-    """The mixed decoder's padding arguments for a pipeline of `num_threads` threads: at most
-    DEVICE_PADDING_PER_PIPELINE of device and HOST_PADDING_PER_PIPELINE of pinned memory in all."""
-    n = max(1, num_threads)
-    return dict(device_memory_padding=DEVICE_PADDING_PER_PIPELINE // n,
-                host_memory_padding=HOST_PADDING_PER_PIPELINE // (2 * n))  # two host buffers a thread
+def dali_padding_defaults() -> tuple[int, int]:
+    """DALI's own (device_memory_padding, host_memory_padding) defaults, read from its operator schema."""
+    from nvidia.dali import backend
+    schema = backend.GetSchema("decoders__Image")
+    return tuple(int(schema.GetArgumentDefaultValueString(name))
+                 for name in ("device_memory_padding", "host_memory_padding"))
 
+
+def nvjpeg_padding(num_threads: int) -> dict:
+    """The mixed decoder's padding arguments for a pipeline of `num_threads` threads: a share of
+    DEVICE_PADDING_PER_PIPELINE and HOST_PADDING_PER_PIPELINE per thread, at least DALI's defaults."""
+    n = max(1, num_threads)
+    device_default, host_default = dali_padding_defaults()
+    return dict(device_memory_padding=max(DEVICE_PADDING_PER_PIPELINE // n, device_default),
+                host_memory_padding=max(HOST_PADDING_PER_PIPELINE // (2 * n), host_default))  # two host buffers a thread
 
 
 def resolve_dali_device(dali_device: str, device: torch.device) -> tuple[str, int | None]:
@@ -274,6 +290,7 @@ class DaliLoader(EpochCounter):
         self.num_samples = num_samples
         self.device = device
         self._crop_size = crop_size
+        self._hold = BatchHold(device)  # zero-copy batches, until torch's stream is done with them
         self._live: DaliEpoch | None = make_epoch(0)
         self._live_unused = True  # built, not iterated yet: iter() may take it as it is
 
@@ -297,6 +314,7 @@ class DaliLoader(EpochCounter):
             live.iterator.close()  # its thread calls the pipeline: stopped first
         if self.device.type == "cuda":  # DALI-to-torch copies run on torch's stream
             torch.cuda.current_stream(self.device).synchronize()
+        self._hold.release()
         getattr(live.pipe, "_shutdown", lambda: None)()  # private; else on deletion
 
     def _batches(self, epoch: int, live: DaliEpoch, start: int = 0):
@@ -329,13 +347,17 @@ class DaliLoader(EpochCounter):
             step += 1
             if step <= start:
                 continue
-            images = data[0]["images"]
-            labels = data[0]["labels"]
+            images = raw_images = data[0]["images"]
+            labels = raw_labels = data[0]["labels"]
             labels = labels.reshape(-1).to(torch.int64) if live.labels is None else live.labels(labels)
             if images.device != self.device:  # dali_device="cpu" with a CUDA device
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-            yield images, labels
+            try:
+                yield images, labels
+            finally:  # the next batch is asked for (or the epoch left): every read of this one is queued
+                self._hold.hold(raw_images, raw_labels)
+            del data, images, labels, raw_images, raw_labels  # only the hold keeps them now
         for _ in range(max(step, start), self._len):  # a val rank one image short: trailing empty batch
             yield (torch.empty(0, self._crop_size, self._crop_size, 3, dtype=torch.uint8,
                                device=self.device),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmix.pipelines import pil_decodes, scan_image_folder
+from rmix.pipelines import missing_dali, pil_decodes, scan_image_folder
 from rmix.pipelines.paths import cache_dir
 
 BATCH = 64
@@ -51,7 +51,10 @@ class _DaliDecoder:
         self.pipe = None
 
     def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
+        try:
+            from nvidia.dali import fn, pipeline_def, types
+        except ImportError as error:
+            raise missing_dali(error) from None
 
         @pipeline_def(batch_size=BATCH, num_threads=self.threads, device_id=None, prefetch_queue_depth=1)
         def decode():

@@ -18,6 +18,7 @@ import io
 import os
 import signal
 import threading
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +27,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
 
 from rmix.pipelines import (
@@ -40,6 +40,7 @@ from rmix.pipelines import (
     val_batches,
 )
 from rmix.pipelines.colour import PaperColour
+from rmix.pipelines.streams import ordered_decode
 
 
 def _to_hwc_uint8(image) -> torch.Tensor:
@@ -102,7 +103,8 @@ class EncodedImageFolder(IndexedImageFolder):
         index, aug_seed = key
         path, label = self.samples[index]
         try:
-            data = read_file(path)
+            with open(path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
         except Exception as error:  # named by TorchLoader with its epoch and batch
             return Unreadable(path, one_line(error)), label
         return (data, aug_seed), label
@@ -117,20 +119,37 @@ class EncodedBatch(NamedTuple):
     labels: torch.Tensor
 
 
+def _torchvision_decode_jpeg():
+    """torchvision.io.decode_jpeg, or ValueError where this torchvision has none (removed after 0.29)."""
+    import torchvision
+    from torchvision import io as tvio
+    if not hasattr(tvio, "decode_jpeg"):
+        raise ValueError(f"--torch-decode device: torchvision {torchvision.__version__} has no io.decode_jpeg; "
+                         "use --torch-decode workers or --loader dali")
+    return tvio.decode_jpeg, tvio.ImageReadMode.RGB
+
+
 class DeviceDecode:
     """Encoded images -> uint8 (N, S, S, 3) on `device`: decode, crop, resize and flip there.
 
     On a GPU the decode is nvJPEG (`torchvision.io.decode_jpeg(..., device="cuda")`, the whole batch
-    at once) and the crops are resized on the device; on a CPU the same code runs on the CPU. The
-    crop and flip of each image are drawn exactly as the PIL path draws them (RandomResizedCrop's
-    get_params, then the flip's coin, under the image's seed), so both paths crop the same boxes;
-    the pixels differ only by the decoder's and the resize's rounding. A file nvJPEG refuses (CMYK,
-    PNG under a .jpg name) is decoded on the CPU instead; one nothing decodes comes back Unreadable.
+    at once), ordered with torch's stream by `pipelines.streams.ordered_decode`, and the crops are
+    resized on the device; on a CPU the same code runs on the CPU. The crop and flip of each image
+    are drawn exactly as the PIL path draws them (RandomResizedCrop's get_params, then the flip's
+    coin, under the image's seed), so both paths crop the same boxes; the pixels differ only by the
+    decoder's and the resize's rounding. A file nvJPEG refuses (CMYK, PNG under a .jpg name) is
+    decoded by PIL, as the workers decode it; one nothing decodes comes back Unreadable.
+
+    torchvision's decoder, not TorchCodec's (its named successor): TorchCodec turns every JPEG by its
+    EXIF orientation, with no way to ask otherwise, while PIL and DALI (adjust_orientation=False) do
+    not, so the loaders would disagree on rotated photos; its CUDA decode also waits on the host for
+    the caller's stream before and after each batch. Figures: BENCHMARKS.md, `rmix bench data --decoders`.
     """
 
     def __init__(self, device, *, train: bool, crop_size: int, min_area: float, val_resize: int):
         self.device, self.train, self.size = torch.device(device), train, crop_size
         self.min_area, self.val_resize = min_area, val_resize
+        self._decode_jpeg, self._rgb = _torchvision_decode_jpeg()
 
     def __call__(self, batch: EncodedBatch, files):
         """(images uint8 (N, S, S, 3) on the device, labels), or an UnreadableBatch naming the bad files.
@@ -145,21 +164,28 @@ class DeviceDecode:
             out[i] = seeded(self._transform, image, seed).permute(1, 2, 0)
         return out, batch.labels
 
+    def _jpegs(self, data: list) -> list:
+        with warnings.catch_warnings():  # torchvision >= 0.29 warns on every call (see the class doc)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+            return self._decode_jpeg(data, mode=self._rgb, device=self.device)
+
     def _decode(self, data, files):
         if not data:
             return []
         try:  # the whole batch in one call: nvJPEG's batched decode on a GPU
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return ordered_decode(self._jpegs, data, self.device)
         except RuntimeError:
             return [self._decode_one(d, f) for d, f in zip(data, files())]
 
     def _decode_one(self, data, path):
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return ordered_decode(self._jpegs, [data], self.device)[0]
         except RuntimeError:
             pass
-        try:  # what the device decoder refuses: PNG, CMYK, ... on the CPU
-            return decode_image(data, mode=ImageReadMode.RGB).to(self.device)
+        try:  # what the device decoder refuses (PNG, CMYK, ...): PIL, as the workers decode it
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                image = _to_hwc_uint8(im.convert("RGB"))
+            return image.permute(2, 0, 1).to(self.device)
         except Exception as error:
             return Unreadable(path, one_line(error))
 

@@ -9,13 +9,18 @@
 # (SHARES below, in percent): each step may run for its share plus whatever the steps before it
 # left unused, never into the shares of the steps after it, so the whole ends inside BUDGET_S and
 # no step is starved. One that fails is recorded and the next runs:
+#   doctor        `rmix doctor --json`: versions, the kernel against the torch reference in every variant the
+#                 trainer runs, the decoders against the CPU's, 20 steps on each loader (what a user runs first)
 #   kernels       the Triton kernel against the torch reference on full-size batches (pytest -m needs_cuda)
-#   host-syncs    synchronizing CUDA calls per training step, counted by CUDA (scripts/gpu_sync.py): 0 expected
-#   bench-mix     the fused op against the unfused steps: GB/s and the fraction of HBM peak (fp32, bf16)
-#   train-smoke   30 steps of `rmix train` end to end on the embedded set (torchvision loader, nvJPEG)
+#   host-syncs    synchronizing calls per training step, as torch's sync-debug mode sees them (value reads and
+#                 blocking copies torch makes; not waits inside nvJPEG, DALI or the allocator): 0 expected
+#   bench-mix     the fused op against the unfused steps, and its kernel alone: GB/s and the fraction of the
+#                 memory's peak (fp32, bf16)
+#   train-smoke   `rmix train` end to end on the embedded set, 2 epochs of 15 steps (batch 64); without DALI
+#                 the torchvision loader, its JPEGs decoded on the GPU (--torch-decode device, nvJPEG)
 #   bench-train   ResNet-50, batch 256, 224 px, bf16, channels_last: RM vs none in memory (and RM with
-#                 --deterministic's kernels: what they cost), and fed by the torchvision loader with nvJPEG
-#                 decode on the GPU (--torch-decode device); eager, then eager beside --compile default
+#                 --deterministic's kernels: what cuDNN's and torch's deterministic choices cost), and fed by
+#                 the loader (as train-smoke's); eager, then RM alone eager beside --compile default (one graph)
 # Environment (all optional):
 #   OUT            results folder [gpu_results]; at most 8 files land there (what the device tool returns)
 #   GPU_CHECK_DRY  1: skip every step, saying why (CI runs this)
@@ -27,7 +32,7 @@
 # Nothing is downloaded. A missing package (click, tqdm, ...) is installed only from a carried wheels/
 # folder: `pip download -d wheels click tqdm` beside the checkout, then carry wheels/.
 # Files in $OUT: summary.json (every step: status, reason, exit code, seconds, its limit; rewritten after each),
-# versions.json, nvidia-smi.txt, log.txt (all output), bench_mix.jsonl, host_syncs.jsonl,
+# versions.json, log.txt (all output, nvidia-smi's first), doctor.json, bench_mix.jsonl, host_syncs.jsonl,
 # bench_train.jsonl, train_smoke.jsonl. The last lines printed are the summary table.
 set -u  # no -e: a failure is recorded, not fatal
 
@@ -58,10 +63,10 @@ GRACE=5  # seconds between a step's timeout and its SIGKILL, inside its limit
 
 # Each step's share of BUDGET_S in percent, in the order they run (install-wheels only runs when a
 # package is missing; its share then goes to the others when it does not).
-ORDER=(install-wheels kernels host-syncs bench-mix-fp32 bench-mix-bf16 train-smoke synth-jpegs bench-train-r50
-       bench-train-r50-compile)
-declare -A SHARES=([install-wheels]=8 [kernels]=12 [host-syncs]=8 [bench-mix-fp32]=5 [bench-mix-bf16]=5
-                   [train-smoke]=10 [synth-jpegs]=5 [bench-train-r50]=19 [bench-train-r50-compile]=28)
+ORDER=(install-wheels doctor kernels host-syncs bench-mix-fp32 bench-mix-bf16 train-smoke synth-jpegs
+       bench-train-r50 bench-train-r50-compile)
+declare -A SHARES=([install-wheels]=6 [doctor]=14 [kernels]=9 [host-syncs]=6 [bench-mix-fp32]=4 [bench-mix-bf16]=4
+                   [train-smoke]=8 [synth-jpegs]=4 [bench-train-r50]=20 [bench-train-r50-compile]=25)
 share() { echo $(( BUDGET_S * SHARES[$1] / 100 )); }
 after() {  # after NAME: the seconds the steps after NAME are owed (their shares)
     local n seen=0 sum=0
@@ -160,13 +165,13 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_
     NO_GPU="no CUDA device visible to $PY"
 fi
 RMIX=("$PY" -c "import sys; sys.argv[0] = 'rmix'; from rmix.cli import main; main()")
-# DALI's wheel (~0.5 GB) is too big to carry: without it the loaders are torchvision's
-# (there the loader runs decode JPEGs with nvJPEG through torchvision.io.decode_jpeg: --torch-decode device)
+# DALI's wheel (~0.5 GB) is too big to carry: without it the loader runs are torchvision's, their JPEGs
+# decoded on the GPU with nvJPEG (torchvision.io.decode_jpeg: --torch-decode device)
 if "$PY" -c "import nvidia.dali" > /dev/null 2>&1; then LOADER=dali; DECODE=(); else LOADER=torch; DECODE=(--torch-decode device); fi
 
 # ---- the machine
-{ nvidia-smi; echo; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv; } \
-    > "$OUT/nvidia-smi.txt" 2>&1
+{ echo "=== nvidia-smi"; nvidia-smi; echo; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+    --format=csv; } >> "$LOG" 2>&1
 "$PY" - > "$OUT/versions.json" 2>> "$LOG" << EOF
 import json, os, sys
 info = {"python_executable": os.path.realpath(sys.executable), "loader": "$LOADER", "dry": "$DRY" == "1"}
@@ -185,17 +190,19 @@ except Exception as e:  # noqa: BLE001
 print(json.dumps(info, indent=1))
 EOF
 
+# ---- doctor: what every GPU user runs first
+step doctor "$OUT/doctor.json" "${RMIX[@]}" doctor --json
 # ---- kernels: the full-size CUDA tests (compiled Triton against the torch reference)
 step kernels - "$PY" -m pytest tests/test_kernels.py -q -m needs_cuda -p no:cacheprovider
-# ---- the step's host syncs, as CUDA counts them
+# ---- the step's host syncs, as torch's sync-debug mode sees them
 step host-syncs "$OUT/host_syncs.jsonl" "$PY" scripts/gpu_sync.py --steps 10
 # ---- the fused op's bandwidth
 step bench-mix-fp32 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --json
 step bench-mix-bf16 "$OUT/bench_mix.jsonl" "${RMIX[@]}" bench mix --device cuda --dtype bf16 --json
 # ---- end to end: a short epoch on the embedded set
 RUN=$(mktemp -d)/run
-step train-smoke - "${RMIX[@]}" train --device cuda --loader "$LOADER" "${DECODE[@]}" --epochs 1 --max-steps 30 \
-    --out "$RUN" --log-every 10
+step train-smoke - "${RMIX[@]}" train --device cuda --loader "$LOADER" "${DECODE[@]}" --epochs 2 \
+    --out "$RUN" --log-every 5
 [ -f "$RUN/metrics.jsonl" ] && cp "$RUN/metrics.jsonl" "$OUT/train_smoke.jsonl"
 # ---- the training step at ImageNet scale: in memory, and fed by the loader
 DATA_FILE=$(mktemp)  # the synthetic set's path, printed by the step (outside $OUT)
@@ -205,7 +212,7 @@ DATA=$(tail -n 1 "$DATA_FILE" 2>/dev/null)
 R50=(bench train --device cuda --model resnet50 --amp bf16 --channels-last --batch 256 --size 224 --loader "$LOADER"
      "${DECODE[@]}" --workers "$WORKERS" --json ${DATA:+--data-dir "$DATA"})
 step bench-train-r50 "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --deterministic
-step bench-train-r50-compile "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --compile default
+step bench-train-r50-compile "$OUT/bench_train.jsonl" "${RMIX[@]}" "${R50[@]}" --compile default --compiled rm
 
 echo "=== done: $(grep -c '"ok"' "$OUT/summary.json") ok of $(grep -c '"step"' "$OUT/summary.json") steps" >> "$LOG"
 "$PY" scripts/gpu_summary.py "$OUT" 2>> "$LOG" || python3 scripts/gpu_summary.py "$OUT" || cat "$OUT/summary.json"

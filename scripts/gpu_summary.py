@@ -26,10 +26,18 @@ def figures(out: Path) -> dict:
     """step name -> its headline figure, from the files the steps wrote."""
     f = {}
     for r in jsonl(out / "bench_mix.jsonl"):
-        peak = "" if r.get("peak_fraction") is None else f" ({r['peak_fraction']:.0%} of HBM peak)"
+        peak = "" if r.get("peak_fraction") is None else f" ({r['peak_fraction']:.0%} of the memory's peak)"
+        kernel = "" if r.get("kernel_ms") is None else f"; kernel alone {r['kernel_ms']:.3f} ms"
         gbps = "" if r.get("gbps") is None else f", {r['gbps']:.0f} GB/s{peak}"
+        host = "" if r.get("host_us") is None else f"; host {r['host_us']:.0f} us a call"
         f[f"bench-mix-{r['dtype'].replace('float32', 'fp32').replace('bfloat16', 'bf16')}"] = \
-            f"fused {r['fused_ms']:.3f} ms{gbps}, {r['speedup']:.2f}x the unfused steps"
+            f"fused {r['fused_ms']:.3f} ms, {r['speedup']:.2f}x the unfused steps{host}{kernel}{gbps}"
+    doctor = jsonl(out / "doctor.json")
+    if doctor:
+        checks = doctor[-1]["checks"]
+        failed = [c for c in checks if c["status"] == "failed"]
+        f["doctor"] = (f"{sum(c['status'] == 'ok' for c in checks)} of {len(checks)} checks ok"
+                       + (f"; failed: {failed[0]['check']}: {failed[0]['detail']}" if failed else ""))
     syncs = jsonl(out / "host_syncs.jsonl")
     if syncs:
         f["host-syncs"] = ", ".join(f"{r['policy']} {r['syncs_per_step']:g} per step" for r in syncs)
@@ -40,7 +48,8 @@ def figures(out: Path) -> dict:
         if r.get("deterministic"):
             text += f"; RM with --deterministic {r['deterministic_cost']:+.1%}"
         if r.get("compile", "none") != "none":
-            text += f"; compiled: none {r['none_compile_speedup']:.2f}x, RM {r['rm_compile_speedup']:.2f}x eager"
+            none = f"none {r['none_compile_speedup']:.2f}x, " if "none_compile_speedup" in r else ""
+            text += f"; compiled: {none}RM {r['rm_compile_speedup']:.2f}x eager"
         f[name] = text
     smoke = jsonl(out / "train_smoke.jsonl")
     if smoke:

@@ -1,9 +1,10 @@
-"""Host syncs of rmix's training step on a CUDA device, counted by CUDA itself; one JSON line per policy.
+"""Host syncs of rmix's training step on a CUDA device, as torch's sync-debug mode sees them; one JSON line a policy.
 
     python scripts/gpu_sync.py [--model resnet18] [--batch 64] [--size 112] [--steps 10]
 
-torch.cuda.set_sync_debug_mode("warn") makes every synchronizing CUDA call (a device value read,
-a blocking copy) warn. Each policy trains one pass of `steps` in-memory batches and one of
+torch.cuda.set_sync_debug_mode("warn") makes every synchronizing CUDA call torch makes (a device
+value read, a blocking copy) warn; waits inside nvJPEG, DALI or the caching allocator are not seen.
+Each policy trains one pass of `steps` in-memory batches and one of
 2 x `steps` through the engine's own `train_one_epoch` (no logging step inside): the difference
 is what the steps themselves sync, and must be 0; what is left is the pass's end (the guard and
 the statistics). The CPU test of the same property is tests/test_sync.py.

@@ -52,3 +52,21 @@ def test_device_decode_refuses_aug_plus_and_unknown_modes(tiny):
         batches(tiny / "train", "device", aug_plus=True)
     with pytest.raises(ValueError, match="--torch-decode"):
         batches(tiny / "train", "gpu")
+
+
+def test_device_decode_ignores_exif_orientation_as_pil_and_dali_do(tmp_path):
+    # a photo tagged "rotate 90" decodes to the stored pixels on every path, so the loaders agree
+    # (TorchCodec's decode_jpeg would turn it: why --torch-decode device keeps torchvision's decoder)
+    import numpy as np
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8))
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+        image.save(tmp_path / cls / "tall.jpg", "JPEG", exif=exif.tobytes(), quality=95)
+    kw = dict(train=False, batch_size=2, crop_size=16, val_resize=16, num_threads=0)
+    (pil, _), = list(build_loader("torch", tmp_path, torch_decode="workers", **kw))
+    (dev, _), = list(build_loader("torch", tmp_path, torch_decode="device", **kw))
+    (dali, _), = list(build_loader("dali", tmp_path, dali_device="cpu", **kw))
+    assert (pil.float() - dev.float()).abs().mean() < 3.0 and (pil.float() - dali.float()).abs().mean() < 3.0

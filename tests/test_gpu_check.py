@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_summary  # noqa: E402
 
-STEPS = ["kernels", "host-syncs", "bench-mix-fp32", "bench-mix-bf16", "train-smoke", "synth-jpegs",
+STEPS = ["doctor", "kernels", "host-syncs", "bench-mix-fp32", "bench-mix-bf16", "train-smoke", "synth-jpegs",
          "bench-train-r50", "bench-train-r50-compile"]
 
 
@@ -31,7 +31,7 @@ def test_dry_run_skips_every_step_with_a_reason(tmp_path):
     assert summary["dry"] is True and [s["step"] for s in summary["steps"]] == STEPS
     assert all(s["status"] == "skipped" and "dry run" in s["reason"] for s in summary["steps"])
     json.loads((out / "versions.json").read_text())
-    assert r.stdout.splitlines()[0] == "gpu_check (dry run): 0 of 8 steps ok"
+    assert r.stdout.splitlines()[0] == "gpu_check (dry run): 0 of 9 steps ok"
     assert len(r.stdout.splitlines()) == 2 + len(STEPS)  # the table, and nothing else on stdout
     assert len(list(out.iterdir())) <= 8  # the device tool returns no more
 
@@ -63,7 +63,11 @@ def test_summary_table_reads_the_steps_figures(tmp_path):
     steps[-1].update(status="timeout", rc=124, reason="no result within 240s")
     (tmp_path / "summary.json").write_text(json.dumps({"budget_s": 510, "dry": False, "steps": steps}))
     (tmp_path / "bench_mix.jsonl").write_text(json.dumps(
-        {"dtype": "bfloat16", "fused_ms": 0.21, "gbps": 2900.0, "peak_fraction": 0.6, "speedup": 6.5}) + "\n")
+        {"dtype": "bfloat16", "fused_ms": 0.21, "gbps": 2900.0, "peak_fraction": 0.6, "speedup": 6.5, "host_us": 95.0,
+         "kernel_ms": 0.04}) + "\n")
+    (tmp_path / "doctor.json").write_text(json.dumps({"ok": False, "checks": [
+        {"check": "torch", "status": "ok", "detail": ""},
+        {"check": "decode: DALI nvJPEG vs CPU", "status": "failed", "detail": "mean |difference| 9.00"}]}) + "\n")
     (tmp_path / "host_syncs.jsonl").write_text("".join(json.dumps({"policy": p, "syncs_per_step": 0.0}) + "\n"
                                                        for p in ("recursive_mix", "none")) + '{"half a li')
     (tmp_path / "bench_train.jsonl").write_text(json.dumps(
@@ -71,8 +75,10 @@ def test_summary_table_reads_the_steps_figures(tmp_path):
          "pipeline_img_s": 2500, "deterministic": True, "deterministic_cost": 0.12}) + "\n")
     (tmp_path / "train_smoke.jsonl").write_text(json.dumps({"img_s": 5000.0, "val_top1": 31.5}) + "\n")
     text = gpu_summary.table(tmp_path)
-    assert text.splitlines()[0] == "gpu_check: 7 of 8 steps ok"
-    assert "fused 0.210 ms, 2900 GB/s (60% of HBM peak), 6.50x the unfused steps" in text
+    assert text.splitlines()[0] == "gpu_check: 8 of 9 steps ok"
+    assert ("fused 0.210 ms, 6.50x the unfused steps; host 95 us a call; kernel alone 0.040 ms, 2900 GB/s "
+            "(60% of the memory's peak)") in text
+    assert "1 of 2 checks ok; failed: decode: DALI nvJPEG vs CPU: mean |difference| 9.00" in text
     assert "recursive_mix 0 per step, none 0 per step" in text
     assert "none 3000 img/s, RM 2900 img/s (+3.4%), RM fed by torch 2500 img/s; RM with --deterministic +12.0%" in text
     assert "bench-train-r50-compile  timeout  3  no result within 240s" in text

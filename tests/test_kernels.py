@@ -367,3 +367,50 @@ def test_triton_full_size_on_cuda(mode, dtype, channels_last):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_same(got, want, mode, dtype)
+
+
+@needs_triton
+def test_bench_mix_times_the_prepared_kernel_alone_beside_the_whole_call():
+    # the Triton backend's kernel-alone path (prepared launch arguments), here through the interpreter
+    from rmix.bench.mix import bench_mix, format_bench
+    d = bench_mix(batch=2, size=16, device=DEVICE, reps=2, backend="triton")
+    assert d["backend"] == "triton" and d["kernel_ms"] > 0 and d["host_us"] > 0 and d["fused_ms"] > 0
+    assert d["kernel_timing"] == ("cuda graph" if DEVICE == "cuda" else "perf_counter")
+    assert "the kernel alone" in format_bench(d) and "issues a call in" in format_bench(d)
+
+
+def test_bench_mix_refuses_sizes_where_every_box_is_empty():
+    from rmix.bench.mix import bench_mix
+    for size in (1, 2):
+        with pytest.raises(ValueError, match="--size: the paper's boxes in"):
+            bench_mix(batch=1, size=size, reps=1)
+    assert bench_mix(batch=1, size=4, reps=1)["box_fraction"] > 0
+
+
+@pytest.mark.parametrize("name,props,want", [
+    ("NVIDIA H100 PCIe", None, (2000.0, "table")), ("NVIDIA H100 80GB HBM3", None, (3350.0, "table")),
+    ("NVIDIA H100 NVL", None, (3900.0, "table")), ("NVIDIA H200", None, (4800.0, "table")),
+    ("NVIDIA A100 80GB PCIe", None, (1935.0, "table")), ("NVIDIA A100-SXM4-80GB", None, (2039.0, "table")),
+    ("Some GPU", None, (None, None)),
+    # H100 SXM's own report: 2619 MHz HBM3 on a 5120-bit bus
+    ("NVIDIA H100 80GB HBM3", type("P", (), {"memory_clock_rate": 2_619_000, "memory_bus_width": 5120}),
+     (pytest.approx(3352.3, abs=0.1), "device"))])
+def test_the_memory_peak_comes_from_the_device_else_from_its_name(name, props, want):
+    from rmix.bench.mix import peak_gbps
+    assert peak_gbps(name, props) == want
+
+
+@needs_triton
+def test_doctors_kernel_check_passes_and_sees_a_wrong_kernel(monkeypatch):
+    # `rmix doctor`'s comparison on the GPU, run here through the interpreter at a small size
+    from rmix import doctor
+    status, detail = doctor.kernel_check(torch.device(DEVICE), n=3, h=9, w=7, k=13, interpreted=INTERPRET)
+    assert status == "ok" and "24 variants" in detail, detail
+    real = mix_triton.recursive_mix_triton
+
+    def off_by_one(*a, **kw):  # a kernel that gets the labels slightly wrong
+        out, soft, lam = real(*a, **kw)
+        return out, soft, lam + 1e-3
+    monkeypatch.setattr(mix_triton, "recursive_mix_triton", off_by_one)
+    status, detail = doctor.kernel_check(torch.device(DEVICE), n=3, h=9, w=7, k=13, interpreted=INTERPRET)
+    assert status == "failed" and "lam differ" in detail, detail

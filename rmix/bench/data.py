@@ -33,7 +33,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from rmix.bench.timing import cpu_seconds, machine_info, median, synchronize
+from rmix.bench.timing import cpu_seconds, machine_info, median, synchronize, torch_threads
 from rmix.pipelines import FolderIndex, build_loader, scan_image_folder
 from rmix.pipelines.paths import cache_dir
 
@@ -264,6 +264,97 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
     return result
 
 
+DECODERS = ("pil", "torchvision", "torchcodec")
+
+
+def _decoder(name):
+    """bytes -> uint8 (H, W, 3) tensor by one library, or None where it is not installed."""
+    import io
+    import warnings
+
+    from PIL import Image
+    if name == "pil":
+        return lambda data: torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+    if name == "torchvision":
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def tv(data):
+            with warnings.catch_warnings():  # deprecated from 0.29, still rmix's --torch-decode device
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                   mode=ImageReadMode.RGB).permute(1, 2, 0)
+        return tv
+    try:
+        from torchcodec.decoders import decode_jpeg as tc
+    except Exception:  # noqa: BLE001 - not installed, or not for this torch: reported as skipped
+        return None
+    return lambda data: tc(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB").permute(1, 2, 0)
+
+
+def bench_decoders(data_dir=None, *, images=None, reps=3, log=None) -> dict:
+    """Whole-image JPEG decode on the CPU, one thread, the same files in memory: PIL (the torch loader's
+    workers), torchvision.io.decode_jpeg (--torch-decode device's decoder) and TorchCodec's decode_jpeg
+    (torchvision's named successor). img/s (median of `reps` passes after a warm-up), and each decoder's
+    pixels against PIL's (max |difference|, images whose shape differs)."""
+    split = train_split(data_dir) if data_dir else synthetic_jpegs(images or 256, log) / "train"
+    index = scan_image_folder(split)
+    files = [os.path.join(index.root, f) for f in index.files][:images or 256]
+    blobs = [pathlib.Path(f).read_bytes() for f in files]
+    result = {"mode": "decoders", "data": str(split), "images": len(blobs), "reps": reps, "passes": {},
+              "skipped": {}, "max_diff_vs_pil": {}, "shape_differs": {},
+              "mean_file_kb": round(sum(map(len, blobs)) / len(blobs) / 1e3, 1)}
+    reference = None
+    with torch_threads(1):
+        for name in DECODERS:
+            decode = _decoder(name)
+            if decode is None:
+                result["skipped"][name] = "not installed"
+                continue
+            if log is not None:
+                log(f"{name}: {reps} passes of {len(blobs)} images after a warm-up pass")
+            rates = []
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                out = [decode(b) for b in blobs]
+                if i:
+                    rates.append(len(blobs) / (time.perf_counter() - t0))
+            reference = out if name == "pil" else reference
+            result["passes"][name] = [round(r, 1) for r in rates]
+            result[f"{name}_img_s"] = median(rates)
+            same = [(a, b) for a, b in zip(out, reference) if a.shape == b.shape]
+            result["shape_differs"][name] = len(out) - len(same)
+            result["max_diff_vs_pil"][name] = max(((a.int() - b.int()).abs().max().item() for a, b in same), default=0)
+    for name in DECODERS[1:]:
+        if f"{name}_img_s" in result:
+            result[f"{name}_vs_pil"] = result[f"{name}_img_s"] / result["pil_img_s"]
+    result.update(machine_info("cpu"))
+    result["torchcodec"] = _version_of("torchcodec")
+    return result
+
+
+def _version_of(module):
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def format_decoders(d) -> str:
+    load = "" if not d.get("load_avg") else f", load {d['load_avg'][0]:.1f}"
+    lines = [f"JPEG decode, whole images, 1 thread: {d['images']} files in memory ({d['data']}, "
+             f"{d['mean_file_kb']:.0f} KB mean)",
+             f"{d['cpu_model']} ({d['cpu_count']} CPUs{load}); Pillow {d['pillow']}, torchvision {d['torchvision']}, "
+             f"TorchCodec {d['torchcodec']}",
+             f"{'':<13}{'img/s':>9}{'vs PIL':>8}{'max |diff|':>12}{'shape differs':>15}   passes"]
+    for name in DECODERS:
+        if f"{name}_img_s" in d:
+            ratio = f"{d.get(name + '_vs_pil', 1.0):>7.2f}x"
+            lines.append(f"{name:<13}{d[name + '_img_s']:>9.0f}{ratio}{d['max_diff_vs_pil'][name]:>12}"
+                         f"{d['shape_differs'][name]:>15}   {d['passes'][name]}")
+    lines += [f"{name}: skipped, {why}" for name, why in d.get("skipped", {}).items()]
+    return "\n".join(lines)
+
+
 SHARD_LOADERS = ("torch_files", "torch_wds", "dali_files", "dali_wds")  # forked workers before DALI threads
 SHARD_SIZE = 1000
 
@@ -356,6 +447,8 @@ def format_bench(d) -> str:
     """A side-by-side table of a `bench_data` result."""
     if d.get("mode") == "shards":
         return format_shards(d)
+    if d.get("mode") == "decoders":
+        return format_decoders(d)
     decoder = {"mixed": "nvJPEG (mixed)", "cpu": "CPU", None: "not installed"}[d["dali_decoder"]]
     load = "" if not d.get("load_avg") else f", load {d['load_avg'][0]:.1f}"
     lines = [

@@ -1,0 +1,37 @@
+"""A package the asked-for path needs, missing: one line saying what to install, never a traceback."""
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rmix.cli import cli
+
+
+@pytest.fixture
+def no_dali(monkeypatch):
+    """As on a machine without DALI: importing nvidia.dali fails, rmix's DALI module is not loaded yet."""
+    for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    monkeypatch.delitem(sys.modules, "rmix.pipelines.dali", raising=False)
+
+
+@pytest.mark.parametrize("preflight", ["--preflight", "--no-preflight"])
+def test_training_on_dali_without_dali_says_what_to_install(tiny, tmp_path, no_dali, preflight):
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 "--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--batch-size", "8",
+                                 preflight])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and line.startswith("Error: --loader dali: NVIDIA DALI is not installed"), r.output
+    major = (torch.version.cuda or "13").split(".")[0]
+    assert f"pip install nvidia-dali-cuda{major}0" in line and "--loader torch" in line
+    assert not (tmp_path / "run" / "latest.pt").exists()
+
+
+def test_the_torch_loader_needs_no_dali(tiny, tmp_path, no_dali):
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 "--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--loader", "torch",
+                                 "--batch-size", "8", "--no-preflight"])
+    assert r.exit_code == 0, r.output
