@@ -1,7 +1,86 @@
-"""Fixtures shared by test modules."""
-import pytest
+"""Fixtures shared by test modules, and the guard that keeps the suite independent of its order.
 
-from rmix.pipelines.synth import synth_dataset
+Triton's interpreter is chosen once, before anything imports triton: without CUDA the kernel tests
+run through it (TRITON_INTERPRET=1), and a module that imported triton first would otherwise fix the
+runtime without it ("0 active drivers") for every later test.
+
+`process_state_is_restored` (every test) fails a test that leaves process-wide state changed: the
+working directory, environment variables, torch's default dtype, thread count and determinism
+switches, cuDNN's flags, signal handlers. It restores the state first, so one leak does not fail
+the tests after it. Change such state with `monkeypatch`, or restore it in a `finally`.
+"""
+import os
+import signal
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rmix.pipelines.synth import synth_dataset  # noqa: E402
+
+SIGNALS = [s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGXFSZ)]
+# set by a library for its own runtime, once per process: inductor's first compile
+LIBRARY_ENV = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+
+
+def _state():
+    import torch.utils.deterministic as det
+    return {
+        "cwd": os.getcwd(),
+        "environ": {k: v for k, v in os.environ.items() if k not in LIBRARY_ENV},
+        "default_dtype": torch.get_default_dtype(),
+        "num_threads": torch.get_num_threads(),
+        # warn_only means nothing while the algorithms are off
+        "deterministic_algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                     torch.are_deterministic_algorithms_enabled()
+                                     and torch.is_deterministic_algorithms_warn_only_enabled()),
+        "fill_uninitialized_memory": det.fill_uninitialized_memory,
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        "signals": [signal.getsignal(s) for s in SIGNALS],
+    }
+
+
+def _restore(state):
+    import torch.utils.deterministic as det
+    os.chdir(state["cwd"])
+    for k in set(os.environ) - set(state["environ"]) - LIBRARY_ENV:
+        del os.environ[k]
+    os.environ.update(state["environ"])
+    torch.set_default_dtype(state["default_dtype"])
+    torch.set_num_threads(state["num_threads"])
+    torch.use_deterministic_algorithms(state["deterministic_algorithms"][0], warn_only=state["deterministic_algorithms"][1])
+    det.fill_uninitialized_memory = state["fill_uninitialized_memory"]
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
+    for s, handler in zip(SIGNALS, state["signals"]):
+        if handler is not None:
+            signal.signal(s, handler)
+
+
+def _changes(before, after):
+    out = {}
+    for key in before:
+        if key == "environ":
+            keys = set(before[key]) | set(after[key])
+            diff = {k: (before[key].get(k), after[key].get(k)) for k in sorted(keys)
+                    if before[key].get(k) != after[key].get(k)}
+            if diff:
+                out[key] = diff
+        elif before[key] != after[key]:
+            out[key] = (before[key], after[key])
+    return out
+
+
+@pytest.fixture(autouse=True)
+def process_state_is_restored(request):
+    before = _state()
+    yield
+    changed = _changes(before, _state())
+    if changed:
+        _restore(before)
+        pytest.fail(f"left process-wide state changed: {changed}", pytrace=False)
 
 
 @pytest.fixture(scope="module")

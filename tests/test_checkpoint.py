@@ -194,3 +194,50 @@ except checkpoint.SaveError as e:
     assert r.returncode == 0, r.stderr
     assert "SaveError: cannot write" in r.stdout and "File too large" in r.stdout
     assert checkpoint.read(tmp_path / "c.pt")["model"]["w"].shape == (4,)
+
+
+def test_a_save_writes_a_temporary_file_beside_the_target_flushed_and_synced_before_the_rename(tmp_path, monkeypatch):
+    # a temporary file elsewhere breaks the rename across filesystems ("Invalid cross-device link");
+    # a rename before fsync can leave an empty file after a power loss
+    import tempfile
+    events, real = [], {"mkstemp": tempfile.mkstemp, "fsync": os.fsync, "replace": os.replace}
+
+    def mkstemp(*a, **kw):
+        fd, name = real["mkstemp"](*a, **kw)
+        events.append(("mkstemp", os.path.dirname(name), fd))
+        return fd, name
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", path, os.fstat(fd).st_size))
+        return real["fsync"](fd)
+
+    def replace(src, dst):
+        events.append(("replace", src, dst))
+        return real["replace"](src, dst)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "run" / "latest.pt"
+    out.parent.mkdir()
+    checkpoint.save(out, {"w": torch.ones(1000)})
+    monkeypatch.undo()
+    kinds = [e[0] for e in events]
+    assert kinds == ["mkstemp", "fsync", "replace", "fsync"], events
+    (_, where, _), (_, synced, size), (_, src, dst), (_, dir_synced, _) = events
+    assert where == str(out.parent) and synced == src and dst == str(out)  # beside the target, synced, renamed
+    assert size == out.stat().st_size  # every byte written (flushed) before the sync
+    assert dir_synced == str(out.parent)  # then the directory, so the rename itself is durable
+
+
+def test_a_save_onto_another_filesystem_than_the_temporary_directory_works(monkeypatch):
+    # /dev/shm is a tmpfs: a temporary file in the default temporary directory could not be renamed there
+    import tempfile
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tempfile.gettempdir()).st_dev:
+        pytest.skip("no second filesystem beside the temporary directory")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        out = os.path.join(d, "latest.pt")
+        checkpoint.save(out, {"w": torch.arange(4)})
+        assert torch.equal(checkpoint.read(out)["w"], torch.arange(4))
+        assert os.listdir(d) == ["latest.pt"]

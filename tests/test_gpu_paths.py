@@ -35,8 +35,14 @@ def torch_flags():
     torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
+def unset(monkeypatch, name):
+    """Remove `name` from the environment for the test, and whatever the test sets it to after it."""
+    monkeypatch.setenv(name, "")  # recorded, so the undo removes what the code under test sets
+    monkeypatch.delenv(name)
+
+
 def test_deterministic_sets_every_switch_and_benchmark_is_its_opposite(torch_flags, monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    unset(monkeypatch, "CUBLAS_WORKSPACE_CONFIG")
     set_determinism(True, torch.device("cuda", 0))
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert torch.are_deterministic_algorithms_enabled()
@@ -49,7 +55,8 @@ def test_deterministic_sets_every_switch_and_benchmark_is_its_opposite(torch_fla
     assert not torch.backends.cudnn.benchmark  # nothing to benchmark on the CPU
 
 
-def test_deterministic_is_a_runtime_setting_of_the_cli(tiny, tmp_path, torch_flags):
+def test_deterministic_is_a_runtime_setting_of_the_cli(tiny, tmp_path, torch_flags, monkeypatch):
+    unset(monkeypatch, "CUBLAS_WORKSPACE_CONFIG")  # --deterministic sets it for the process
     from click.testing import CliRunner
 
     from rmix.cli import cli

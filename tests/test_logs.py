@@ -137,6 +137,8 @@ def test_wandb_offline_writes_its_run_and_a_resume_continues_it(tiny, tmp_path, 
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_SERVICE", "")  # wandb records its service process here; gone after the test
+    monkeypatch.delenv("WANDB_SERVICE")
     run = tmp_path / "run"
     code, out = train(tiny, run, "--log", "wandb", "--epochs", "1")
     assert code == 0 and "warning:" not in out, out

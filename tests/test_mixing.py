@@ -298,3 +298,42 @@ def test_label_values_are_read_only_on_the_host():
     check_targets(torch.empty(3, K, device="meta"), K)
     with pytest.raises(ValueError, match="integers"):  # the dtype is checked everywhere
         check_targets(torch.empty(3, device="meta"), K)
+
+
+def test_clip_boxes_is_the_papers_np_clip_for_every_centre_and_cut():
+    # the paper's rand_bbox: np.clip(c -+ cut // 2, 0, W), the right and bottom edges included
+    import numpy as np
+
+    from rmix.mixing import clip_boxes
+    for w, h in ((5, 8), (8, 8), (13, 6)):
+        for cut_w in range(0, w + 2):
+            cut_h = (cut_w * h) // w
+            for cx in range(w):
+                for cy in range(h):
+                    got = clip_boxes(torch.tensor([cx]), torch.tensor([cy]), torch.tensor([cut_w]),
+                                     torch.tensor([cut_h]), h, w)[0].tolist()
+                    want = [np.clip(cx - cut_w // 2, 0, w), np.clip(cy - cut_h // 2, 0, h),
+                            np.clip(cx + cut_w // 2, 0, w), np.clip(cy + cut_h // 2, 0, h)]
+                    assert got == [int(v) for v in want], (w, h, cut_w, cx, cy)
+
+
+def test_recursive_mix_boxes_reach_every_edge_of_the_image():
+    # centres uniform over [0, W) x [0, H): boxes touch the last column and row, as the paper's do
+    from rmix.mixing import RecursiveMix
+    policy = RecursiveMix(10, alpha=1.0, per_sample=True, mean=(0.0,) * 3, std=(1.0,) * 3,
+                          generator=torch.Generator().manual_seed(0))
+    boxes = torch.cat([policy.sample_boxes(64, 9, 7) for _ in range(50)])
+    assert boxes[:, 0].min() == 0 and boxes[:, 1].min() == 0
+    assert boxes[:, 2].max() == 7 and boxes[:, 3].max() == 9
+    assert (boxes[:, 2] <= 7).all() and (boxes[:, 3] <= 9).all()
+
+
+def test_recursive_mix_centres_are_uniform_over_every_column_and_row():
+    # with a vanishing alpha the box is empty at its centre (cut 0): its corner is the centre drawn,
+    # which must take every value of [0, W) and [0, H), the paper's np.random.randint(W)
+    from rmix.mixing import RecursiveMix
+    policy = RecursiveMix(10, alpha=1e-9, per_sample=True, mean=(0.0,) * 3, std=(1.0,) * 3,
+                          generator=torch.Generator().manual_seed(0))
+    boxes = torch.cat([policy.sample_boxes(64, 9, 7) for _ in range(20)])
+    assert torch.equal(boxes[:, 0], boxes[:, 2]) and torch.equal(boxes[:, 1], boxes[:, 3])
+    assert set(boxes[:, 0].tolist()) == set(range(7)) and set(boxes[:, 1].tolist()) == set(range(9))

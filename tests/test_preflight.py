@@ -79,3 +79,33 @@ def test_empty_class_folder_and_missing_dir(tmp_path):
     assert r.exit_code == 2 and "b" in r.output and len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(cli, ["data", "check", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_training_refuses_a_bad_image_in_either_split_it_reads(folder, tmp_path_factory, monkeypatch, split):
+    # the preflight of `rmix train` covers every split it trains or evaluates on
+    monkeypatch.setenv("RMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    for name in BAD:
+        (folder / "train" / "b" / name).unlink()
+    bad = folder / split / "a" / "trunc.jpg"
+    bad.write_bytes(BAD["trunc.jpg"][0]())
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(folder), "--out", str(folder / "run"), "--epochs", "1",
+                                 "--batch-size", "4", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8"])
+    assert r.exit_code == 2, r.output
+    assert str(bad) in r.output and "truncated" in r.output and not (folder / "run" / "latest.pt").exists()
+
+
+def test_the_cache_sees_a_file_rewritten_with_the_same_size(folder, tmp_path_factory, monkeypatch):
+    # same name, same size, other bytes: only the modification time tells; the cache must not hit
+    import os
+    monkeypatch.setenv("RMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    for name in BAD:
+        (folder / "train" / "b" / name).unlink()
+    assert preflight.check([folder / "train"])["bad"] == []
+    target = folder / "train" / "a" / "rgb.jpg"
+    size, stat = target.stat().st_size, target.stat()
+    target.write_bytes(b"\xff\xd8" + b"\x00" * (size - 2))  # garbage of the same length
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a second later, whatever the clock
+    assert target.stat().st_size == size
+    bad = preflight.check([folder / "train"])["bad"]
+    assert [b["path"] for b in bad] == [str(target)]

@@ -13,6 +13,8 @@ from rmix.pipelines import build_loader, build_shard_loader
 from rmix.pipelines.dali import dali_slice
 from rmix.pipelines.prepare import prepare_folder
 from rmix.pipelines.wds import read_label, scan_shards
+from test_pipelines import epoch as solid_ids
+from test_pipelines import folder  # noqa: F401 (a fixture)
 from test_reliability import train_args
 from test_resume_steps import Cut, assert_same_run, cut_after_save
 
@@ -178,3 +180,32 @@ def test_keep_last_on_dali_shards_is_refused_where_ranks_would_differ(shards):
     with pytest.raises(ValueError, match=r"--keep-last: DALI's shard slices of 9 samples give \[1, 2\] batches"):
         shard_loader(nine, train=True, drop_last=False, rank=0, world_size=2, min_area=0.08, aug_plus=False,
                      device=torch.device("cpu"), **kw)
+
+
+@pytest.fixture(scope="module")
+def solid_shards(folder, tmp_path_factory):  # noqa: F811
+    """test_pipelines' solid-colour images (each tells which it is) as shards of 4: train and val alike."""
+    import shutil
+    src = tmp_path_factory.mktemp("solid")
+    for split in ("train", "val"):
+        shutil.copytree(folder, src / split, ignore=shutil.ignore_patterns("*.txt"))
+    out = tmp_path_factory.mktemp("solid-shards") / "w"
+    prepare_folder(str(src), str(out), shard_size=4, say=lambda t: None)
+    return out
+
+
+def test_dali_train_slices_are_disjoint_within_an_epoch_and_rotate_across_epochs(solid_shards):
+    # the loader contract: the ranks of an epoch read disjoint samples, and a rank reads another
+    # slice each epoch (shard_id = (rank + epoch) % world), so no rank sees only a fixed part of the set
+    loaders = [build_shard_loader("dali", solid_shards, "train", train=True, rank=r, world_size=2, batch_size=3,
+                                  crop_size=16, val_resize=20, num_threads=1, seed=3) for r in (0, 1)]
+    seen = {}
+    for e in (0, 1, 2):
+        for r, loader in enumerate(loaders):
+            loader.set_epoch(e)
+            seen[r, e] = solid_ids(loader)
+            assert len(seen[r, e]) == len(set(seen[r, e])) == 6  # (15 // 2) // 3 batches of 3
+        assert not set(seen[0, e]) & set(seen[1, e]), e  # disjoint within the epoch
+    for r in (0, 1):
+        assert not set(seen[r, 0]) & set(seen[r, 1]), r  # rotated: the other slice next epoch
+        assert set(seen[r, 2]) & set(seen[r, 0]), r  # and back, two ranks later

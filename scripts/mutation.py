@@ -1,0 +1,172 @@
+"""Mutation testing of the code a wrong result hides in, with cosmic-ray: how many small bugs the tests catch.
+
+    pip install cosmic-ray==8.7.0
+    python scripts/mutation.py [TARGET ...] [--out results/mutation] [--timeout 300]
+
+Each target is a set of files (optionally only some of their functions) and the tests that cover
+them. The run happens in a copy of the committed tree (`git worktree`, imported through a folder of
+links in the installed layout, as scripts/gpu_check.sh does), never in the checkout: cosmic-ray
+writes each mutant into the file it mutates. For each target: `cosmic-ray init` (every mutant of
+the operators below), the mutants outside the named functions skipped, a baseline run (the tests
+must pass unmutated), then every mutant against the target's tests (`pytest -x`: the first failure
+kills it). Written to --out: TARGET.json (counts, and each survivor with its file, line, operator
+and diff) and the sqlite session, so `cr-report` can show it again.
+
+Operators left out: the swaps of arithmetic for bitwise, shift, power or modulo operators and
+decorator removal, which make few bugs a person writes, each still a full test run.
+Docs: docs/DEVELOPMENT.md#mutation-testing (the figures, and the survivors judged equivalent).
+"""
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAST = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
+TARGETS = {
+    "losses": {"files": ["rmix/losses.py"],
+               "tests": ["tests/test_wiring.py", "tests/test_evaluate.py", "tests/test_mixing.py", "tests/test_core.py"]},
+    "mixing": {"files": ["rmix/mixing.py"],
+               "tests": ["tests/test_mixing.py", "tests/test_wiring.py", "tests/test_core.py", "tests/test_paper_recipe.py",
+                         "tests/test_timm_mix.py", "tests/test_sync.py"]},
+    "mix_ref": {"files": ["kernels/mix_ref.py"],
+                "tests": ["tests/test_kernels.py", "tests/test_mixing.py", "tests/test_doctor.py::test_the_reference_check_sees_a_wrong_reference"]},
+    "checkpoint": {"files": ["rmix/checkpoint.py"], "tests": ["tests/test_checkpoint.py", "tests/test_trust.py"]},
+    "engine": {"files": ["rmix/engine.py"],
+               "functions": ["build_optimizer", "init_momentum", "match_param_layout", "build_policies", "set_lr",
+                             "train_step", "train_one_epoch", "evaluate", "_resume", "Saver", "_payload", "_to_cpu"],
+               "tests": ["tests/test_wiring.py", "tests/test_evaluate.py", "tests/test_sync.py", "tests/test_core.py",
+                         "tests/test_resume_layout.py", "tests/test_resume_steps.py", "tests/test_reliability.py",
+                         "tests/test_ema.py"]},
+    "labels_shards": {"files": ["pipelines/wds.py", "pipelines/__init__.py", "pipelines/dali.py"],
+                      "functions": ["ShardSplit", "read_label", "split_key", "read_dali_index", "index_shard",
+                                    "_image_and_label", "find_shards", "is_shard_dir", "_set_meta", "_check_tar_end",
+                                    "scan_shards", "scan_image_folder", "check_sharding", "train_batches",
+                                    "val_batches", "shard_indices", "first_per_class", "SampleLabels", "dali_slice",
+                                    "shard_loader"],
+                      "tests": ["tests/test_shards.py", "tests/test_shard_integrity.py", "tests/test_pipelines.py"]},
+}
+EXCLUDE = [r"core/ReplaceBinaryOperator_\w+_(Mod|Pow|RShift|LShift|BitOr|BitAnd|BitXor)$",
+           r"core/ReplaceBinaryOperator_(Mod|Pow|RShift|LShift|BitOr|BitAnd|BitXor)_\w+$",
+           r"core/RemoveDecorator$"]
+
+
+def function_lines(path: Path, names) -> list[tuple[int, int]]:
+    """(first, last) line of each top-level function or class in `names`."""
+    tree = ast.parse(path.read_text())
+    return [(node.lineno, node.end_lineno) for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
+
+
+def link_farm(tree: Path) -> Path:
+    """A folder holding rmix/ in the installed layout, of links into `tree` (rmix.pipelines, rmix.kernels)."""
+    src = Path(tempfile.mkdtemp(prefix="rmix-mut-src-"))
+    (src / "rmix").mkdir()
+    for f in (tree / "rmix").iterdir():
+        (src / "rmix" / f.name).symlink_to(f)
+    (src / "rmix" / "pipelines").symlink_to(tree / "pipelines")
+    (src / "rmix" / "kernels").symlink_to(tree / "kernels")
+    return src
+
+
+def scope(db_path: Path, tree: Path, target: dict):
+    """Mark skipped every pending mutant of an excluded operator or outside the target's functions."""
+    import re
+
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+    excluded = re.compile("|".join(EXCLUDE))
+    ranges = {f: function_lines(tree / f, target["functions"]) for f in target["files"]} \
+        if "functions" in target else None
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        for item in list(db.pending_work_items):
+            for m in item.mutations:
+                line = m.start_pos[0]
+                rel = os.path.relpath(m.module_path, tree) if os.path.isabs(m.module_path) else str(m.module_path)
+                outside = ranges is not None and not any(a <= line <= b for a, b in ranges.get(rel, []))
+                if excluded.match(m.operator_name) or outside:
+                    db.set_result(item.job_id, WorkResult(output="out of scope", worker_outcome=WorkerOutcome.SKIPPED))
+                    break
+
+
+def summary(db_path: Path, tree: Path) -> dict:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+    counts = {"killed": 0, "survived": 0, "incompetent": 0, "skipped": 0, "pending": 0}
+    survivors = []
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.worker_outcome == WorkerOutcome.SKIPPED:
+                counts["skipped"] += 1
+            elif result.test_outcome == TestOutcome.KILLED:
+                counts["killed"] += 1
+            elif result.test_outcome == TestOutcome.INCOMPETENT:
+                counts["incompetent"] += 1  # the mutant broke the import or timed out: counted as caught
+            else:
+                counts["survived"] += 1
+                m = item.mutations[0]
+                survivors.append({"file": os.path.relpath(m.module_path, tree), "line": m.start_pos[0],
+                                  "operator": m.operator_name, "occurrence": m.occurrence,
+                                  "diff": (result.diff or "").strip()})
+        counts["pending"] = sum(1 for _ in db.pending_work_items)
+    tested = counts["killed"] + counts["survived"] + counts["incompetent"]
+    counts["kill_rate"] = (counts["killed"] + counts["incompetent"]) / tested if tested else None
+    return {**counts, "survivors": survivors}
+
+
+def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeout: float):
+    config = out / f"{name}.toml"
+    db = out / f"{name}.sqlite"
+    tests = " ".join(target["tests"])
+    config.write_text(
+        "[cosmic-ray]\n"
+        f"module-path = {json.dumps(target['files'])}\n"
+        f"timeout = {timeout}\n"
+        "excluded-modules = []\n"
+        f'test-command = "{sys.executable} -m pytest {" ".join(FAST)} {tests}"\n'
+        "[cosmic-ray.distributor]\nname = \"local\"\n")
+    if db.exists():
+        db.unlink()
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(["cosmic-ray", "init", str(config), str(db)], cwd=tree, env=env, check=True)
+    scope(db, tree, target)
+    base = subprocess.run(["cosmic-ray", "baseline", str(config)], cwd=tree, env=env)
+    if base.returncode:
+        raise SystemExit(f"{name}: the tests fail without a mutant; fix them first")
+    subprocess.run(["cosmic-ray", "exec", str(config), str(db)], cwd=tree, env=env, check=True)
+    result = {"target": name, "files": target["files"], "functions": target.get("functions"),
+              "tests": target["tests"], **summary(db, tree)}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{name}: {result['killed']} killed, {result['incompetent']} incompetent, {result['survived']} survived "
+          f"(kill rate {result['kill_rate']:.1%}); {result['skipped']} out of scope", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--out", default=str(ROOT / "results" / "mutation"))
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    p.add_argument("--ref", default="HEAD", help="the commit to mutate (a worktree of it)")
+    args = p.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tree = Path(tempfile.mkdtemp(prefix="rmix-mut-tree-"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.ref], check=True,
+                   capture_output=True)
+    src = link_farm(tree)
+    try:
+        for name in args.targets:
+            run_target(name, TARGETS[name], tree, src, out, args.timeout)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(src, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Every setting reaches the place where it acts, checked there against a hand computation, with values
+that differ from each other and from the defaults (a setting wired from the wrong field fails here)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmix import config as C
+from rmix import engine
+from rmix.engine import build_optimizer, build_policies, train_one_epoch
+from rmix.mixing import CutMix, Mixup, RecursiveMix
+from rmix.models import build
+from rmix.progress import Progress
+
+# distinct from each other and from the defaults (alpha 0.5, omega 0.5, nearest, ...)
+MIX = {"mix.alpha": 0.3, "mix.omega": 0.1, "mix.interpolate": "bilinear", "mix.per_sample": True,
+       "mix.smoothing": 0.2, "mix.smoothing_form": "uniform"}
+
+
+def config(**changes):
+    base = C.replace(C.with_dataset_stats(C.TrainConfig(), "folder"), model="resnet8", num_classes=5, device="cpu",
+                     log_every=1000, seed=7)
+    return C.replace(base, **changes)
+
+
+def test_build_policies_hands_every_mix_setting_to_the_policy():
+    assert C.TrainConfig().mix.alpha == 0.5 and C.TrainConfig().mix.omega == 0.5  # the defaults the values avoid
+    policy, normalize = build_policies(config(**MIX), torch.device("cpu"), None)
+    assert isinstance(policy, RecursiveMix)
+    assert (policy.alpha, policy.omega, policy.interpolate, policy.per_sample) == (0.3, 0.1, "bilinear", True)
+    assert (policy.smoothing, policy.smoothing_form) == (0.2, "uniform")
+    assert normalize.smoothing == 0.0  # evaluation's targets are never smoothed
+    for name, cls in (("mixup", Mixup), ("cutmix", CutMix)):
+        p, _ = build_policies(config(**{**MIX, "mix.policy": name}), torch.device("cpu"), None)
+        assert isinstance(p, cls) and p.alpha == 0.3 and p.smoothing == 0.2
+
+
+def test_alpha_bounds_the_pasted_area_and_per_sample_draws_one_box_per_image():
+    policy, _ = build_policies(config(**MIX), torch.device("cpu"), None)
+    boxes = torch.cat([policy.sample_boxes(8, 64, 64) for _ in range(200)])
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).double() / (64 * 64)
+    assert area.max() <= 0.3 + 1e-9 and area.max() > 0.25  # sqrt(U(0, 0.3)) sides: up to 0.3, not 0.5 or 0.1
+    assert len({tuple(b.tolist()) for b in boxes[:8]}) > 1  # one box per image, not one per batch
+
+
+def test_smoothing_and_its_form_reach_the_targets():
+    policy, _ = build_policies(config(**MIX), torch.device("cpu"), None)
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    out = policy(images, torch.tensor([0, 1, 2, 3]))  # the first step: nothing pasted, targets only smoothed
+    # uniform form: 1 - s + s / K on the class, s / K elsewhere (K = 5, s = 0.2)
+    want = torch.full((4, 5), 0.2 / 5)
+    want[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1 - 0.2 + 0.2 / 5
+    torch.testing.assert_close(out.soft_targets, want)
+
+
+def run_epochs(cfg, epochs=2, steps=4, n=6):
+    """train_one_epoch over in-memory batches, epoch after epoch, as `train` runs it; returns what
+    mix_loss was given and returned, and the policy's outputs, step by step."""
+    torch.manual_seed(0)
+    model = build(cfg.model, cfg.num_classes)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    policy, _ = build_policies(cfg, torch.device("cpu"), None)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g),
+                torch.randint(0, cfg.num_classes, (n,), generator=g)) for _ in range(steps)]
+    calls, outs = [], []
+    real_loss, real_call = engine.mix_loss, type(policy).__call__
+
+    def loss_spy(*args):
+        loss = real_loss(*args)
+        calls.append((*[a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args], loss.detach()))
+        return loss
+
+    def call_spy(self, images, targets, *a, **kw):
+        out = real_call(self, images, targets, *a, **kw)
+        outs.append((images.clone(), out.images.detach().clone(), out.lam.clone(), out.boxes.clone()))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "mix_loss", loss_spy)
+        mp.setattr(type(policy), "__call__", call_spy)
+        for epoch in range(1, epochs + 1):
+            with Progress(steps, "test", enabled=False) as bar:
+                train_one_epoch(model, policy, batches, optimizer, scaler, cfg, epoch, None, bar)
+    return calls, outs, policy
+
+
+def test_omega_weights_the_consistency_loss_as_the_paper_computes_it():
+    cfg = config(**MIX)
+    calls, _, _ = run_epochs(cfg, epochs=1)
+    with_history = 0
+    for logits, roi_logits, soft, prev_logits, lam, omega, loss in calls:
+        ce = -(soft * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+        if prev_logits is None:  # the first step: nothing pasted, nothing to be consistent with
+            torch.testing.assert_close(loss, ce)
+            continue
+        with_history += 1
+        target = F.softmax(prev_logits.float(), -1)
+        roi_ce = -(target * F.log_softmax(roi_logits.float(), -1)).sum(-1)
+        want = ce + 0.1 * ((1 - lam) * roi_ce).mean()  # omega = 0.1: the setting, not alpha or the default
+        torch.testing.assert_close(loss, want)
+        assert omega == 0.1
+    assert with_history == 3
+
+
+def test_each_epochs_first_batch_is_unmixed_and_the_rest_mix():
+    # the default configuration: the history is cleared at every epoch start, as the paper's code does
+    cfg = config()
+    _, outs, policy = run_epochs(cfg, epochs=3, steps=4)
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    for step, (images, mixed, lam, boxes) in enumerate(outs):
+        if step % 4 == 0:  # an epoch's first batch: its own pixels, normalized, and nothing else
+            assert torch.equal(lam, torch.ones_like(lam)) and not boxes.any()
+            torch.testing.assert_close(mixed, (images.permute(0, 3, 1, 2).float() - mean) / std)
+        else:
+            assert (lam < 1).any() and boxes.any(), step  # the others paste the previous batch
+    assert len(outs) == 12
+
+
+def test_the_epochs_learning_rate_is_the_schedules():
+    # milestones, gamma and warmup reach the optimizer: lr * gamma ** (milestones passed), the paper's rule
+    cfg = config(**{"optim.schedule": "step", "optim.milestones": (2, 3), "optim.gamma": 0.3, "optim.lr": 0.2,
+                    "optim.warmup": 1}, epochs=4)
+    model = build(cfg.model, cfg.num_classes)
+    opt = build_optimizer(model, cfg.optim)
+    got = [engine.set_lr(opt, cfg, e) for e in range(1, 5)]
+    assert got == pytest.approx([0.2 * 1 / 2, 0.2, 0.2 * 0.3, 0.2 * 0.3 ** 2])
+    assert all(g["lr"] == pytest.approx(got[-1]) for g in opt.param_groups)
+    cos = config(**{"optim.schedule": "cos", "optim.lr": 0.2}, epochs=4)
+    assert [engine.set_lr(opt, cos, e) for e in (1, 3)] == pytest.approx([0.2, 0.2 * 0.5 * (1 + math.cos(math.pi / 2))])
