@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+COSMIC_RAY = shutil.which("cosmic-ray") or str(Path(sys.executable).with_name("cosmic-ray"))  # this venv's
 
 FAST = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
 TARGETS = {
@@ -134,12 +135,12 @@ def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeou
     if db.exists():
         db.unlink()
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run(["cosmic-ray", "init", str(config), str(db)], cwd=tree, env=env, check=True)
+    subprocess.run([COSMIC_RAY, "init", str(config), str(db)], cwd=tree, env=env, check=True)
     scope(db, tree, target)
-    base = subprocess.run(["cosmic-ray", "baseline", str(config)], cwd=tree, env=env)
+    base = subprocess.run([COSMIC_RAY, "baseline", str(config)], cwd=tree, env=env)
     if base.returncode:
         raise SystemExit(f"{name}: the tests fail without a mutant; fix them first")
-    subprocess.run(["cosmic-ray", "exec", str(config), str(db)], cwd=tree, env=env, check=True)
+    subprocess.run([COSMIC_RAY, "exec", str(config), str(db)], cwd=tree, env=env, check=True)
     result = {"target": name, "files": target["files"], "functions": target.get("functions"),
               "tests": target["tests"], **summary(db, tree)}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
