@@ -115,6 +115,16 @@ def make_loaders(cfg, root: Path, dataset: str, device, rank=0, world_size=1):
     """(train_loader, val_loader) for this process."""
     train = make_loader(cfg, root, dataset, device, train=True, rank=rank, world_size=world_size)
     val = make_loader(cfg, root, dataset, device, train=False, rank=rank, world_size=world_size)
-    if val.num_classes != train.num_classes:
-        raise ValueError(f"--data-dir: the train split has {train.num_classes} classes but val has {val.num_classes}")
+    check_classes(train.classes, val.classes, f"--data-dir: {root}", "train", "val")
     return train, val
+
+
+def check_classes(was, now, what, was_name, now_name):
+    """ValueError naming the first difference where two class lists (names, in order) differ; None: unrecorded."""
+    if was is None or list(was) == list(now):
+        return
+    was, now = list(was), list(now)
+    k = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
+    first = (f"class {k} is {was[k]!r} in {was_name}, {now[k]!r} in {now_name}" if k < min(len(was), len(now))
+             else f"{len(was)} classes in {was_name}, {len(now)} in {now_name}")
+    raise ValueError(f"{what}: the classes differ ({first}); each label would mean another class")

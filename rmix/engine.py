@@ -14,7 +14,7 @@ import torch
 from rmix import checkpoint, dist, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
-from rmix.data import ARRAY_SETS, make_loader, make_loaders, resolve_data, sharded
+from rmix.data import ARRAY_SETS, check_classes, make_loader, make_loaders, resolve_data, sharded
 from rmix.ema import ModelEma
 from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
 from rmix.logs import RunLogs, check_backends
@@ -360,13 +360,15 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
     ckpt, path, changes = None, None, {}
     if cfg.resume:
         path = run_dir / "latest.pt" if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" or path.is_file():  # auto with nothing saved yet: a fresh start
+        if cfg.resume != "auto" or path.is_file():
             ckpt = checkpoint.read(path)
             if ckpt["foreign"]:
                 raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
             cfg, changes = resume.merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow_changes)
             if ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
                 return _complete(cfg, ckpt, run_dir, show, d)
+        else:  # auto with nothing to continue from: a fresh start, if the directory holds no run's results
+            cfg = _fresh_start(cfg, run_dir, given, allow_changes)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
         _preflight(cfg, root, dataset, d)
@@ -573,6 +575,12 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
     if saved.get("num_classes") != cfg.num_classes:
         raise ValueError(f"--resume: {path} was trained with {saved.get('num_classes')} classes, "
                          f"{cfg.data.data_dir} has {cfg.num_classes}")
+    was = ckpt.get("data") or {}
+    check_classes(was.get("classes"), data["classes"], f"--resume: {path}", "the checkpoint", str(cfg.data.data_dir))
+    if was.get("train_samples") not in (None, data["train_samples"]) and d.is_main:
+        Progress.line(f"--data-dir: {cfg.data.data_dir} now holds {data['train_samples']} training images, "
+                      f"{path} was trained on {was['train_samples']}: the run goes on over the new set, "
+                      "not as it would have without the change")
     if saved["data"]["data_dir"] != cfg.data.data_dir and ckpt.get("data") != data:
         raise ValueError(f"--resume: {path} was trained on {saved['data']['data_dir']}, this run reads "
                          f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell)")
@@ -603,6 +611,27 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
         partial = parts[d.rank]
         policy.load_state_dict(partial["policy"], device)
     return ckpt["epoch"] + 1, ckpt["best_top1"], partial
+
+
+def _fresh_start(cfg, run_dir, given, allow_changes):
+    """`--resume auto` where no latest.pt is: the run starts at epoch 1 if nothing of a run would be lost.
+
+    A directory with results (metrics rows, best.pt, a checkpoint) but no latest.pt is refused: a
+    fresh start would trim its metrics and overwrite its best.pt. One with only the config.json of
+    a run that died before its first checkpoint starts that run again, with that config: options
+    given now must agree with it (or be allowed), as on any resume.
+    """
+    there = [name for name in rundir.RUN_FILES if (run_dir / name).exists()]
+    there += sorted(p.name for p in run_dir.glob("*.pt") if p.name not in there)
+    if any(name != "config.json" for name in there):
+        best = run_dir / "best.pt"
+        hint = f"`--resume {best}` continues from best.pt's epoch, " if best.is_file() else ""
+        raise ValueError(f"--resume auto: {run_dir} holds a run ({', '.join(there)}) but no latest.pt to continue "
+                         f"from; {hint}a new --out starts afresh")
+    if there:  # config.json alone: the same run, from its start
+        saved = C.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg, _ = resume.merge(cfg, saved, run_dir / "config.json", given=given, allow=allow_changes)
+    return cfg
 
 
 def _complete(cfg, ckpt, run_dir, show, d):
@@ -647,6 +676,9 @@ def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader
     num_classes = val_loader.num_classes
     if not ckpt["foreign"] and cfg.num_classes and cfg.num_classes != num_classes:
         raise ValueError(f"--data-dir: {root} has {num_classes} classes, the checkpoint was trained on {cfg.num_classes}")
+    if not ckpt["foreign"]:
+        check_classes((ckpt.get("data") or {}).get("classes"), val_loader.classes, f"--checkpoint: {path}",
+                      "the checkpoint", f"{root}'s val split")
     net = build(cfg.model, num_classes, share_fc=cfg.mix.share_fc, image_size=cfg.data.crop_size).to(dev)
     state = checkpoint.ema_state(ckpt, path) if ema else checkpoint.model_state(ckpt)
     try:

@@ -3,8 +3,9 @@
     pip install cosmic-ray==8.7.0
     python scripts/mutation.py [TARGET ...] [--out results/mutation] [--timeout 300]
 
-Each target is a set of files (optionally only some of their functions) and the tests that cover
-them. The run happens in a copy of the committed tree (`git worktree`, imported through a folder of
+Each target is a set of files (optionally only some of their functions) and the fast tests that
+cover them (about 5-40 s a mutant on 2 cores); a survivor is then tried against the whole suite by hand
+before it is called a gap or an equivalent mutant. The run happens in a copy of the committed tree (`git worktree`, imported through a folder of
 links in the installed layout, as scripts/gpu_check.sh does), never in the checkout: cosmic-ray
 writes each mutant into the file it mutates. For each target: `cosmic-ray init` (every mutant of
 the operators below), the mutants outside the named functions skipped, a baseline run (the tests
@@ -34,17 +35,15 @@ TARGETS = {
     "losses": {"files": ["rmix/losses.py"],
                "tests": ["tests/test_core.py", "tests/test_mixing.py", "tests/test_wiring.py", "tests/test_evaluate.py"]},
     "mixing": {"files": ["rmix/mixing.py"],
-               "tests": ["tests/test_core.py", "tests/test_mixing.py", "tests/test_wiring.py", "tests/test_sync.py",
-                         "tests/test_paper_recipe.py", "tests/test_timm_mix.py"]},
+               "tests": ["tests/test_core.py", "tests/test_mixing.py", "tests/test_wiring.py"]},
     "mix_ref": {"files": ["kernels/mix_ref.py"],
-                "tests": ["tests/test_kernels.py", "tests/test_mixing.py", "tests/test_doctor.py::test_the_reference_check_sees_a_wrong_reference"]},
-    "checkpoint": {"files": ["rmix/checkpoint.py"], "tests": ["tests/test_checkpoint.py", "tests/test_trust.py"]},
+                "tests": ["tests/test_kernels.py", "tests/test_mixing.py"]},
+    "checkpoint": {"files": ["rmix/checkpoint.py"], "tests": ["tests/test_checkpoint.py"]},
     "engine": {"files": ["rmix/engine.py"],
                "functions": ["build_optimizer", "init_momentum", "match_param_layout", "build_policies", "set_lr",
                              "train_step", "train_one_epoch", "evaluate", "_resume", "Saver", "_payload", "_to_cpu"],
                "tests": ["tests/test_core.py", "tests/test_wiring.py", "tests/test_sync.py", "tests/test_evaluate.py",
-                         "tests/test_resume_layout.py", "tests/test_ema.py", "tests/test_resume_steps.py",
-                         "tests/test_reliability.py"]},
+                         "tests/test_resume_layout.py", "tests/test_resume_steps.py"]},
     "labels_shards": {"files": ["pipelines/wds.py", "pipelines/__init__.py", "pipelines/dali.py"],
                       "functions": ["ShardSplit", "read_label", "split_key", "read_dali_index", "index_shard",
                                     "_image_and_label", "find_shards", "is_shard_dir", "_set_meta", "_check_tar_end",

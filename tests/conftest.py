@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 from rmix.pipelines.synth import synth_dataset  # noqa: E402
 
 SIGNALS = [s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGXFSZ)]
-# set by a library for its own runtime, once per process: inductor's first compile
-LIBRARY_ENV = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
+# set by a library for its own runtime, once per process: inductor at its first use
+LIBRARY_ENV = {"PYTEST_CURRENT_TEST", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "TORCHINDUCTOR_CACHE_DIR"}
 
 
 def _state():

@@ -1,0 +1,96 @@
+"""A run's files are never rewritten by a command that did not start that run (issue #37)."""
+import json
+
+from click.testing import CliRunner
+
+from rmix.cli import cli
+
+TINY = ["--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8", "--workers", "1",
+        "--loader", "torch"]
+
+
+def train(data, out, *extra):
+    return CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--out", str(out), *TINY, *extra])
+
+
+def snapshot(run):
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_auto_of_a_run_without_latest_is_refused_and_nothing_is_touched(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    (run / "latest.pt").unlink()
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto", "--lr", "0.5", "--aug", "none")
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and line.startswith(f"Error: --resume auto: {run} holds a run"), line
+    assert "metrics.jsonl" in line and "best.pt" in line and f"--resume {run / 'best.pt'}" in line
+    assert snapshot(run) == before  # metrics, config and best.pt as they were
+
+
+def test_resume_auto_of_a_run_that_died_before_its_first_checkpoint_starts_it_again_as_configured(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    config = json.loads((run / "config.json").read_text())
+    for name in ("latest.pt", "best.pt", "metrics.jsonl"):
+        (run / name).unlink()  # as a run killed in its first epoch leaves it: config.json alone
+    r = train(tiny, run, "--epochs", "1", "--resume", "auto", "--lr", "0.5")
+    assert r.exit_code == 2 and "optim.lr: saved" in r.output, r.output  # another run's settings: refused
+    assert json.loads((run / "config.json").read_text()) == config
+    r = train(tiny, run, "--epochs", "1", "--resume", "auto")
+    assert r.exit_code == 0, r.output
+    assert (run / "latest.pt").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def renamed_copy(tiny, tmp_path, split=None):
+    """A copy of the data with one class folder renamed (in `split`, or in both)."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    for s in ([split] if split else ["train", "val"]):
+        first = sorted(p for p in (data / s).iterdir() if p.is_dir())[0]
+        first.rename(first.with_name("zz-renamed"))
+    return data
+
+
+def test_eval_of_a_checkpoint_on_data_with_other_class_names_is_refused(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    data = renamed_copy(tiny, tmp_path)
+    r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "latest.pt"), "--data-dir", str(data)])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "the classes differ (class 0 is 'circle' in the checkpoint, 'square'" in line, line
+    assert CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "latest.pt"), "--data-dir", str(tiny)]).exit_code == 0
+
+
+def test_train_and_val_with_other_class_names_are_refused_even_without_the_preflight(tiny, tmp_path):
+    data = renamed_copy(tiny, tmp_path, split="val")
+    r = train(data, tmp_path / "run", "--epochs", "1", "--no-preflight")
+    assert r.exit_code == 2 and "the classes differ" in r.output and "in train" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_data_with_other_class_names_is_refused_and_added_images_are_named(tiny, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    run = tmp_path / "run"
+    assert train(data, run, "--epochs", "1").exit_code == 0
+    before = snapshot(run)
+    for s in ("train", "val"):
+        first = sorted(p for p in (data / s).iterdir() if p.is_dir())[0]
+        first.rename(first.with_name("zz-renamed"))
+    r = train(data, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 2 and "--resume" in r.output and "the classes differ" in r.output, r.output
+    assert snapshot(run) == before
+    for s in ("train", "val"):  # the names back, and 6 more training images in the first class
+        (data / s / "zz-renamed").rename(data / s / sorted(p.name for p in (tiny / s).iterdir())[0])
+    first = sorted((data / "train").iterdir())[0]
+    for i, f in enumerate(sorted(first.iterdir())):
+        shutil.copy(f, first / f"added-{i}{f.suffix}")
+    r = train(data, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 0, r.output
+    assert "now holds 30 training images" in r.output and "trained on 24" in r.output, r.output
