@@ -6,7 +6,10 @@ given a reason from its bytes. Results are cached by the file list, sizes and mt
 """
 import hashlib
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -43,38 +46,68 @@ def reason(data: bytes, decoder: str) -> str:
     return f"corrupt {fmt}"
 
 
-class _DaliDecoder:
-    """A CPU-only DALI pipeline that decodes a list of encoded images (rebuilt after a failure)."""
+def _child_quiet():
+    """The decoding child's stderr to /dev/null: DALI's own [ERROR] lines never mix into the report."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
-    def __init__(self, threads):
-        self.threads = threads
-        self.pipe = None
 
-    def _build(self):
-        try:
-            from nvidia.dali import fn, pipeline_def, types
-        except ImportError as error:
-            raise missing_dali(error) from None
+_CHILD_PIPE = None  # the child's DALI pipeline, built once and again after a failed batch
 
-        @pipeline_def(batch_size=BATCH, num_threads=self.threads, device_id=None, prefetch_queue_depth=1)
+
+def _decodes_in_child(blobs, threads) -> bool:
+    """In the child process: whether DALI's CPU decoder takes every blob."""
+    global _CHILD_PIPE
+    from nvidia.dali import fn, pipeline_def, types
+    if _CHILD_PIPE is None:
+        @pipeline_def(batch_size=BATCH, num_threads=threads, device_id=None, prefetch_queue_depth=1)
         def decode():
             data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
             return fn.decoders.image(data, device="cpu", output_type=types.RGB)
-        self.pipe = decode()
-        self.pipe.build()
+        _CHILD_PIPE = decode()
+        _CHILD_PIPE.build()
+    try:
+        _CHILD_PIPE.feed_input("data", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+        _CHILD_PIPE.run()
+        return True
+    except Exception:  # the pipeline is no longer valid after a decode error
+        _CHILD_PIPE = None
+        return False
 
-    def ok(self, blobs) -> bool:
+
+class _DaliDecoder:
+    """DALI's CPU decoder in a child process, so that a crash of DALI's (it has died with SIGSEGV when
+    its pipeline was rebuilt after several undecodable files) fails the files, not the check.
+
+    `ok(blobs)`: True, False (DALI refused one), or None (the decoder died; the next call starts a
+    new child).
+    """
+
+    def __init__(self, threads):
+        self.threads = threads
+        self.pool = None
+
+    def ok(self, blobs):
         if any(len(b) == 0 for b in blobs):
             return False
-        if self.pipe is None:
-            self._build()
+        if self.pool is None:
+            try:
+                import nvidia.dali  # noqa: F401 - here, for the one-line error, not in the child
+            except ImportError as error:
+                raise missing_dali(error) from None
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_child_quiet)
         try:
-            self.pipe.feed_input("data", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
-            self.pipe.run()
-            return True
-        except Exception:  # the pipeline is no longer valid after a decode error
-            self.pipe = None
-            return False
+            return self.pool.submit(_decodes_in_child, list(blobs), self.threads).result()
+        except BrokenProcessPool:
+            self.close()
+            return None
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
 
 def check_split(root, decoder="dali", threads=2):
@@ -102,16 +135,22 @@ def _check_items(paths, read, decoder, threads):
     """(ok_count, [(name, reason)]) over items named ``paths``; ``read(i)`` gives item i's bytes."""
     dali = _DaliDecoder(threads) if decoder == "dali" else None
     bad = []
-    for i in range(0, len(paths), BATCH):
-        chunk = paths[i:i + BATCH]
-        blobs = [read(j) for j in range(i, i + len(chunk))]
+    try:
+        for i in range(0, len(paths), BATCH):
+            chunk = paths[i:i + BATCH]
+            blobs = [read(j) for j in range(i, i + len(chunk))]
+            if dali is not None:
+                if dali.ok(blobs):
+                    continue
+                for p, b in zip(chunk, blobs):  # file by file: which ones, and why
+                    verdict = dali.ok([b])
+                    if not verdict:
+                        bad.append((p, "crashed the decoder" if verdict is None else reason(b, decoder)))
+            else:
+                bad += [(p, reason(b, decoder)) for p, b in zip(chunk, blobs) if not pil_decodes(b)]
+    finally:
         if dali is not None:
-            if dali.ok(blobs):
-                continue
-            failed = [(p, b) for p, b in zip(chunk, blobs) if not dali.ok([b])]
-        else:
-            failed = [(p, b) for p, b in zip(chunk, blobs) if not pil_decodes(b)]
-        bad += [(p, reason(b, decoder)) for p, b in failed]
+            dali.close()
     return len(paths) - len(bad), bad
 
 

@@ -1,6 +1,7 @@
 """The frozen configuration tree: the single source of truth that cli.py maps options onto."""
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from rmix.schedule import SCHEDULES
@@ -199,8 +200,28 @@ def validate(cfg: TrainConfig) -> None:
          "expected nearest or bilinear")
     need(cfg.epochs > 0, "--epochs", cfg.epochs, "must be positive")
     need(cfg.batch_size > 0, "--batch-size", cfg.batch_size, "must be positive")
+    for option, value in (("--lr", cfg.optim.lr), ("--weight-decay", cfg.optim.weight_decay),
+                          ("--momentum", cfg.optim.momentum), ("--gamma", cfg.optim.gamma),
+                          ("--aug-alpha", cfg.mix.alpha), ("--aug-omega", cfg.mix.omega),
+                          ("--smoothing", cfg.mix.smoothing), ("--min-area", cfg.data.min_area), ("--ema", cfg.ema)):
+        need(isinstance(value, (int, float)) and math.isfinite(value), option, value, "must be a finite number")
     need(cfg.optim.lr > 0, "--lr", cfg.optim.lr, "must be positive")
     need(cfg.optim.weight_decay >= 0, "--weight-decay", cfg.optim.weight_decay, "must be >= 0")
+    need(0 <= cfg.optim.momentum < 1, "--momentum", cfg.optim.momentum, "must be in [0, 1)")
+    need(cfg.optim.gamma > 0, "--gamma", cfg.optim.gamma, "must be positive")
+    # a setting either takes effect or is refused
+    sgd = cfg.optim.optimizer == "sgd"
+    need(sgd or cfg.optim.momentum == OptimConfig.momentum, "--momentum", cfg.optim.momentum,
+         "AdamW has no SGD momentum (its betas are torch's defaults); drop it or use --optimizer sgd")
+    need(sgd or cfg.optim.nesterov == OptimConfig.nesterov, "--nesterov/--no-nesterov", cfg.optim.nesterov,
+         "AdamW has no Nesterov momentum; drop it or use --optimizer sgd")
+    need(not (sgd and cfg.optim.nesterov) or cfg.optim.momentum > 0, "--momentum", cfg.optim.momentum,
+         "Nesterov momentum needs a momentum above 0 (or --no-nesterov)")
+    step = cfg.optim.schedule == "step"
+    need(step or not cfg.optim.milestones, "--milestones", ",".join(map(str, cfg.optim.milestones)),
+         f"only --schedule step uses milestones (this run's is {cfg.optim.schedule})")
+    need(step or cfg.optim.gamma == OptimConfig.gamma, "--gamma", cfg.optim.gamma,
+         f"only --schedule step uses gamma (this run's is {cfg.optim.schedule})")
     need(cfg.optim.warmup >= 0, "--warmup", cfg.optim.warmup, "must be >= 0")
     need(cfg.optim.warmup < cfg.epochs, "--warmup", cfg.optim.warmup, f"must be below --epochs ({cfg.epochs})")
     need(0 < cfg.mix.alpha <= (1 if cfg.mix.policy == "recursive_mix" else float("inf")), "--aug-alpha",

@@ -370,6 +370,8 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
         else:  # auto with nothing to continue from: a fresh start, if the directory holds no run's results
             cfg = _fresh_start(cfg, run_dir, given, allow_changes)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    if dataset in ARRAY_SETS:
+        _array_settings(cfg, root, dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
         _preflight(cfg, root, dataset, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
@@ -608,9 +610,49 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
         if len(parts) != d.world_size:  # another split of the data: no exact continuation exists
             raise ValueError(f"--resume: {path} was saved at step {ckpt['step']} of epoch {ckpt['epoch'] + 1} "
                              f"by {len(parts)} processes, this run has {d.world_size}; resume with as many")
-        partial = parts[d.rank]
+        partial = _at_the_same_image(parts[d.rank], saved["batch_size"] // len(parts), cfg.batch_size // d.world_size,
+                                     path, ckpt)
         policy.load_state_dict(partial["policy"], device)
+        history = partial["policy"].get("history")
+        if history is not None and history.shape[0] < cfg.batch_size // d.world_size:
+            policy.reset()  # a bigger batch than the history holds: the next step starts one, as an epoch does
+            if d.is_main:
+                Progress.line(f"--batch-size {cfg.batch_size}: the saved history holds {history.shape[0]} images a "
+                              "process; the next step pastes nothing, as an epoch's first does")
     return ckpt["epoch"] + 1, ckpt["best_top1"], partial
+
+
+def _at_the_same_image(partial, saved_batch, batch, path, ckpt):
+    """A mid-epoch state continued with another per-process batch size: the step at the same image.
+
+    The loaders address batches by step, so step k of batch b starts at image k * b of the epoch's
+    order on this process; with `batch` the same image is step seen / batch, which must be whole.
+    """
+    if batch == saved_batch:
+        return partial
+    seen = partial["seen"]
+    if seen % batch:
+        fits = sorted({b for b in range(1, seen + 1) if seen % b == 0})
+        raise ValueError(f"--batch-size: {path} stopped after {seen} images of epoch {ckpt['epoch'] + 1} on each "
+                         f"process; a batch of {batch} a process cannot continue at that image (per-process batch "
+                         f"sizes that can: {', '.join(map(str, fits[-6:]))}), or resume from an epoch's end")
+    return {**partial, "step": seen // batch}
+
+
+# Image-file settings that arrays (CIFAR, MNIST) do not use: their images are the set's own size,
+# padded and cropped to it (train) or taken whole (val), decoded by no one.
+IMAGE_FILE_SETTINGS = {"crop_size": "--crop-size", "val_resize": "--val-resize", "min_area": "--min-area",
+                       "aug_plus": "--aug-plus", "torch_decode": "--torch-decode"}
+
+
+def _array_settings(cfg, root, dataset):
+    """ValueError naming a setting the run records but an array dataset would not apply."""
+    default = C.DataConfig()
+    unused = [flag for name, flag in IMAGE_FILE_SETTINGS.items() if getattr(cfg.data, name) != getattr(default, name)]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: {dataset} ({root}) is read as arrays of its own image size, which "
+                         f"{'these do' if len(unused) > 1 else 'this does'} not change; drop "
+                         f"{'them' if len(unused) > 1 else 'it'}")
 
 
 def _fresh_start(cfg, run_dir, given, allow_changes):

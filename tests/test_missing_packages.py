@@ -35,3 +35,13 @@ def test_the_torch_loader_needs_no_dali(tiny, tmp_path, no_dali):
                                  "--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--loader", "torch",
                                  "--batch-size", "8", "--no-preflight"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_timm_model_without_timm_says_what_to_install(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 "--model", "timm/resnet18", "--crop-size", "16", "--val-resize", "20", "--batch-size",
+                                 "8", "--loader", "torch", "--no-preflight"])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "pip install 'rmix[timm]'" in line, r.output

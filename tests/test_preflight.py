@@ -109,3 +109,41 @@ def test_the_cache_sees_a_file_rewritten_with_the_same_size(folder, tmp_path_fac
     assert target.stat().st_size == size
     bad = preflight.check([folder / "train"])["bad"]
     assert [b["path"] for b in bad] == [str(target)]
+
+
+def crash_on_gif(blobs, threads):
+    """In the decoding child: die as DALI has died (SIGSEGV) on a batch holding a GIF."""
+    import os
+    import signal
+    if any(b.startswith(b"GIF8") for b in blobs):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return preflight._decodes_in_child(blobs, threads)
+
+
+def test_a_decoder_that_crashes_fails_its_files_not_the_check(folder, monkeypatch):
+    monkeypatch.setattr(preflight, "_decodes_in_child", crash_on_gif)
+    ok, bad, classes = preflight.check_split(folder / "train", "dali")
+    got = {p.rsplit("/", 1)[-1]: why for p, why in bad}
+    assert got == {**{name: why for name, (_, why) in BAD.items()}, "gif.jpg": "crashed the decoder"}
+    assert ok == 2 * len(GOOD) and len(classes) == 2
+
+
+def test_data_check_survives_many_undecodable_files_and_prints_only_its_report(tmp_path):
+    # GIFs named .jpg and truncated JPEGs, many of each: `rmix data check` once died of SIGSEGV here
+    import subprocess
+    import sys
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            (d / "good.jpg").write_bytes(encode("JPEG"))
+    for k in range(12):
+        (tmp_path / "train" / "a" / f"gif{k}.jpg").write_bytes(encode("GIF", seed=k))
+        (tmp_path / "train" / "b" / f"trunc{k}.jpg").write_bytes(encode("JPEG", seed=k)[:-300])
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-m", "rmix", "data", "check", str(tmp_path), "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, (r.returncode, r.stderr[-2000:])  # bad files found; not 139
+        res = json.loads(r.stdout)
+        assert res["ok"] == 4 and len(res["bad"]) == 24
+        assert "[ERROR]" not in r.stderr and "jpeg_parser" not in r.stderr, r.stderr[-2000:]

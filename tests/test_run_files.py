@@ -1,6 +1,7 @@
 """A run's files are never rewritten by a command that did not start that run (issue #37)."""
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from rmix.cli import cli
@@ -94,3 +95,57 @@ def test_resume_on_data_with_other_class_names_is_refused_and_added_images_are_n
     r = train(data, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
     assert r.exit_code == 0, r.output
     assert "now holds 30 training images" in r.output and "trained on 24" in r.output, r.output
+
+
+@pytest.mark.parametrize("batch,images_after", [(4, 8), (2, 8), (1, 8), (16, 0), (3, None), (5, None)])
+def test_a_mid_epoch_resume_with_another_batch_size_continues_at_the_same_image(tiny, tmp_path, monkeypatch, batch,
+                                                                                 images_after):
+    # 24 images an epoch at batch 8, cut after 16 of epoch 1: the epoch goes on with its last 8 images
+    from rmix import checkpoint, engine
+    from test_resume_steps import Cut, cut_after_save
+    run = tmp_path / "run"
+    real = cut_after_save(monkeypatch, epoch=0, step=2)
+    r = train(tiny, run, "--epochs", "1", "--save-every-steps", "1")
+    assert isinstance(r.exception, Cut), r.output
+    monkeypatch.setattr(checkpoint, "save", real)
+    sizes, real_step = [], engine.train_step
+
+    def counted(model, policy, images, *a, **kw):
+        sizes.append(images.shape[0])
+        return real_step(model, policy, images, *a, **kw)
+    monkeypatch.setattr(engine, "train_step", counted)
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "1", "--resume", "auto", "--batch-size", str(batch), "--allow-changes",
+              "batch_size")
+    if images_after is None:
+        assert r.exit_code == 2 and "stopped after 16 images of epoch 1" in r.output, r.output
+        assert "continue at that image" in r.output and not sizes and snapshot(run) == before
+    else:
+        assert r.exit_code == 0, r.output
+        assert sum(sizes) == images_after and set(sizes) <= {batch}, sizes  # 16: its one batch was the first 16
+        assert ("pastes nothing" in r.output) == (batch > 8), r.output  # the history holds 8 a process
+
+
+@pytest.mark.parametrize("extra,option", [
+    (["--schedule", "cos", "--milestones", "1,2"], "--milestones"), (["--gamma", "0.5"], "--gamma"),
+    (["--optimizer", "adamw", "--momentum", "0.5"], "--momentum"), (["--optimizer", "adamw", "--no-nesterov"], "--nesterov"),
+    (["--momentum", "0"], "--momentum"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "-1"], "--lr"),
+    (["--gamma", "0", "--schedule", "step"], "--gamma"), (["--aug-omega", "inf"], "--aug-omega"),
+    (["--momentum", "1.5"], "--momentum")])
+def test_a_setting_the_run_would_not_apply_is_refused(tiny, tmp_path, extra, option):
+    r = train(tiny, tmp_path / "run", "--epochs", "1", *extra)
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and line.startswith(f"Error: {option}"), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra,option", [(["--crop-size", "20"], "--crop-size"), (["--val-resize", "40"], "--val-resize"),
+                                          (["--aug-plus"], "--aug-plus"), (["--min-area", "0.5"], "--min-area")])
+def test_image_file_settings_on_array_data_are_refused(tmp_path, extra, option):
+    # Debian's Fashion-MNIST (the test machines install it): refused before anything is read
+    r = CliRunner().invoke(cli, ["train", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 "--batch-size", "8", "--model", "resnet8", *extra])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"Error: {option}") and "read as arrays" in r.output, r.output
+    assert not (tmp_path / "run").exists()

@@ -20,8 +20,10 @@ from rmix.models.roi import RoIClassifier, roi_pool
 def _timm():
     try:
         import timm
-    except ImportError as e:
-        raise ImportError("timm models need timm, which is not installed: pip install 'rmix[timm]'") from e
+    except ImportError:
+        from rmix.pipelines import MissingPackage
+        raise MissingPackage("--model timm/...: timm models need timm, which is not installed: "
+                             "pip install 'rmix[timm]'") from None
     return timm
 
 
