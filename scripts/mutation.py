@@ -13,8 +13,8 @@ must pass unmutated), then every mutant against the target's tests (`pytest -x`:
 kills it). Written to --out: TARGET.json (counts, and each survivor with its file, line, operator
 and diff) and the sqlite session, so `cr-report` can show it again.
 
-Operators left out: the swaps of arithmetic for bitwise, shift, power or modulo operators and
-decorator removal, which make few bugs a person writes, each still a full test run.
+Which mutants are kept: see KEEP_BINARY and KEEP_COMPARISON below. `--resume` continues the sessions
+in --out (a run cut short) instead of starting them again.
 Docs: docs/DEVELOPMENT.md#mutation-testing (the figures, and the survivors judged equivalent).
 """
 import argparse
@@ -52,9 +52,25 @@ TARGETS = {
                                     "shard_loader"],
                       "tests": ["tests/test_pipelines.py", "tests/test_shard_integrity.py", "tests/test_shards.py"]},
 }
-EXCLUDE = [r"core/ReplaceBinaryOperator_\w+_(Mod|Pow|RShift|LShift|BitOr|BitAnd|BitXor)$",
-           r"core/ReplaceBinaryOperator_(Mod|Pow|RShift|LShift|BitOr|BitAnd|BitXor)_\w+$",
-           r"core/RemoveDecorator$"]
+# The mutants kept are the bugs a person writes: + and -, * and /, // and / swapped; a boundary moved
+# (< and <=, > and >=), a comparison flipped (< and >, == and !=, is and is not); a number off by one
+# (NumberReplacer); a condition negated or and/or swapped; a loop that never runs; True for False.
+# Left out: an operator replaced by an unrelated one (+ by **, == by <, ...), which rarely survives a
+# run that imports the module, yet costs a full test run each, and decorator removal.
+KEEP_BINARY = {("Add", "Sub"), ("Sub", "Add"), ("Mul", "Div"), ("Div", "Mul"), ("FloorDiv", "Div"),
+               ("Div", "FloorDiv")}
+KEEP_COMPARISON = {("Lt", "LtE"), ("LtE", "Lt"), ("Gt", "GtE"), ("GtE", "Gt"), ("Lt", "Gt"), ("Gt", "Lt"),
+                   ("LtE", "GtE"), ("GtE", "LtE"), ("Eq", "NotEq"), ("NotEq", "Eq"), ("Is", "IsNot"),
+                   ("IsNot", "Is"), ("In", "NotIn"), ("NotIn", "In")}
+
+
+def kept(operator: str) -> bool:
+    """Whether a cosmic-ray operator (e.g. core/ReplaceBinaryOperator_Add_Sub) is one of the kinds above."""
+    name = operator.split("/")[-1]
+    for prefix, keep in (("ReplaceBinaryOperator_", KEEP_BINARY), ("ReplaceComparisonOperator_", KEEP_COMPARISON)):
+        if name.startswith(prefix):
+            return tuple(name[len(prefix):].split("_")) in keep
+    return name != "RemoveDecorator"
 
 
 def function_lines(path: Path, names) -> list[tuple[int, int]]:
@@ -77,11 +93,8 @@ def link_farm(tree: Path) -> Path:
 
 def scope(db_path: Path, tree: Path, target: dict):
     """Mark skipped every pending mutant of an excluded operator or outside the target's functions."""
-    import re
-
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
-    excluded = re.compile("|".join(EXCLUDE))
     ranges = {f: function_lines(tree / f, target["functions"]) for f in target["files"]} \
         if "functions" in target else None
     with use_db(str(db_path), WorkDB.Mode.open) as db:
@@ -90,7 +103,7 @@ def scope(db_path: Path, tree: Path, target: dict):
                 line = m.start_pos[0]
                 rel = os.path.relpath(m.module_path, tree) if os.path.isabs(m.module_path) else str(m.module_path)
                 outside = ranges is not None and not any(a <= line <= b for a, b in ranges.get(rel, []))
-                if excluded.match(m.operator_name) or outside:
+                if not kept(m.operator_name) or outside:
                     db.set_result(item.job_id, WorkResult(output="out of scope", worker_outcome=WorkerOutcome.SKIPPED))
                     break
 
@@ -120,7 +133,7 @@ def summary(db_path: Path, tree: Path) -> dict:
     return {**counts, "survivors": survivors}
 
 
-def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeout: float):
+def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeout: float, resume=False):
     config = out / f"{name}.toml"
     db = out / f"{name}.sqlite"
     tests = " ".join(target["tests"])
@@ -131,14 +144,15 @@ def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeou
         "excluded-modules = []\n"
         f'test-command = "{sys.executable} -m pytest {" ".join(FAST)} {tests}"\n'
         "[cosmic-ray.distributor]\nname = \"local\"\n")
-    if db.exists():
-        db.unlink()
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([COSMIC_RAY, "init", str(config), str(db)], cwd=tree, env=env, check=True)
+    if not (resume and db.exists()):
+        if db.exists():
+            db.unlink()
+        subprocess.run([COSMIC_RAY, "init", str(config), str(db)], cwd=tree, env=env, check=True)
+        base = subprocess.run([COSMIC_RAY, "baseline", str(config)], cwd=tree, env=env)
+        if base.returncode:
+            raise SystemExit(f"{name}: the tests fail without a mutant; fix them first")
     scope(db, tree, target)
-    base = subprocess.run([COSMIC_RAY, "baseline", str(config)], cwd=tree, env=env)
-    if base.returncode:
-        raise SystemExit(f"{name}: the tests fail without a mutant; fix them first")
     subprocess.run([COSMIC_RAY, "exec", str(config), str(db)], cwd=tree, env=env, check=True)
     result = {"target": name, "files": target["files"], "functions": target.get("functions"),
               "tests": target["tests"], **summary(db, tree)}
@@ -153,6 +167,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "results" / "mutation"))
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     p.add_argument("--ref", default="HEAD", help="the commit to mutate (a worktree of it)")
+    p.add_argument("--resume", action="store_true", help="continue the sessions already in --out")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +177,7 @@ def main():
     src = link_farm(tree)
     try:
         for name in args.targets:
-            run_target(name, TARGETS[name], tree, src, out, args.timeout)
+            run_target(name, TARGETS[name], tree, src, out, args.timeout, resume=args.resume)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
         shutil.rmtree(src, ignore_errors=True)
