@@ -22,9 +22,11 @@ import ast
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,18 +135,91 @@ def summary(db_path: Path, tree: Path) -> dict:
     return {**counts, "survivors": survivors}
 
 
+# A warm pytest: importing torch, DALI and torchvision takes seconds, more than many mutants' tests.
+# The server imports them once and forks a child per test run, which imports rmix afresh (the mutated
+# file) and runs pytest in the client's directory; the client is cosmic-ray's test command.
+WARM = ("torch", "torchvision", "numpy", "PIL.Image", "click", "pytest", "nvidia.dali", "nvidia.dali.fn")
+
+
+def serve(path: str):
+    """Answer each connection with the exit code of `pytest <args>` run in a forked child."""
+    import importlib
+    for name in WARM:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    assert not any(m == "rmix" or m.startswith("rmix.") for m in sys.modules), "rmix must be imported per child"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    while True:
+        conn, _ = server.accept()
+        with conn:
+            request = json.loads(conn.makefile().readline())
+            pid = os.fork()
+            if pid == 0:  # the child: the request's directory and environment, pytest, its exit code
+                server.close()
+                os.chdir(request["cwd"])
+                os.environ.clear()
+                os.environ.update(request["env"])
+                sys.path[:0] = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                import pytest
+                code = pytest.main(request["args"])
+                os._exit(int(code))
+            deadline = time.monotonic() + request["timeout"]
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:  # a mutant that loops: the run ends as a timeout
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    status = 124 << 8
+                    break
+                time.sleep(0.05)
+            conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+def client(path: str, args, timeout: float = 280.0) -> int:
+    """cosmic-ray's test command: the warm server's pytest run of `args` here, its exit code ours."""
+    conn = socket.socket(socket.AF_UNIX)
+    for _ in range(600):  # the server may still be importing
+        try:
+            conn.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.1)
+    request = {"cwd": os.getcwd(), "env": dict(os.environ), "args": list(args), "timeout": timeout}
+    conn.sendall((json.dumps(request) + "\n").encode())
+    code = int(conn.makefile().readline())
+    return code if code >= 0 else 1  # killed by a signal: the mutant crashed the tests
+
+
 def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeout: float, resume=False):
     config = out / f"{name}.toml"
     db = out / f"{name}.sqlite"
     tests = " ".join(target["tests"])
+    sock = os.path.join(tempfile.mkdtemp(prefix="rmix-mut-"), "pytest.sock")
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, __file__, "serve", sock], env=env, cwd=tree)
     config.write_text(
         "[cosmic-ray]\n"
         f"module-path = {json.dumps(target['files'])}\n"
         f"timeout = {timeout}\n"
         "excluded-modules = []\n"
-        f'test-command = "{sys.executable} -m pytest {" ".join(FAST)} {tests}"\n'
+        f'test-command = "{sys.executable} {__file__} client {sock} {" ".join(FAST)} {tests}"\n'
         "[cosmic-ray.distributor]\nname = \"local\"\n")
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        _run_session(name, target, tree, out, config, db, env, resume)
+    finally:
+        server.kill()
+
+
+def _run_session(name, target, tree, out, config, db, env, resume):
     if not (resume and db.exists()):
         if db.exists():
             db.unlink()
@@ -162,6 +237,10 @@ def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeou
 
 
 def main():
+    if sys.argv[1:2] == ["serve"]:
+        return serve(sys.argv[2])
+    if sys.argv[1:2] == ["client"]:
+        sys.exit(client(sys.argv[2], sys.argv[3:]))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--out", default=str(ROOT / "results" / "mutation"))
