@@ -10,9 +10,12 @@ them: rank SLURM_PROCID of SLURM_NTASKS, local rank SLURM_LOCALID, the master th
 SLURM_JOB_NODELIST on a port derived from SLURM_JOB_ID. torchrun's variables win when both are set
 (`srun torchrun ...`: one torchrun per node).
 """
+import contextlib
 import datetime
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +44,17 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
         timeout_s: how long a collective may wait for the other ranks before it raises.
     """
     os.environ.update(slurm_env(os.environ))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int(os.environ, "WORLD_SIZE", 1, low=1)
     if world <= 1:
         return Dist()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = env_int(os.environ, "RANK", None, low=0)
+    if rank is None:
+        raise ValueError(f"WORLD_SIZE={world} but RANK is not set: launch with torchrun, or set RANK and MASTER_ADDR")
+    if rank >= world:
+        raise ValueError(f"RANK={rank}: must be below WORLD_SIZE={world}")
+    local = env_int(os.environ, "LOCAL_RANK", 0, low=0)
+    if "MASTER_PORT" in os.environ:
+        env_int(os.environ, "MASTER_PORT", None, low=1)
     if device_type == "cuda":
         # before init: NCCL binds each rank to its own GPU. A SLURM task bound to one GPU
         # (--gpus-per-task=1) sees it as cuda:0 whatever its local rank.
@@ -54,11 +64,56 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
         backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         store = _attempt_store(timeout)
-        where = dict(store=store, rank=int(os.environ["RANK"]), world_size=world) if store else {}
+        where = dict(store=store, rank=rank, world_size=world) if store else {}
         if device_type == "cuda":
             where["device_id"] = torch.device("cuda", local)  # NCCL's barrier then knows its device
-        dist.init_process_group(backend, timeout=timeout, **where)
+        at = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        with _said_while_waiting(f"rank {rank}: waiting for the other {world - 1} process(es) of the job at {at} "
+                                 f"(up to --dist-timeout {timeout_s:g} s)", after=min(WAIT_SAY_S, timeout_s / 2)):
+            try:
+                dist.init_process_group(backend, timeout=timeout, **where)
+            except (RuntimeError, dist.DistError) as e:
+                text = str(e)
+                if "address already in use" in text.lower() or "EADDRINUSE" in text:
+                    raise ValueError(f"MASTER_PORT={os.environ.get('MASTER_PORT')}: the port is in use on "
+                                     f"{os.environ.get('MASTER_ADDR')}; choose another (torchrun --master-port)") \
+                        from None
+                if "timed out" in text.lower() or "timeout" in text.lower():
+                    raise ValueError(f"rank {rank}: the other {world - 1} process(es) of the job did not join at {at} "
+                                     f"within --dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world})") \
+                        from None
+                raise
     return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+WAIT_SAY_S = 15.0  # a rendezvous longer than this is said, once: the job waits, and for whom
+
+
+@contextlib.contextmanager
+def _said_while_waiting(line, after=None):
+    """Print `line` once (stderr) if the block is still running `after` seconds on; silent otherwise."""
+    timer = threading.Timer(WAIT_SAY_S if after is None else after, lambda: print(f"rmix: {line}", file=sys.stderr,
+                                                                                   flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def env_int(env, name, default, low=None):
+    """An integer environment variable, or `default` where unset; ValueError naming it where it is not one."""
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: not an integer") from None
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value}: must be >= {low}")
+    return value
 
 
 def slurm_env(env) -> dict:
@@ -70,26 +125,30 @@ def slurm_env(env) -> dict:
     """
     if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return {}
-    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+    tasks_var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    tasks = env_int(env, tasks_var, 1, low=1)
     if tasks <= 1:
         return {}
-    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    procid = env_int(env, "SLURM_PROCID", 0, low=0)
+    local = env_int(env, "SLURM_LOCALID", 0, low=0)
+    nodes_var = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    nodes = env.get(nodes_var)
     if not nodes and "MASTER_ADDR" not in env:
         raise ValueError("SLURM: SLURM_PROCID and SLURM_NTASKS are set but SLURM_JOB_NODELIST is not; "
                          "set MASTER_ADDR to the first node's address")
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+    return {"RANK": str(procid), "WORLD_SIZE": str(tasks), "LOCAL_RANK": str(local),
             "LOCAL_WORLD_SIZE": re.split(r"[(,]", env.get("SLURM_NTASKS_PER_NODE", ""))[0] or "1",  # "2(x3)"
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes, nodes_var),
             "MASTER_PORT": env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID", "0")))}
 
 
-def first_host(nodelist: str) -> str:
+def first_host(nodelist: str, variable: str = "SLURM_JOB_NODELIST") -> str:
     """The first host of a SLURM hostlist: "gpu[003-010,017],cpu1" -> "gpu003" (`scontrol show hostnames`)."""
     nodelist = nodelist.strip()
     first = re.match(r"([^,\[\]]*(?:\[[^\]]*\][^,\[\]]*)*)", nodelist).group(1)  # up to a top-level comma
     host = re.sub(r"\[([^],-]+)[^]]*\]", r"\1", first)  # each bracket: its first number, padding kept
     if not host or "[" in host or "]" in host or nodelist[len(first):][:1] not in ("", ","):
-        raise ValueError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
+        raise ValueError(f"{variable}: cannot read a host from {nodelist!r}")
     return host
 
 

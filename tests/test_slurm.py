@@ -2,6 +2,7 @@
 saves, requeues and resumes, with stand-ins for srun and scontrol (tests/slurm_stub) on PATH."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,3 +142,40 @@ def test_sbatch_scripts_are_valid_bash_with_the_preemption_settings(script):
     text = path.read_text()
     assert "#SBATCH --signal=B:USR1@180" in text and "#SBATCH --requeue" in text
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "--resume auto" in text
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x': not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: must be below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1: must be >= 0"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "abc"}, "SLURM_NTASKS='abc': not an integer"),
+    ({"SLURM_PROCID": "zero", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}, "SLURM_PROCID='zero'"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n[1-", "SLURM_JOB_NODELIST": "n1"},
+     "SLURM_STEP_NODELIST: cannot read a host")])
+def test_launch_variables_that_are_not_what_they_claim_name_themselves(monkeypatch, env, message):
+    from rmix import dist
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_STEP_NUM_TASKS", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_JOB_NAME",
+              "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dist.setup("cpu", timeout_s=5)
+
+
+def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(monkeypatch, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", "6", "--out",
+                        str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"rmix: rank 0: waiting for the other 1 process(es) of the job at 127.0.0.1:{port}" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: rank 0: the other 1 process(es) of the job did not join"), r.stderr[-2000:]
