@@ -184,8 +184,9 @@ def serve(path: str):
             conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
 
 
-def client(path: str, args, timeout: float = 280.0) -> int:
+def client(path: str, args) -> int:
     """cosmic-ray's test command: the warm server's pytest run of `args` here, its exit code ours."""
+    timeout = float(os.environ.get("RMIX_MUTANT_TIMEOUT", "280"))  # below cosmic-ray's own timeout
     conn = socket.socket(socket.AF_UNIX)
     for _ in range(600):  # the server may still be importing
         try:
@@ -204,7 +205,8 @@ def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeou
     db = out / f"{name}.sqlite"
     tests = " ".join(target["tests"])
     sock = os.path.join(tempfile.mkdtemp(prefix="rmix-mut-"), "pytest.sock")
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1",
+           "RMIX_MUTANT_TIMEOUT": str(max(timeout - 10, 10))}
     server = subprocess.Popen([sys.executable, __file__, "serve", sock], env=env, cwd=tree)
     config.write_text(
         "[cosmic-ray]\n"
@@ -244,7 +246,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--out", default=str(ROOT / "results" / "mutation"))
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run (a loop: killed)")
     p.add_argument("--ref", default="HEAD", help="the commit to mutate (a worktree of it)")
     p.add_argument("--resume", action="store_true", help="continue the sessions already in --out")
     args = p.parse_args()
