@@ -53,6 +53,7 @@ from rmix.pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PC
 from rmix.pipelines.host_resize import HostResize
 from rmix.pipelines.streams import BatchHold
 from rmix.pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
+from rmix.pipelines.wds import dali_readable
 
 # nvJPEG preallocation per pipeline, in bytes: NVIDIA's ResNet-50 example gives each decoder
 # *thread* 211 MB of device memory and two 140 MB pinned host buffers (DALI's schema: "one device
@@ -517,6 +518,8 @@ class SampleLabels:
     def indices(self, info) -> list[int]:
         """uint8 (N, L) source info -> the samples' indices; a row naming no known sample is an error."""
         rows = np.asarray(info.cpu() if isinstance(info, torch.Tensor) else info, dtype=np.uint8)
+        if len(rows) == 0:  # a rank's trailing batch, all padding
+            return []
         out = []
         for row in rows.reshape(len(rows), -1):
             text = bytes(row).rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -570,6 +573,7 @@ def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_are
     has the contract's (N // world) // batch. Val: slice ``rank``, every image exactly once.
     """
     decoder, device_id = resolve_dali_device(dali_device, device)
+    dali_readable(split)  # a PAX member name would be read as a sample of its own ("Underful sample")
     host_resize = train and decoder == "cpu"
     n = len(split.samples)
     drop = train and drop_last

@@ -123,8 +123,10 @@ def check_shard_split(root, split, decoder="dali", threads=2):
     The set is verified first (`scan_shards`), and each label is read with its image by the
     loaders' one reader: a bad one is a ValueError naming its member.
     """
-    from rmix.pipelines.wds import INDEX, scan_shards
+    from rmix.pipelines.wds import INDEX, dali_readable, scan_shards
     shards = scan_shards(root, split, labels=False)
+    if decoder == "dali":
+        dali_readable(shards)  # the check decodes as training will read
     names = [shards.name(i) for i in range(len(shards.samples))]
     counts = {"samples": len(names), "shards": len(shards.shards),
               "verified": os.path.isfile(os.path.join(shards.root, INDEX))}  # else counted from the shards
@@ -188,8 +190,12 @@ def check(roots, decoder="dali", threads=2, use_cache=True) -> dict:
             n, b, c = check_split(root, decoder, threads)
         total, bad = total + n, bad + [{"path": p, "reason": r} for p, r in b]
         classes = classes or c
-        if c != classes:
-            raise ValueError(f"{root}: class folders differ from {roots[0]}'s")
+        if list(c) != list(classes):
+            k = next((i for i, (a, b) in enumerate(zip(classes, c)) if a != b), min(len(c), len(classes)))
+            first = (f"class {k} is {classes[k]!r} there, {c[k]!r} here" if k < min(len(c), len(classes))
+                     else f"{len(classes)} classes there, {len(c)} here")
+            kind = "labels" if isinstance(root, tuple) else "class folders"
+            raise ValueError(f"{_name(root)}: its {kind} differ from {_name(roots[0])}'s ({first})")
     result = {"ok": total, "bad": bad, "classes": len(classes), **({"shards": shards} if shards else {})}
     if total == 0 and not bad:
         raise ValueError(f"{roots[0]}: the dataset holds no images")
@@ -201,6 +207,11 @@ def check(roots, decoder="dali", threads=2, use_cache=True) -> dict:
     except OSError:
         pass  # a read-only cache only costs the next run a re-check
     return result
+
+
+def _name(root) -> str:
+    """A split as the user knows it: a folder, or "DIR (train shards)"."""
+    return f"{root[0]} ({root[1]} shards)" if isinstance(root, tuple) else str(root)
 
 
 def summary(result, limit=5) -> str:

@@ -423,9 +423,12 @@ def _write(out, work, splits: dict, classes: list[str], names: dict, fmt: str, s
     counts = {s: len(items) for s, items in splits.items()}
     done = _done(out)
     if done is not None and done.get("counts") == counts:
-        shutil.rmtree(work, ignore_errors=True)
-        say(f"{out}: already prepared ({counts['train']} train, {counts['val']} val images)")
-        return done
+        damage = _damage(out, done, fmt, classes, shard_size)
+        if not damage:
+            shutil.rmtree(work, ignore_errors=True)
+            say(f"{out}: already prepared ({counts['train']} train, {counts['val']} val images)")
+            return done
+        say(f"{out}: prepared before, but {damage}; writing that part again")
     if fmt == "folder":
         _write_folders(out, splits, classes)
         shards = None
@@ -444,6 +447,50 @@ def _write(out, work, splits: dict, classes: list[str], names: dict, fmt: str, s
     shutil.rmtree(work, ignore_errors=True)
     say(f"{out}: {counts['train']} train and {counts['val']} val images, {len(classes)} classes ({fmt})")
     return index
+
+
+def _damage(out: str, done: dict, fmt: str, classes: list[str], shard_size: int) -> str | None:
+    """What of a finished preparation is no longer there (deleted or cut short since), removed so that
+    the rerun writes it again; None when it is whole. Cheap: folder listings, shard sizes and indexes."""
+    if done.get("format") != fmt:
+        return None  # another format asked for: _write's own checks say so
+    found = []
+    for split, per_class in (done.get("per_class") or {}).items():
+        if fmt == "folder":
+            for cls, n in zip(classes, per_class):
+                folder = os.path.join(out, split, cls)
+                have = sum(len(files) for _, _, files in os.walk(folder)) if os.path.isdir(folder) else 0
+                if have != n:
+                    found.append(f"{split}/{cls} holds {have} of its {n} images")
+                    shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for k, name in enumerate((done.get("shards") or {}).get(split, [])):
+                path = os.path.join(out, name)
+                want = min(shard_size, done["counts"][split] - k * shard_size)
+                problem = _shard_problem(path, want)
+                if problem:
+                    found.append(f"{name} {problem}")
+                    for stale in (path, path[:-len(".tar")] + ".idx"):
+                        if os.path.exists(stale):
+                            os.remove(stale)
+    if found:
+        os.remove(os.path.join(out, INDEX))  # written again last, once the set is whole
+        return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    return None
+
+
+def _shard_problem(path: str, want: int) -> str | None:
+    """Why a shard written before is not whole ("is missing", "holds 3 of 5 samples", ...), or None."""
+    from rmix.pipelines.wds import _check_tar_end, read_dali_index
+    idx = path[:-len(".tar")] + ".idx"
+    if not os.path.isfile(path) or not os.path.isfile(idx):
+        return "is missing"
+    try:
+        entries = read_dali_index(idx)
+        _check_tar_end(path, os.path.basename(idx), entries)
+    except ValueError as error:
+        return f"is damaged ({error})"
+    return None if len(entries) == want else f"holds {len(entries)} of {want} samples"
 
 
 def _order(split: str, items: list[Item]) -> list[Item]:

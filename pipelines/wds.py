@@ -298,22 +298,71 @@ def _check_tar_end(path: str, idx: str, entries) -> None:
     if end > size:
         raise ValueError(f"{path}: truncated ({size} bytes; {last} ends at byte {end}); "
                          "copy or prepare the shard again")
-    if not idx:
-        return  # read from the tar's own headers just now
     block = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     with open(path, "rb") as f:
         f.seek(block)
-        header = f.read(tarfile.BLOCKSIZE)
-    if len(header) < tarfile.BLOCKSIZE or not header.strip(b"\0"):
-        return  # the end-of-archive zeros
+        rest = f.read(64 * 1024)  # the end-of-archive zeros (a record at most), or what is there instead
+    if not rest.strip(b"\0"):
+        return
     try:
-        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        info = tarfile.TarInfo.frombuf(rest[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
     except tarfile.TarError:
         info = None
-    if info is not None and info.isfile() and os.path.basename(split_key(info.name)[0]):
+    if info is None:  # a header cut short, or bytes that are none: tarfile stops there without a word
+        raise ValueError(f"{path}: cut short or damaged after {last} (the bytes from {block} on are not a tar "
+                         "member); copy or prepare the shard again")
+    if idx and info.isfile() and os.path.basename(split_key(info.name)[0]):
         raise ValueError(f"{os.path.join(os.path.dirname(path), idx)}: lists {len(entries)} samples but "
                          f"{os.path.basename(path)} holds more ({info.name} at byte {block}); delete the .idx "
                          "(rmix then reads the tar's headers) or prepare the set again")
+
+
+def ustar_fits(name: str) -> bool:
+    """Whether a member name fits a plain ustar header: DALI's readers.webdataset reads no other (a
+    longer name takes a PAX or GNU extension header, which it takes for a sample of its own)."""
+    try:
+        tarfile.TarInfo(name).tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+        return True
+    except (ValueError, UnicodeError):
+        return False
+
+
+def dali_readable(split) -> None:
+    """ValueError naming the first member of `split` whose name DALI's reader cannot take (see `ustar_fits`)."""
+    for i, sample in enumerate(split.samples):
+        if not ustar_fits(sample.member):
+            raise ValueError(f"{split.name(i)}: DALI's readers.webdataset cannot read this member (its name needs "
+                             "a PAX header); --loader torch reads it, or write the set again with "
+                             "`rmix data prepare folder --format wds`")
+
+
+def _split_labels(root: str, split: str) -> set:
+    """The labels of a split's shards (read from each .cls), or none where the split has no shards."""
+    labels = set()
+    for name in find_shards(root, split):
+        path, idx = os.path.join(root, name), name[:-len(".tar")] + ".idx"
+        entries = read_dali_index(os.path.join(root, idx)) if os.path.isfile(os.path.join(root, idx)) \
+            else index_shard(path)
+        with open(path, "rb") as f:
+            for j, sample in enumerate(entries):
+                (_, _, _, member), (_, c_off, c_size, _) = _image_and_label(sample, path, j)
+                f.seek(c_off)
+                labels.add(read_label(f.read(c_size), f"{path}:{member}"))
+    return labels
+
+
+def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> None:
+    """Without index.json the classes are 0..the largest label: ValueError where train and val together
+    leave some of them without a sample (a typo such as 1000 for 10), before any list of them is made."""
+    mine = {s.label for s in samples}
+    present = mine | _split_labels(root, "val" if split == "train" else "train")
+    top = max(present, default=-1)
+    if len(present) != top + 1:
+        at = max(range(len(samples)), key=lambda i: samples[i].label) if top in mine else None
+        where = f" ({shards[samples[at].shard]}:{samples[at].member})" if at is not None else ""
+        raise ValueError(f"{root}: the labels run to {top}{where} but {top + 1 - len(present)} of the classes "
+                         f"0..{top} have no train or val sample; without {INDEX}, rmix counts the classes from "
+                         "the labels: a typo in a .cls?")
 
 
 def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
@@ -357,5 +406,7 @@ def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
     if meta and len(samples) != meta["counts"][split]:
         raise ValueError(f"{root}: {INDEX} records {meta['counts'][split]} {split} samples, "
                          f"the shards hold {len(samples)}")
+    if not meta:  # the classes are counted from the labels: a gap is a typo, not a thousand empty classes
+        _no_label_gaps(root, split, shards, samples)
     classes = meta.get("classes") or [str(i) for i in range(max((s.label for s in samples), default=-1) + 1)]
     return ShardSplit(root, shards, indexes, list(classes), samples)

@@ -42,9 +42,24 @@ def check_backends(names) -> None:
 
 
 def trim_metrics(path: Path, start: int) -> None:
-    """Drop rows of epochs >= start: a restart between a metrics row and its latest.pt would repeat them."""
+    """Drop rows of epochs >= start: a restart between a metrics row and its latest.pt would repeat them.
+
+    A last line that is not a whole row (a kill during its append) goes too; any other line that is
+    not a row is an error naming the file and the line.
+    """
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] < start]
+        lines = path.read_text().splitlines()
+        rows = []
+        for k, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if k == len(lines) - 1:
+                    break  # cut off mid-append: its epoch is not in latest.pt either
+                raise ValueError(f"--resume: {path}, line {k + 1}, is not a metrics row ({line[:60]!r}); "
+                                 "remove or repair it") from None
+            if row["epoch"] < start:
+                rows.append(line)
         path.write_text("".join(line + "\n" for line in rows))
 
 

@@ -224,13 +224,23 @@ class CutMix(_Policy):
     """CutMix (Yun et al. 2019): paste the same box of x[perm]; lam from the clipped area."""
 
     def __call__(self, images, targets, boxes=None):
+        """`boxes`: (N, 4) or (4,) (x1, y1, x2, y2), one box for the whole batch (the paper's CutMix)."""
         x, soft, _ = self._normalize(images, targets)
         n, _, h, w = x.shape
+        if n == 0:  # nothing to mix (a rank's empty last batch)
+            return MixOut(x, soft, _no_boxes(0, x.device), torch.ones(0, device=x.device))
         if boxes is None:
             lam = sample_beta(self.alpha, self.generator)
             r = math.sqrt(1.0 - lam)
             cx, cy = _randint(w, 1, self.generator), _randint(h, 1, self.generator)
             boxes = clip_boxes(cx, cy, int(w * r), int(h * r), h, w).expand(n, 4)
+        else:  # given: one box, as the paper's CutMix pastes (read on the host: given boxes are few)
+            boxes = torch.as_tensor(boxes).reshape(-1, 4)
+            if len(boxes) not in (1, n) or not bool((boxes == boxes[:1]).all()):
+                raise ValueError(f"boxes: CutMix pastes one box into the whole batch, got {len(boxes)} boxes "
+                                 f"{'that differ' if len(boxes) == n else f'for {n} images'}; RecursiveMix "
+                                 "(per_sample=True) takes one box per image")
+            boxes = boxes[:1].expand(n, 4)
         x1, y1, x2, y2 = boxes[0].tolist()  # one box per batch, as the paper (drawn on the host)
         perm = to_device(torch.randperm(n, generator=self.generator), x.device)
         x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]

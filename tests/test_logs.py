@@ -174,3 +174,15 @@ def test_the_epoch_line_comes_once_its_checkpoint_is_written(tiny, tmp_path, mon
     assert code == 0, out
     lines = [e for e in events if e.startswith("epoch 1:")]
     assert len(lines) == 1 and events.index("saved latest.pt of epoch 1") < events.index(lines[0]), events
+
+
+def test_a_metrics_row_cut_off_mid_append_is_dropped_and_another_bad_line_is_named(tmp_path):
+    from rmix.logs import trim_metrics
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"epoch": e, "val_top1": 10.0 * e}) for e in (1, 2, 3)]
+    path.write_text("\n".join(rows) + "\n" + '{"epoch": 4, "val_to')  # killed while writing epoch 4
+    trim_metrics(path, 3)
+    assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    path.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a metrics row"):
+        trim_metrics(path, 3)

@@ -337,3 +337,24 @@ def test_recursive_mix_centres_are_uniform_over_every_column_and_row():
     boxes = torch.cat([policy.sample_boxes(64, 9, 7) for _ in range(20)])
     assert torch.equal(boxes[:, 0], boxes[:, 2]) and torch.equal(boxes[:, 1], boxes[:, 3])
     assert set(boxes[:, 0].tolist()) == set(range(7)) and set(boxes[:, 1].tolist()) == set(range(9))
+
+
+def test_cutmix_takes_one_box_for_the_batch_and_refuses_boxes_that_differ():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=g)
+    cut = CutMix(5, mean=(0.0,) * 3, std=(1.0,) * 3, generator=torch.Generator().manual_seed(1))
+    same = cut(images, torch.arange(4), boxes=torch.tensor([[1, 2, 5, 6]] * 4))
+    one = CutMix(5, mean=(0.0,) * 3, std=(1.0,) * 3, generator=torch.Generator().manual_seed(1))(
+        images, torch.arange(4), boxes=torch.tensor([1, 2, 5, 6]))
+    assert torch.equal(same.images, one.images) and torch.allclose(same.lam, torch.full((4,), 1 - 16 / 64))
+    with pytest.raises(ValueError, match="CutMix pastes one box into the whole batch, got 4 boxes that differ"):
+        cut(images, torch.arange(4), boxes=torch.tensor([[1, 2, 5, 6], [0, 0, 8, 8], [1, 2, 5, 6], [1, 2, 5, 6]]))
+    with pytest.raises(ValueError, match="got 2 boxes for 4 images"):
+        cut(images, torch.arange(4), boxes=torch.tensor([[1, 2, 5, 6]] * 2))
+
+
+@pytest.mark.parametrize("policy", [NoMix, Mixup, CutMix, RecursiveMix])
+def test_an_empty_batch_mixes_to_an_empty_batch(policy):
+    p = policy(5, mean=(0.0,) * 3, std=(1.0,) * 3, generator=torch.Generator().manual_seed(0))
+    out = p(torch.empty(0, 8, 8, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+    assert out.images.shape == (0, 3, 8, 8) and out.soft_targets.shape == (0, 5) and out.lam.shape == (0,)

@@ -519,3 +519,28 @@ def test_a_run_refused_before_writing_an_image_starts_again_from_the_fixed_archi
     write_archives(root)  # downloaded again
     assert invoke("imagenet", "--archives", root, "--out", out, "--skip-md5").exit_code == 0
     assert sum(1 for _ in out.glob("*/*/*")) == 22
+
+
+@pytest.mark.parametrize("fmt", ["folder", "wds"])
+def test_a_rerun_after_part_of_the_output_was_deleted_writes_it_again(tiny, tmp_path, fmt):
+    import hashlib
+    out = tmp_path / "out"
+    from rmix.pipelines.prepare import prepare_folder
+    prepare_folder(str(tiny), str(out), fmt=fmt, shard_size=5, say=lambda t: None)
+
+    def files():
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+    whole = files()
+    if fmt == "folder":
+        victims = [next(p for p in sorted((out / "train").rglob("*")) if p.is_file())]
+    else:
+        victims = [out / "train-000001.tar", out / "val-000000.idx"]
+        cut = out / "train-000002.tar"
+        cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])  # cut short
+    for v in victims:
+        v.unlink()
+    said = []
+    prepare_folder(str(tiny), str(out), fmt=fmt, shard_size=5, say=said.append)
+    assert any("prepared before, but" in line and "writing that part again" in line for line in said), said
+    assert files() == whole  # byte for byte what the first run wrote

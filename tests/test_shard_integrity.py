@@ -244,14 +244,17 @@ def test_every_path_reads_the_same_member_and_label(seed, tmp_path):
     # a random small set: member names with spaces and unicode, labels with and without whitespace
     rng = random.Random(seed)
     root = tmp_path / "prop"
-    classes = rng.randint(2, 12)
     keys = []
     while len(keys) < rng.randint(6, 10):
         key = "".join(rng.choice(NAME_CHARS) for _ in range(rng.randint(1, 12))).strip()
         if key and key not in keys:
             keys.append(key)
-    labels = [rng.randrange(classes) for _ in keys]
-    labels[0] = classes - 1  # a foreign set's classes are counted from its largest label
+    # a foreign set's classes are counted from its labels, which must then leave no class empty
+    classes = rng.randint(2, len(keys))
+    labels = [i % classes for i in range(len(keys))]
+    rng.shuffle(labels)
+    top = labels.index(classes - 1)
+    labels[0], labels[top] = labels[top], labels[0]  # in train (the first 4) too: both count the same classes
     formats = [rng.choice(LABEL_FORMATS) for _ in keys]
     samples = [(k, f.format(v).encode()) for k, v, f in zip(keys, labels, formats)]
     foreign(root, samples[:4], samples)
@@ -270,3 +273,44 @@ def test_every_path_reads_the_same_member_and_label(seed, tmp_path):
     width = max(map(len, rows))
     info = np.stack([np.frombuffer(r.ljust(width, b"\0"), dtype=np.uint8) for r in rows])
     assert mapping(info).tolist() == labels
+
+
+def test_a_typo_label_without_an_index_is_refused_not_a_thousand_empty_classes(tmp_path):
+    # labels 0..1 and one 1000: without index.json that would be a 1001-class model
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(7)] + [("typo", b"1000")],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    for args in (["data", "check", str(root), "--threads", "1"], train_args(root, tmp_path / "run", "--epochs", "1")):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2, r.output
+        assert "the labels run to 1000 (train-000000.tar:typo.jpg) but 998 of the classes 0..1000" in r.output
+    huge = foreign(tmp_path / "g", [(f"t{i}", b"%d" % (i % 2)) for i in range(7)] + [("big", b"100000000000000000000")],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    r = CliRunner().invoke(cli, ["data", "check", str(huge), "--threads", "1"])  # refused before any list is made
+    assert r.exit_code == 2 and "the labels run to 100000000000000000000" in r.output, r.output
+
+
+def test_a_shard_cut_inside_a_tar_header_is_refused_by_every_reader(tmp_path):
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(12)],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    shard = root / "train-000000.tar"
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar]
+    cut = members[-4].offset + 300  # inside the header of a member near the end
+    shard.write_bytes(data[:cut])
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 2 and "cut short or damaged" in r.output and "train-000000.tar" in r.output, r.output
+    for kind in ("dali", "torch"):
+        with pytest.raises(ValueError, match="cut short or damaged"):
+            build_shard_loader(kind, root, "train", train=True, **KW)
+
+
+def test_member_names_dali_cannot_read_are_refused_where_dali_reads(tmp_path):
+    long = "x" * 120  # past a ustar header's 100 bytes, with no folder to split off: a PAX header
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(7)] + [(long, b"1")],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 2 and f"train-000000.tar:{long}.jpg: DALI's readers.webdataset cannot read" in r.output
+    with pytest.raises(ValueError, match="cannot read this member"):
+        build_shard_loader("dali", root, "train", train=True, **KW)
+    assert len(build_shard_loader("torch", root, "train", train=True, **KW).batch_sampler) >= 0  # torch reads it

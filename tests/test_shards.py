@@ -209,3 +209,16 @@ def test_dali_train_slices_are_disjoint_within_an_epoch_and_rotate_across_epochs
     for r in (0, 1):
         assert not set(seen[r, 0]) & set(seen[r, 1]), r  # rotated: the other slice next epoch
         assert set(seen[r, 2]) & set(seen[r, 0]), r  # and back, two ranks later
+
+
+def test_dali_val_on_three_ranks_reads_every_image_once_with_an_empty_last_batch(tmp_path):
+    # 50 val samples on 3 ranks: DALI's slices are 16, 17, 17; at batch 16 rank 0's second batch is empty
+    from rmix.pipelines.synth import synth_dataset
+    data = synth_dataset(tmp_path / "d", classes=2, train_per_class=12, val_per_class=25, width=24, height=24)
+    prepare_folder(str(data), str(tmp_path / "w"), shard_size=7, say=lambda t: None)
+    sizes = []
+    for r in range(3):
+        loader = build_shard_loader("dali", tmp_path / "w", "val", train=False, batch_size=16, crop_size=16,
+                                    val_resize=20, num_threads=1, rank=r, world_size=3)
+        sizes.append([len(y) for _, y in loader])
+    assert sizes == [[16, 0], [16, 1], [16, 1]] and sum(map(sum, sizes)) == 50
