@@ -225,14 +225,34 @@ def _crop_loader_args(num_samples: int, *, train, batch_size, rank, world_size, 
                 device=torch.device(device), **kw)
 
 
-def pil_decodes(data: bytes) -> bool:
-    """Whether PIL opens and fully decodes ``data`` as torchvision's ImageFolder loader would."""
-    import io
+def pil_rgb(image):
+    """A PIL image as 8-bit RGB, scaled as DALI's decoder scales it, so both loaders see the same pixels.
 
+    PIL's own convert("RGB") clips 16-bit samples (PNG, PGM, TIFF: mode I;16 or I) to 255, nearly
+    white, and truncates float ones (mode F, in [0, 1]) to 0 or 1; DALI rounds v / 257 and v * 255.
+    """
+    import numpy as np
     from PIL import Image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        v = np.asarray(image, dtype=np.float64)
+        v = np.clip(v, 0, 1) * 255 if image.mode == "F" else np.clip(v, 0, 65535) / 257
+        gray = np.floor(v + 0.5).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(fp):
+    """PIL open + `pil_rgb`: torchvision's ImageFolder loader, with high-bit-depth images scaled as DALI does."""
+    from PIL import Image
+    with Image.open(fp) as im:
+        return pil_rgb(im)
+
+
+def pil_decodes(data: bytes) -> bool:
+    """Whether PIL opens and fully decodes ``data`` as the torch loader does (`open_rgb`)."""
+    import io
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").load()
+        open_rgb(io.BytesIO(data)).load()
         return True
     except Exception:
         return False

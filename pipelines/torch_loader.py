@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -35,6 +34,7 @@ from rmix.pipelines import (
     FolderIndex,
     derive_seed,
     one_line,
+    open_rgb,
     shard_indices,
     train_batches,
     val_batches,
@@ -66,7 +66,7 @@ class IndexedImageFolder(ImageFolder):
 
     def __init__(self, index: FolderIndex, transform):
         self._index = index
-        super().__init__(index.root, transform=transform)
+        super().__init__(index.root, transform=transform, loader=open_rgb)
 
     def find_classes(self, directory):
         return list(self._index.classes), {c: i for i, c in enumerate(self._index.classes)}
@@ -79,7 +79,7 @@ class IndexedImageFolder(ImageFolder):
         index, aug_seed = key
         path, label = self.samples[index]
         try:
-            image = self.loader(path)  # open + convert("RGB"): the whole decode happens here
+            image = self.loader(path)  # open_rgb: the whole decode happens here
         except Exception as error:  # named by TorchLoader with its epoch and batch
             return Unreadable(path, one_line(error)), label
         return seeded(self.transform, image, aug_seed), label
@@ -183,8 +183,7 @@ class DeviceDecode:
         except RuntimeError:
             pass
         try:  # what the device decoder refuses (PNG, CMYK, ...): PIL, as the workers decode it
-            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-                image = _to_hwc_uint8(im.convert("RGB"))
+            image = _to_hwc_uint8(open_rgb(io.BytesIO(data.numpy().tobytes())))
             return image.permute(2, 0, 1).to(self.device)
         except Exception as error:
             return Unreadable(path, one_line(error))
@@ -441,8 +440,7 @@ class ShardDataset(Dataset):
             data, label = self.split.read_with_label(index)
             if self.encoded:
                 return (torch.frombuffer(bytearray(data), dtype=torch.uint8), aug_seed), label
-            with Image.open(io.BytesIO(data)) as im:
-                image = im.convert("RGB")  # what ImageFolder's loader does
+            image = open_rgb(io.BytesIO(data))  # what the folder loader does
         except Exception as error:  # named by TorchLoader with its epoch and batch
             return Unreadable(name, one_line(error)), label
         return seeded(self.transform, image, aug_seed), label

@@ -78,11 +78,36 @@ class Jsonl:
         pass
 
 
+def trim_events(files, keep) -> None:
+    """Rewrite TensorBoard event files without the scalars `keep(tag, step)` refuses (as trim_metrics)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    for path in files:
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if all(keep(v.tag, Event.FromString(r).step) for v in Event.FromString(r).summary.value)]
+        if len(kept) == len(records):
+            continue
+        tmp = Path(str(path) + ".trim")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for r in kept:
+                writer.write(r)
+        os.replace(tmp, path)
+
+
 class TensorBoard:
+    """RUN/tb: epoch rows at step = epoch, step rows (tags step/...) at the global step.
+
+    On resume the events a killed run wrote after its last checkpoint are trimmed, as metrics.jsonl's
+    rows are: epoch rows of epochs >= start at once, step rows from the first step logged again.
+    """
     name, wants_steps = "TensorBoard", True
 
     def __init__(self, run_dir: Path, cfg: dict, start: int):
         from torch.utils.tensorboard import SummaryWriter
+        self.earlier = sorted((run_dir / "tb").glob("events.out.tfevents.*"))  # the runs before this one's
+        trim_events(self.earlier, lambda tag, step: tag.startswith("step/") or step < start)
         self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def epoch(self, row: dict) -> None:
@@ -92,6 +117,10 @@ class TensorBoard:
         self.writer.flush()
 
     def step(self, values: dict) -> None:
+        if self.earlier:  # the first step of this run: the earlier runs' step rows from it on are its own now
+            first = values["global_step"]
+            trim_events(self.earlier, lambda tag, step: not tag.startswith("step/") or step < first)
+            self.earlier = []
         for k, v in values.items():
             if k != "global_step" and v is not None:
                 self.writer.add_scalar(k, v, values["global_step"])

@@ -70,3 +70,27 @@ def test_device_decode_ignores_exif_orientation_as_pil_and_dali_do(tmp_path):
     (dev, _), = list(build_loader("torch", tmp_path, torch_decode="device", **kw))
     (dali, _), = list(build_loader("dali", tmp_path, dali_device="cpu", **kw))
     assert (pil.float() - dev.float()).abs().mean() < 3.0 and (pil.float() - dali.float()).abs().mean() < 3.0
+
+
+def test_high_bit_depth_images_decode_as_dali_decodes_them_on_every_path(tmp_path):
+    # 16-bit PNG, PGM and TIFF, and a float TIFF: PIL's convert("RGB") made them white or black
+    import numpy as np
+    from PIL import Image
+
+    from rmix.pipelines import pil_decodes
+    values = np.linspace(0, 65535, 24 * 24).reshape(24, 24).astype(np.uint16)
+    makers = {"png16.png": lambda p: Image.fromarray(values).save(p, "PNG"),
+              "pgm16.pgm": lambda p: Image.fromarray(values).save(p, "PPM"),
+              "tif16.tif": lambda p: Image.fromarray(values).save(p, "TIFF"),
+              "float.tif": lambda p: Image.fromarray(values.astype(np.float32) / 65535).save(p, "TIFF")}
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for name, make in makers.items():
+            make(tmp_path / cls / name)
+    assert all(pil_decodes((tmp_path / "a" / name).read_bytes()) for name in makers)
+    kw = dict(train=False, batch_size=8, crop_size=16, val_resize=16, num_threads=0)
+    dali = torch.cat([x for x, _ in build_loader("dali", tmp_path, dali_device="cpu", **kw)])
+    for decode in ("workers", "device"):
+        got = torch.cat([x for x, _ in build_loader("torch", tmp_path, torch_decode=decode, **kw)])
+        assert (got.float() - dali.float()).abs().max() <= 1, decode  # rounding of the resize only
+        assert 100 < got.float().mean() < 155  # a gradient of all grey levels, neither white nor black

@@ -186,3 +186,26 @@ def test_a_metrics_row_cut_off_mid_append_is_dropped_and_another_bad_line_is_nam
     path.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a metrics row"):
         trim_metrics(path, 3)
+
+
+def test_a_resume_leaves_tensorboard_one_event_per_epoch_and_step(tiny, tmp_path):
+    # the killed run logged epoch 2 (rows and steps) but died before its checkpoint: the resume runs
+    # epoch 2 again, and TensorBoard must hold it once, as metrics.jsonl does
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    code, out = train(tiny, run, "--epochs", "1")
+    assert code == 0, out
+    shutil.copy(run / "latest.pt", tmp_path / "epoch1.pt")
+    code, out = train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert code == 0, out
+    shutil.copy(tmp_path / "epoch1.pt", run / "latest.pt")  # as if killed between epoch 2's logs and its save
+    code, out = train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert code == 0, out
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_top1")] == [1, 2]
+    assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 7))
+    assert acc.Scalars("val_top1")[-1].value == pytest.approx(rows(run)[-1]["val_top1"])
