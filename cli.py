@@ -9,21 +9,34 @@ import sys
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import click  # noqa: E402
-import torch.distributed  # noqa: E402
 
 from rmix import config as C  # noqa: E402
-from rmix.checkpoint import CheckpointError, SaveError  # noqa: E402
-from rmix.pipelines import MissingPackage  # noqa: E402
 from rmix.pipelines.synth import DEFAULT_ARGS as SYNTH  # noqa: E402
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, MissingPackage)
+# Nothing here imports torch, DALI or timm: `rmix --help` and shell completion stay fast; each command
+# imports what it runs, and errors are sorted once one is raised (_sorted), when torch is loaded anyway.
+
+
+def _sorted(e: Exception):
+    """(exit code, one line) for an error a user can act on, or None for a bug (its traceback shows)."""
+    from rmix.checkpoint import CheckpointError, SaveError
+    from rmix.guard import TrainingError
+    from rmix.pipelines import MissingPackage
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, MissingPackage)):
+        return 2, f"Error: {e}"
+    if isinstance(e, (TrainingError, SaveError)):
+        return 1, f"Error: {e}"
+    if isinstance(e, RuntimeError) and _lost_peer(e):
+        what = " ".join(str(e).split())[:300]
+        return 1, (f"Error: lost contact with another process of the job ({type(e).__name__}: {what}); "
+                   "with --out and --resume auto, relaunching the job continues from its last checkpoint")
+    return None
 
 
 class RmixGroup(click.Group):
     """A click group whose errors are one line on stderr: `Error: <what>` and exit code 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        from rmix.engine import TrainingError
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
@@ -35,25 +48,18 @@ class RmixGroup(click.Group):
         except click.ClickException as e:
             click.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
-        except USER_ERRORS as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
-        except (TrainingError, SaveError) as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
-        except RuntimeError as e:
-            if not _lost_peer(e):
+        except Exception as e:
+            known = _sorted(e)
+            if known is None:
                 raise
-            what = " ".join(str(e).split())[:300]
-            click.echo(f"Error: lost contact with another process of the job ({type(e).__name__}: {what}); "
-                       "with --out and --resume auto, relaunching the job continues from its last checkpoint",
-                       err=True)
-            sys.exit(1)
+            click.echo(known[1], err=True)
+            sys.exit(known[0])
 
 
 def _lost_peer(error: RuntimeError) -> bool:
     """A collective failed because another process of the job died or hung (gloo raises plain
     RuntimeErrors for a reset connection); torchrun's summary names that process."""
+    import torch.distributed
     if isinstance(error, torch.distributed.DistError):
         return True
     text = str(error)

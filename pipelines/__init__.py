@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # annotations only: torch and numpy load where a loader is built, not on import
+    import numpy as np
+    import torch
+
 
 # The extensions torchvision's ImageFolder accepts (torchvision.datasets.folder.IMG_EXTENSIONS),
 # matched case-insensitively. Both loaders read exactly these files, so labels and sample
@@ -34,11 +36,13 @@ class MissingPackage(ImportError):
 def dali_wheel() -> str:
     """The DALI wheel for this torch: nvidia-dali-cudaXY0 for torch's CUDA major (CUDA 13 for a CPU torch,
     whose DALI runs CPU-only with any build)."""
+    import torch
     major = (torch.version.cuda or "13").split(".")[0]
     return f"nvidia-dali-cuda{major}0"
 
 
 def missing_dali(error: ImportError) -> MissingPackage:
+    import torch
     cuda = f"this torch's CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU torch (CPU-only mode)"
     return MissingPackage(f"--loader dali: NVIDIA DALI is not installed ({error.name or error}); "
                           f"`pip install {dali_wheel()}` (the build for {cuda}), or pass --loader torch")
@@ -166,6 +170,7 @@ def shard_indices(num_samples: int, *, train: bool, seed: int, epoch: int, rank:
     padding (every image once). Both loader kinds read exactly these indices in this order, so
     an epoch depends on (seed, epoch, rank, world_size, drop_last) only.
     """
+    import torch
     if not train:
         return list(range(rank, num_samples, world_size))
     g = torch.Generator().manual_seed(seed + epoch)
@@ -204,6 +209,7 @@ class EpochCounter:
 
 def derive_seed(seed: int, *parts: int) -> int:
     """A 31-bit seed from (seed, *parts), e.g. (seed, rank); stable across processes."""
+    import numpy as np
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFF_FFFF)
 
 
@@ -219,6 +225,7 @@ def _check_crop_options(kind: str, crop_size: int, val_resize: int, min_area: fl
 
 def _crop_loader_args(num_samples: int, *, train, batch_size, rank, world_size, drop_last, device, **kw) -> dict:
     """The split checked against the ranks and batch (`check_sharding`), and the loaders' common arguments."""
+    import torch
     check_sharding(num_samples, train=train, batch_size=batch_size, rank=rank, world_size=world_size,
                    drop_last=drop_last)
     return dict(train=train, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
@@ -329,6 +336,7 @@ def load_cifar(root, *, train: bool, cifar100: bool = False):
 
     ``root`` is the extracted folder (cifar-10-batches-py / cifar-100-python) or its parent.
     """
+    import numpy as np
     root = os.fspath(root)
     folder = "cifar-100-python" if cifar100 else "cifar-10-batches-py"
     directory = os.path.join(root, folder) if os.path.isdir(os.path.join(root, folder)) else root
@@ -361,6 +369,7 @@ def first_per_class(labels, n: int, classes: list[str]) -> np.ndarray:
 
     Raises ValueError naming a class with fewer than ``n``.
     """
+    import numpy as np
     labels = np.asarray(labels)
     keep = []
     for k, name in enumerate(classes):
@@ -379,6 +388,8 @@ def build_array_loader(kind: str, images: np.ndarray, labels: np.ndarray, classe
 
     ``per_class`` > 0 keeps the first that many images of each class (`first_per_class`).
     """
+    import numpy as np
+    import torch
     device = torch.device(device)
     if kind not in ("dali", "torch"):
         raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 import operator
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,7 +39,6 @@ _TEXTURE_PX = 375  # short side (px) at which the surface texture is drawn at fu
 # Threads pay off only where PIL/numpy (which release the GIL) dominate: big images.
 _PARALLEL_PIXELS = 100_000  # per image
 
-log = logging.getLogger(__name__)
 
 
 def synth_dataset(out, *, classes=DEFAULT_CLASSES, train_per_class=100, val_per_class=100,  # small train split: overfits
@@ -78,8 +77,11 @@ def synth_dataset(out, *, classes=DEFAULT_CLASSES, train_per_class=100, val_per_
 def default_data_dir() -> pathlib.Path:
     """The embedded default dataset, generated into the user cache on first use."""
     path = cache_dir() / _cache_name(DEFAULT_ARGS)
-    if not _is_complete(path, _validate(**DEFAULT_ARGS)):
-        log.info("generating the default rmix dataset into %s", path)
+    if not _is_complete(path, _validate(**DEFAULT_ARGS)):  # said once: the next runs find it there
+        a = DEFAULT_ARGS
+        print(f"rmix: writing the embedded dataset ({a['classes']} classes, {a['train_per_class']} train and "
+              f"{a['val_per_class']} val images each, {a['width']} px) into {path}, once (RMIX_CACHE moves it)",
+              file=sys.stderr, flush=True)
     return synth_dataset(path, **DEFAULT_ARGS)
 
 

@@ -370,6 +370,9 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
         else:  # auto with nothing to continue from: a fresh start, if the directory holds no run's results
             cfg = _fresh_start(cfg, run_dir, given, allow_changes)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    if show and cfg.data.dataset == "auto" and cfg.data.data_dir:  # what the files said, once
+        Progress.line(f"--data-dir {root}: read as {DATASET_KINDS.get(dataset, dataset)}, from its files "
+                      "(--dataset says otherwise)")
     if dataset in ARRAY_SETS:
         _array_settings(cfg, root, dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
@@ -639,6 +642,8 @@ def _at_the_same_image(partial, saved_batch, batch, path, ckpt):
     return {**partial, "step": seen // batch}
 
 
+DATASET_KINDS = {"folder": "an image folder (train/, val/)", "wds": "WebDataset shards", "cifar10": "CIFAR-10",
+                 "cifar100": "CIFAR-100", "fashion-mnist": "Fashion-MNIST (idx files)", "mnist": "MNIST (idx files)"}
 # Image-file settings that arrays (CIFAR, MNIST) do not use: their images are the set's own size,
 # padded and cropped to it (train) or taken whole (val), decoded by no one.
 IMAGE_FILE_SETTINGS = {"crop_size": "--crop-size", "val_resize": "--val-resize", "min_area": "--min-area",

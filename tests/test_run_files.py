@@ -149,3 +149,11 @@ def test_image_file_settings_on_array_data_are_refused(tmp_path, extra, option):
     assert r.exit_code == 2, r.output
     assert r.output.startswith(f"Error: {option}") and "read as arrays" in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_kind_of_data_detected_is_said_once(tiny, tmp_path):
+    r = train(tiny, tmp_path / "run", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert r.output.count(f"--data-dir {tiny}: read as an image folder (train/, val/), from its files") == 1
+    r = train(tiny, tmp_path / "run2", "--epochs", "1", "--dataset", "folder")
+    assert "read as" not in r.output  # named, not detected

@@ -179,3 +179,12 @@ def test_only_the_class_shape_is_a_concept(monkeypatch):
             drawn.clear()
             synth.render(np.random.default_rng([0, 0, label, index]), label, 40, 40)
             assert [k for k, _ in drawn] == [label] and 0.26 * 40 <= drawn[0][1] <= 0.42 * 40
+
+
+def test_the_embedded_set_says_once_where_it_is_written(tmp_path, monkeypatch, capsys):
+    from rmix.pipelines.synth import default_data_dir
+    monkeypatch.setenv("RMIX_CACHE", str(tmp_path / "cache"))
+    path = default_data_dir()
+    said = capsys.readouterr().err
+    assert said.count("rmix: writing the embedded dataset") == 1 and str(path) in said and "once" in said
+    assert default_data_dir() == path and capsys.readouterr().err == ""  # found there the next time: silent
