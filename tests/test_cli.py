@@ -178,3 +178,15 @@ def test_completion_script():
         pytest.skip("needs the installed rmix console script")
     r = subprocess.run(["rmix"], env={**os.environ, "_RMIX_COMPLETE": "bash_source"}, capture_output=True, text=True)
     assert r.returncode == 0 and "complete" in r.stdout
+
+
+def test_the_command_line_loads_without_torch_until_a_command_runs():
+    # `rmix --help` and shell completion stay fast: torch, DALI and timm load only where a command needs them
+    import subprocess
+    import sys
+    code = ("import sys; from rmix.cli import cli; from click.testing import CliRunner; "
+            "r = CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0; "
+            "r = CliRunner().invoke(cli, ['train', '--help']); assert r.exit_code == 0; "
+            "print(sorted(m for m in ('torch', 'nvidia.dali', 'timm', 'torchvision') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])

@@ -179,3 +179,17 @@ def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(monkeypatch, tm
     assert f"rmix: rank 0: waiting for the other 1 process(es) of the job at 127.0.0.1:{port}" in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: rank 0: the other 1 process(es) of the job did not join"), r.stderr[-2000:]
+
+
+def test_a_master_port_in_use_is_named(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+        env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", "20", "--out",
+                            str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: MASTER_PORT={port}: the port is in use"), r.stderr[-2000:]
