@@ -78,17 +78,26 @@ def check_targets(targets, num_classes):
 
 
 def sample_beta(alpha, generator=None):
-    """One draw of Beta(alpha, alpha) from a torch.Generator (torch's Beta takes none)."""
-    a = _sample_gamma(alpha, generator)
-    b = _sample_gamma(alpha, generator)
-    return a / (a + b) if a + b > 0 else 0.5
+    """One draw of Beta(alpha, alpha) from a torch.Generator (torch's Beta takes none).
+
+    a / (a + b) of two Gamma(alpha) draws; where both underflow to 0.0 (alpha below ~0.01), the
+    ratio of their logs: the draw is then near 0 or 1, never the 0.5 that 0 / 0 would suggest.
+    """
+    a, log_a = _sample_gamma(alpha, generator)
+    b, log_b = _sample_gamma(alpha, generator)
+    if a + b > 0:
+        return a / (a + b)
+    d = log_b - log_a
+    return 0.0 if d > 700 else 1.0 / (1.0 + math.exp(d))
 
 
 def _sample_gamma(shape, generator):
-    # Marsaglia and Tsang (2000); shape < 1 is boosted: G(a) = G(a + 1) * U ** (1 / a)
-    boost = 1.0
+    """(one Gamma(shape) draw, its log). Marsaglia and Tsang (2000); shape < 1 is boosted:
+    G(a) = G(a + 1) * U ** (1 / a), whose log stays finite where the draw itself underflows."""
+    boost, log_boost = 1.0, 0.0
     if shape < 1:
-        boost = _rand(generator) ** (1.0 / shape)
+        u = _rand(generator)
+        boost, log_boost = u ** (1.0 / shape), math.log(max(u, 1e-300)) / shape
         shape += 1.0
     d = shape - 1.0 / 3
     c = 1.0 / math.sqrt(9 * d)
@@ -99,7 +108,7 @@ def _sample_gamma(shape, generator):
             continue
         u = _rand(generator)
         if math.log(max(u, 1e-300)) < 0.5 * x * x + d - d * v + d * math.log(v):
-            return d * v * boost
+            return d * v * boost, math.log(d * v) + log_boost
 
 
 def _rand(generator):

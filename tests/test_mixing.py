@@ -358,3 +358,140 @@ def test_an_empty_batch_mixes_to_an_empty_batch(policy):
     p = policy(5, mean=(0.0,) * 3, std=(1.0,) * 3, generator=torch.Generator().manual_seed(0))
     out = p(torch.empty(0, 8, 8, 3, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
     assert out.images.shape == (0, 3, 8, 8) and out.soft_targets.shape == (0, 5) and out.lam.shape == (0,)
+
+
+# --- what the mutation run found untested (docs/DEVELOPMENT.md#mutation-testing) ---
+
+MS = dict(mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def test_smoothing_with_two_classes_and_none_with_one():
+    from rmix.mixing import smooth
+    got = smooth(torch.tensor([0, 1]), 2, 0.2)
+    torch.testing.assert_close(got, torch.tensor([[0.8, 0.2], [0.2, 0.8]]))
+    torch.testing.assert_close(smooth(torch.tensor([0, 0]), 1, 0.2), torch.ones(2, 1))  # one class: nothing to spread
+    torch.testing.assert_close(smooth(torch.tensor([0, 1]), 2, 0.0), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("targets,message", [
+    (torch.tensor([True, False]), "targets"), (torch.tensor([0, 5]), "got 5"), (torch.tensor([-2, 1]), "got -2"),
+    (torch.full((2, 6), 1 / 6), r"\(N, 5\)"), (torch.tensor([[0.5, 0.5, -0.5, 0.5, 0.0]] * 2), "must be >= 0"),
+    (torch.tensor([[0.5, 0.5, 0.5, 0.0, 0.0]] * 2), "rows summing to 1")])
+def test_targets_that_are_not_classes_or_probabilities_are_refused_naming_the_value(targets, message):
+    with pytest.raises(ValueError, match=message):
+        NoMix(5, **MS)(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), targets)
+
+
+def test_one_hot_probabilities_with_zeros_are_targets():
+    out = NoMix(3, **MS)(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(out.soft_targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+def test_sample_beta_draws_beta_alpha_alpha(alpha):
+    # Kolmogorov-Smirnov against scipy's Beta(alpha, alpha): the Gamma sampler, its boost below 1, its ratio
+    from scipy import stats
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_beta(alpha, g) for _ in range(3000)]
+    assert stats.kstest(draws, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
+def test_sample_beta_with_a_vanishing_alpha_stays_in_the_unit_interval_at_its_ends():
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_beta(1e-3, g) for _ in range(400)]
+    assert all(0.0 <= d <= 1.0 for d in draws)
+    assert sum(d < 0.01 or d > 0.99 for d in draws) > 0.9 * len(draws)  # Beta(0.001, 0.001): almost all at 0 or 1
+
+
+def test_policies_refuse_settings_out_of_range_and_take_the_edges():
+    for bad in (dict(alpha=0.0), dict(alpha=-1.0), dict(smoothing=1.0), dict(smoothing=-0.1)):
+        with pytest.raises(ValueError):
+            Mixup(5, **bad, **MS)
+    with pytest.raises(ValueError, match="num_classes"):
+        NoMix(0, **MS)
+    NoMix(1, **MS)  # one class: allowed by the policy (the trainer refuses fewer than 2)
+    Mixup(5, alpha=1e-3, smoothing=0.0, **MS)
+    for bad in (dict(alpha=0.0), dict(alpha=1.5), dict(omega=-1.0)):
+        with pytest.raises(ValueError):
+            RecursiveMix(5, **bad, **MS)
+    assert RecursiveMix(5, omega=0.0, **MS).omega == 0.0 and RecursiveMix(5, alpha=1.0, **MS).alpha == 1.0
+
+
+def test_the_documented_defaults():
+    # the paper's: alpha 0.5, omega 0.5, nearest, one box per batch; outputs NCHW unless asked for channels_last
+    p = build_policy("recursive_mix", 5, alpha=0.5, **MS)
+    assert (p.alpha, p.omega, p.interpolate, p.per_sample) == (0.5, 0.5, "nearest", False)
+    r = RecursiveMix(5, **MS)
+    assert (r.alpha, r.omega) == (0.5, 0.5)
+    out = NoMix(5, **MS)(torch.zeros(2, 4, 6, 3, dtype=torch.uint8), torch.tensor([0, 1]))
+    assert out.images.is_contiguous() and out.boxes.shape == (2, 4) and not out.boxes.any()
+    last = NoMix(5, channels_last=True, **MS)(torch.zeros(2, 4, 6, 3, dtype=torch.uint8), torch.tensor([0, 1]))
+    assert last.images.is_contiguous(memory_format=torch.channels_last) and not last.images.is_contiguous()
+
+
+def test_policies_without_a_generator_draw_the_same_each_time():
+    a, b = CutMix(5, alpha=1.0, **MS), CutMix(5, alpha=1.0, **MS)
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a(images, torch.arange(4)).boxes, b(images, torch.arange(4)).boxes)
+
+
+def test_cutmix_box_side_is_the_square_root_of_one_minus_lam(monkeypatch):
+    # the paper's CutMix: lam ~ Beta, side = sqrt(1 - lam) of the image side; lam from the clipped box
+    import rmix.mixing as M
+    monkeypatch.setattr(M, "sample_beta", lambda alpha, g=None: 0.75)  # side 0.5
+    cut = CutMix(5, alpha=1.0, generator=torch.Generator().manual_seed(0), **MS)
+    images = torch.zeros(2, 64, 32, 3, dtype=torch.uint8)
+    widths, heights = set(), set()
+    for _ in range(60):
+        out = cut(images, torch.arange(2))
+        x1, y1, x2, y2 = out.boxes[0].tolist()
+        widths.add(x2 - x1)
+        heights.add(y2 - y1)
+        torch.testing.assert_close(out.lam, torch.full((2,), 1 - (x2 - x1) * (y2 - y1) / (64 * 32)))
+    assert max(widths) == 16 and max(heights) == 32  # unclipped: half of each side
+
+
+def test_cutmix_with_an_empty_box_keeps_every_image():
+    cut = CutMix(5, alpha=1.0, **MS)
+    images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for box in ([3, 0, 3, 8], [0, 5, 8, 5]):  # no width, or no height
+        out = cut(images, torch.arange(3), boxes=torch.tensor(box))
+        assert torch.equal(out.lam, torch.ones(3))
+        torch.testing.assert_close(out.images, images.permute(0, 3, 1, 2).float())
+
+
+def test_recursive_mix_state_round_trips_and_the_next_call_mixes():
+    g = torch.Generator().manual_seed(0)
+    a = RecursiveMix(5, generator=torch.Generator().manual_seed(1), **MS)
+    images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=g)
+    out = a(images, torch.arange(3))
+    a.remember(out.images, out.soft_targets, torch.randn(3, 5, generator=g))
+    b = RecursiveMix(5, generator=torch.Generator().manual_seed(1), **MS)
+    b.load_state_dict(a.state_dict())
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in
+               zip(b.state_dict().values(), a.state_dict().values()))
+    b.load_state_dict(a.state_dict(), device=torch.device("cpu"))
+    nxt = b(images, torch.arange(3))  # restored: the next call mixes, no "called twice"
+    assert (nxt.lam < 1).any() or nxt.boxes.any()
+    with pytest.raises(RuntimeError, match="called twice without remember"):
+        b(images, torch.arange(3))  # a second call with history, before remember
+    fresh = RecursiveMix(5, **MS)
+    fresh.load_state_dict({"history": None, "history_targets": None, "history_logits": None})
+    assert torch.equal(fresh(images, torch.arange(3)).lam, torch.ones(3))
+
+
+def test_a_history_smaller_than_the_batch_is_refused_naming_both():
+    p = RecursiveMix(5, **MS)
+    small = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    out = p(small, torch.arange(2))
+    p.remember(out.images, out.soft_targets, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="history: holds 2 images, the batch has 3"):
+        p(torch.zeros(3, 8, 8, 3, dtype=torch.uint8), torch.arange(3))
+
+
+def test_roi_boxes_are_the_pasted_box_or_the_whole_image():
+    from rmix.mixing import MixOut
+    boxes = torch.tensor([[1, 2, 5, 6], [0, 0, 0, 0], [3, 1, 3, 7], [2, 4, 6, 4], [0, 0, 10, 8]])
+    out = MixOut(torch.zeros(5, 3, 8, 10), torch.zeros(5, 2), boxes, torch.ones(5))
+    got = roi_boxes(out, 8, 10)
+    assert got.tolist() == [[1, 2, 5, 6], [0, 0, 10, 8], [0, 0, 10, 8], [0, 0, 10, 8], [0, 0, 10, 8]]
