@@ -85,8 +85,8 @@ def test_high_bit_depth_images_decode_as_dali_decodes_them_on_every_path(tmp_pat
               "float.tif": lambda p: Image.fromarray(values.astype(np.float32) / 65535).save(p, "TIFF")}
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
-        for name, make in makers.items():
-            make(tmp_path / cls / name)
+        for name, write in makers.items():
+            write(tmp_path / cls / name)
     assert all(pil_decodes((tmp_path / "a" / name).read_bytes()) for name in makers)
     kw = dict(train=False, batch_size=8, crop_size=16, val_resize=16, num_threads=0)
     dali = torch.cat([x for x, _ in build_loader("dali", tmp_path, dali_device="cpu", **kw)])
