@@ -203,7 +203,8 @@ def client(path: str, args) -> int:
 def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeout: float, resume=False):
     config = out / f"{name}.toml"
     db = out / f"{name}.sqlite"
-    tests = " ".join(target["tests"])
+    # the target's tests that this commit has (--ref of an older one: the suite as it was then)
+    tests = " ".join(t for t in target["tests"] if (tree / t.split("::")[0]).is_file())
     sock = os.path.join(tempfile.mkdtemp(prefix="rmix-mut-"), "pytest.sock")
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1",
            "RMIX_MUTANT_TIMEOUT": str(max(timeout - 10, 10))}

@@ -16,6 +16,14 @@ from test_reliability import train_args
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is missing")
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles from a clean slate and leaves no graph to the tests after it (any order)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def test_compiled_model_computes_what_the_eager_one_does():
     torch.manual_seed(0)
     model = build("resnet8", 5).train()
