@@ -241,3 +241,99 @@ def test_a_save_onto_another_filesystem_than_the_temporary_directory_works(monke
         checkpoint.save(out, {"w": torch.arange(4)})
         assert torch.equal(checkpoint.read(out)["w"], torch.arange(4))
         assert os.listdir(d) == ["latest.pt"]
+
+
+# --- what the mutation run found untested in rmix/checkpoint.py ---
+
+def test_a_version_2_file_as_rmix_writes_it_reads(tmp_path):
+    # the format on disk, built by hand: a plain dict with {"rmix": {"format", "version": 2, "sha256"}}
+    payload = {"model": {"w": torch.arange(3.0)}, "epoch": 4, "config": {"seed": 1}, "rng": [1, 2]}
+    torch.save({**payload, "rmix": {"format": "rmix-checkpoint", "version": 2, "sha256": checkpoint.digest(payload)}},
+               tmp_path / "v2.pt")
+    got = checkpoint.read(tmp_path / "v2.pt")
+    assert got["epoch"] == 4 and torch.equal(got["model"]["w"], torch.arange(3.0)) and got["foreign"] is False
+    checkpoint.save(tmp_path / "now.pt", payload)
+    assert torch.load(tmp_path / "now.pt", weights_only=True)["rmix"]["version"] == 2
+
+
+def test_the_digest_sees_every_value_inside_lists_and_tuples():
+    base = {"rng": [1, [2, 3]], "t": (torch.ones(2),)}
+    assert checkpoint.digest(base) != checkpoint.digest({"rng": [1, [2, 4]], "t": (torch.ones(2),)})
+    assert checkpoint.digest(base) != checkpoint.digest({"rng": [1, [2, 3]], "t": (torch.zeros(2),)})
+    assert checkpoint.digest(base) == checkpoint.digest({"rng": (1, (2, 3)), "t": [torch.ones(2)]})
+
+
+def test_an_os_error_without_a_reason_is_still_one_line_naming_the_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_write", lambda f, data: (_ for _ in ()).throw(OSError()))
+    with pytest.raises(checkpoint.SaveError, match=r"cannot write .*x\.pt: Input/output error; the previous x\.pt"):
+        checkpoint.save(tmp_path / "x.pt", {"a": 1})
+    assert os.listdir(tmp_path) == []  # no temporary file left
+
+
+def test_a_temporary_file_that_cannot_be_made_is_a_save_error(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def refuse(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(checkpoint.SaveError, match="No space left on device"):
+        checkpoint.save(tmp_path / "x.pt", {"a": 1})
+
+
+def test_a_cleanup_that_fails_does_not_hide_the_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_write", lambda f, data: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    monkeypatch.setattr(os, "unlink", lambda p: (_ for _ in ()).throw(OSError(13, "denied")))
+    with pytest.raises(checkpoint.SaveError, match="I/O error"):
+        checkpoint.save(tmp_path / "x.pt", {"a": 1})
+
+
+def test_a_directory_that_cannot_be_synced_still_saves(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_dirs(path, flags, *a):
+        if os.path.isdir(path):
+            raise OSError(13, "Permission denied")
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(os, "open", no_dirs)
+    checkpoint.save(tmp_path / "x.pt", {"a": torch.ones(2)})
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.read(tmp_path / "x.pt")["a"], torch.ones(2))
+
+
+def test_a_legacy_pickle_file_is_read_as_foreign(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    got = checkpoint.read(tmp_path / "old.pth")
+    assert got["foreign"] and got["epoch"] == 3 and torch.equal(checkpoint.model_state(got)["w"], torch.ones(2))
+
+
+class NotPlainData:
+    """A class a stranger's checkpoint could reference: weights_only unpickling refuses it."""
+
+
+def test_a_refused_unpickling_says_why_in_one_line(tmp_path):
+    torch.save({"model": torch.ones(1), "extra": NotPlainData()}, tmp_path / "odd.pt")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read(tmp_path / "odd.pt")
+    assert str(e.value) == (f"{tmp_path / 'odd.pt'}: cannot read checkpoint: it contains Python objects that are "
+                            "not plain data (refused to unpickle)")
+
+
+def test_an_unreadable_file_is_named_with_the_first_line_of_the_reason(tmp_path):
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)  # a zip's magic, nothing after it
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read(tmp_path / "cut.pt")
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'cut.pt'}: cannot read checkpoint: ") and "\n" not in message
+    assert not message.endswith(": ") and "unpickle" not in message  # torch's own reason, not the pickle story
+
+
+def test_model_and_ema_states_of_rmix_paper_and_timm_checkpoints(tmp_path):
+    w = {"fc.weight": torch.ones(2, 2)}
+    assert checkpoint.model_state({"model": w, "foreign": False}) is w
+    assert checkpoint.model_state({"state_dict": w, "epoch": 1, "foreign": True}) == w  # the paper's
+    assert checkpoint.model_state({**w, "foreign": True}) == w  # a bare state dict
+    assert checkpoint.ema_state({"ema": {"model": w, "updates": 3}}, "x.pt") is w  # rmix's --ema
+    assert checkpoint.ema_state({"state_dict_ema": w}, "x.pt") is w  # timm's
+    with pytest.raises(ValueError, match="--ema: x.pt has no EMA weights"):
+        checkpoint.ema_state({"model": w}, "x.pt")

@@ -414,3 +414,50 @@ def test_doctors_kernel_check_passes_and_sees_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(mix_triton, "recursive_mix_triton", off_by_one)
     status, detail = doctor.kernel_check(torch.device(DEVICE), n=3, h=9, w=7, k=13, interpreted=INTERPRET)
     assert status == "failed" and "lam differ" in detail, detail
+
+
+# --- what the mutation run found untested in kernels/mix_ref.py ---
+
+def test_index_targets_take_their_class_count_from_the_history_or_ask_for_it():
+    inputs = make_inputs(3, 7, 9, k=6)
+    got, soft, _ = recursive_mix_ref(inputs["images"], inputs["history"], inputs["targets"], inputs["history_targets"],
+                                     inputs["boxes"], mean=MEAN, std=STD)  # no num_classes: K from the history
+    assert soft.shape == (3, 6)
+    with pytest.raises(ValueError, match="class indices need num_classes"):
+        recursive_mix_ref(inputs["images"], None, inputs["targets"], None, None, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="targets: expected 3 rows, got 2"):
+        recursive_mix_ref(inputs["images"], None, inputs["targets"][:2], None, None, num_classes=6, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="targets: expected 3 rows, got 2"):  # probabilities (2, 6)
+        recursive_mix_ref(inputs["images"], None, torch.full((2, 6), 1 / 6), None, None, mean=MEAN, std=STD)
+
+
+def test_a_small_positive_std_is_taken_and_a_box_left_of_the_image_refused():
+    inputs = make_inputs(2, 7, 9, k=4)
+    out, _, _ = recursive_mix_ref(inputs["images"], None, inputs["targets"], None, None, num_classes=4,
+                                  mean=(0.0,) * 3, std=(0.5,) * 3)
+    torch.testing.assert_close(out, inputs["images"].permute(0, 3, 1, 2).float() / 0.5)
+    for box in ([-1, 0, 4, 4], [0, -1, 4, 4], [0, 0, 10, 4], [0, 0, 4, 8]):
+        boxes = torch.tensor([box, [0, 0, 2, 2]])
+        with pytest.raises(ValueError, match="lies outside the 9x7 image"):
+            recursive_mix_ref(inputs["images"], inputs["history"], inputs["targets"], inputs["history_targets"],
+                              boxes, num_classes=4, mean=MEAN, std=STD)
+
+
+def test_an_inverted_box_is_empty():
+    from rmix.kernels.mix_ref import box_area
+    assert box_area(torch.tensor([[5, 1, 3, 6], [1, 5, 4, 2], [2, 2, 2, 9], [1, 1, 4, 3]])).tolist() == [0, 0, 0, 6]
+
+
+@pytest.mark.parametrize("boxes", [[[1, 2, 6, 9], [0, 0, 10, 12], [4, 3, 9, 5]],   # sizes differ
+                                   [[0, 0, 4, 4], [2, 3, 6, 7], [5, 1, 9, 5]]])   # one size, three places
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_one_box_per_image_is_pasted_image_by_image_as_the_papers_steps(mode, boxes):
+    # every box non-empty and its own: each image gets its own history resized into its own box
+    inputs = make_inputs(3, 12, 10, k=5, hist_hw=(12, 10), boxes=boxes)
+    out, _, _ = recursive_mix_ref(inputs["images"], inputs["history"], inputs["targets"], inputs["history_targets"],
+                                  inputs["boxes"], mode=mode, num_classes=5, mean=MEAN, std=STD)
+    interp = dict(mode="nearest") if mode == "nearest" else dict(mode="bilinear", align_corners=True)
+    for i, (x1, y1, x2, y2) in enumerate(inputs["boxes"].tolist()):
+        want = normalize(inputs["images"][i:i + 1], MEAN, STD, torch.float32)
+        want[:, :, y1:y2, x1:x2] = F.interpolate(inputs["history"][i:i + 1].float(), size=(y2 - y1, x2 - x1), **interp)
+        torch.testing.assert_close(out[i:i + 1], want)
