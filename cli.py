@@ -402,6 +402,8 @@ def check(directory, dataset, decoder, threads, as_json):
     root = pathlib.Path(directory)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory")
+    if threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {threads}")
     if dataset == "auto":
         dataset = detect_dataset(root)
     if dataset in MNIST_SETS:
@@ -526,7 +528,7 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
     import torch
 
     from rmix.bench.mix import bench_mix, format_bench
-    for name, v in (("--batch", batch), ("--size", size), ("--reps", reps)):
+    for name, v in (("--batch", batch), ("--size", size), ("--reps", reps), ("--threads", 1 if threads is None else threads)):
         if v < 1:
             raise ValueError(f"{name}: must be positive, got {v}")
     if device == "cuda" and not torch.cuda.is_available():

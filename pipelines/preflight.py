@@ -29,6 +29,22 @@ def image_format(data: bytes):
     return next((name for magic, name in MAGIC if data.startswith(magic)), None)
 
 
+def netpbm_maxval(data: bytes) -> int | None:
+    """The maxval of a binary PGM or PPM (P5, P6) header, else None."""
+    import re
+    m = re.match(rb"P[56](?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)\s", data[:512])
+    return int(m.group(3)) if m else None
+
+
+def dali_misreads(data: bytes) -> str | None:
+    """Why DALI's decoder would read `data` wrong without an error, else None: a PGM or PPM whose
+    maxval is neither 255 nor 65535 (10-bit, 12-bit) comes out scaled as if it were 16-bit, nearly black."""
+    maxval = netpbm_maxval(data)
+    if maxval is not None and maxval not in (255, 65535):
+        return f"PGM/PPM with maxval {maxval} (DALI reads it nearly black; convert it to 8 or 16 bits)"
+    return None
+
+
 def reason(data: bytes, decoder: str) -> str:
     """Why `data` does not decode: zero-byte, not an image, header-only, truncated, unsupported."""
     if not data:
@@ -142,11 +158,13 @@ def _check_items(paths, read, decoder, threads):
             chunk = paths[i:i + BATCH]
             blobs = [read(j) for j in range(i, i + len(chunk))]
             if dali is not None:
+                misread = [(p, dali_misreads(b)) for p, b in zip(chunk, blobs)]
+                bad += [(p, why) for p, why in misread if why]
                 if dali.ok(blobs):
                     continue
-                for p, b in zip(chunk, blobs):  # file by file: which ones, and why
-                    verdict = dali.ok([b])
-                    if not verdict:
+                for (p, b), (_, why) in zip(zip(chunk, blobs), misread):  # file by file: which ones, and why
+                    verdict = None if why else dali.ok([b])
+                    if not why and not verdict:
                         bad.append((p, "crashed the decoder" if verdict is None else reason(b, decoder)))
             else:
                 bad += [(p, reason(b, decoder)) for p, b in zip(chunk, blobs) if not pil_decodes(b)]

@@ -443,6 +443,8 @@ def _write(out, work, splits: dict, classes: list[str], names: dict, fmt: str, s
                            for s, items in splits.items()}}
     if shards is not None:
         index["shards"] = shards
+    else:  # each class folder's file names and sizes: a rerun sees a file deleted, emptied or cut short
+        index["folder_sizes"] = {s: {c: _folder_digest(os.path.join(out, s, c)) for c in classes} for s in splits}
     _write_json(index_file, index)  # last: its presence says the set is complete
     shutil.rmtree(work, ignore_errors=True)
     say(f"{out}: {counts['train']} train and {counts['val']} val images, {len(classes)} classes ({fmt})")
@@ -457,12 +459,17 @@ def _damage(out: str, done: dict, fmt: str, classes: list[str], shard_size: int)
     found = []
     for split, per_class in (done.get("per_class") or {}).items():
         if fmt == "folder":
+            sizes = (done.get("folder_sizes") or {}).get(split, {})
             for cls, n in zip(classes, per_class):
                 folder = os.path.join(out, split, cls)
                 have = sum(len(files) for _, _, files in os.walk(folder)) if os.path.isdir(folder) else 0
                 if have != n:
                     found.append(f"{split}/{cls} holds {have} of its {n} images")
-                    shutil.rmtree(folder, ignore_errors=True)
+                elif cls in sizes and _folder_digest(folder) != sizes[cls]:
+                    found.append(f"{split}/{cls} has a file of another size than written")
+                else:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
         else:
             for k, name in enumerate((done.get("shards") or {}).get(split, [])):
                 path = os.path.join(out, name)
@@ -477,6 +484,17 @@ def _damage(out: str, done: dict, fmt: str, classes: list[str], shard_size: int)
         os.remove(os.path.join(out, INDEX))  # written again last, once the set is whole
         return "; ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
     return None
+
+
+def _folder_digest(folder: str) -> str:
+    """sha256 of a folder's files' relative paths and sizes (stat only, no reads)."""
+    import hashlib
+    h = hashlib.sha256()
+    for base, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(base, name)
+            h.update(f"{os.path.relpath(path, folder)}\0{os.path.getsize(path)}\n".encode())
+    return h.hexdigest()
 
 
 def _shard_problem(path: str, want: int) -> str | None:

@@ -331,14 +331,14 @@ def dali_readable(split) -> None:
     """ValueError naming the first member of `split` whose name DALI's reader cannot take (see `ustar_fits`)."""
     for i, sample in enumerate(split.samples):
         if not ustar_fits(sample.member):
-            raise ValueError(f"{split.name(i)}: DALI's readers.webdataset cannot read this member (its name needs "
-                             "a PAX header); --loader torch reads it, or write the set again with "
-                             "`rmix data prepare folder --format wds`")
+            raise ValueError(f"{split.name(i)}: DALI's readers.webdataset cannot read this member (its name is too "
+                             "long for a plain tar header: a PAX or GNU long-name entry); --loader torch reads it, "
+                             "or write the set again with `rmix data prepare folder --format wds`")
 
 
-def _split_labels(root: str, split: str) -> set:
-    """The labels of a split's shards (read from each .cls), or none where the split has no shards."""
-    labels = set()
+def _split_labels(root: str, split: str) -> dict:
+    """{label: "shard.tar:member" of its first sample} of a split's shards, {} where it has none."""
+    labels = {}
     for name in find_shards(root, split):
         path, idx = os.path.join(root, name), name[:-len(".tar")] + ".idx"
         entries = read_dali_index(os.path.join(root, idx)) if os.path.isfile(os.path.join(root, idx)) \
@@ -347,20 +347,20 @@ def _split_labels(root: str, split: str) -> set:
             for j, sample in enumerate(entries):
                 (_, _, _, member), (_, c_off, c_size, _) = _image_and_label(sample, path, j)
                 f.seek(c_off)
-                labels.add(read_label(f.read(c_size), f"{path}:{member}"))
+                labels.setdefault(read_label(f.read(c_size), f"{path}:{member}"), f"{name}:{member}")
     return labels
 
 
 def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> None:
     """Without index.json the classes are 0..the largest label: ValueError where train and val together
     leave some of them without a sample (a typo such as 1000 for 10), before any list of them is made."""
-    mine = {s.label for s in samples}
-    present = mine | _split_labels(root, "val" if split == "train" else "train")
-    top = max(present, default=-1)
-    if len(present) != top + 1:
-        at = max(range(len(samples)), key=lambda i: samples[i].label) if top in mine else None
-        where = f" ({shards[samples[at].shard]}:{samples[at].member})" if at is not None else ""
-        raise ValueError(f"{root}: the labels run to {top}{where} but {top + 1 - len(present)} of the classes "
+    named = _split_labels(root, "val" if split == "train" else "train")
+    for s in samples:
+        named.setdefault(s.label, f"{shards[s.shard]}:{s.member}")
+    top = max(named, default=-1)
+    if len(named) != top + 1:
+        where = f" ({named[top]})"
+        raise ValueError(f"{root}: the labels run to {top}{where} but {top + 1 - len(named)} of the classes "
                          f"0..{top} have no train or val sample; without {INDEX}, rmix counts the classes from "
                          "the labels: a typo in a .cls?")
 

@@ -222,6 +222,8 @@ def validate(cfg: TrainConfig) -> None:
          f"only --schedule step uses milestones (this run's is {cfg.optim.schedule})")
     need(step or cfg.optim.gamma == OptimConfig.gamma, "--gamma", cfg.optim.gamma,
          f"only --schedule step uses gamma (this run's is {cfg.optim.schedule})")
+    need(not step or cfg.optim.milestones or cfg.optim.gamma == OptimConfig.gamma, "--gamma", cfg.optim.gamma,
+         "the step schedule multiplies by gamma at its --milestones, and none are given")
     need(cfg.optim.warmup >= 0, "--warmup", cfg.optim.warmup, "must be >= 0")
     need(cfg.optim.warmup < cfg.epochs, "--warmup", cfg.optim.warmup, f"must be below --epochs ({cfg.epochs})")
     need(0 < cfg.mix.alpha <= (1 if cfg.mix.policy == "recursive_mix" else float("inf")), "--aug-alpha",

@@ -45,6 +45,8 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
     """
     os.environ.update(slurm_env(os.environ))
     world = env_int(os.environ, "WORLD_SIZE", 1, low=1)
+    if "WORLD_SIZE" not in os.environ and env_int(os.environ, "RANK", 0, low=0) > 0:
+        raise ValueError(f"RANK={os.environ['RANK']} but WORLD_SIZE is not set: launch with torchrun, or set both")
     if world <= 1:
         return Dist()
     rank = env_int(os.environ, "RANK", None, low=0)
@@ -82,7 +84,9 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
                     raise ValueError(f"rank {rank}: the other {world - 1} process(es) of the job did not join at {at} "
                                      f"within --dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world})") \
                         from None
-                raise
+                first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+                raise ValueError(f"rank {rank}: cannot join the job at {at} ({first[:200]}); check MASTER_ADDR and "
+                                 f"MASTER_PORT, and that every process of the job starts (WORLD_SIZE={world})") from None
     return Dist(dist.get_rank(), dist.get_world_size(), local)
 
 
@@ -130,6 +134,8 @@ def slurm_env(env) -> dict:
     if tasks <= 1:
         return {}
     procid = env_int(env, "SLURM_PROCID", 0, low=0)
+    if procid >= tasks:
+        raise ValueError(f"SLURM_PROCID={procid}: must be below {tasks_var}={tasks}")
     local = env_int(env, "SLURM_LOCALID", 0, low=0)
     nodes_var = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
     nodes = env.get(nodes_var)

@@ -17,7 +17,7 @@ from rmix.config import TrainConfig, replace, to_dict, validate
 from rmix.data import ARRAY_SETS, check_classes, make_loader, make_loaders, resolve_data, sharded
 from rmix.ema import ModelEma
 from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
-from rmix.logs import RunLogs, check_backends
+from rmix.logs import RunLogs, check_backends, metrics_rows
 from rmix.losses import mix_loss, soft_cross_entropy, topk_correct
 from rmix.mixing import NoMix, build_policy, roi_boxes
 from rmix.models import build, check_input_size
@@ -365,11 +365,17 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
             if ckpt["foreign"]:
                 raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
             cfg, changes = resume.merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow_changes)
+            metrics_rows(run_dir / "metrics.jsonl")  # a bad row is refused before anything is written
             if ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
                 return _complete(cfg, ckpt, run_dir, show, d)
         else:  # auto with nothing to continue from: a fresh start, if the directory holds no run's results
             cfg = _fresh_start(cfg, run_dir, given, allow_changes)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
+    if ckpt is not None and ckpt.get("step") and "data.loader" in changes and sharded(root, dataset):
+        was, now = changes["data.loader"]
+        raise ValueError(f"--loader {now}: {path} stopped inside epoch {ckpt['epoch'] + 1} of shards read by {was}, "
+                         f"whose order {now} does not share; resume that epoch with --loader {was}, or change "
+                         "the loader at an epoch's end")
     if show and cfg.data.dataset == "auto" and cfg.data.data_dir:  # what the files said, once
         Progress.line(f"--data-dir {root}: read as {DATASET_KINDS.get(dataset, dataset)}, from its files "
                       "(--dataset says otherwise)")
@@ -683,8 +689,7 @@ def _fresh_start(cfg, run_dir, given, allow_changes):
 
 def _complete(cfg, ckpt, run_dir, show, d):
     """`--resume` of a run that has trained all its epochs: nothing to do, said so."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    rows = [json.loads(line) for line in metrics_rows(run_dir / "metrics.jsonl")]
     final = next((r["val_top1"] for r in reversed(rows) if r.get("val_top1") is not None), None)
     if show:
         Progress.line(f"{run_dir} is complete: {ckpt['epoch']} of {cfg.epochs} epochs trained; nothing to do "

@@ -41,25 +41,34 @@ def check_backends(names) -> None:
             raise ValueError(f"--log {name}: the {module} package is not installed (pip install '{extra}')")
 
 
-def trim_metrics(path: Path, start: int) -> None:
-    """Drop rows of epochs >= start: a restart between a metrics row and its latest.pt would repeat them.
+def metrics_rows(path: Path) -> list[str]:
+    """The lines of a metrics.jsonl that are rows ({"epoch": int, ...}), read only.
 
-    A last line that is not a whole row (a kill during its append) goes too; any other line that is
-    not a row is an error naming the file and the line.
+    A last line cut off mid-append (a kill while writing it) is left out: its epoch is not in
+    latest.pt either. Any other line that is not a row is an error naming the file and the line.
     """
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                break
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
+            raise ValueError(f"--resume: {path}, line {k + 1}, is not a metrics row ({line[:60]!r}); "
+                             "remove or repair it")
+        rows.append(line)
+    return rows
+
+
+def trim_metrics(path: Path, start: int) -> None:
+    """Drop rows of epochs >= start: a restart between a metrics row and its latest.pt would repeat them."""
     if path.is_file():
-        lines = path.read_text().splitlines()
-        rows = []
-        for k, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if k == len(lines) - 1:
-                    break  # cut off mid-append: its epoch is not in latest.pt either
-                raise ValueError(f"--resume: {path}, line {k + 1}, is not a metrics row ({line[:60]!r}); "
-                                 "remove or repair it") from None
-            if row["epoch"] < start:
-                rows.append(line)
+        rows = [line for line in metrics_rows(path) if json.loads(line)["epoch"] < start]
         path.write_text("".join(line + "\n" for line in rows))
 
 

@@ -45,3 +45,19 @@ def test_a_timm_model_without_timm_says_what_to_install(tiny, tmp_path, monkeypa
     assert r.exit_code == 2, r.output
     line = r.output.strip()
     assert "\n" not in line and "pip install 'rmix[timm]'" in line, r.output
+
+
+def test_a_timm_that_does_not_import_is_not_called_missing(tiny, tmp_path, monkeypatch):
+    broken = tmp_path / "site" / "timm"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("from .models import create_model\n")  # its models/ is gone
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 "--model", "timm/resnet18", "--crop-size", "16", "--val-resize", "20", "--batch-size",
+                                 "8", "--loader", "torch", "--no-preflight"])
+    assert r.exit_code == 2, r.output
+    assert "timm is installed but does not import" in r.output and "timm.models" in r.output, r.output
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        del sys.modules[name]  # the real timm again for the tests after this one

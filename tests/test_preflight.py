@@ -147,3 +147,19 @@ def test_data_check_survives_many_undecodable_files_and_prints_only_its_report(t
         res = json.loads(r.stdout)
         assert res["ok"] == 4 and len(res["bad"]) == 24
         assert "[ERROR]" not in r.stderr and "jpeg_parser" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_pgm_that_dali_would_read_nearly_black_is_named(tmp_path):
+    # maxval 1023 (10-bit): DALI decodes it without an error, scaled as 16-bit
+    import numpy as np
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            (d / "ok.jpg").write_bytes(encode("JPEG"))
+    values = (np.arange(20 * 30) % 1024).astype(">u2").reshape(20, 30)
+    (tmp_path / "train" / "a" / "ten.pgm").write_bytes(b"P5\n30 20\n1023\n" + values.tobytes())
+    res = preflight.check([tmp_path / "train", tmp_path / "val"], "dali", use_cache=False)
+    assert [(b["path"].rsplit("/", 1)[-1], b["reason"]) for b in res["bad"]] == [
+        ("ten.pgm", "PGM/PPM with maxval 1023 (DALI reads it nearly black; convert it to 8 or 16 bits)")]
+    assert preflight.check([tmp_path / "train"], "pil", use_cache=False)["bad"] == []  # PIL scales it right

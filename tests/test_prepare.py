@@ -534,6 +534,8 @@ def test_a_rerun_after_part_of_the_output_was_deleted_writes_it_again(tiny, tmp_
     whole = files()
     if fmt == "folder":
         victims = [next(p for p in sorted((out / "train").rglob("*")) if p.is_file())]
+        emptied = sorted(p for p in (out / "val").rglob("*") if p.is_file())[-1]
+        emptied.write_bytes(b"")  # as `: > file`: there, but its bytes gone
     else:
         victims = [out / "train-000001.tar", out / "val-000000.idx"]
         cut = out / "train-000002.tar"

@@ -157,3 +157,46 @@ def test_the_kind_of_data_detected_is_said_once(tiny, tmp_path):
     assert r.output.count(f"--data-dir {tiny}: read as an image folder (train/, val/), from its files") == 1
     r = train(tiny, tmp_path / "run2", "--epochs", "1", "--dataset", "folder")
     assert "read as" not in r.output  # named, not detected
+
+
+@pytest.mark.parametrize("bad", ["[1, 2, 3]", '{"foo": 1}', "null", "3", '{"epoch": "2"}', "not json"])
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_a_metrics_line_that_is_not_a_row_stops_the_resume_before_anything_is_written(tiny, tmp_path, bad, where):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines.insert(1 if where == "middle" else len(lines), bad)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "3", "--resume", "auto", "--allow-changes", "epochs")
+    if where == "last" and bad == "not json":  # a row cut off mid-append: dropped, the run goes on
+        assert r.exit_code == 0, r.output
+        return
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "metrics.jsonl, line" in line and "is not a metrics row" in line, line
+    assert snapshot(run) == before  # changes.jsonl and every other file untouched
+
+
+def test_a_mid_epoch_loader_switch_on_shards_is_refused(tiny, tmp_path, monkeypatch):
+    from rmix import checkpoint
+    from rmix.pipelines.prepare import prepare_folder
+    from test_resume_steps import Cut, cut_after_save
+    shards = tmp_path / "w"
+    prepare_folder(str(tiny), str(shards), shard_size=5, say=lambda t: None)
+    run = tmp_path / "run"
+    real = cut_after_save(monkeypatch, epoch=0, step=2)
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(shards), "--out", str(run), *TINY[:-2], "--loader", "dali",
+                                 "--epochs", "1", "--save-every-steps", "1"])
+    assert isinstance(r.exception, Cut), r.output
+    monkeypatch.setattr(checkpoint, "save", real)
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(shards), "--out", str(run), *TINY[:-2], "--loader", "torch",
+                                 "--epochs", "1", "--resume", "auto", "--allow-changes", "loader"])
+    assert r.exit_code == 2 and "stopped inside epoch 1 of shards read by dali" in r.output, r.output
+    assert "--loader dali" in r.output
+
+
+@pytest.mark.parametrize("extra,option", [(["--schedule", "step", "--gamma", "0.5"], "--gamma")])
+def test_gamma_without_milestones_is_refused(tiny, tmp_path, extra, option):
+    r = train(tiny, tmp_path / "run", "--epochs", "1", *extra)
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {option}") and "milestones" in r.output, r.output

@@ -314,3 +314,10 @@ def test_member_names_dali_cannot_read_are_refused_where_dali_reads(tmp_path):
     with pytest.raises(ValueError, match="cannot read this member"):
         build_shard_loader("dali", root, "train", train=True, **KW)
     assert len(build_shard_loader("torch", root, "train", train=True, **KW).batch_sampler) >= 0  # torch reads it
+
+
+def test_a_typo_label_in_val_names_its_member(tmp_path):
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(8)],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(3)] + [("vtypo", b"1000")])
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 2 and "the labels run to 1000 (val-000000.tar:vtypo.jpg)" in r.output, r.output

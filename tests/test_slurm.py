@@ -193,3 +193,40 @@ def test_a_master_port_in_use_is_named(tmp_path):
                            timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith(f"Error: MASTER_PORT={port}: the port is in use"), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "1"}, "RANK=1 but WORLD_SIZE is not set"),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}, "SLURM_PROCID=3: must be below SLURM_NTASKS=2")])
+def test_launch_variables_that_contradict_each_other_name_themselves(monkeypatch, env, message):
+    test_launch_variables_that_are_not_what_they_claim_name_themselves(monkeypatch, env, message)
+
+
+def test_a_master_that_is_not_a_store_is_one_line(tmp_path):
+    # something else listens on MASTER_PORT (a web server, say): rank 1 cannot join, and says so
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            conn.close()
+    threading.Thread(target=answer, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", "6", "--out",
+                            str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True,
+                           timeout=180)
+    finally:
+        server.close()
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: rank 1:") and "lost contact" not in last, r.stderr[-3000:]

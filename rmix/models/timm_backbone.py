@@ -20,10 +20,13 @@ from rmix.models.roi import RoIClassifier, roi_pool
 def _timm():
     try:
         import timm
-    except ImportError:
+    except ImportError as error:
         from rmix.pipelines import MissingPackage
-        raise MissingPackage("--model timm/...: timm models need timm, which is not installed: "
-                             "pip install 'rmix[timm]'") from None
+        if getattr(error, "name", None) == "timm" or "import of timm halted" in str(error):
+            raise MissingPackage("--model timm/...: timm models need timm, which is not installed: "
+                                 "pip install 'rmix[timm]'") from None
+        raise MissingPackage(f"--model timm/...: timm is installed but does not import ({error}); "
+                             "reinstall it: pip install -U 'rmix[timm]'") from None
     return timm
 
 
