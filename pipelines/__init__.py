@@ -48,6 +48,17 @@ def missing_dali(error: ImportError) -> MissingPackage:
                           f"`pip install {dali_wheel()}` (the build for {cuda}), or pass --loader torch")
 
 
+def check_classes(was, now, what, was_name, now_name):
+    """ValueError naming the first difference where two class lists (names, in order) differ; None: unrecorded."""
+    if was is None or list(was) == list(now):
+        return
+    was, now = list(was), list(now)
+    k = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
+    first = (f"class {k} is {was[k]!r} in {was_name}, {now[k]!r} in {now_name}" if k < min(len(was), len(now))
+             else f"{len(was)} classes in {was_name}, {len(now)} in {now_name}")
+    raise ValueError(f"{what}: the classes differ ({first}); each label would mean another class")
+
+
 class DecodeError(RuntimeError):
     """An image of one batch could not be read or decoded.
 

@@ -306,6 +306,10 @@ class DaliLoader(EpochCounter):
         self._live_unused = False
         return self._batches(epoch, self._live, start)
 
+    def close(self):
+        """Shut the live pipeline down now, and let go of the batches held for torch's stream."""
+        self._close()
+
     def _close(self):
         """Shut the live pipeline down now rather than whenever it is garbage-collected."""
         live, self._live, self._live_unused = self._live, None, False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmix.pipelines import missing_dali, pil_decodes, scan_image_folder
+from rmix.pipelines import check_classes, missing_dali, pil_decodes, scan_image_folder
 from rmix.pipelines.paths import cache_dir
 
 BATCH = 64
@@ -208,12 +208,7 @@ def check(roots, decoder="dali", threads=2, use_cache=True) -> dict:
             n, b, c = check_split(root, decoder, threads)
         total, bad = total + n, bad + [{"path": p, "reason": r} for p, r in b]
         classes = classes or c
-        if list(c) != list(classes):
-            k = next((i for i, (a, b) in enumerate(zip(classes, c)) if a != b), min(len(c), len(classes)))
-            first = (f"class {k} is {classes[k]!r} there, {c[k]!r} here" if k < min(len(c), len(classes))
-                     else f"{len(classes)} classes there, {len(c)} here")
-            kind = "labels" if isinstance(root, tuple) else "class folders"
-            raise ValueError(f"{_name(root)}: its {kind} differ from {_name(roots[0])}'s ({first})")
+        check_classes(classes, c, _name(root), _name(roots[0]), _name(root))
     result = {"ok": total, "bad": bad, "classes": len(classes), **({"shards": shards} if shards else {})}
     if total == 0 and not bad:
         raise ValueError(f"{roots[0]}: the dataset holds no images")

@@ -21,6 +21,7 @@ killed run leaves no shard that looks complete and the next run starts where it 
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -320,6 +321,8 @@ def _check_tar_end(path: str, idx: str, entries) -> None:
 def ustar_fits(name: str) -> bool:
     """Whether a member name fits a plain ustar header: DALI's readers.webdataset reads no other (a
     longer name takes a PAX or GNU extension header, which it takes for a sample of its own)."""
+    if len(name.encode("utf-8", "surrogateescape")) <= 100:  # the name field alone holds it (almost every name)
+        return True
     try:
         tarfile.TarInfo(name).tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
         return True
@@ -337,7 +340,15 @@ def dali_readable(split) -> None:
 
 
 def _split_labels(root: str, split: str) -> dict:
-    """{label: "shard.tar:member" of its first sample} of a split's shards, {} where it has none."""
+    """{label: "shard.tar:member" of its first sample} of a split's shards, {} where it has none; read
+    once per process and set of shard files (sizes and times), as every loader build asks again."""
+    stamp = tuple((n, os.stat(os.path.join(root, n)).st_size, os.stat(os.path.join(root, n)).st_mtime_ns)
+                  for n in find_shards(root, split))
+    return _split_labels_of(root, split, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _split_labels_of(root: str, split: str, stamp: tuple) -> dict:
     labels = {}
     for name in find_shards(root, split):
         path, idx = os.path.join(root, name), name[:-len(".tar")] + ".idx"
@@ -354,7 +365,7 @@ def _split_labels(root: str, split: str) -> dict:
 def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> None:
     """Without index.json the classes are 0..the largest label: ValueError where train and val together
     leave some of them without a sample (a typo such as 1000 for 10), before any list of them is made."""
-    named = _split_labels(root, "val" if split == "train" else "train")
+    named = dict(_split_labels(root, "val" if split == "train" else "train"))
     for s in samples:
         named.setdefault(s.label, f"{shards[s.shard]}:{s.member}")
     top = max(named, default=-1)

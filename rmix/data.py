@@ -2,7 +2,13 @@
 import sys
 from pathlib import Path
 
-from rmix.pipelines import build_cifar_loader, build_loader, build_mnist_loader, build_shard_loader
+from rmix.pipelines import (
+    build_cifar_loader,
+    build_loader,
+    build_mnist_loader,
+    build_shard_loader,
+    check_classes,
+)
 from rmix.pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
 from rmix.pipelines.wds import INDEX, find_shards, is_shard_dir
 
@@ -117,14 +123,3 @@ def make_loaders(cfg, root: Path, dataset: str, device, rank=0, world_size=1):
     val = make_loader(cfg, root, dataset, device, train=False, rank=rank, world_size=world_size)
     check_classes(train.classes, val.classes, f"--data-dir: {root}", "train", "val")
     return train, val
-
-
-def check_classes(was, now, what, was_name, now_name):
-    """ValueError naming the first difference where two class lists (names, in order) differ; None: unrecorded."""
-    if was is None or list(was) == list(now):
-        return
-    was, now = list(was), list(now)
-    k = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
-    first = (f"class {k} is {was[k]!r} in {was_name}, {now[k]!r} in {now_name}" if k < min(len(was), len(now))
-             else f"{len(was)} classes in {was_name}, {len(now)} in {now_name}")
-    raise ValueError(f"{what}: the classes differ ({first}); each label would mean another class")

@@ -55,8 +55,8 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
     if rank >= world:
         raise ValueError(f"RANK={rank}: must be below WORLD_SIZE={world}")
     local = env_int(os.environ, "LOCAL_RANK", 0, low=0)
-    if "MASTER_PORT" in os.environ:
-        env_int(os.environ, "MASTER_PORT", None, low=1)
+    if "MASTER_PORT" in os.environ and env_int(os.environ, "MASTER_PORT", None, low=1) > 65535:
+        raise ValueError(f"MASTER_PORT={os.environ['MASTER_PORT']}: must be at most 65535")
     if device_type == "cuda":
         # before init: NCCL binds each rank to its own GPU. A SLURM task bound to one GPU
         # (--gpus-per-task=1) sees it as cuda:0 whatever its local rank.

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from rmix.bench.mix import MEAN, STD  # ImageNet's, in pixel units
+
 STEPS = 20
 # Decoders differ by their IDCT and chroma upsampling, resizes by their rounding: mean |difference|
 # in grey levels (0..255) over all pixels. Observed on the embedded set: DALI CPU vs PIL 0.0,
@@ -134,7 +136,6 @@ def _mix_inputs(n, h, w, k, device, out_dtype, seed=0):
     return [t.to(device) for t in (images, history, soft, history_soft, boxes)]
 
 
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
 def _kernel_tolerance(mode, dtype, interpreted=False) -> dict:
@@ -313,8 +314,10 @@ def train_check(device, loader: str, torch_decode: str = "workers") -> tuple[str
             import nvidia.dali  # noqa: F401
         except ImportError:
             return "skipped", "DALI is not installed"
+    # batch 32: the embedded set's 1,000 images make 31 steps an epoch, so both counted passes start
+    # one epoch each (an epoch's start syncs: DALI's pipeline of the last epoch is shut down)
     cfg = C.replace(C.TrainConfig(), device=device.type, log_every=10 ** 6, channels_last=device.type == "cuda",
-                    **{"data.loader": loader, "data.torch_decode": torch_decode, "data.workers": 2})
+                    batch_size=32, **{"data.loader": loader, "data.torch_decode": torch_decode, "data.workers": 2})
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     cfg = C.with_dataset_stats(cfg, dataset)
     data = make_loader(cfg, root, dataset, device, train=True)
@@ -346,17 +349,17 @@ def train_check(device, loader: str, torch_decode: str = "workers") -> tuple[str
             raise RuntimeError(f"the loss is not finite after {steps} steps")
         return count, seconds
 
-    run(3)  # warm-up: workers, kernels, cuDNN's choices
-    half, _ = run(STEPS // 2)
-    full, seconds = run(STEPS)
+    try:
+        run(3)  # warm-up: workers, kernels, cuDNN's choices
+        half, _ = run(STEPS // 2)
+        full, seconds = run(STEPS)
+    finally:
+        data.close()
     per_step = (full - half) / (STEPS - STEPS // 2)
     how = "torch's sync-debug mode" if device.type == "cuda" else "rmix.syncs.SyncCounter"
     detail = (f"{STEPS} steps of {cfg.model}, batch {cfg.batch_size}, {cfg.data.crop_size} px: "
               f"{STEPS * cfg.batch_size / seconds:.0f} img/s; host syncs per step {per_step:g} "
-              f"({full} at the pass's end; counted by {how})")
-    close = getattr(data, "close", None)
-    if close is not None:
-        close()
+              f"({full} in the pass, at its start and end; counted by {how})")
     return ("ok" if per_step == 0 else "failed"), detail
 
 

@@ -94,7 +94,8 @@ def trim_events(files, keep) -> None:
     from tensorboard.summary.writer.record_writer import RecordWriter
     for path in files:
         records = list(RawEventFileLoader(str(path)).Load())
-        kept = [r for r in records if all(keep(v.tag, Event.FromString(r).step) for v in Event.FromString(r).summary.value)]
+        events = [Event.FromString(r) for r in records]
+        kept = [r for r, e in zip(records, events) if all(keep(v.tag, e.step) for v in e.summary.value)]
         if len(kept) == len(records):
             continue
         tmp = Path(str(path) + ".trim")

@@ -14,7 +14,6 @@ import collections
 import json
 import os
 import sys
-import warnings
 
 import torch  # noqa: E402
 
@@ -22,20 +21,15 @@ from rmix import config as C  # noqa: E402
 from rmix.engine import amp_dtype, build_optimizer, build_policies, compile_model, train_one_epoch  # noqa: E402
 from rmix.models import build  # noqa: E402
 from rmix.progress import Progress  # noqa: E402
+from rmix.syncs import cuda_sync_warnings  # noqa: E402
 
 
 def syncs_in_pass(cfg, model, optimizer, scaler, policy, amp, batches):
     """(number of synchronizing calls in one pass over `batches`, where they came from)."""
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with Progress(len(batches), "sync", enabled=False) as bar:
-                train_one_epoch(model, policy, batches, optimizer, scaler, cfg, 1, amp, bar)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    hits = [w for w in caught if "synchroniz" in str(w.message)]
+    with cuda_sync_warnings() as hits:
+        with Progress(len(batches), "sync", enabled=False) as bar:
+            train_one_epoch(model, policy, batches, optimizer, scaler, cfg, 1, amp, bar)
     return len(hits), collections.Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in hits)
 
 

@@ -461,3 +461,41 @@ def test_one_box_per_image_is_pasted_image_by_image_as_the_papers_steps(mode, bo
         want = normalize(inputs["images"][i:i + 1], MEAN, STD, torch.float32)
         want[:, :, y1:y2, x1:x2] = F.interpolate(inputs["history"][i:i + 1].float(), size=(y2 - y1, x2 - x1), **interp)
         torch.testing.assert_close(out[i:i + 1], want)
+
+
+def test_the_kernel_timer_falls_back_to_launches_where_a_graph_cannot_be_captured(monkeypatch):
+    # CUDA mocked: the capture fails, and the timer then times back-to-back launches of the kernel
+    import contextlib
+
+    from rmix.bench import mix as bench
+
+    class Fake:
+        def __init__(self, *a, **kw):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    @contextlib.contextmanager
+    def no_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Fake)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Fake())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Fake)
+    monkeypatch.setattr(torch.cuda, "graph", no_capture)
+    monkeypatch.setattr(torch.cuda, "Event", Fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+    timer, how = bench._kernel_timer(torch.device("cuda", 0), lambda: calls.append(1))
+    assert how == "launches"
+    calls.clear()
+    assert timer() == 2.0 / bench.BACK_TO_BACK and len(calls) == bench.BACK_TO_BACK

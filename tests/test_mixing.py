@@ -466,10 +466,11 @@ def test_recursive_mix_state_round_trips_and_the_next_call_mixes():
     images = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=g)
     out = a(images, torch.arange(3))
     a.remember(out.images, out.soft_targets, torch.randn(3, 5, generator=g))
+    saved = {k: None if v is None else v.clone() for k, v in a.state_dict().items()}
     b = RecursiveMix(5, generator=torch.Generator().manual_seed(1), **MS)
-    b.load_state_dict(a.state_dict())
-    assert all((x is None and y is None) or torch.equal(x, y) for x, y in
-               zip(b.state_dict().values(), a.state_dict().values()))
+    b.load_state_dict({k: None if v is None else v.clone() for k, v in saved.items()})
+    assert set(b.state_dict()) == set(saved) and all(v is not None for v in saved.values())
+    assert all(torch.equal(b.state_dict()[k], saved[k]) for k in saved)
     b.load_state_dict(a.state_dict(), device=torch.device("cpu"))
     nxt = b(images, torch.arange(3))  # restored: the next call mixes, no "called twice"
     assert (nxt.lam < 1).any() or nxt.boxes.any()

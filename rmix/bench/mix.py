@@ -113,7 +113,8 @@ def _kernel_timer(device, launch):
             for _ in range(BACK_TO_BACK):
                 launch()
     except RuntimeError:  # a driver or Triton that cannot capture it: back-to-back launches
-        return _timer(device), "launches"
+        timer = _timer(device)
+        return (lambda: timer(launch)), "launches"
 
     def replay():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
