@@ -106,3 +106,15 @@ def test_the_logged_val_loss_is_the_mean_over_images(tiny, tmp_path):
     assert len(losses) == 12
     assert row["val_loss"] == pytest.approx(sum(losses) / 12, rel=1e-4)
     assert row["val_top1"] == pytest.approx(100 * sum(hits) / 12)
+
+
+def test_evaluate_skips_an_empty_batch_and_counts_a_single_image_or_none():
+    model = tiny_model()
+    loader = batches([3, 0, 2])  # a rank's share of the val set can end one batch early
+    want = by_hand(model, [b for b in loader if len(b[1])])
+    got = engine.evaluate(model, loader, NoMix(7, mean=MEAN, std=STD), None)
+    assert got["images"] == 5 and got["loss"] == pytest.approx(want[2], rel=1e-5) and got["top1"] == pytest.approx(want[0])
+    one = engine.evaluate(model, batches([1], seed=5), NoMix(7, mean=MEAN, std=STD), None)
+    assert one["images"] == 1 and one["top1"] in (0.0, 100.0)
+    none = engine.evaluate(model, [], NoMix(7, mean=MEAN, std=STD), None)
+    assert none["images"] == 0 and none["top1"] == 0.0

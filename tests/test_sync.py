@@ -160,3 +160,12 @@ def test_reads_are_attributed_by_module_wherever_the_files_live():
     with SyncCounter() as counter:
         rmix_ns["step"](torch_ns["read"], torch.zeros(()))
     assert counter.reads == [("_local_scalar_dense", "rmix._fake_step:2 step")]
+
+
+def test_the_guard_is_read_before_each_mid_epoch_save_and_only_then():
+    # --save-every-steps 3 over 4 steps (no logging step): the guard at step 3, and at the pass's end
+    cfg, model, optimizer, scaler, policy, dtype, batches = setup("recursive_mix", "none")
+    cfg = C.replace(cfg, save_every_steps=3)
+    with Progress(4, "sync", enabled=False) as bar, SyncCounter() as counter:
+        train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, 1, dtype, bar)
+    assert len(counter.reads) == 2 * 4, counter.reads  # 4 values of the guard, twice

@@ -131,3 +131,67 @@ def test_the_epochs_learning_rate_is_the_schedules():
     assert all(g["lr"] == pytest.approx(got[-1]) for g in opt.param_groups)
     cos = config(**{"optim.schedule": "cos", "optim.lr": 0.2}, epochs=4)
     assert [engine.set_lr(opt, cos, e) for e in (1, 3)] == pytest.approx([0.2, 0.2 * 0.5 * (1 + math.cos(math.pi / 2))])
+
+
+# --- what the mutation run found untested in the engine's step and epoch ---
+
+def epoch_of(cfg, batches, **kw):
+    torch.manual_seed(0)
+    model = build(cfg.model, cfg.num_classes)
+    optimizer = build_optimizer(model, cfg.optim)
+    dtype = {"auto": None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]  # auto: fp32 on a CPU
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    policy, _ = build_policies(cfg, torch.device("cpu"), dtype)
+    losses, real = [], engine.mix_loss
+
+    def spy(*a):
+        loss = real(*a)
+        losses.append(loss.detach().double())
+        return loss
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "mix_loss", spy)
+        with Progress(len(batches), "test", enabled=False) as bar:
+            sums = train_one_epoch(model, policy, batches, optimizer, scaler, cfg, 1, dtype, bar, **kw)
+    return sums, losses
+
+
+def test_the_epochs_sums_are_the_steps_losses_times_their_images_and_the_images_counted():
+    cfg = config()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (n,), generator=g)) for n in (6, 6, 3)]  # a short last batch
+    sums, losses = epoch_of(cfg, batches)
+    assert sums.shape == (3,) and sums[2].item() == 15  # images, not pixels or channels
+    torch.testing.assert_close(sums[0], sum(loss * n for loss, n in zip(losses, (6, 6, 3))))
+    assert 0 <= sums[1].item() <= 15 and sums[1].item() == int(sums[1].item())
+
+
+def test_a_loader_shorter_than_its_length_ends_the_epoch_and_a_stepless_epoch_sums_to_nothing():
+    class Short(list):
+        def __len__(self):  # says 5, yields 2 (a rank whose reader ran out early)
+            return 5
+    cfg = config()
+    g = torch.Generator().manual_seed(3)
+    batches = Short((torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 5, (4,), generator=g)) for _ in range(2))
+    sums, losses = epoch_of(cfg, batches)
+    assert len(losses) == 2 and sums[2].item() == 8
+    sums, losses = epoch_of(cfg, list(batches), start_step=2)  # resumed at its end: no step left
+    assert losses == [] and sums.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_fp16_steps_that_do_not_overflow_are_not_counted_as_skipped():
+    # GradScaler's scale only falls when it skips: more steps than --max-skipped-steps, none of them bad
+    cfg = config(amp="fp16", max_skipped_steps=3)
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (4,), generator=g)) for _ in range(6)]
+    sums, losses = epoch_of(cfg, batches)
+    assert len(losses) == 6 and sums[2].item() == 24
+
+
+def test_policies_write_nchw_on_the_cpu_whatever_channels_last_says():
+    policy, normalize = build_policies(config(channels_last=True), torch.device("cpu"), None)
+    assert not policy.channels_last and not normalize.channels_last  # channels_last is for CUDA runs only
+    policy, _ = build_policies(config(channels_last=True), torch.device("cuda", 0), None)
+    assert policy.channels_last
