@@ -584,3 +584,68 @@ def test_torch_workers_forked_after_dali_do_not_hang(folder):
     r = subprocess.run([sys.executable, "-c", FORK_AFTER_DALI, str(folder)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.split()[-1] == "4", r.stderr[-2000:]
+
+
+# --- the split arithmetic against torch's DistributedSampler (what the mutation run found untested) ---
+
+@pytest.mark.parametrize("n,world", [(15, 1), (15, 2), (15, 4), (7, 3), (10, 5), (5, 5), (33, 8)])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_train_indices_and_batch_counts_are_distributed_samplers(n, world, drop_last):
+    from torch.utils.data import DistributedSampler
+
+    from rmix.pipelines import train_batches
+    for epoch in (0, 3):
+        for rank in range(world):
+            ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=11, drop_last=drop_last)
+            ref.set_epoch(epoch)
+            want = list(ref)
+            assert shard_indices(n, train=True, seed=11, epoch=epoch, rank=rank, world_size=world,
+                                 drop_last=drop_last) == want
+            for batch in (1, 2, 3):
+                loader_len = len(want) // batch if drop_last else -(-len(want) // batch)  # DataLoader's
+                assert train_batches(n, batch, world, drop_last) == loader_len
+
+
+@pytest.mark.parametrize("n,world", [(15, 2), (7, 3), (10, 4), (5, 5)])
+def test_val_indices_cover_every_image_once_and_batches_fit_the_largest_shard(n, world):
+    from rmix.pipelines import val_batches
+    shards = [shard_indices(n, train=False, seed=0, epoch=0, rank=r, world_size=world) for r in range(world)]
+    assert sorted(sum(shards, [])) == list(range(n)) and all(s == list(range(r, n, world)) for r, s in enumerate(shards))
+    for batch in (1, 2, 3):
+        assert val_batches(n, batch, world) == -(-max(map(len, shards)) // batch)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(batch_size=0), "batch_size must be >= 1"), (dict(rank=2, world_size=2), "need 0 <= rank < world_size"),
+    (dict(rank=-1), "need 0 <= rank"), (dict(world_size=0, rank=0), "need 0 <= rank"),
+    (dict(num_samples=3, world_size=4, rank=0), "3 images cannot be split over 4 ranks"),
+    (dict(num_samples=5, batch_size=3, world_size=2, rank=0), "give no full batch of 3")])
+def test_check_sharding_refuses_what_cannot_be_split(kw, message):
+    from rmix.pipelines import check_sharding
+    args = {**dict(num_samples=8, train=True, batch_size=2, rank=0, world_size=1), **kw}
+    with pytest.raises(ValueError, match=message):
+        check_sharding(**args)
+    check_sharding(num_samples=4, train=True, batch_size=2, rank=1, world_size=2)  # 2 a rank: one batch
+    check_sharding(num_samples=4, train=True, batch_size=1, rank=0, world_size=4)  # as many ranks as images
+    check_sharding(num_samples=5, train=True, batch_size=3, rank=0, world_size=2, drop_last=False)
+
+
+def test_first_per_class_keeps_the_first_n_of_each_class_in_order_and_refuses_short_classes():
+    from rmix.pipelines import first_per_class
+    labels = [2, 0, 1, 0, 2, 0, 1, 2, 1]
+    assert first_per_class(labels, 2, ["a", "b", "c"]).tolist() == [0, 1, 2, 3, 4, 6]
+    assert first_per_class(labels, 3, ["a", "b", "c"]).tolist() == list(range(9))
+    with pytest.raises(ValueError, match="b"):
+        first_per_class([0, 0, 1], 2, ["a", "b"])
+
+
+def test_a_class_folder_reached_through_a_link_is_scanned_and_counted(tmp_path):
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    _solid(20, 20, (1, 2, 3)).save(real / "x.jpg")
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    _solid(20, 20, (1, 2, 3)).save(tmp_path / "root" / "a" / "y.jpg")
+    (tmp_path / "root" / "b").mkdir()
+    (tmp_path / "root" / "b" / "linked").symlink_to(real)  # a folder linked in (datasets assembled by links)
+    index = scan_image_folder(tmp_path / "root")
+    assert index.files == ["a/y.jpg", "b/linked/x.jpg"] and index.labels == [0, 1]
