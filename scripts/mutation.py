@@ -145,8 +145,40 @@ def summary(db_path: Path, tree: Path) -> dict:
 WARM = ("torch", "torchvision", "numpy", "PIL.Image", "click", "pytest", "nvidia.dali", "nvidia.dali.fn")
 
 
+def _mutated_line(originals: dict) -> tuple[str, int] | None:
+    """(file, first line that differs from its original) of the one file cosmic-ray has mutated now."""
+    for name, text in originals.items():
+        now = Path(name).read_text()
+        if now != text:
+            a, b = text.splitlines(), now.splitlines()
+            return name, next((i + 1 for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)) + 1)
+    return None
+
+
+def _covering_tests(cov_file: str, originals: dict) -> dict:
+    """{(real path, line): {pytest node ids}} from a coverage file recorded with --cov-context=test."""
+    import coverage
+    data = coverage.CoverageData(basename=cov_file)
+    data.read()
+    wanted = {os.path.realpath(n): n for n in originals}
+    out = {}
+    for measured in data.measured_files():
+        real = os.path.realpath(measured)
+        if real not in wanted:
+            continue
+        for line, contexts in data.contexts_by_lineno(measured).items():
+            tests = {c.rsplit("|", 1)[0] for c in contexts if c}
+            out.setdefault((wanted[real], line), set()).update(tests)
+    return out
+
+
 def serve(path: str):
-    """Answer each connection with the exit code of `pytest <args>` run in a forked child."""
+    """Answer each connection with the exit code of `pytest <args>` run in a forked child.
+
+    A request with "map": run the tests once under coverage, recording which test runs which line
+    of the target files (and remember those files' text). Every later request then runs only the
+    tests that run the line cosmic-ray has mutated; a line no test runs survives at once, and a line
+    run at import (a default value, a constant) gets every test of the target."""
     import importlib
     for name in WARM:
         try:
@@ -157,10 +189,24 @@ def serve(path: str):
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen()
+    originals, covering = {}, None
     while True:
         conn, _ = server.accept()
         with conn:
             request = json.loads(conn.makefile().readline())
+            if request.get("map"):
+                originals = {str(Path(request["cwd"], f)): Path(request["cwd"], f).read_text() for f in request["map"]}
+                # no source given: coverage measures all but the standard library and site-packages
+                request["args"] = [*request["args"], "--cov", "--cov-context=test", "--cov-report="]
+                request["env"]["COVERAGE_FILE"] = os.path.join(os.path.dirname(path), "coverage")
+            elif covering is not None:
+                where = _mutated_line(originals)
+                tests = covering.get(where, set()) if where else set()
+                if where and where not in covering:  # a line no test runs: nothing can see the mutant
+                    conn.sendall(b"0\n")
+                    continue
+                if tests:  # else run at import only: every test of the target
+                    request["args"] = [*FAST, *sorted(tests)]
             pid = os.fork()
             if pid == 0:  # the child: the request's directory and environment, pytest, its exit code
                 server.close()
@@ -185,11 +231,15 @@ def serve(path: str):
                     status = 124 << 8
                     break
                 time.sleep(0.05)
+            if request.get("map"):
+                covering = _covering_tests(request["env"]["COVERAGE_FILE"], originals)
             conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
 
 
-def client(path: str, args) -> int:
-    """cosmic-ray's test command: the warm server's pytest run of `args` here, its exit code ours."""
+def client(path: str, args, map_files=None) -> int:
+    """cosmic-ray's test command: the warm server's pytest run of `args` here, its exit code ours.
+
+    `map_files`: this run records the coverage map of those files (see `serve`) instead."""
     timeout = float(os.environ.get("RMIX_MUTANT_TIMEOUT", "280"))  # below cosmic-ray's own timeout
     conn = socket.socket(socket.AF_UNIX)
     for _ in range(600):  # the server may still be importing
@@ -198,7 +248,8 @@ def client(path: str, args) -> int:
             break
         except (FileNotFoundError, ConnectionRefusedError):
             time.sleep(0.1)
-    request = {"cwd": os.getcwd(), "env": dict(os.environ), "args": list(args), "timeout": timeout}
+    request = {"cwd": os.getcwd(), "env": dict(os.environ), "args": list(args), "timeout": 10 * timeout if map_files
+               else timeout, "map": map_files}
     conn.sendall((json.dumps(request) + "\n").encode())
     code = int(conn.makefile().readline())
     return code if code >= 0 else 1  # killed by a signal: the mutant crashed the tests
@@ -211,7 +262,7 @@ def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeou
     tests = " ".join(t for t in target["tests"] if (tree / t.split("::")[0]).is_file())
     sock = os.path.join(tempfile.mkdtemp(prefix="rmix-mut-"), "pytest.sock")
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1",
-           "RMIX_MUTANT_TIMEOUT": str(max(timeout - 10, 10))}
+           "RMIX_MUTANT_TIMEOUT": str(max(timeout - 10, 10)), "RMIX_SOCKET": sock}
     server = subprocess.Popen([sys.executable, __file__, "serve", sock], env=env, cwd=tree)
     config.write_text(
         "[cosmic-ray]\n"
@@ -221,12 +272,12 @@ def run_target(name: str, target: dict, tree: Path, src: Path, out: Path, timeou
         f'test-command = "{sys.executable} {__file__} client {sock} {" ".join(FAST)} {tests}"\n'
         "[cosmic-ray.distributor]\nname = \"local\"\n")
     try:
-        _run_session(name, target, tree, out, config, db, env, resume)
+        _run_session(name, target, tree, out, config, db, env, resume, tests)
     finally:
         server.kill()
 
 
-def _run_session(name, target, tree, out, config, db, env, resume):
+def _run_session(name, target, tree, out, config, db, env, resume, tests):
     if not (resume and db.exists()):
         if db.exists():
             db.unlink()
@@ -235,6 +286,14 @@ def _run_session(name, target, tree, out, config, db, env, resume):
         if base.returncode:
             raise SystemExit(f"{name}: the tests fail without a mutant; fix them first")
     scope(db, tree, target)
+    cwd = os.getcwd()
+    os.chdir(tree)
+    try:  # which test runs which line: each mutant then runs only the tests that run its line
+        code = client(env["RMIX_SOCKET"], [*FAST[:-1], *tests.split()], map_files=target["files"])
+    finally:
+        os.chdir(cwd)
+    if code:
+        raise SystemExit(f"{name}: the tests fail under coverage (exit {code})")
     subprocess.run([COSMIC_RAY, "exec", str(config), str(db)], cwd=tree, env=env, check=True)
     result = {"target": name, "files": target["files"], "functions": target.get("functions"),
               "tests": target["tests"], **summary(db, tree)}
