@@ -124,7 +124,7 @@ def test_a_mid_epoch_resume_with_another_batch_size_continues_at_the_same_image(
     else:
         assert r.exit_code == 0, r.output
         assert sum(sizes) == images_after and set(sizes) <= {batch}, sizes  # 16: its one batch was the first 16
-        assert ("pastes nothing" in r.output) == (batch > 8), r.output  # the history holds 8 a process
+        assert ("the saved history holds 8 images a process; the next step pastes nothing" in r.output) == (batch > 8)
 
 
 @pytest.mark.parametrize("extra,option", [
@@ -201,3 +201,74 @@ def test_a_mid_epoch_loader_switch_on_shards_is_refused(tiny, tmp_path, monkeypa
 def test_gamma_without_milestones_is_refused(tiny, tmp_path, extra, option):
     r = train(tiny, tmp_path / "run", "--epochs", "1", *extra)
     assert r.exit_code == 2 and r.output.startswith(f"Error: {option}") and "milestones" in r.output, r.output
+
+
+def test_the_batch_sizes_a_resume_offers_are_the_last_six_that_divide_what_was_seen():
+    from rmix.engine import _at_the_same_image
+    part = {"step": 6, "seen": 48, "sums": None}
+    assert _at_the_same_image(part, 8, 8, "x.pt", {"epoch": 0}) is part
+    assert _at_the_same_image(part, 8, 12, "x.pt", {"epoch": 0})["step"] == 4
+    with pytest.raises(ValueError, match=r"after 48 images of epoch 3 .* can: 6, 8, 12, 16, 24, 48\)"):
+        _at_the_same_image(part, 8, 5, "x.pt", {"epoch": 2})
+
+
+def resume_parts(tmp_path, tiny, extra=()):
+    """What engine._resume is given for a one-epoch run of the CLI: (cfg, ckpt, model, optimizer, scaler, policy)."""
+    from rmix import checkpoint
+    from rmix import config as C
+    from rmix.engine import build_optimizer, build_policies
+    from rmix.models import build
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1", *extra).exit_code == 0
+    ckpt = checkpoint.read(run / "latest.pt")
+    cfg = C.from_dict(ckpt["config"])
+    model = build(cfg.model, cfg.num_classes)
+    optimizer = build_optimizer(model, cfg.optim)
+    policy, _ = build_policies(cfg, __import__("torch").device("cpu"), None)
+    return run, cfg, ckpt, model, optimizer, policy
+
+
+def test_a_resume_makes_an_older_checkpoints_optimizer_fused_and_restores_the_loss_scale(tiny, tmp_path):
+    import torch
+
+    from rmix.engine import _resume
+    run, cfg, ckpt, model, optimizer, policy = resume_parts(tmp_path, tiny)
+    data = {"train_samples": 24, "classes": ckpt["data"]["classes"]}
+    for g in ckpt["optimizer"]["param_groups"]:  # as checkpoints written before the fused optimizer
+        g["fused"] = None
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # fp16 now, with a saved scale of 1024
+    ckpt["scaler"] = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                      "_growth_tracker": 0}
+    _resume(cfg, ckpt, run / "latest.pt", data, model, optimizer, scaler, policy, torch.device("cpu"))
+    assert all(g["fused"] is True for g in optimizer.param_groups) and scaler.get_scale() == 1024.0
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    ckpt["scaler"] = {}  # a run without fp16 saved no scale: the new fp16 run starts from torch's
+    _resume(cfg, ckpt, run / "latest.pt", data, model, optimizer, fresh, policy, torch.device("cpu"))
+    assert fresh.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+
+
+def test_a_mid_epoch_checkpoint_of_another_process_count_is_refused_naming_its_step_and_epoch(tiny, tmp_path):
+    import torch
+
+    from rmix.engine import _resume
+    run, cfg, ckpt, model, optimizer, policy = resume_parts(tmp_path, tiny)
+    ckpt = {**ckpt, "step": 2, "epoch": 0, "partial_ranks": [{}, {}]}  # saved by 2 processes at step 2 of epoch 1
+    data = {"train_samples": 24, "classes": ckpt["data"]["classes"]}
+    with pytest.raises(ValueError, match="saved at step 2 of epoch 1 by 2 processes, this run has 1"):
+        _resume(cfg, ckpt, run / "latest.pt", data, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                policy, torch.device("cpu"))
+
+
+def test_save_every_steps_writes_a_mid_epoch_checkpoint_at_each_multiple_and_none_at_the_end(tiny, tmp_path,
+                                                                                              monkeypatch):
+    from rmix import checkpoint
+    saved, real = [], checkpoint.save
+
+    def spy(path, payload):
+        saved.append((payload["epoch"], payload["step"]))
+        real(path, payload)
+    monkeypatch.setattr(checkpoint, "save", spy)
+    r = train(tiny, tmp_path / "run", "--epochs", "1", "--batch-size", "4", "--save-every-steps", "2")
+    assert r.exit_code == 0, r.output
+    # 24 images at batch 4: 6 steps; mid-epoch saves after steps 2 and 4, then the epoch end (latest, best)
+    assert saved[:2] == [(0, 2), (0, 4)] and all(s == (1, 0) for s in saved[2:]) and len(saved) in (3, 4)

@@ -195,3 +195,33 @@ def test_policies_write_nchw_on_the_cpu_whatever_channels_last_says():
     assert not policy.channels_last and not normalize.channels_last  # channels_last is for CUDA runs only
     policy, _ = build_policies(config(channels_last=True), torch.device("cuda", 0), None)
     assert policy.channels_last
+
+
+def test_the_optimizer_is_the_one_configured_with_its_settings():
+    model = build("resnet8", 5)
+    sgd = build_optimizer(model, config(**{"optim.lr": 0.3, "optim.momentum": 0.8, "optim.nesterov": False,
+                                           "optim.weight_decay": 1e-3}).optim)
+    assert type(sgd) is torch.optim.SGD
+    g = sgd.param_groups[0]
+    assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"], g["fused"]) == (0.3, 0.8, False, 1e-3, True)
+    adamw = build_optimizer(model, config(**{"optim.optimizer": "adamw", "optim.lr": 0.002,
+                                             "optim.weight_decay": 0.05}).optim)
+    assert type(adamw) is torch.optim.AdamW
+    assert (adamw.param_groups[0]["lr"], adamw.param_groups[0]["weight_decay"]) == (0.002, 0.05)
+    frozen = build("resnet8", 5)
+    frozen.fc_roi.requires_grad_(False)  # --aug none: the RoI head is not trained
+    n = sum(len(g["params"]) for g in build_optimizer(frozen, config().optim).param_groups)
+    assert n == sum(p.requires_grad for p in frozen.parameters())
+
+
+def test_the_default_rank_is_rank_zero_and_shared_boxes_share_one_stream():
+    cfg = config(**MIX)
+    draws = {}
+    for rank in (None, 0, 1):
+        policy, _ = build_policies(cfg, torch.device("cpu"), None, **({} if rank is None else {"rank": rank}))
+        draws[rank] = policy.sample_boxes(4, 32, 32)
+    assert torch.equal(draws[None], draws[0]) and not torch.equal(draws[0], draws[1])
+    shared = C.replace(cfg, **{"mix.shared_boxes": True})
+    a, _ = build_policies(shared, torch.device("cpu"), None, rank=0)
+    b, _ = build_policies(shared, torch.device("cpu"), None, rank=3)
+    assert torch.equal(a.sample_boxes(4, 32, 32), b.sample_boxes(4, 32, 32))
