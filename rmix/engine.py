@@ -376,9 +376,6 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
         raise ValueError(f"--loader {now}: {path} stopped inside epoch {ckpt['epoch'] + 1} of shards read by {was}, "
                          f"whose order {now} does not share; resume that epoch with --loader {was}, or change "
                          "the loader at an epoch's end")
-    if show and cfg.data.dataset == "auto" and cfg.data.data_dir:  # what the files said, once
-        Progress.line(f"--data-dir {root}: read as {DATASET_KINDS.get(dataset, dataset)}, from its files "
-                      "(--dataset says otherwise)")
     if dataset in ARRAY_SETS:
         _array_settings(cfg, root, dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
@@ -398,6 +395,7 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
     if train_loader.num_classes < 2:
         raise ValueError(f"--data-dir: {root} has {train_loader.num_classes} class; classification needs at least 2 "
                          "(top-1 would be 100% whatever the model learns)")
+    detected = cfg.data.dataset == "auto" and cfg.data.data_dir  # said below, once everything is checked
     cfg = replace(C.with_dataset_stats(cfg, dataset), num_classes=train_loader.num_classes, out=str(run_dir),
                   **{"data.data_dir": str(root), "data.dataset": dataset})
 
@@ -432,7 +430,10 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
     logs = RunLogs(run_dir, to_dict(cfg), start, backends=cfg.log, show=show, enabled=d.is_main)
     saver = Saver(cfg, d, run_dir, raw_model, optimizer, scaler, policy, data, ema)
     final = None
-    if show:  # everything checked: say where the run goes, before its first step
+    if show:  # everything checked: say what was read and where the run goes, before its first step
+        if detected:
+            Progress.line(f"--data-dir {root}: read as {DATASET_KINDS.get(dataset, dataset)}, from its files "
+                          "(--dataset names it otherwise)")
         Progress.line(f"run directory: {run_dir}")
         if cfg.amp == "auto" and device.type == "cuda":
             Progress.line("--amp auto: {} ({})".format(*auto_amp(device)))
@@ -671,17 +672,22 @@ def _fresh_start(cfg, run_dir, given, allow_changes):
 
     A directory with results (metrics rows, best.pt, a checkpoint) but no latest.pt is refused: a
     fresh start would trim its metrics and overwrite its best.pt. One with only the config.json of
-    a run that died before its first checkpoint starts that run again, with that config: options
-    given now must agree with it (or be allowed), as on any resume.
+    a run that died before its first checkpoint (and at most epoch 1's row, written just before it)
+    starts that run again, with that config: options given now must agree with it (or be allowed),
+    as on any resume.
     """
     there = [name for name in rundir.RUN_FILES if (run_dir / name).exists()]
     there += sorted(p.name for p in run_dir.glob("*.pt") if p.name not in there)
-    if any(name != "config.json" for name in there):
+    rows = metrics_rows(run_dir / "metrics.jsonl")
+    # epoch 1's row is written just before its latest.pt: a kill between the two leaves that row alone,
+    # which a resume from latest.pt would trim too. A second row, or any .pt, means a checkpoint was there.
+    first_save_lost = there == ["config.json", "metrics.jsonl"] and len(rows) <= 1
+    if any(name != "config.json" for name in there) and not first_save_lost:
         best = run_dir / "best.pt"
         hint = f"`--resume {best}` continues from best.pt's epoch, " if best.is_file() else ""
         raise ValueError(f"--resume auto: {run_dir} holds a run ({', '.join(there)}) but no latest.pt to continue "
                          f"from; {hint}a new --out starts afresh")
-    if there:  # config.json alone: the same run, from its start
+    if there:  # config.json (and epoch 1's row, to be trimmed): the same run, from its start
         saved = C.from_dict(json.loads((run_dir / "config.json").read_text()))
         cfg, _ = resume.merge(cfg, saved, run_dir / "config.json", given=given, allow=allow_changes)
     return cfg

@@ -45,6 +45,32 @@ def test_resume_auto_of_a_run_that_died_before_its_first_checkpoint_starts_it_ag
     assert (run / "latest.pt").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_resume_auto_after_a_kill_between_the_first_row_and_the_first_checkpoint_starts_again(tiny, tmp_path):
+    # the epoch's row is written before its latest.pt: a kill between them leaves one row and no .pt
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    for name in ("latest.pt", "best.pt"):
+        (run / name).unlink()
+    (run / "metrics.jsonl").write_text(rows[0] + "\n")
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run / "latest.pt").is_file()
+
+
+def test_resume_auto_with_two_rows_and_no_checkpoint_is_refused(tiny, tmp_path):
+    # a second row is written only after epoch 1's latest.pt landed: that latest.pt was removed since
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    for name in ("latest.pt", "best.pt"):
+        (run / name).unlink()
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto")
+    assert r.exit_code == 2 and "holds a run (config.json, metrics.jsonl)" in r.output, r.output
+    assert snapshot(run) == before
+
+
 def renamed_copy(tiny, tmp_path, split=None):
     """A copy of the data with one class folder renamed (in `split`, or in both)."""
     import shutil
