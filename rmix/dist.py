@@ -14,8 +14,10 @@ import contextlib
 import datetime
 import os
 import re
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,8 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
         with _said_while_waiting(f"rank {rank}: waiting for the other {world - 1} process(es) of the job at {at} "
                                  f"(up to --dist-timeout {timeout_s:g} s)", after=min(WAIT_SAY_S, timeout_s / 2)):
             try:
+                if rank > 0 and store is None:
+                    _wait_for_master(rank, world, at, timeout_s)
                 dist.init_process_group(backend, timeout=timeout, **where)
             except (RuntimeError, dist.DistError) as e:
                 text = str(e)
@@ -88,6 +92,28 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
                 raise ValueError(f"rank {rank}: cannot join the job at {at} ({first[:200]}); check MASTER_ADDR and "
                                  f"MASTER_PORT, and that every process of the job starts (WORLD_SIZE={world})") from None
     return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _wait_for_master(rank, world, at, timeout_s):
+    """Until MASTER_ADDR:MASTER_PORT accepts a connection: rank 0's store is up.
+
+    Waited for here, not in torch's store client, whose every failed try logs a C++ backtrace.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return  # torch names what is missing
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((addr, int(port)), timeout=min(2.0, timeout_s)).close()
+            return
+        except socket.gaierror:
+            raise ValueError(f"MASTER_ADDR={addr}: no such host") from None
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ValueError(f"rank {rank}: rank 0 of the job did not start its store at {at} within "
+                                 f"--dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world})") from None
+            time.sleep(0.2)
 
 
 WAIT_SAY_S = 15.0  # a rendezvous longer than this is said, once: the job waits, and for whom

@@ -181,6 +181,24 @@ def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(monkeypatch, tm
     assert last.startswith("Error: rank 0: the other 1 process(es) of the job did not join"), r.stderr[-2000:]
 
 
+def test_a_lone_non_master_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_path):
+    # nothing listens at MASTER_PORT: rank 1 waits for rank 0's store, then one line (no C++ backtraces)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
+    env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", "4", "--out",
+                        str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == (f"rmix: rank 1: waiting for the other 1 process(es) of the job at 127.0.0.1:{port} "
+                        "(up to --dist-timeout 4 s)"), r.stderr[-2000:]
+    assert len(lines) == 2 and lines[1].startswith(f"Error: rank 1: rank 0 of the job did not start its store at "
+                                                   f"127.0.0.1:{port}"), r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_master_port_in_use_is_named(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
