@@ -42,11 +42,8 @@ def smooth(targets, num_classes, smoothing, form="paper"):
         # not F.one_hot: it reads the indices' min and max back to check them (a sync on a GPU)
         idx = targets.long()[:, None]
         soft = torch.zeros(targets.shape[0], num_classes, device=targets.device).scatter_(1, idx, 1.0)
-    elif targets.dim() == 2 and targets.shape[1] == num_classes:
+    else:  # (N, K) probabilities: check_targets refused every other shape
         soft = targets.float()
-    else:
-        raise ValueError(f"targets: expected (N,) indices or (N, {num_classes}) probabilities, "
-                         f"got {tuple(targets.shape)}")
     if not smoothing or num_classes < 2:
         return soft
     if form == "paper":
@@ -75,6 +72,9 @@ def check_targets(targets, num_classes):
             sums = targets.float().sum(1)
             if bool((targets < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
                 raise ValueError(f"targets: probabilities (N, {num_classes}) must be >= 0 with rows summing to 1")
+    else:
+        raise ValueError(f"targets: expected (N,) indices or (N, {num_classes}) probabilities, "
+                         f"got {tuple(targets.shape)}")
 
 
 def sample_beta(alpha, generator=None):
@@ -339,13 +339,13 @@ class RecursiveMix(_Policy):
         return MixOut(x, soft, boxes, lam)
 
     def _buffer(self, n, c, h, w, device):
-        # Reuse a buffer of the right shape that is not the history being read; keep a few.
+        # Reuse a buffer of the right shape that is not the history being read; keep that history's and this one.
         hist = self.history.data_ptr() if self.history is not None else None
         for b in self._buffers:
             if b.shape == (n, c, h, w) and b.device == device and b.data_ptr() != hist:
                 return b
         b = self._empty(n, c, h, w, device)
-        self._buffers = ([x for x in self._buffers if x.data_ptr() == hist] + [b])[-3:]
+        self._buffers = [x for x in self._buffers if x.data_ptr() == hist] + [b]
         return b
 
 

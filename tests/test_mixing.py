@@ -1,5 +1,6 @@
 """Mixing policies: parity with the paper's procedure, and properties."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -496,3 +497,82 @@ def test_roi_boxes_are_the_pasted_box_or_the_whole_image():
     out = MixOut(torch.zeros(5, 3, 8, 10), torch.zeros(5, 2), boxes, torch.ones(5))
     got = roi_boxes(out, 8, 10)
     assert got.tolist() == [[1, 2, 5, 6], [0, 0, 10, 8], [0, 0, 10, 8], [0, 0, 10, 8], [0, 0, 10, 8]]
+
+
+# What the mutation run's second pass left alive in rmix/mixing.py (docs/DEVELOPMENT.md#mutation-testing)
+
+@pytest.mark.parametrize("shape", [0.3, 1.0, 3.0])
+def test_the_gamma_sampler_draws_gamma_and_its_log(shape):
+    # the Gamma draws themselves, not only their ratio: a common scale cancels in a / (a + b)
+    from scipy import stats
+    from rmix.mixing import _sample_gamma
+    g = torch.Generator().manual_seed(1)
+    pairs = [_sample_gamma(shape, g) for _ in range(20_000)]
+    draws = np.array([p[0] for p in pairs])
+    assert stats.kstest(draws, stats.gamma(shape).cdf).pvalue > 1e-3
+    assert abs(draws.mean() - shape) < 4 * math.sqrt(shape / len(draws))  # mean shape, variance shape
+    for value, log in pairs[:200]:
+        if value > 0:
+            assert log == pytest.approx(math.log(value), rel=1e-9, abs=1e-9)
+
+
+def test_sample_beta_where_both_gamma_draws_underflow_is_the_ratio_of_their_logs(monkeypatch):
+    # a / (a + b) = 1 / (1 + exp(log b - log a)), by hand, where a and b are both 0.0 in floats
+    import rmix.mixing as M
+    for log_a, log_b, want in ((-800.0, -900.0, 1.0 / (1.0 + math.exp(-100.0))),
+                               (-900.0, -800.0, 1.0 / (1.0 + math.exp(100.0))),
+                               (-850.0, -850.0, 0.5), (-1000.0, -100.0, 0.0)):
+        draws = iter([(0.0, log_a), (0.0, log_b)])
+        monkeypatch.setattr(M, "_sample_gamma", lambda shape, g: next(draws))
+        assert M.sample_beta(1e-3) == pytest.approx(want, rel=1e-12, abs=1e-300), (log_a, log_b)
+
+
+def test_the_index_draws_cover_exactly_zero_to_high():
+    from rmix.mixing import _randint
+    d = _randint(5, 5000, torch.Generator().manual_seed(0))
+    assert int(d.min()) == 0 and int(d.max()) == 4
+
+
+def test_recursive_mix_refuses_a_zero_or_negative_area():
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            RecursiveMix(K, alpha=bad, **MS)
+
+
+def test_mixup_and_cutmix_default_to_alpha_one_as_the_papers_and_timm():
+    assert Mixup(K, **MS).alpha == 1.0 and CutMix(K, **MS).alpha == 1.0
+
+
+def test_cutmix_on_an_empty_batch_gives_no_boxes():
+    out = CutMix(K, **MS)(torch.zeros(0, 8, 8, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    assert out.boxes.shape == (0, 4) and out.lam.shape == (0,)
+
+
+def test_a_label_out_of_range_names_the_range():
+    with pytest.raises(ValueError, match=re.escape(f"must be in [0, {K}), got {K}")):
+        CutMix(K, **MS)(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, K]))
+    from rmix.mixing import check_targets
+    with pytest.raises(ValueError):
+        check_targets(torch.full((2, K + 1), 1.0 / (K + 1)), K)  # probabilities for another K
+
+
+def test_recursive_mix_state_moves_to_the_device_it_is_loaded_on():
+    rm = RecursiveMix(K, **MS)
+    images, labels = batch(4, 8, 8, 0)
+    out = rm(images, labels)
+    rm.remember(out.images, out.soft_targets, torch.randn(4, K))
+    other = RecursiveMix(K, **MS)
+    other.load_state_dict(rm.state_dict(), device="meta")
+    assert other.history.device.type == "meta" and other.history_logits.device.type == "meta"
+    other.load_state_dict(rm.state_dict())  # no device: kept where they are
+    assert other.history.device.type == "cpu"
+
+
+def test_recursive_mix_keeps_a_bounded_number_of_output_buffers():
+    # each new batch shape gets a buffer; old ones are let go (the last batch of an epoch, eval sizes)
+    rm = RecursiveMix(K, **MS)
+    for n in range(12, 2, -1):  # a batch no larger than the history: no reset needed
+        images, labels = batch(n, 8, 8, n)
+        out = rm(images, labels)
+        rm.remember(out.images, out.soft_targets, torch.randn(n, K))
+        assert len(rm._buffers) <= 2  # the history's and the output's
