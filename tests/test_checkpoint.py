@@ -338,3 +338,27 @@ def test_model_and_ema_states_of_rmix_paper_and_timm_checkpoints(tmp_path):
     assert checkpoint.ema_state({"state_dict_ema": w}, "x.pt") is w  # timm's
     with pytest.raises(ValueError, match="--ema: x.pt has no EMA weights"):
         checkpoint.ema_state({"model": w}, "x.pt")
+
+
+def test_the_reason_is_the_first_line_of_torchs_own(tmp_path, monkeypatch):
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    with pytest.raises(Exception) as raw:
+        torch.load(tmp_path / "cut.pt", weights_only=True)
+    first = str(raw.value).strip().splitlines()[0]
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read(tmp_path / "cut.pt")
+    assert str(e.value) == f"{tmp_path / 'cut.pt'}: cannot read checkpoint: {first}"
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("first line\nsecond line")))
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint: first line$"):
+        checkpoint.read(tmp_path / "cut.pt")
+
+
+def test_any_weights_only_refusal_is_told_as_not_plain_data(tmp_path, monkeypatch):
+    # torch words its refusals several ways; "Unsupported global" is only one of them
+    import pickle
+    (tmp_path / "odd.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    message = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+               "succeed\nWeightsUnpickler error: Trying to call reduce for unrecognized function")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(pickle.UnpicklingError(message)))
+    with pytest.raises(checkpoint.CheckpointError, match=r"not plain data \(refused to unpickle\)$"):
+        checkpoint.read(tmp_path / "odd.pt")
