@@ -649,3 +649,16 @@ def test_a_class_folder_reached_through_a_link_is_scanned_and_counted(tmp_path):
     (tmp_path / "root" / "b" / "linked").symlink_to(real)  # a folder linked in (datasets assembled by links)
     index = scan_image_folder(tmp_path / "root")
     assert index.files == ["a/y.jpg", "b/linked/x.jpg"] and index.labels == [0, 1]
+
+
+def test_batch_counts_are_ints_and_train_drops_the_partial_batch_by_default():
+    # what the mutation run's second pass left: a float count (range() of it fails) and the default
+    from rmix.pipelines import train_batches, val_batches
+    assert train_batches(10, 3, 1) == 3 and train_batches(10, 3, 1, drop_last=False) == 4
+    for got in (train_batches(10, 3, 3, drop_last=False), train_batches(10, 3, 3), val_batches(10, 3, 3)):
+        assert type(got) is int
+
+
+def test_first_per_class_of_no_classes_keeps_nothing():
+    from rmix.pipelines import first_per_class
+    assert first_per_class([], 3, []).shape == (0,)
