@@ -505,6 +505,7 @@ def test_roi_boxes_are_the_pasted_box_or_the_whole_image():
 def test_the_gamma_sampler_draws_gamma_and_its_log(shape):
     # the Gamma draws themselves, not only their ratio: a common scale cancels in a / (a + b)
     from scipy import stats
+
     from rmix.mixing import _sample_gamma
     g = torch.Generator().manual_seed(1)
     pairs = [_sample_gamma(shape, g) for _ in range(20_000)]
@@ -523,7 +524,7 @@ def test_sample_beta_where_both_gamma_draws_underflow_is_the_ratio_of_their_logs
                                (-900.0, -800.0, 1.0 / (1.0 + math.exp(100.0))),
                                (-850.0, -850.0, 0.5), (-1000.0, -100.0, 0.0)):
         draws = iter([(0.0, log_a), (0.0, log_b)])
-        monkeypatch.setattr(M, "_sample_gamma", lambda shape, g: next(draws))
+        monkeypatch.setattr(M, "_sample_gamma", lambda shape, g, draws=draws: next(draws))
         assert M.sample_beta(1e-3) == pytest.approx(want, rel=1e-12, abs=1e-300), (log_a, log_b)
 
 
