@@ -552,6 +552,8 @@ def test_cutmix_on_an_empty_batch_gives_no_boxes():
 def test_a_label_out_of_range_names_the_range():
     with pytest.raises(ValueError, match=re.escape(f"must be in [0, {K}), got {K}")):
         CutMix(K, **MS)(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, K]))
+    with pytest.raises(ValueError, match=re.escape(f"must be in [0, {K}), got -1")):  # the bad one, not the max
+        CutMix(K, **MS)(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([-1, 2]))
     from rmix.mixing import check_targets
     with pytest.raises(ValueError):
         check_targets(torch.full((2, K + 1), 1.0 / (K + 1)), K)  # probabilities for another K
