@@ -303,7 +303,9 @@ def train(preset, config_file, allow_changes, **opts):
     if config_file:
         base = load_config_file(config_file, base, keys=given)
     cfg = config_from_options(opts, base)
-    given |= {k.replace("__", ".") for k, v in opts.items() if v is not None}
+    typed = {k.replace("__", ".") for k, v in opts.items() if v is not None}
+    C.refuse_unused(cfg, typed)
+    given |= typed
     types = C.field_types()
     allow = {_allowed_field(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
     result = run(cfg, given=given, allow_changes=allow)

@@ -116,6 +116,8 @@ def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
         classes = sorted(entry.name for entry in it if entry.is_dir())
     if not classes:
         raise FileNotFoundError(f"no class folders in {root} (expected root/<class>/<image>)")
+    if {"train", "val"} <= set(classes):  # a dataset root read as a split: "train" and "val" as two classes
+        raise ValueError(f"{root}: holds train/ and val/, a dataset's root; pass one split ({root}/train)")
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -381,6 +383,8 @@ def first_per_class(labels, n: int, classes: list[str]) -> np.ndarray:
     Raises ValueError naming a class with fewer than ``n``.
     """
     import numpy as np
+    if n < 1:
+        raise ValueError(f"--train-per-class: must be >= 1, got {n}")
     labels = np.asarray(labels)
     keep = []
     for k, name in enumerate(classes):

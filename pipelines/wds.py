@@ -303,6 +303,9 @@ def _check_tar_end(path: str, idx: str, entries) -> None:
     with open(path, "rb") as f:
         f.seek(block)
         rest = f.read(64 * 1024)  # the end-of-archive zeros (a record at most), or what is there instead
+    if len(rest) < tarfile.BLOCKSIZE:  # every tar writer ends with zero blocks: cut at a member's end
+        raise ValueError(f"{path}: cut short or damaged after {last} (no end-of-archive blocks after it); copy "
+                         "or prepare the shard again")
     if not rest.strip(b"\0"):
         return
     try:
@@ -399,6 +402,9 @@ def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
         entries = read_dali_index(os.path.join(root, idx)) if os.path.isfile(os.path.join(root, idx)) else None
         if entries is None:
             entries, idx = index_shard(path), ""
+        if not entries:  # DALI's reader dies on one ("Underful sample"); the torch loader would skip it
+            raise ValueError(f"{path}: holds no samples; remove it (and renumber the shards after it) or prepare "
+                             "the set again")
         _check_tar_end(path, idx, entries)
         if shard_size and meta:
             want = min(shard_size, meta["counts"][split] - k * shard_size)

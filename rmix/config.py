@@ -184,6 +184,30 @@ def with_dataset_stats(cfg: TrainConfig, dataset: str) -> TrainConfig:
     return replace(cfg, **{"data.mean": tuple(cfg.data.mean or mean), "data.std": tuple(cfg.data.std or std)})
 
 
+ONLY_FOR = {  # settings one choice uses: given on the command line with another, refused (it would do nothing)
+    "mix.omega": ("--aug-omega", "mix.policy", "recursive_mix"),
+    "mix.interpolate": ("--interpolate", "mix.policy", "recursive_mix"),
+    "mix.per_sample": ("--per-sample-boxes/--batch-box", "mix.policy", "recursive_mix"),
+    "optim.momentum": ("--momentum", "optim.optimizer", "sgd"),
+    "optim.nesterov": ("--nesterov/--no-nesterov", "optim.optimizer", "sgd"),
+}
+
+
+def refuse_unused(cfg: TrainConfig, given: set) -> None:
+    """ValueError for an option given on the command line that this run's choices do not use.
+
+    Only what the user typed: a preset's or a config file's values stay (a preset for RM run with
+    --aug cutmix keeps its omega, unused). validate() refuses the values that differ from the defaults.
+    """
+    values = to_dict(cfg)
+    for key, (option, chooser, needed) in ONLY_FOR.items():
+        section, name = chooser.split(".")
+        chosen = values[section][name]
+        if key in given and chosen != needed:
+            flag = {"mix.policy": "--aug", "optim.optimizer": "--optimizer"}[chooser]
+            raise ValueError(f"{option}: only {flag} {needed} uses it (this run's is {chosen}); drop it")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the option and the value for anything out of range."""
     def need(ok, option, value, why):
@@ -218,6 +242,8 @@ def validate(cfg: TrainConfig) -> None:
     need(not (sgd and cfg.optim.nesterov) or cfg.optim.momentum > 0, "--momentum", cfg.optim.momentum,
          "Nesterov momentum needs a momentum above 0 (or --no-nesterov)")
     step = cfg.optim.schedule == "step"
+    need(all(m >= 1 for m in cfg.optim.milestones), "--milestones", ",".join(map(str, cfg.optim.milestones)),
+         "each is an epoch >= 1 after which the lr decays (0 or below would decay it before the first epoch)")
     need(step or not cfg.optim.milestones, "--milestones", ",".join(map(str, cfg.optim.milestones)),
          f"only --schedule step uses milestones (this run's is {cfg.optim.schedule})")
     need(step or cfg.optim.gamma == OptimConfig.gamma, "--gamma", cfg.optim.gamma,

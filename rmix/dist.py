@@ -67,6 +67,12 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
+        if os.environ.get("MASTER_ADDR"):  # torch's store would print C++ backtraces, then a timeout
+            try:
+                socket.getaddrinfo(os.environ["MASTER_ADDR"], None)
+            except (socket.gaierror, UnicodeError):
+                raise ValueError(f"MASTER_ADDR={os.environ['MASTER_ADDR']}: no such host (cannot resolve it)") \
+                    from None
         store = _attempt_store(timeout)
         where = dict(store=store, rank=rank, world_size=world) if store else {}
         if device_type == "cuda":
@@ -108,7 +114,7 @@ def _wait_for_master(rank, world, at, timeout_s):
             socket.create_connection((addr, int(port)), timeout=min(2.0, timeout_s)).close()
             return
         except socket.gaierror:
-            raise ValueError(f"MASTER_ADDR={addr}: no such host") from None
+            raise ValueError(f"MASTER_ADDR={addr}: no such host (cannot resolve it)") from None
         except OSError:
             if time.monotonic() >= deadline:
                 raise ValueError(f"rank {rank}: rank 0 of the job did not start its store at {at} within "

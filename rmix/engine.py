@@ -337,7 +337,7 @@ def _claim_and_train(cfg, d, device, show_progress, given, allow_changes, preemp
     lock, refusal = None, None
     if d.is_main:  # before anything is written: the run directory is this run's, or nothing starts
         try:
-            lock = rundir.claim(run_dir, resume=bool(cfg.resume))
+            lock = rundir.claim(run_dir, resume=bool(cfg.resume), resume_from=cfg.resume or "")
         except ValueError as e:
             refusal = str(e)
     refusal = dist.broadcast_object(refusal, d)
@@ -435,6 +435,8 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
             Progress.line(f"--data-dir {root}: read as {DATASET_KINDS.get(dataset, dataset)}, from its files "
                           "(--dataset names it otherwise)")
         Progress.line(f"run directory: {run_dir}")
+        if ckpt is not None:
+            _say_what_the_resume_lacks(run_dir, path, ckpt)
         if cfg.amp == "auto" and device.type == "cuda":
             Progress.line("--amp auto: {} ({})".format(*auto_amp(device)))
         if why:
@@ -665,6 +667,22 @@ def _array_settings(cfg, root, dataset):
         raise ValueError(f"{', '.join(unused)}: {dataset} ({root}) is read as arrays of its own image size, which "
                          f"{'these do' if len(unused) > 1 else 'this does'} not change; drop "
                          f"{'them' if len(unused) > 1 else 'it'}")
+
+
+def _say_what_the_resume_lacks(run_dir, path, ckpt):
+    """Rows of the epochs latest.pt covers that metrics.jsonl lacks, and a best.pt left elsewhere: said once."""
+    have = {json.loads(line)["epoch"] for line in metrics_rows(run_dir / "metrics.jsonl")}
+    missing = [e for e in range(1, ckpt["epoch"] + 1) if e not in have]
+    elsewhere = Path(path).resolve().parent != run_dir.resolve()
+    if missing and elsewhere:
+        best = f" (best val top-1 {ckpt['best_top1']:.2f}%)" if ckpt.get("best_top1", -1) >= 0 else ""
+        Progress.line(f"--resume {path}: epochs 1-{ckpt['epoch']} were trained into {Path(path).parent}; their "
+                      f"metrics rows and best.pt stay there{best}, and this run writes its own best.pt when an "
+                      "epoch beats that")
+    elif missing:
+        shown = ",".join(map(str, missing[:8])) + (",..." if len(missing) > 8 else "")
+        Progress.line(f"{run_dir / 'metrics.jsonl'}: no rows for epochs {shown}, which latest.pt covers; they stay "
+                      "missing (the run goes on from latest.pt)")
 
 
 def _fresh_start(cfg, run_dir, given, allow_changes):

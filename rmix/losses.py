@@ -25,12 +25,39 @@ def mix_loss(logits, roi_logits, soft_targets, prev_logits, lam, omega):
     When nothing was pasted (`prev_logits is None`) the RoI logits still enter the graph with a
     zero weight, so every parameter gets a gradient every step (DDP without unused parameters).
     """
+    lam = _check(logits, roi_logits, soft_targets, prev_logits, lam, omega)
     loss = soft_cross_entropy(logits, soft_targets)
     if roi_logits is None:
         return loss
     if prev_logits is None:
         return loss + 0.0 * roi_logits.float().sum()
     return loss + consistency_loss(roi_logits, prev_logits, lam, omega)
+
+
+def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega):
+    """ValueError naming the argument whose shape or kind is not the batch's; `lam` as a tensor.
+
+    Shapes and types only: reading values (lam in [0, 1], targets >= 0) would sync a GPU every step.
+    """
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        raise ValueError(f"logits: expected (N, K), got {_shape(logits)}")
+    n, k = logits.shape
+    for name, t in (("soft_targets", soft_targets), ("roi_logits", roi_logits), ("prev_logits", prev_logits)):
+        if t is None and name != "soft_targets":
+            continue
+        if not torch.is_tensor(t) or tuple(t.shape) != (n, k) or not t.is_floating_point():
+            raise ValueError(f"{name}: expected floats of the logits' shape ({n}, {k}), got {_shape(t)}")
+    if not torch.is_tensor(lam):
+        lam = torch.full((n,), float(lam), device=logits.device)
+    if lam.dim() > 1 or lam.numel() not in (1, n):
+        raise ValueError(f"lam: expected one value or one per image ({n}), got {_shape(lam)}")
+    if not (isinstance(omega, (int, float)) and omega == omega and abs(omega) != float("inf") and omega >= 0):
+        raise ValueError(f"omega: expected a finite number >= 0, got {omega!r}")
+    return lam
+
+
+def _shape(t):
+    return f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
 
 
 @torch.no_grad()

@@ -142,10 +142,10 @@ class _Policy:
 
     def __init__(self, num_classes, alpha=1.0, *, smoothing=0.0, smoothing_form="paper", mean=None, std=None,
                  out_dtype=torch.float32, channels_last=False, generator=None, backend="auto"):
-        if num_classes < 1:
-            raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
-        if alpha <= 0:
-            raise ValueError(f"alpha: must be > 0, got {alpha}")
+        if isinstance(num_classes, bool) or not hasattr(num_classes, "__index__") or num_classes < 1:
+            raise ValueError(f"num_classes: must be an integer >= 1, got {num_classes!r}")
+        if not (math.isfinite(alpha) and alpha > 0):  # inf or nan: the Beta sampler would never return
+            raise ValueError(f"alpha: must be a finite number > 0, got {alpha}")
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing: must be in [0, 1), got {smoothing}")
         if smoothing_form not in SMOOTHING_FORMS:
@@ -272,8 +272,8 @@ class RecursiveMix(_Policy):
                  smoothing=0.0, generator=None, **kw):
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha: RecursiveMix needs 0 < alpha <= 1 (area ratio), got {alpha}")
-        if omega < 0:
-            raise ValueError(f"omega: must be >= 0, got {omega}")
+        if not (math.isfinite(omega) and omega >= 0):
+            raise ValueError(f"omega: must be a finite number >= 0, got {omega}")
         if interpolate not in ("nearest", "bilinear"):
             raise ValueError(f"interpolate: expected 'nearest' or 'bilinear', got {interpolate!r}")
         super().__init__(num_classes, alpha, smoothing=smoothing, generator=generator, **kw)

@@ -18,11 +18,12 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in RUN_FILES)
 
 
-def claim(run_dir: Path, *, resume: bool):
+def claim(run_dir: Path, *, resume: bool, resume_from: str = ""):
     """Check --out, create it, and lock it; returns a `Claim` (release() it at the end).
 
     Raises ValueError (one line, naming the directory) when it is a file, cannot be created or
-    written, already holds a run and `resume` is false, or another process holds its lock.
+    written, already holds a run and `resume` is false or `resume_from` is a checkpoint of another
+    directory (that run's files would be overwritten), or another process holds its lock.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -30,6 +31,11 @@ def claim(run_dir: Path, *, resume: bool):
     if not resume and run_dir.is_dir() and holds_run(run_dir):
         raise ValueError(f"--out: {run_dir} already holds a run; `--resume auto` continues it, "
                          "a new --out starts afresh")
+    if resume_from not in ("", "auto") and run_dir.is_dir() and holds_run(run_dir) \
+            and Path(resume_from).resolve().parent != run_dir.resolve():
+        raise ValueError(f"--out: {run_dir} already holds a run, and --resume {resume_from} is another "
+                         "directory's checkpoint; `--resume auto` continues the run there, a new --out "
+                         "continues the checkpoint")
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

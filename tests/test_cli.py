@@ -190,3 +190,29 @@ def test_the_command_line_loads_without_torch_until_a_command_runs():
             "print(sorted(m for m in ('torch', 'nvidia.dali', 'timm', 'torchvision') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--aug", "none", "--aug-omega", "0.7"], "--aug-omega"), (["--aug", "mixup", "--interpolate", "bilinear"],
+                                                             "--interpolate"),
+    (["--aug", "cutmix", "--per-sample-boxes"], "--per-sample-boxes"), (["--optimizer", "adamw", "--nesterov"],
+                                                                      "--nesterov"),
+    (["--optimizer", "adamw", "--momentum", "0.9"], "--momentum")])  # the last two: the defaults' own values
+def test_an_option_the_run_does_not_use_is_refused_even_at_its_default(tmp_path, args, option):
+    r = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path / "run"), *args])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: {option}") and "drop it" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_presets_unused_setting_is_not_the_users(tmp_path):
+    # the CIFAR preset sets omega 0.1; run with --aug cutmix, that omega is unused but nobody typed it
+    r = CliRunner().invoke(cli, ["train", "--preset", "cifar10-pyramidnet200-rm", "--aug", "cutmix", "--data-dir",
+                                 str(tmp_path / "none"), "--out", str(tmp_path / "run")])
+    assert "--aug-omega" not in r.output and "--data-dir" in r.output, r.output  # stopped at the data, later
+
+
+@pytest.mark.parametrize("milestones", ["0", "-1", "3,-1"])
+def test_milestones_before_the_first_epoch_are_refused(tmp_path, milestones):
+    r = CliRunner().invoke(cli, ["train", "--epochs", "5", "--schedule", "step", f"--milestones={milestones}",
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and r.output.startswith("Error: --milestones") and "epoch >= 1" in r.output, r.output

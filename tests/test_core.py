@@ -97,3 +97,25 @@ def test_validate_names_the_option(change, option):
 
 def test_mixup_alpha_above_one_is_valid():
     C.validate(C.replace(C.TrainConfig(), **{"mix.policy": "mixup", "mix.alpha": 2.0}))
+
+
+@pytest.mark.parametrize("bad,name", [
+    (dict(soft_targets=torch.full((4, 7), 1 / 7)), "soft_targets"), (dict(soft_targets=torch.tensor([0, 1, 2, 3])),
+                                                                      "soft_targets"),
+    (dict(prev_logits=torch.zeros(3, 10)), "prev_logits"), (dict(lam=torch.ones(3)), "lam"),
+    (dict(logits=torch.zeros(10)), "logits"), (dict(omega=float("nan")), "omega"), (dict(roi_logits=torch.zeros(4, 7)),
+                                                                                     "roi_logits")])
+def test_mix_loss_names_the_argument_that_is_not_the_batchs(bad, name):
+    from rmix.losses import mix_loss
+    args = dict(logits=torch.zeros(4, 10), roi_logits=torch.zeros(4, 10), soft_targets=torch.full((4, 10), 0.1),
+                prev_logits=torch.zeros(4, 10), lam=torch.full((4,), 0.5), omega=0.5)
+    args.update(bad)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        mix_loss(**args)
+
+
+def test_mix_loss_takes_lam_as_a_number():
+    from rmix.losses import mix_loss
+    a = dict(logits=torch.randn(4, 10), roi_logits=torch.randn(4, 10), soft_targets=torch.full((4, 10), 0.1),
+             prev_logits=torch.randn(4, 10), omega=0.5)
+    torch.testing.assert_close(mix_loss(**a, lam=0.25), mix_loss(**a, lam=torch.full((4,), 0.25)))

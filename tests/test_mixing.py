@@ -579,3 +579,16 @@ def test_recursive_mix_keeps_a_bounded_number_of_output_buffers():
         out = rm(images, labels)
         rm.remember(out.images, out.soft_targets, torch.randn(n, K))
         assert len(rm._buffers) <= 2  # the history's and the output's
+
+
+@pytest.mark.parametrize("make", [lambda: CutMix(K, float("inf"), **MS), lambda: Mixup(K, float("nan"), **MS),
+                                  lambda: RecursiveMix(K, omega=float("nan"), **MS)])
+def test_non_finite_settings_are_refused(make):
+    # alpha = inf made the Beta sampler loop for ever
+    with pytest.raises(ValueError, match="alpha|omega"):
+        make()
+
+
+def test_a_fractional_class_count_is_refused():
+    with pytest.raises(ValueError, match="num_classes"):
+        Mixup(2.5, 1.0, **MS)

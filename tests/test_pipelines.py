@@ -662,3 +662,15 @@ def test_batch_counts_are_ints_and_train_drops_the_partial_batch_by_default():
 def test_first_per_class_of_no_classes_keeps_nothing():
     from rmix.pipelines import first_per_class
     assert first_per_class([], 3, []).shape == (0,)
+
+
+def test_a_dataset_root_given_as_a_split_is_refused(tiny):
+    # its train/ and val/ would be read as two classes
+    with pytest.raises(ValueError, match="holds train/ and val/"):
+        scan_image_folder(tiny)
+
+
+def test_a_negative_per_class_count_is_refused():
+    from rmix.pipelines import first_per_class
+    with pytest.raises(ValueError, match="--train-per-class: must be >= 1"):
+        first_per_class([0, 1, 0, 1], -3, ["a", "b"])

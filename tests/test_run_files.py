@@ -71,6 +71,18 @@ def test_resume_auto_with_two_rows_and_no_checkpoint_is_refused(tiny, tmp_path):
     assert snapshot(run) == before
 
 
+def test_resume_of_another_runs_checkpoint_into_a_directory_holding_a_run_is_refused(tiny, tmp_path):
+    base, other = tmp_path / "base", tmp_path / "other"
+    assert train(tiny, base, "--epochs", "1").exit_code == 0
+    assert train(tiny, other, "--epochs", "2", "--aug", "cutmix").exit_code == 0
+    before = snapshot(other)
+    r = train(tiny, other, "--epochs", "2", "--resume", str(base / "latest.pt"), "--allow-changes", "epochs")
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and line.startswith(f"Error: --out: {other} already holds a run, and --resume"), line
+    assert snapshot(other) == before
+
+
 def renamed_copy(tiny, tmp_path, split=None):
     """A copy of the data with one class folder renamed (in `split`, or in both)."""
     import shutil
@@ -298,3 +310,17 @@ def test_save_every_steps_writes_a_mid_epoch_checkpoint_at_each_multiple_and_non
     assert r.exit_code == 0, r.output
     # 24 images at batch 4: 6 steps; mid-epoch saves after steps 2 and 4, then the epoch end (latest, best)
     assert saved[:2] == [(0, 2), (0, 4)] and all(s == (1, 0) for s in saved[2:]) and len(saved) in (3, 4)
+
+
+def test_a_resume_says_which_rows_it_lacks_and_where_the_best_is(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    (run / "metrics.jsonl").write_text("")  # emptied by hand
+    r = train(tiny, run, "--epochs", "3", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 0, r.output
+    assert f"{run / 'metrics.jsonl'}: no rows for epochs 1,2, which latest.pt covers" in r.output, r.output
+    new = tmp_path / "new"
+    r = train(tiny, new, "--epochs", "4", "--resume", str(run / "latest.pt"), "--allow-changes", "epochs")
+    assert r.exit_code == 0, r.output
+    assert f"--resume {run / 'latest.pt'}: epochs 1-3 were trained into {run}" in r.output, r.output
+    assert "best.pt stay there" in r.output

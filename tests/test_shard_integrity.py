@@ -321,3 +321,26 @@ def test_a_typo_label_in_val_names_its_member(tmp_path):
                    [(f"v{i}", b"%d" % (i % 2)) for i in range(3)] + [("vtypo", b"1000")])
     r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
     assert r.exit_code == 2 and "the labels run to 1000 (val-000000.tar:vtypo.jpg)" in r.output, r.output
+
+
+def test_a_shard_cut_at_a_member_boundary_is_refused(tmp_path):
+    # the bytes stop right after a member's data: tarfile reads the shorter shard without a word
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(12)],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    shard = root / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar]
+    cut = members[-5].offset  # the end of the member before it: a whole number of blocks
+    shard.write_bytes(shard.read_bytes()[:cut])
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 2 and "no end-of-archive blocks" in r.output and "train-000000.tar" in r.output, r.output
+
+
+def test_an_empty_shard_is_refused_by_name(tmp_path):
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 2)) for i in range(8)],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    with tarfile.open(root / "train-000001.tar", "w"):
+        pass  # a valid tar with no members
+    for args in (["data", "check", str(root), "--threads", "1"], train_args(root, tmp_path / "run", "--epochs", "1")):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "train-000001.tar: holds no samples" in r.output, r.output

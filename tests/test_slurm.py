@@ -150,6 +150,8 @@ def test_sbatch_scripts_are_valid_bash_with_the_preemption_settings(script):
     ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: must be below WORLD_SIZE=2"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1: must be >= 0"),
     ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "no.such.host.invalid", "MASTER_PORT": "29514"},
+     "MASTER_ADDR=no.such.host.invalid: no such host"),
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "abc"}, "SLURM_NTASKS='abc': not an integer"),
     ({"SLURM_PROCID": "zero", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"}, "SLURM_PROCID='zero'"),
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n[1-", "SLURM_JOB_NODELIST": "n1"},
