@@ -55,8 +55,10 @@ def check_inputs(images, history, targets, history_targets, boxes, mode, num_cla
         if boxes is None or tuple(boxes.shape) != (n, 4):
             raise ValueError(f"boxes: expected ({n}, 4), got {None if boxes is None else tuple(boxes.shape)}")
     for name, v in (("mean", mean), ("std", std)):
-        if v is not None and len(v) != c:
-            raise ValueError(f"{name}: expected {c} values, got {len(v)}")
+        if v is not None and len(v) != c:  # most often the images' layout, not the statistics
+            layout = "uint8 (N, H, W, C)" if nhwc else "float (N, C, H, W)"
+            raise ValueError(f"images: read as {layout}, {tuple(images.shape)} has {c} channels but {name} has "
+                             f"{len(v)} values; uint8 batches are (N, H, W, C), float ones (N, C, H, W)")
     if std is not None and not hasattr(std, "device") and not all(float(s) > 0 for s in std):
         raise ValueError(f"std: must be positive (it divides every pixel), got {std}")  # host values: no sync
     return n, c, h, w, k, nhwc

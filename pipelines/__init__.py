@@ -230,6 +230,8 @@ def _check_crop_options(kind: str, crop_size: int, val_resize: int, min_area: fl
     """What every loader of encoded images (folders, shards) checks first; raises ValueError."""
     if kind not in ("dali", "torch"):
         raise ValueError(f"kind must be 'dali' or 'torch', got {kind!r}")
+    if crop_size < 1:
+        raise ValueError(f"crop_size must be >= 1, got {crop_size}")
     if val_resize < crop_size:
         raise ValueError(f"val_resize ({val_resize}) must be >= crop_size ({crop_size})")
     if not 0.0 < min_area <= 1.0:
@@ -241,8 +243,12 @@ def _crop_loader_args(num_samples: int, *, train, batch_size, rank, world_size, 
     import torch
     check_sharding(num_samples, train=train, batch_size=batch_size, rank=rank, world_size=world_size,
                    drop_last=drop_last)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
     return dict(train=train, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
-                device=torch.device(device), **kw)
+                device=device, **kw)
 
 
 def pil_rgb(image):

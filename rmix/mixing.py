@@ -289,6 +289,9 @@ class RecursiveMix(_Policy):
 
     def remember(self, images, soft_targets, logits):
         """Keep this step's mixed batch as the next step's history (images and targets detached, not copied)."""
+        n = images.shape[0]
+        if logits is not None and tuple(logits.shape) != (n, self.num_classes):
+            raise ValueError(f"logits: expected ({n}, {self.num_classes}) for this batch, got {tuple(logits.shape)}")
         self._called = False
         self.history = images.detach()
         self.history_targets = soft_targets.detach().float()

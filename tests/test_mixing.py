@@ -592,3 +592,13 @@ def test_non_finite_settings_are_refused(make):
 def test_a_fractional_class_count_is_refused():
     with pytest.raises(ValueError, match="num_classes"):
         Mixup(2.5, 1.0, **MS)
+
+
+def test_remember_refuses_logits_of_another_width_and_a_layout_mixup_is_named():
+    rm = RecursiveMix(K, **MS)
+    images, labels = batch(4, 8, 8, 0)
+    out = rm(images, labels)
+    with pytest.raises(ValueError, match=re.escape(f"logits: expected (4, {K})")):
+        rm.remember(out.images, out.soft_targets, torch.randn(4, K + 2))
+    with pytest.raises(ValueError, match="uint8 batches are"):  # NCHW bytes: 16 "channels"
+        RecursiveMix(K, **MS)(images.permute(0, 3, 1, 2).contiguous(), labels)

@@ -674,3 +674,12 @@ def test_a_negative_per_class_count_is_refused():
     from rmix.pipelines import first_per_class
     with pytest.raises(ValueError, match="--train-per-class: must be >= 1"):
         first_per_class([0, 1, 0, 1], -3, ["a", "b"])
+
+
+@pytest.mark.parametrize("bad,message", [(dict(crop_size=0), "crop_size must be >= 1"),
+                                         (dict(device="tpu0"), "device: 'tpu0' is not a torch device")])
+def test_loader_arguments_that_cannot_work_are_named(tiny, bad, message):
+    args = dict(train=True, batch_size=8, crop_size=16, val_resize=20, num_threads=1)
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        build_loader("torch", tiny / "train", **args)
