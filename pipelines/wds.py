@@ -288,6 +288,24 @@ def _set_meta(root: str, split: str) -> tuple[dict, int | None]:
     return meta, size if isinstance(size, int) and size > 0 else None
 
 
+def _idx_matches(path: str, idx: str, members, size: int) -> None:
+    """The tar header before each given member's data says that member, with its size: an .idx of another
+    tar (a copy, a re-shard) is named, not left to fail as undecodable images."""
+    with open(path, "rb") as f:
+        for _, off, n, name in members:
+            info = None
+            if tarfile.BLOCKSIZE <= off <= size:
+                f.seek(off - tarfile.BLOCKSIZE)
+                try:
+                    info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+                except tarfile.TarError:
+                    info = None
+            if info is None or info.size != n or (name.isascii() and len(name) <= 100 and info.name != name):
+                raise ValueError(f"{os.path.join(os.path.dirname(path), idx)}: does not match "
+                                 f"{os.path.basename(path)} ({name} is not at byte {off}); delete the .idx (rmix "
+                                 "then reads the tar's headers) or prepare the set again")
+
+
 def _check_tar_end(path: str, idx: str, entries) -> None:
     """The index ends where the tar does: nothing truncated, no member after the last one listed.
 
@@ -299,6 +317,8 @@ def _check_tar_end(path: str, idx: str, entries) -> None:
     if end > size:
         raise ValueError(f"{path}: truncated ({size} bytes; {last} ends at byte {end}); "
                          "copy or prepare the shard again")
+    if idx and entries:
+        _idx_matches(path, idx, [entries[0][0], entries[-1][-1]], size)
     block = -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     with open(path, "rb") as f:
         f.seek(block)
@@ -365,9 +385,11 @@ def _split_labels_of(root: str, split: str, stamp: tuple) -> dict:
     return labels
 
 
-def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> None:
-    """Without index.json the classes are 0..the largest label: ValueError where train and val together
-    leave some of them without a sample (a typo such as 1000 for 10), before any list of them is made."""
+def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> int:
+    """Without index.json the classes are 0..the largest label of train and val together (the number
+    returned): ValueError where they leave some of them without a sample (a typo such as 1000 for
+    10), before any list of them is made. Both splits then count the same classes, one lacking a
+    class or not."""
     named = dict(_split_labels(root, "val" if split == "train" else "train"))
     for s in samples:
         named.setdefault(s.label, f"{shards[s.shard]}:{s.member}")
@@ -377,6 +399,7 @@ def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> None:
         raise ValueError(f"{root}: the labels run to {top}{where} but {top + 1 - len(named)} of the classes "
                          f"0..{top} have no train or val sample; without {INDEX}, rmix counts the classes from "
                          "the labels: a typo in a .cls?")
+    return top
 
 
 def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
@@ -423,7 +446,8 @@ def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
     if meta and len(samples) != meta["counts"][split]:
         raise ValueError(f"{root}: {INDEX} records {meta['counts'][split]} {split} samples, "
                          f"the shards hold {len(samples)}")
+    top = max((s.label for s in samples), default=-1)
     if not meta:  # the classes are counted from the labels: a gap is a typo, not a thousand empty classes
-        _no_label_gaps(root, split, shards, samples)
-    classes = meta.get("classes") or [str(i) for i in range(max((s.label for s in samples), default=-1) + 1)]
+        top = _no_label_gaps(root, split, shards, samples)
+    classes = meta.get("classes") or [str(i) for i in range(top + 1)]
     return ShardSplit(root, shards, indexes, list(classes), samples)

@@ -591,13 +591,15 @@ def _resume(cfg, ckpt, path, data, model, optimizer, scaler, policy, device, d=d
                          f"{cfg.data.data_dir} has {cfg.num_classes}")
     was = ckpt.get("data") or {}
     check_classes(was.get("classes"), data["classes"], f"--resume: {path}", "the checkpoint", str(cfg.data.data_dir))
+    if saved["data"]["data_dir"] != cfg.data.data_dir and ckpt.get("data") != data:
+        raise ValueError(f"--resume: {path} was trained on {saved['data']['data_dir']}, this run reads "
+                         f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell); "
+                         "--allow-changes data_dir takes another path to the same data, not other data: resume "
+                         "on the run's own --data-dir, or train on the new one with a new --out")
     if was.get("train_samples") not in (None, data["train_samples"]) and d.is_main:
         Progress.line(f"--data-dir: {cfg.data.data_dir} now holds {data['train_samples']} training images, "
                       f"{path} was trained on {was['train_samples']}: the run goes on over the new set, "
                       "not as it would have without the change")
-    if saved["data"]["data_dir"] != cfg.data.data_dir and ckpt.get("data") != data:
-        raise ValueError(f"--resume: {path} was trained on {saved['data']['data_dir']}, this run reads "
-                         f"{cfg.data.data_dir}, and its training split differs (or the checkpoint cannot tell)")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     match_param_layout(optimizer)  # saved by a run on another device or memory format
@@ -644,10 +646,12 @@ def _at_the_same_image(partial, saved_batch, batch, path, ckpt):
         return partial
     seen = partial["seen"]
     if seen % batch:
-        fits = sorted({b for b in range(1, seen + 1) if seen % b == 0})
+        fits = [b for b in range(1, seen + 1) if seen % b == 0]
+        near = sorted(sorted(fits, key=lambda b: abs(math.log(b / batch)))[:6])  # the six nearest the one asked
         raise ValueError(f"--batch-size: {path} stopped after {seen} images of epoch {ckpt['epoch'] + 1} on each "
                          f"process; a batch of {batch} a process cannot continue at that image (per-process batch "
-                         f"sizes that can: {', '.join(map(str, fits[-6:]))}), or resume from an epoch's end")
+                         f"sizes that can, nearest {batch}: {', '.join(map(str, near))}; the saved one, {saved_batch}, "
+                         "always can), or resume from an epoch's end")
     return {**partial, "step": seen // batch}
 
 

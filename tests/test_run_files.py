@@ -157,7 +157,8 @@ def test_a_mid_epoch_resume_with_another_batch_size_continues_at_the_same_image(
               "batch_size")
     if images_after is None:
         assert r.exit_code == 2 and "stopped after 16 images of epoch 1" in r.output, r.output
-        assert "continue at that image (per-process batch sizes that can: 1, 2, 4, 8, 16)" in r.output, r.output
+        assert ("continue at that image (per-process batch sizes that can, nearest "
+                f"{batch}: 1, 2, 4, 8, 16; the saved one, 8, always can)") in r.output, r.output
         assert not sizes and snapshot(run) == before
     else:
         assert r.exit_code == 0, r.output
@@ -241,12 +242,13 @@ def test_gamma_without_milestones_is_refused(tiny, tmp_path, extra, option):
     assert r.exit_code == 2 and r.output.startswith(f"Error: {option}") and "milestones" in r.output, r.output
 
 
-def test_the_batch_sizes_a_resume_offers_are_the_last_six_that_divide_what_was_seen():
+def test_the_batch_sizes_a_resume_offers_are_the_six_nearest_that_divide_what_was_seen():
     from rmix.engine import _at_the_same_image
     part = {"step": 6, "seen": 48, "sums": None}
     assert _at_the_same_image(part, 8, 8, "x.pt", {"epoch": 0}) is part
     assert _at_the_same_image(part, 8, 12, "x.pt", {"epoch": 0})["step"] == 4
-    with pytest.raises(ValueError, match=r"after 48 images of epoch 3 .* can: 6, 8, 12, 16, 24, 48\)"):
+    with pytest.raises(ValueError, match=r"after 48 images of epoch 3 .* can, nearest 5: 2, 3, 4, 6, 8, 12; "
+                                         r"the saved one, 8, always can\)"):
         _at_the_same_image(part, 8, 5, "x.pt", {"epoch": 2})
 
 

@@ -344,3 +344,19 @@ def test_an_empty_shard_is_refused_by_name(tmp_path):
     for args in (["data", "check", str(root), "--threads", "1"], train_args(root, tmp_path / "run", "--epochs", "1")):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 2 and "train-000001.tar: holds no samples" in r.output, r.output
+
+
+def test_an_idx_of_another_tar_is_named_not_blamed_on_the_images(copy, tmp_path):
+    # a copy of shard 0's .idx beside shard 1: the offsets point at other members
+    shutil.copy(copy / "train-000000.idx", copy / "train-000001.idx")
+    refused(copy, tmp_path, str(copy / "train-000001.idx"), "does not match train-000001.tar")
+
+
+def test_a_val_split_lacking_a_numeric_class_counts_the_same_classes(tmp_path):
+    # index-less shards: the classes are 0..the largest label of train and val together, in both splits
+    root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 3)) for i in range(9)],
+                   [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--epochs", "1"))
+    assert r.exit_code == 0, r.output
