@@ -185,11 +185,11 @@ def with_dataset_stats(cfg: TrainConfig, dataset: str) -> TrainConfig:
 
 
 ONLY_FOR = {  # settings one choice uses: given on the command line with another, refused (it would do nothing)
-    "mix.omega": ("--aug-omega", "mix.policy", "recursive_mix"),
-    "mix.interpolate": ("--interpolate", "mix.policy", "recursive_mix"),
-    "mix.per_sample": ("--per-sample-boxes/--batch-box", "mix.policy", "recursive_mix"),
-    "optim.momentum": ("--momentum", "optim.optimizer", "sgd"),
-    "optim.nesterov": ("--nesterov/--no-nesterov", "optim.optimizer", "sgd"),
+    "mix.omega": ("--aug-omega", "mix.policy", "--aug", "recursive_mix"),
+    "mix.interpolate": ("--interpolate", "mix.policy", "--aug", "recursive_mix"),
+    "mix.per_sample": ("--per-sample-boxes/--batch-box", "mix.policy", "--aug", "recursive_mix"),
+    "optim.momentum": ("--momentum", "optim.optimizer", "--optimizer", "sgd"),
+    "optim.nesterov": ("--nesterov/--no-nesterov", "optim.optimizer", "--optimizer", "sgd"),
 }
 
 
@@ -199,12 +199,9 @@ def refuse_unused(cfg: TrainConfig, given: set) -> None:
     Only what the user typed: a preset's or a config file's values stay (a preset for RM run with
     --aug cutmix keeps its omega, unused). validate() refuses the values that differ from the defaults.
     """
-    values = to_dict(cfg)
-    for key, (option, chooser, needed) in ONLY_FOR.items():
-        section, name = chooser.split(".")
-        chosen = values[section][name]
+    for key, (option, chooser, flag, needed) in ONLY_FOR.items():
+        chosen = getattr(getattr(cfg, chooser.split(".")[0]), chooser.split(".")[1])
         if key in given and chosen != needed:
-            flag = {"mix.policy": "--aug", "optim.optimizer": "--optimizer"}[chooser]
             raise ValueError(f"{option}: only {flag} {needed} uses it (this run's is {chosen}); drop it")
 
 

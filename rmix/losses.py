@@ -1,4 +1,6 @@
 """Losses: soft-target cross-entropy and RecursiveMix's RoI consistency term."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -51,7 +53,7 @@ def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega):
         lam = torch.full((n,), float(lam), device=logits.device)
     if lam.dim() > 1 or lam.numel() not in (1, n):
         raise ValueError(f"lam: expected one value or one per image ({n}), got {_shape(lam)}")
-    if not (isinstance(omega, (int, float)) and omega == omega and abs(omega) != float("inf") and omega >= 0):
+    if not (isinstance(omega, (int, float)) and math.isfinite(omega) and omega >= 0):
         raise ValueError(f"omega: expected a finite number >= 0, got {omega!r}")
     return lam
 

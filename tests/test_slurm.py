@@ -169,14 +169,20 @@ def test_launch_variables_that_are_not_what_they_claim_name_themselves(monkeypat
         dist.setup("cpu", timeout_s=5)
 
 
-def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(monkeypatch, tmp_path):
+def lone_rank(tmp_path, rank, timeout):
+    """`rmix train` as rank `rank` of 2 at a free port where nobody else comes: (result, port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
-    env.update(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", "6", "--out",
+    env.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", str(timeout), "--out",
                         str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    return r, port
+
+
+def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_path):
+    r, port = lone_rank(tmp_path, 0, 6)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"rmix: rank 0: waiting for the other 1 process(es) of the job at 127.0.0.1:{port}" in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -185,13 +191,7 @@ def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(monkeypatch, tm
 
 def test_a_lone_non_master_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_path):
     # nothing listens at MASTER_PORT: rank 1 waits for rank 0's store, then one line (no C++ backtraces)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC"))}
-    env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    r = subprocess.run([sys.executable, "-m", "rmix", "train", "--epochs", "1", "--dist-timeout", "4", "--out",
-                        str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    r, port = lone_rank(tmp_path, 1, 4)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert lines[0] == (f"rmix: rank 1: waiting for the other 1 process(es) of the job at 127.0.0.1:{port} "
