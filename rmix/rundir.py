@@ -55,6 +55,10 @@ def claim(run_dir: Path, *, resume: bool, resume_from: str = ""):
         f.close()
         raise ValueError(f"--out: {run_dir} is in use by another rmix run (pid {holder}); "
                          "wait for it to end or choose another --out") from None
+    # a save killed mid-write leaves its temporary (checkpoint.save's .tmp-*.pt); with the lock held no
+    # living run writes here, so it is nobody's: removed, it neither reads as a result nor fills the disk
+    for tmp in run_dir.glob(".tmp-*.pt"):
+        tmp.unlink(missing_ok=True)
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

@@ -59,6 +59,20 @@ def test_resume_auto_after_a_kill_between_the_first_row_and_the_first_checkpoint
     assert (run / "latest.pt").is_file()
 
 
+def test_resume_auto_after_a_kill_inside_the_first_save_starts_again_and_drops_its_temporary(tiny, tmp_path):
+    # killed while latest.pt was being written: one row and checkpoint.save's half-written temporary
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "best.pt").unlink()
+    (run / "latest.pt").rename(run / ".tmp-k1ll3d.pt")
+    (run / "metrics.jsonl").write_text(rows[0] + "\n")
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "latest.pt"]
+
+
 def test_resume_auto_with_two_rows_and_no_checkpoint_is_refused(tiny, tmp_path):
     # a second row is written only after epoch 1's latest.pt landed: that latest.pt was removed since
     run = tmp_path / "run"
