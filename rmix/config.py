@@ -203,6 +203,15 @@ def refuse_unused(cfg: TrainConfig, given: set) -> None:
         chosen = getattr(getattr(cfg, chooser.split(".")[0]), chooser.split(".")[1])
         if key in given and chosen != needed:
             raise ValueError(f"{option}: only {flag} {needed} uses it (this run's is {chosen}); drop it")
+    late = late_milestones(cfg)
+    if "optim.milestones" in given and late:
+        raise ValueError(f"--milestones: {','.join(map(str, late))} at or after the last epoch (--epochs {cfg.epochs}) "
+                         "never changes the lr; drop it or raise --epochs")
+
+
+def late_milestones(cfg: TrainConfig) -> list:
+    """The step schedule's milestones that fall at or after the last epoch: they never take effect."""
+    return [m for m in cfg.optim.milestones if m >= cfg.epochs] if cfg.optim.schedule == "step" else []
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -441,6 +441,10 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
             Progress.line("--amp auto: {} ({})".format(*auto_amp(device)))
         if why:
             Progress.line(why)
+        if C.late_milestones(cfg):  # a preset's schedule cut short by --epochs: kept, but said
+            Progress.line(f"milestones {','.join(map(str, cfg.optim.milestones))}: "
+                          f"{','.join(map(str, C.late_milestones(cfg)))} at or after the last epoch ({cfg.epochs}) "
+                          "never change the lr")
     if show and (start > 1 or partial):
         at = f", step {partial['step']}" if partial else ""
         Progress.line(f"resuming at epoch {start}{at} (best val top-1 so far {max(best, 0):.2f}%)")

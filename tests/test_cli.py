@@ -217,3 +217,21 @@ def test_milestones_before_the_first_epoch_are_refused(tmp_path, milestones):
     r = CliRunner().invoke(cli, ["train", "--epochs", "5", "--schedule", "step", f"--milestones={milestones}",
                                  "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and r.output.startswith("Error: --milestones") and "epoch >= 1" in r.output, r.output
+
+
+@pytest.mark.parametrize("milestones,late", [("5", "5"), ("2,7", "7"), ("4,5,6", "5,6")])
+def test_milestones_typed_at_or_after_the_last_epoch_are_refused(tmp_path, milestones, late):
+    r = CliRunner().invoke(cli, ["train", "--epochs", "5", "--schedule", "step", f"--milestones={milestones}",
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and r.output.startswith(f"Error: --milestones: {late} at or after"), r.output
+    assert "\n" not in r.output.strip() and not (tmp_path / "run").exists()
+
+
+def test_a_presets_milestones_cut_short_by_epochs_are_said(tiny, tmp_path):
+    # the CIFAR recipe's (150, 225) in a 1-epoch try: kept as the preset's, and said once
+    r = CliRunner().invoke(cli, ["train", "--preset", "cifar10-pyramidnet200-rm", "--dataset", "folder", "--data-dir",
+                                 str(tiny), "--model", "resnet8", "--epochs", "1", "--batch-size", "8", "--crop-size",
+                                 "16", "--val-resize", "20", "--warmup", "0", "--workers", "1", "--loader", "torch",
+                                 "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("milestones 150,225: 150,225 at or after the last epoch (1) never change the lr") == 1, r.output
