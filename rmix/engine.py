@@ -194,7 +194,7 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
         else:
             logits, roi_logits = model(out.images), None
         loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
-                        out.lam, omega)
+                        out.lam, omega, check_values=False)
     scaler.scale(loss).backward()  # under DDP the gradients are now the same on every rank
     if scaler.is_enabled():  # fp16: GradScaler finds overflows and skips on the device (fused optimizer)
         scale = scaler._get_scale_async().clone()

@@ -21,13 +21,16 @@ def consistency_loss(roi_logits, prev_logits, lam, omega):
     return omega * ((1 - lam.float()) * ce).mean()
 
 
-def mix_loss(logits, roi_logits, soft_targets, prev_logits, lam, omega):
+def mix_loss(logits, roi_logits, soft_targets, prev_logits, lam, omega, *, check_values=True):
     """The training loss: soft CE, plus the consistency term when there is a history to match.
+
+    `check_values=False` skips reading lam and soft_targets (the trainer's come from its policy,
+    and on the CPU the read would be the step's only host read, which tests/test_sync.py holds to none).
 
     When nothing was pasted (`prev_logits is None`) the RoI logits still enter the graph with a
     zero weight, so every parameter gets a gradient every step (DDP without unused parameters).
     """
-    lam = _check(logits, roi_logits, soft_targets, prev_logits, lam, omega)
+    lam = _check(logits, roi_logits, soft_targets, prev_logits, lam, omega, check_values)
     loss = soft_cross_entropy(logits, soft_targets)
     if roi_logits is None:
         return loss
@@ -36,10 +39,11 @@ def mix_loss(logits, roi_logits, soft_targets, prev_logits, lam, omega):
     return loss + consistency_loss(roi_logits, prev_logits, lam, omega)
 
 
-def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega):
+def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega, check_values=True):
     """ValueError naming the argument whose shape or kind is not the batch's; `lam` as a tensor.
 
-    Shapes and types only: reading values (lam in [0, 1], targets >= 0) would sync a GPU every step.
+    Values (lam in [0, 1], targets >= 0) only on the CPU, as mixing.check_targets: on a GPU reading
+    them would make every step wait for the device.
     """
     if not torch.is_tensor(logits) or logits.dim() != 2:
         raise ValueError(f"logits: expected (N, K), got {_shape(logits)}")
@@ -55,6 +59,12 @@ def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega):
         raise ValueError(f"lam: expected one value or one per image ({n}), got {_shape(lam)}")
     if not (isinstance(omega, (int, float)) and math.isfinite(omega) and omega >= 0):
         raise ValueError(f"omega: expected a finite number >= 0, got {omega!r}")
+    if not check_values:
+        return lam
+    if lam.device.type == "cpu" and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError(f"lam: the kept share of each image, expected values in [0, 1], got {lam.flatten().tolist()[:8]}")
+    if soft_targets.device.type == "cpu" and soft_targets.numel() and not bool((soft_targets >= 0).all()):
+        raise ValueError(f"soft_targets: expected probabilities (>= 0), got a minimum of {soft_targets.min().item()}")
     return lam
 
 

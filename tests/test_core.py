@@ -104,7 +104,9 @@ def test_mixup_alpha_above_one_is_valid():
                                                                       "soft_targets"),
     (dict(prev_logits=torch.zeros(3, 10)), "prev_logits"), (dict(lam=torch.ones(3)), "lam"),
     (dict(logits=torch.zeros(10)), "logits"), (dict(omega=float("nan")), "omega"), (dict(roi_logits=torch.zeros(4, 7)),
-                                                                                     "roi_logits")])
+                                                                                     "roi_logits"),
+    (dict(lam=1.5), "lam"), (dict(lam=torch.tensor([0.5, 0.5, -0.1, 0.5])), "lam"),  # values: read on the CPU
+    (dict(lam=torch.tensor(float("nan"))), "lam"), (dict(soft_targets=torch.full((4, 10), 0.1) - 0.2), "soft_targets")])
 def test_mix_loss_names_the_argument_that_is_not_the_batchs(bad, name):
     from rmix.losses import mix_loss
     args = dict(logits=torch.zeros(4, 10), roi_logits=torch.zeros(4, 10), soft_targets=torch.full((4, 10), 0.1),

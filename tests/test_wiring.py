@@ -68,8 +68,8 @@ def run_epochs(cfg, epochs=2, steps=4, n=6):
     calls, outs = [], []
     real_loss, real_call = engine.mix_loss, type(policy).__call__
 
-    def loss_spy(*args):
-        loss = real_loss(*args)
+    def loss_spy(*args, **kw):
+        loss = real_loss(*args, **kw)
         calls.append((*[a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args], loss.detach()))
         return loss
 
@@ -144,8 +144,8 @@ def epoch_of(cfg, batches, **kw):
     policy, _ = build_policies(cfg, torch.device("cpu"), dtype)
     losses, real = [], engine.mix_loss
 
-    def spy(*a):
-        loss = real(*a)
+    def spy(*a, **kw):
+        loss = real(*a, **kw)
         losses.append(loss.detach().double())
         return loss
     with pytest.MonkeyPatch.context() as mp:
