@@ -37,6 +37,10 @@ def _idx_dataset(root: Path) -> str | None:
     raise ValueError(f"--data-dir: {root} holds MNIST-format idx files; say --dataset fashion-mnist or mnist")
 
 
+DATASET_KINDS = {"folder": "an image folder (train/, val/)", "wds": "WebDataset shards", "cifar10": "CIFAR-10",
+                 "cifar100": "CIFAR-100", "fashion-mnist": "Fashion-MNIST (idx files)", "mnist": "MNIST (idx files)"}
+
+
 def detect_dataset(root: Path) -> str:
     """'cifar10' / 'cifar100' / 'fashion-mnist' / 'mnist' from the files root holds, else 'folder'."""
     for name, folder in CIFAR_DIRS.items():
@@ -80,6 +84,13 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
         return root, dataset  # the reader names any missing or malformed file
     for split in ("train", "val"):
         if not (root / split).is_dir():
+            try:
+                held = detect_dataset(root)
+            except ValueError:  # idx files both MNISTs could be: named below as missing folders
+                held = "folder"
+            if held != "folder":  # another kind's files, read as folders (--dataset, or a checkpoint's own)
+                raise ValueError(f"--data-dir: {root} holds {DATASET_KINDS[held]}, read here as --dataset {dataset}, "
+                                 f"which needs {split}/; --dataset {held} reads it")
             raise ValueError(f"--data-dir: {root} has no {split}/ folder (expected ImageFolder train/ and val/, "
                              "the CIFAR python batches, or the MNIST idx files)")
     return root, dataset

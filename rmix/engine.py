@@ -14,7 +14,7 @@ import torch
 from rmix import checkpoint, dist, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
-from rmix.data import ARRAY_SETS, check_classes, make_loader, make_loaders, resolve_data, sharded
+from rmix.data import ARRAY_SETS, DATASET_KINDS, check_classes, make_loader, make_loaders, resolve_data, sharded
 from rmix.ema import ModelEma
 from rmix.guard import StepGuard, TrainingError, nonfinite, step_skipping
 from rmix.logs import RunLogs, check_backends, metrics_rows
@@ -659,8 +659,6 @@ def _at_the_same_image(partial, saved_batch, batch, path, ckpt):
     return {**partial, "step": seen // batch}
 
 
-DATASET_KINDS = {"folder": "an image folder (train/, val/)", "wds": "WebDataset shards", "cifar10": "CIFAR-10",
-                 "cifar100": "CIFAR-100", "fashion-mnist": "Fashion-MNIST (idx files)", "mnist": "MNIST (idx files)"}
 # Image-file settings that arrays (CIFAR, MNIST) do not use: their images are the set's own size,
 # padded and cropped to it (train) or taken whole (val), decoded by no one.
 IMAGE_FILE_SETTINGS = {"crop_size": "--crop-size", "val_resize": "--val-resize", "min_area": "--min-area",

@@ -114,6 +114,17 @@ def test_detection(tmp_path):
     assert resolve_data(str(tmp_path / "tv"), "fashion-mnist")[1] == "fashion-mnist"
 
 
+def test_idx_files_read_as_folders_are_named_with_the_dataset_that_reads_them(tmp_path):
+    # a checkpoint trained on image folders, evaluated on Fashion-MNIST's directory: say what is there
+    fake_set(tmp_path / "fashion-mnist")
+    with pytest.raises(ValueError, match=r"holds Fashion-MNIST \(idx files\), read here as --dataset folder, which "
+                                         r"needs train/; --dataset fashion-mnist reads it$"):
+        resolve_data(str(tmp_path / "fashion-mnist"), "folder")
+    fake_set(tmp_path / "data" / "x")  # either MNIST: no kind to name, the folders are
+    with pytest.raises(ValueError, match="has no train/ folder"):
+        resolve_data(str(tmp_path / "data" / "x"), "imagenet")
+
+
 def test_missing_folder_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setattr("rmix.data.DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
     with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
