@@ -344,14 +344,14 @@ def _claim_and_train(cfg, d, device, show_progress, given, allow_changes, preemp
     if refusal:
         dist.cleanup(d)
         raise ValueError(refusal)
-    failed = True
+    trained = False
     try:
         result = _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt)
-        failed = False
+        trained = not result.get("complete")  # a complete run resumed: an --out this call created goes again
         return result
     finally:
         if lock is not None:
-            lock.release(failed)
+            lock.release(failed=not trained)
 
 
 def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt):
@@ -367,7 +367,7 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
             cfg, changes = resume.merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow_changes)
             metrics_rows(run_dir / "metrics.jsonl")  # a bad row is refused before anything is written
             if ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
-                return _complete(cfg, ckpt, run_dir, show, d)
+                return _complete(cfg, ckpt, Path(path).parent, show, d)
         else:  # auto with nothing to continue from: a fresh start, if the directory holds no run's results
             cfg = _fresh_start(cfg, run_dir, given, allow_changes)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
@@ -718,7 +718,9 @@ def _fresh_start(cfg, run_dir, given, allow_changes):
 
 
 def _complete(cfg, ckpt, run_dir, show, d):
-    """`--resume` of a run that has trained all its epochs: nothing to do, said so."""
+    """`--resume` of a run that has trained all its epochs: nothing to do, said so.
+
+    `run_dir` is the checkpoint's own: a complete run resumed into another --out leaves that empty."""
     rows = [json.loads(line) for line in metrics_rows(run_dir / "metrics.jsonl")]
     final = next((r["val_top1"] for r in reversed(rows) if r.get("val_top1") is not None), None)
     if show:

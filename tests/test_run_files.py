@@ -340,3 +340,13 @@ def test_a_resume_says_which_rows_it_lacks_and_where_the_best_is(tiny, tmp_path)
     assert r.exit_code == 0, r.output
     assert f"--resume {run / 'latest.pt'}: epochs 1-3 were trained into {run}" in r.output, r.output
     assert "best.pt stay there" in r.output
+
+
+def test_a_complete_run_resumed_into_a_new_out_names_its_own_directory_and_leaves_no_other(tiny, tmp_path):
+    run, new = tmp_path / "run", tmp_path / "new"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    before = snapshot(run)
+    r = train(tiny, new, "--epochs", "1", "--resume", str(run / "latest.pt"))
+    assert r.exit_code == 0, r.output
+    assert f"{run} is complete: 1 of 1 epochs trained" in r.output and f"run directory: {run}\n" in r.output
+    assert not new.exists() and snapshot(run) == before
