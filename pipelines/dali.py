@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -589,7 +591,7 @@ def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_are
             raise ValueError(f"--keep-last: DALI's shard slices of {n} samples give {sorted(counts)} batches "
                              f"of {batch_size} on different ranks; drop --keep-last or use --loader torch")
     paths = [os.path.join(split.root, s) for s in split.shards]
-    index_paths = ([os.path.join(split.root, i) for i in split.indexes] if all(split.indexes) else None)
+    index_paths, own_indexes = _index_paths(split)
 
     def build(epoch: int, decode: bool = True):
         shard_id = (rank + epoch) % world_size if train else rank
@@ -627,5 +629,28 @@ def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_are
                          labels=lambda info: sample_labels(info).to(out_device),
                          replay=lambda step: replay(epoch, step))
 
-    return DaliLoader(make_epoch, num_batches=expected, classes=split.classes, num_samples=n,
-                      device=out_device, crop_size=crop_size)
+    loader = DaliLoader(make_epoch, num_batches=expected, classes=split.classes, num_samples=n,
+                        device=out_device, crop_size=crop_size)
+    if own_indexes:  # read by every epoch's pipeline: kept while the loader lives
+        weakref.finalize(loader, shutil.rmtree, own_indexes, True)
+    return loader
+
+
+def _index_paths(split) -> tuple[list[str], str | None]:
+    """Each shard's DALI index, and the temporary folder of those rmix wrote (None if every shard has one).
+
+    A shard without its .idx gets one written from its tar headers (`wds.index_shard`, the scan that
+    counted it) outside the data directory, which stays as it was: DALI then reads the samples rmix
+    counted, and does not infer its own index at every epoch's start (nor log that it does)."""
+    if all(split.indexes):
+        return [os.path.join(split.root, i) for i in split.indexes], None
+    from rmix.pipelines.wds import index_shard, write_dali_index
+    tmp = tempfile.mkdtemp(prefix="rmix-wds-idx-")
+    out = []
+    for k, (shard, index) in enumerate(zip(split.shards, split.indexes)):
+        if index:
+            out.append(os.path.join(split.root, index))
+        else:
+            out.append(os.path.join(tmp, f"{k:06d}.idx"))
+            write_dali_index(index_shard(os.path.join(split.root, shard)), out[-1])
+    return out, tmp

@@ -221,6 +221,14 @@ def index_shard(path: str) -> list[list[tuple[str, int, int, str]]]:
     return samples
 
 
+def write_dali_index(samples, path: str) -> None:
+    """`samples` (as `index_shard` returns them) as a v1.2 index at `path`, the format `read_dali_index` reads."""
+    lines = [" ".join(f"{_quote(ext)} {offset} {size} {_quote(name)}" for ext, offset, size, name in members)
+             for members in samples]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+
+
 def _image_and_label(entries, path: str, k: int):
     image = [e for e in entries if e[0].lower() in IMAGE_EXTS]
     cls = [e for e in entries if e[0] == "cls"]

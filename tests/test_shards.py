@@ -2,6 +2,7 @@
 ``shard.tar:member``, and `rmix data check` / `rmix bench data` on shards."""
 import collections
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +161,38 @@ def test_shards_from_other_tools_without_an_index_are_read(shards, tmp_path):
         got = batches(build_shard_loader(kind, out, "val", train=False, **KW))
         want = batches(build_shard_loader(kind, shards, "val", train=False, **KW))
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
+
+
+def test_dali_reads_index_less_shards_through_the_index_rmix_counted_them_with(shards, tmp_path, capfd, monkeypatch):
+    import gc
+    import shutil
+    import tempfile
+
+    from rmix.pipelines import dali
+    out = tmp_path / "plain"
+    out.mkdir()
+    for p in shards.glob("train-*.tar"):
+        shutil.copy(p, out / p.name)
+    shutil.copy(shards / "val-000000.tar", out)
+    seen = []
+    real = dali.shard_pipeline
+    monkeypatch.setattr(dali, "shard_pipeline", lambda paths, index_paths, **kw: (
+        seen.append([open(i).read() for i in index_paths or []]), real(paths, index_paths, **kw))[1])
+    capfd.readouterr()
+    before = set(Path(tempfile.gettempdir()).glob("rmix-wds-idx-*"))
+    loader = build_shard_loader("dali", out, "train", train=True, **KW)
+    (held,) = set(Path(tempfile.gettempdir()).glob("rmix-wds-idx-*")) - before
+    got = batches(loader, epoch=1)
+    want = batches(build_shard_loader("dali", shards, "train", train=True, **KW), epoch=1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want)) and len(got) == 3
+    # the indexes rmix wrote are the ones `rmix data prepare` wrote beside its shards, byte for byte
+    assert seen[0] == [(shards / p.name).with_suffix(".idx").read_text() for p in sorted(shards.glob("train-*.tar"))]
+    assert "Index file not provided" not in capfd.readouterr().err  # DALI inferred nothing, so said nothing
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shards.glob("*-00000?.tar")
+                                                           if p.name.startswith("train") or p.name == "val-000000.tar")
+    del loader
+    gc.collect()
+    assert not held.exists()  # the written indexes go with their loader
 
 
 def test_a_shard_dir_missing_a_split_is_one_line(shards, tmp_path):
