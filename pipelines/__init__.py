@@ -259,12 +259,26 @@ def pil_rgb(image):
     """
     import numpy as np
     from PIL import Image
+    if tiff_int32(image):
+        raise ValueError("32-bit integer TIFF samples: DALI's decoder does not read them, so neither loader does")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         v = np.asarray(image, dtype=np.float64)
         v = np.clip(v, 0, 1) * 255 if image.mode == "F" else np.clip(v, 0, 65535) / 257
         gray = np.floor(v + 0.5).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1), "RGB")
     return image.convert("RGB")
+
+
+def tiff_int32(image) -> bool:
+    """Whether a PIL image is a TIFF of 32-bit integer samples (BitsPerSample 32, SampleFormat not float)."""
+    if getattr(image, "format", None) != "TIFF":
+        return False
+    tags = image.tag_v2
+    return 32 in tuple(tags.get(258, ()) or ()) and 3 not in tuple(_as_tuple(tags.get(339, 1)))
+
+
+def _as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
 
 
 def open_rgb(fp):

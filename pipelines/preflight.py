@@ -54,12 +54,27 @@ def reason(data: bytes, decoder: str) -> str:
         return "not an image"
     if decoder == "dali" and fmt == "GIF":
         return "unsupported format (GIF)"
+    if fmt == "TIFF" and _tiff_int32(data):
+        return "unsupported TIFF: 32-bit integer samples"
     if fmt == "JPEG":
         if b"\xff\xda" not in data:  # no start-of-scan: headers only, no pixels
             return "header-only"
         if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
             return "truncated"
     return f"corrupt {fmt}"
+
+
+def _tiff_int32(data: bytes) -> bool:
+    import io
+
+    from PIL import Image
+
+    from rmix.pipelines import tiff_int32
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return tiff_int32(im)
+    except Exception:
+        return False
 
 
 def _child_quiet():

@@ -94,3 +94,18 @@ def test_high_bit_depth_images_decode_as_dali_decodes_them_on_every_path(tmp_pat
         got = torch.cat([x for x, _ in build_loader("torch", tmp_path, torch_decode=decode, **kw)])
         assert (got.float() - dali.float()).abs().max() <= 1, decode  # rounding of the resize only
         assert 100 < got.float().mean() < 155  # a gradient of all grey levels, neither white nor black
+
+
+def test_a_32_bit_integer_tiff_is_refused_by_both_decoders_and_named_as_such(tmp_path):
+    # DALI's decoder does not read 32-bit integer samples; PIL would clip them: neither loader takes it
+    import numpy as np
+    from PIL import Image
+
+    from rmix.pipelines import pil_decodes
+    from rmix.pipelines.preflight import _check_items
+    path = tmp_path / "int32.tif"
+    Image.fromarray((np.arange(24 * 24).reshape(24, 24) * 100).astype(np.int32), mode="I").save(path, "TIFF")
+    assert not pil_decodes(path.read_bytes())
+    for decoder in ("dali", "pil"):
+        ok, bad = _check_items([str(path)], lambda i: path.read_bytes(), decoder, 1)
+        assert (ok, bad) == (0, [(str(path), "unsupported TIFF: 32-bit integer samples")]), decoder
