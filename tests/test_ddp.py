@@ -152,6 +152,7 @@ def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
     assert ckpt["epoch"] == 2
     rngs = [r["policy"] for r in ckpt["rng_ranks"]]  # each rank's own RecursiveMix box stream, for the next resume
     assert len(rngs) == 2 and not torch.equal(*rngs)
+    assert torch.equal(ckpt["rng"]["policy"], rngs[0])  # "rng", as older checkpoints hold it, is rank 0's
     assert out.count("best val top-1") >= 1
 
 

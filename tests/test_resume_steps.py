@@ -71,15 +71,19 @@ def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch,
 
     monkeypatch.setattr(checkpoint, "save", save_then_cut)
     out = tmp_path / "cut"
+    start = time.perf_counter()
     r = run(tiny, out, "--loader", loader, "--save-every-steps", "1")
+    wall = time.perf_counter() - start
     assert isinstance(r.exception, Cut), r.output
     ckpt = checkpoint.read(out / "latest.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert 0 < ckpt["partial_ranks"][0]["seconds"] < wall  # the epoch's seconds so far, carried to its img/s
     history = ckpt["partial_ranks"][0]["policy"]["history"]
     assert history is not None and history.shape[0] == 8  # RecursiveMix's history travels along
     monkeypatch.setattr(checkpoint, "save", real)
     r = run(tiny, out, "--loader", loader, "--save-every-steps", "1", "--resume", "auto")
     assert r.exit_code == 0, r.output
+    assert "now holds" not in r.output  # the same data: no change to report
     assert checkpoint.read(out / "latest.pt")["step"] == 0  # the last save is the epoch end
     assert_same_run(out, reference[loader])
 

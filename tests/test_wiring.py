@@ -135,18 +135,22 @@ def test_the_epochs_learning_rate_is_the_schedules():
 
 # --- what the mutation run found untested in the engine's step and epoch ---
 
-def epoch_of(cfg, batches, **kw):
+def epoch_of(cfg, batches, hits=None, **kw):
+    """train_one_epoch over `batches`: (its sums, each step's loss); `hits`, a list, gets each step's
+    count of images whose largest logit is their largest target share, counted here."""
     torch.manual_seed(0)
     model = build(cfg.model, cfg.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     dtype = {"auto": None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]  # auto: fp32 on a CPU
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
     policy, _ = build_policies(cfg, torch.device("cpu"), dtype)
-    losses, real = [], engine.mix_loss
+    losses, real, hits = [], engine.mix_loss, [] if hits is None else hits
 
     def spy(*a, **kw):
         loss = real(*a, **kw)
         losses.append(loss.detach().double())
+        logits, soft = a[0].detach(), a[2]
+        hits.append(sum(int(logits[i].argmax() == soft[i].argmax()) for i in range(len(logits))))
         return loss
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "mix_loss", spy)
@@ -160,10 +164,11 @@ def test_the_epochs_sums_are_the_steps_losses_times_their_images_and_the_images_
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g),
                 torch.randint(0, 5, (n,), generator=g)) for n in (6, 6, 3)]  # a short last batch
-    sums, losses = epoch_of(cfg, batches)
+    hits = []
+    sums, losses = epoch_of(cfg, batches, hits)
     assert sums.shape == (3,) and sums[2].item() == 15  # images, not pixels or channels
     torch.testing.assert_close(sums[0], sum(loss * n for loss, n in zip(losses, (6, 6, 3))))
-    assert 0 <= sums[1].item() <= 15 and sums[1].item() == int(sums[1].item())
+    assert sums[1].item() == sum(hits) and 0 < sums[1].item() < 15  # train top-1's count, by hand
 
 
 def test_a_loader_shorter_than_its_length_ends_the_epoch_and_a_stepless_epoch_sums_to_nothing():
