@@ -1,5 +1,6 @@
 """Shard sets are never silently wrong (#31): one label reader for every path, prepared sets verified
 against their index.json and tars, any member name, and one-line errors naming the file."""
+import collections
 import hashlib
 import io
 import json
@@ -360,3 +361,74 @@ def test_a_val_split_lacking_a_numeric_class_counts_the_same_classes(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--epochs", "1"))
     assert r.exit_code == 0, r.output
+
+
+# what the mutation run of the shard readers found untested (#36) -------------------------------------
+
+def write_members(path, members):
+    """A tar of [(name, bytes or None for a directory)], in that order."""
+    with tarfile.open(path, "w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            if blob is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+
+def test_a_label_written_before_its_image_is_read_with_that_image(tmp_path):
+    # other writers may put .cls first: the one-read shortcut (a label just after its image) must not apply
+    root = tmp_path / "clsfirst"
+    root.mkdir()
+    for split in ("train", "val"):
+        write_members(root / f"{split}-000000.tar",
+                      [m for i in range(6) for m in ((f"k{i}.cls", b"%d" % (i % 3)), (f"k{i}.jpg", jpeg(i)))])
+    split = scan_shards(root, "train")
+    assert [split.read_with_label(i) for i in range(6)] == [(jpeg(i), i % 3) for i in range(6)]
+
+
+@pytest.mark.parametrize("where", ["first member", "last member"])
+def test_an_idx_naming_another_member_at_either_end_is_refused(copy, tmp_path, where):
+    # the headers of the first sample's first member and the last sample's last member are both checked
+    idx = copy / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    row = 1 if where == "first member" else len(lines) - 1
+    fields = lines[row].split()
+    k = 3 if where == "first member" else len(fields) - 1
+    fields[k] = fields[k].replace(".", "x.", 1)  # same size and offset, another name
+    lines[row] = " ".join(fields)
+    idx.write_text("\n".join(lines) + "\n")
+    refused(copy, tmp_path, str(idx), "does not match train-000001.tar")
+
+
+def test_directories_inside_and_after_an_index_less_shard_are_not_samples(tmp_path):
+    root = tmp_path / "dirs"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(6) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 3)))]
+        write_members(root / f"{split}-000000.tar", members[:4] + [("sub", None)] + members[4:] + [("extras", None)])
+    split = scan_shards(root, "train")
+    assert [s.member for s in split.samples] == [f"k{i}.jpg" for i in range(6)]
+    assert [s.label for s in split.samples] == [i % 3 for i in range(6)]
+
+
+def test_a_prepared_set_without_its_prepare_json_is_still_read(copy):
+    (copy / "prepare.json").unlink()  # index.json alone (its counts) still verifies the set
+    assert len(scan_shards(copy, "train").samples) == 24 and len(scan_shards(copy, "val").samples) == 12
+
+
+def test_dali_s_labels_are_read_once_per_sample(prepared, monkeypatch):
+    from rmix.pipelines import wds
+    from rmix.pipelines.dali import SampleLabels
+    split = scan_shards(prepared, "val", labels=False)
+    reads = collections.Counter()
+    real = wds.ShardSplit.label
+    monkeypatch.setattr(wds.ShardSplit, "label", lambda self, i: reads.update([i]) or real(self, i))
+    mapping = SampleLabels(split)
+    rows = [f"{prepared}/{split.shards[s.shard]}:{s.offset}:{s.member}".encode() for s in split.samples]
+    info = np.stack([np.frombuffer(r.ljust(200, b"\0"), dtype=np.uint8) for r in rows])
+    first, again = mapping(info), mapping(info)
+    assert torch.equal(first, again) and 0 in first.tolist()  # class 0 among them: a label of 0 is kept too
+    assert reads == collections.Counter(range(len(rows)))
