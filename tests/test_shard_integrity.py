@@ -17,7 +17,8 @@ from PIL import Image
 from rmix.cli import cli
 from rmix.pipelines import build_shard_loader
 from rmix.pipelines.prepare import prepare_folder
-from rmix.pipelines.wds import read_dali_index, read_label, scan_shards
+from rmix.pipelines.wds import index_shard as wds_index
+from rmix.pipelines.wds import read_dali_index, read_label, scan_shards, write_dali_index
 from test_reliability import train_args
 
 KW = dict(batch_size=4, crop_size=16, val_resize=20, num_threads=1, seed=3)
@@ -432,3 +433,16 @@ def test_dali_s_labels_are_read_once_per_sample(prepared, monkeypatch):
     first, again = mapping(info), mapping(info)
     assert torch.equal(first, again) and 0 in first.tolist()  # class 0 among them: a label of 0 is kept too
     assert reads == collections.Counter(range(len(rows)))
+
+
+def test_an_idx_shorter_than_its_tar_is_refused_when_its_last_member_fills_whole_blocks(tmp_path):
+    # the last listed member ends on a block boundary: the next member's header is right there
+    root = tmp_path / "aligned"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(4) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2) + b" " * 511))]
+        write_members(root / f"{split}-000000.tar", members)
+        entries = wds_index(root / f"{split}-000000.tar")
+        write_dali_index(entries[:3], str(root / f"{split}-000000.idx"))  # the last sample left out
+    assert entries[2][-1][2] % 512 == 0
+    refused(root, tmp_path, str(root / "train-000000.idx"), "holds more (k3.jpg at byte")

@@ -230,3 +230,12 @@ def test_the_default_rank_is_rank_zero_and_shared_boxes_share_one_stream():
     a, _ = build_policies(shared, torch.device("cpu"), None, rank=0)
     b, _ = build_policies(shared, torch.device("cpu"), None, rank=3)
     assert torch.equal(a.sample_boxes(4, 32, 32), b.sample_boxes(4, 32, 32))
+
+
+def test_to_cpu_moves_tensors_and_keeps_every_other_value():
+    # a policy's state dict: tensors (CUDA ones in a real run) beside plain values such as None
+    from rmix.engine import _to_cpu
+    state = {"history": torch.ones(2, 3), "prev_logits": None, "count": 3}
+    out = _to_cpu(state)
+    assert out.keys() == state.keys() and out["prev_logits"] is None and out["count"] == 3
+    assert torch.equal(out["history"], state["history"]) and out["history"].device.type == "cpu"
