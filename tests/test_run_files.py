@@ -350,3 +350,21 @@ def test_a_complete_run_resumed_into_a_new_out_names_its_own_directory_and_leave
     assert r.exit_code == 0, r.output
     assert f"{run} is complete: 1 of 1 epochs trained" in r.output and f"run directory: {run}\n" in r.output
     assert not new.exists() and snapshot(run) == before
+
+
+@pytest.mark.parametrize("saved", ["cuda state", "none"])
+def test_a_resume_restores_the_cuda_generator_only_from_a_saved_cuda_state(tiny, tmp_path, monkeypatch, saved):
+    # a GPU run's checkpoint restores CUDA's stream; a CPU run's (None) leaves a GPU's own alone
+    import torch
+
+    from rmix.engine import _resume
+    run, cfg, ckpt, model, optimizer, policy = resume_parts(tmp_path, tiny)
+    data = {"train_samples": 24, "classes": ckpt["data"]["classes"]}
+    state = torch.arange(16, dtype=torch.uint8)
+    ckpt["rng_ranks"][0]["cuda"] = state if saved == "cuda state" else None
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, *a, **kw: calls.append(s))
+    _resume(cfg, ckpt, run / "latest.pt", data, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), policy,
+            torch.device("cpu"))
+    assert [c is state for c in calls] == ([True] if saved == "cuda state" else [])

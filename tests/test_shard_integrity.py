@@ -446,3 +446,73 @@ def test_an_idx_shorter_than_its_tar_is_refused_when_its_last_member_fills_whole
         write_dali_index(entries[:3], str(root / f"{split}-000000.idx"))  # the last sample left out
     assert entries[2][-1][2] % 512 == 0
     refused(root, tmp_path, str(root / "train-000000.idx"), "holds more (k3.jpg at byte")
+
+
+@pytest.mark.parametrize("member,key,ext", [("a.jpg", "a", "jpg"), ("c/a.jpg", "c/a", "jpg"), ("c.d/a.b.jpg", "c.d/a", "b.jpg"),
+                                            ("c/abc", "c/abc", ""), ("c/.hidden", "c/", "hidden")])
+def test_a_key_ends_at_the_first_dot_of_the_base_name(member, key, ext):
+    from rmix.pipelines.wds import split_key
+    assert split_key(member) == (key, ext)
+
+
+def test_a_shard_cut_right_after_a_member_that_fills_whole_blocks_is_named_cut(tmp_path):
+    root = tmp_path / "cut"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2) + b" " * 511))]
+        write_members(root / f"{split}-000000.tar", members)
+    last = wds_index(root / "train-000000.tar")[-1][-1]
+    with open(root / "train-000000.tar", "r+b") as f:
+        f.truncate(last[1] + last[2])  # the tar ends where k2.cls does: no end-of-archive blocks
+    refused(root, tmp_path, "train-000000.tar: cut short or damaged after k2.cls (no end-of-archive blocks")
+
+
+def test_a_shard_that_is_not_an_uncompressed_tar_is_one_line(tmp_path):
+    import gzip
+    root = foreign(tmp_path / "gz", [(f"t{i}", b"%d" % (i % 2)) for i in range(4)], [("v0", b"0"), ("v1", b"1")])
+    data = (root / "train-000000.tar").read_bytes()
+    (root / "train-000000.tar").write_bytes(gzip.compress(data))  # a .tar.gz named .tar
+    refused(root, tmp_path, "train-000000.tar: not a readable uncompressed tar")
+
+
+def test_a_directory_after_the_last_sample_of_an_indexed_shard_is_not_more_samples(tmp_path):
+    root = tmp_path / "indexed"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(4) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        write_members(root / f"{split}-000000.tar", members + [("extras", None)])
+        write_dali_index(wds_index(root / f"{split}-000000.tar"), str(root / f"{split}-000000.idx"))
+    assert len(scan_shards(root, "train").samples) == 4
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+
+
+def test_an_idx_whose_count_disagrees_with_its_lines_names_both(copy, tmp_path):
+    idx = copy / "train-000000.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("v1.2 9\n" + "".join(line + "\n" for line in lines[1:]))
+    refused(copy, tmp_path, str(idx), f"says 9 samples, holds {len(lines) - 1}")
+
+
+def test_a_sample_without_its_label_names_its_members(tmp_path):
+    root = tmp_path / "nolabel"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        write_members(root / f"{split}-000000.tar", members + [("k3.jpg", jpeg(3)), ("k3.png", jpeg(4))])
+    refused(root, tmp_path, "train-000000.tar: sample 3 (k3.jpg, k3.png) needs one image")
+
+
+def test_a_shard_ending_in_one_zero_block_is_read(tmp_path):
+    # the end of an archive is zero blocks; one (a "lone zero block") still ends it
+    root = tmp_path / "lone"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        write_members(root / f"{split}-000000.tar", members)
+        last = wds_index(root / f"{split}-000000.tar")[-1][-1]
+        with open(root / f"{split}-000000.tar", "r+b") as f:
+            f.truncate(-(-(last[1] + last[2]) // 512) * 512 + 512)
+    assert len(scan_shards(root, "train").samples) == 3
+    r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
+    assert r.exit_code == 0, r.output

@@ -239,3 +239,30 @@ def test_to_cpu_moves_tensors_and_keeps_every_other_value():
     out = _to_cpu(state)
     assert out.keys() == state.keys() and out["prev_logits"] is None and out["count"] == 3
     assert torch.equal(out["history"], state["history"]) and out["history"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("bad", [["a/x.jpg"], []])
+def test_a_batch_that_cannot_decode_stops_the_epoch_naming_its_files(bad):
+    from rmix.guard import TrainingError
+    from rmix.pipelines import DecodeError
+
+    def batches():
+        yield torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8), torch.randint(0, 5, (4,))
+        raise DecodeError(1, 1, ["a/x.jpg", "b/y.jpg"], bad, "corrupt JPEG")
+    with pytest.raises(TrainingError) as e:
+        epoch_of(config(), list_like(batches(), 2))
+    which = "a/x.jpg" if bad else "one of 2 files"
+    assert str(e.value).startswith(f"cannot decode {which} at epoch 1, step 1 (corrupt JPEG)"), str(e.value)
+
+
+class list_like:
+    """An iterator with a length, as a loader is."""
+
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return self.it
+
+    def __len__(self):
+        return self.n
