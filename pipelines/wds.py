@@ -187,10 +187,12 @@ def read_dali_index(path: str) -> list[list[tuple[str, int, int, str]]]:
     if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
         raise ValueError(f"{path}: not a v1.2 WebDataset index (DALI's wds2idx format: 'v1.2 <samples>' first)")
     out = []
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()  # blank lines after the last sample, which DALI's reader takes too
     for n, line in enumerate(lines[1:], 2):
         p = line.split()
-        if not p:
-            continue
+        if not p:  # DALI's reader refuses one among the samples ("no extensions provided")
+            raise ValueError(f"{path}: line {n} is empty (DALI's reader refuses a blank line among the samples)")
         if len(p) % 4 or not all(p[j].isdigit() and p[j + 1].isdigit() for j in range(1, len(p), 4)):
             raise ValueError(f"{path}: malformed line {n} (expected 'ext offset size name' per member)")
         out.append([(unquote(p[j]), int(p[j + 1]), int(p[j + 2]), unquote(p[j + 3])) for j in range(0, len(p), 4)])

@@ -193,6 +193,7 @@ def test_a_shard_dropped_from_the_middle_of_an_idx_is_refused(copy, tmp_path):
     ("index.json", '{"format": "wds"}', "no train shard list"),
     ("train-000000.idx", "v1.2 5\njpg x 7 a.jpg cls 9 1 a.cls\n", "malformed line 2"),
     ("train-000000.idx", "v2 5\n", "not a v1.2 WebDataset index"),
+    ("train-000000.idx", "v1.2 2\njpg 512 7 a.jpg cls 1536 1 a.cls\n\njpg 2560 7 b.jpg cls 3584 1 b.cls\n", "line 3 is empty"),
     ("train-000000.idx", b"v1.2 1\n\xff\xfe\n", "cannot read"),
 ])
 def test_malformed_index_files_are_one_line_naming_the_file(copy, tmp_path, what, text, says):
@@ -409,7 +410,8 @@ def test_directories_inside_and_after_an_index_less_shard_are_not_samples(tmp_pa
     root.mkdir()
     for split in ("train", "val"):
         members = [m for i in range(6) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 3)))]
-        write_members(root / f"{split}-000000.tar", members[:4] + [("sub", None)] + members[4:] + [("extras", None)])
+        write_members(root / f"{split}-000000.tar", members[:4] + [("sub", None), ("sub/.DS_Store", b"x")] + members[4:]
+                      + [("extras", None)])
     split = scan_shards(root, "train")
     assert [s.member for s in split.samples] == [f"k{i}.jpg" for i in range(6)]
     assert [s.label for s in split.samples] == [i % 3 for i in range(6)]
@@ -449,7 +451,7 @@ def test_an_idx_shorter_than_its_tar_is_refused_when_its_last_member_fills_whole
 
 
 @pytest.mark.parametrize("member,key,ext", [("a.jpg", "a", "jpg"), ("c/a.jpg", "c/a", "jpg"), ("c.d/a.b.jpg", "c.d/a", "b.jpg"),
-                                            ("c/abc", "c/abc", ""), ("c/.hidden", "c/", "hidden")])
+                                            ("c/abc", "c/abc", ""), ("c/.hidden", "c/", "hidden"), (".hidden", "", "hidden")])
 def test_a_key_ends_at_the_first_dot_of_the_base_name(member, key, ext):
     from rmix.pipelines.wds import split_key
     assert split_key(member) == (key, ext)
@@ -475,12 +477,13 @@ def test_a_shard_that_is_not_an_uncompressed_tar_is_one_line(tmp_path):
     refused(root, tmp_path, "train-000000.tar: not a readable uncompressed tar")
 
 
-def test_a_directory_after_the_last_sample_of_an_indexed_shard_is_not_more_samples(tmp_path):
+@pytest.mark.parametrize("after", [("extras", None), ("sub/.DS_Store", b"x")], ids=["directory", "hidden file"])
+def test_what_is_not_a_sample_after_the_last_sample_of_an_indexed_shard_is_not_more_samples(tmp_path, after):
     root = tmp_path / "indexed"
     root.mkdir()
     for split in ("train", "val"):
         members = [m for i in range(4) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
-        write_members(root / f"{split}-000000.tar", members + [("extras", None)])
+        write_members(root / f"{split}-000000.tar", members + [after])
         write_dali_index(wds_index(root / f"{split}-000000.tar"), str(root / f"{split}-000000.idx"))
     assert len(scan_shards(root, "train").samples) == 4
     r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
@@ -494,13 +497,15 @@ def test_an_idx_whose_count_disagrees_with_its_lines_names_both(copy, tmp_path):
     refused(copy, tmp_path, str(idx), f"says 9 samples, holds {len(lines) - 1}")
 
 
-def test_a_sample_without_its_label_names_its_members(tmp_path):
+@pytest.mark.parametrize("last", [[("k3.jpg", 3), ("k3.png", 4)], [("k3.jpg", 3)]], ids=["two images", "no label"])
+def test_a_sample_without_one_image_and_one_label_names_its_members(tmp_path, last):
     root = tmp_path / "nolabel"
     root.mkdir()
     for split in ("train", "val"):
         members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
-        write_members(root / f"{split}-000000.tar", members + [("k3.jpg", jpeg(3)), ("k3.png", jpeg(4))])
-    refused(root, tmp_path, "train-000000.tar: sample 3 (k3.jpg, k3.png) needs one image")
+        write_members(root / f"{split}-000000.tar", members + [(name, jpeg(seed)) for name, seed in last])
+    names = ", ".join(name for name, _ in last)
+    refused(root, tmp_path, f"train-000000.tar: sample 3 ({names}) needs one image (.jpg/.jpeg/.png...) and one .cls")
 
 
 def test_a_shard_ending_in_one_zero_block_is_read(tmp_path):
@@ -516,3 +521,38 @@ def test_a_shard_ending_in_one_zero_block_is_read(tmp_path):
     assert len(scan_shards(root, "train").samples) == 3
     r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
     assert r.exit_code == 0, r.output
+
+
+def test_bytes_after_the_last_member_that_are_no_tar_header_are_named(tmp_path):
+    root = tmp_path / "junk"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        write_members(root / f"{split}-000000.tar", members)
+    last = wds_index(root / "train-000000.tar")[-1][-1]
+    end = -(-(last[1] + last[2]) // 512) * 512
+    with open(root / "train-000000.tar", "r+b") as f:
+        f.seek(end)
+        f.write(b"\xab" * 1024)  # where the end-of-archive zeros were
+    refused(root, tmp_path, f"train-000000.tar: cut short or damaged after k2.cls (the bytes from {end} on are not a tar "
+                            "member)")
+
+
+def test_an_idx_naming_another_last_member_of_three_per_sample_is_refused(tmp_path):
+    # samples of an image, a label and a .json: the last member checked is the .json, not the second
+    root = tmp_path / "three"
+    root.mkdir()
+    for split in ("train", "val"):
+        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)),
+                                                  (f"k{i}.json", b"{}"))]
+        write_members(root / f"{split}-000000.tar", members)
+        write_dali_index(wds_index(root / f"{split}-000000.tar"), str(root / f"{split}-000000.idx"))
+    idx = root / "train-000000.idx"
+    idx.write_text(idx.read_text().replace("k2.json", "k2xjson"))
+    refused(root, tmp_path, str(idx), "does not match train-000000.tar")
+
+
+def test_blank_lines_after_an_idx_s_last_sample_are_read_as_dali_reads_them(copy):
+    idx = copy / "train-000000.idx"
+    idx.write_text(idx.read_text() + "\n\n")
+    assert len(scan_shards(copy, "train").samples) == 24

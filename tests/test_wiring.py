@@ -266,3 +266,13 @@ class list_like:
 
     def __len__(self):
         return self.n
+
+
+@pytest.mark.parametrize("momentum,dampening,zeroed", [(0.9, 0.0, True), (0.9, 0.5, False), (0.0, 0.0, False)])
+def test_momentum_buffers_are_zeroed_only_where_the_first_step_would_equal_a_zero_buffer(momentum, dampening, zeroed):
+    # with dampening the first step is buf = grad, not momentum * 0 + (1 - dampening) * grad; without momentum no buffer
+    from rmix.engine import init_momentum
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=momentum, dampening=dampening)
+    init_momentum(opt)
+    assert ("momentum_buffer" in opt.state[w]) == zeroed
