@@ -192,6 +192,7 @@ def test_a_shard_dropped_from_the_middle_of_an_idx_is_refused(copy, tmp_path):
     ("index.json", "[1, 2]", "expected a JSON object"),
     ("index.json", '{"format": "wds"}', "no train shard list"),
     ("train-000000.idx", "v1.2 5\njpg x 7 a.jpg cls 9 1 a.cls\n", "malformed line 2"),
+    ("train-000000.idx", "v1.2 5\njpg 512 x a.jpg cls 9 1 a.cls\n", "malformed line 2"),
     ("train-000000.idx", "v2 5\n", "not a v1.2 WebDataset index"),
     ("train-000000.idx", "v1.2 2\njpg 512 7 a.jpg cls 1536 1 a.cls\n\njpg 2560 7 b.jpg cls 3584 1 b.cls\n", "line 3 is empty"),
     ("train-000000.idx", b"v1.2 1\n\xff\xfe\n", "cannot read"),
@@ -359,6 +360,7 @@ def test_a_val_split_lacking_a_numeric_class_counts_the_same_classes(tmp_path):
     # index-less shards: the classes are 0..the largest label of train and val together, in both splits
     root = foreign(tmp_path / "f", [(f"t{i}", b"%d" % (i % 3)) for i in range(9)],
                    [(f"v{i}", b"%d" % (i % 2)) for i in range(4)])
+    assert scan_shards(root, "train").classes == scan_shards(root, "val").classes == ["0", "1", "2"]
     r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--epochs", "1"))
@@ -556,3 +558,13 @@ def test_blank_lines_after_an_idx_s_last_sample_are_read_as_dali_reads_them(copy
     idx = copy / "train-000000.idx"
     idx.write_text(idx.read_text() + "\n\n")
     assert len(scan_shards(copy, "train").samples) == 24
+
+
+@pytest.mark.parametrize("row", ["{root}/val-000000.tar:7:nothing.jpg", "{root}/val-000009.tar:512:k.jpg",
+                                 "/elsewhere/val-000000.tar:512:k.jpg"])
+def test_a_sample_dali_names_that_rmix_did_not_index_is_an_error(prepared, row):
+    from rmix.pipelines.dali import SampleLabels
+    text = row.format(root=prepared).encode()
+    info = np.frombuffer(text.ljust(200, b"\0"), dtype=np.uint8)[None]
+    with pytest.raises(RuntimeError, match="DALI read a sample rmix did not index"):
+        SampleLabels(scan_shards(prepared, "val", labels=False))(info)
