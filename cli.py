@@ -212,7 +212,10 @@ def load_config_file(path, base=None, keys=None) -> C.TrainConfig:
                 import yaml
             except ImportError:
                 raise ValueError(f"--config: {p} is YAML; install PyYAML or use .toml/.json") from None
-            d = yaml.safe_load(text) or {}
+            try:
+                d = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:  # PyYAML's errors are not ValueErrors; its message spans lines
+                raise ValueError(f"--config: {p} is not valid yaml: {' '.join(str(e).split())}") from None
         else:
             d = json.loads(text)
     except ValueError as e:
@@ -300,14 +303,19 @@ def train(preset, config_file, allow_changes, **opts):
     from rmix.presets import preset as get_preset
     base = get_preset(preset) if preset else None
     given = set(PRESETS[preset][1]) if preset else set()
+    filed = set()  # the fields a --config file sets
     if config_file:
-        base = load_config_file(config_file, base, keys=given)
+        base = load_config_file(config_file, base, keys=filed)
     cfg = config_from_options(opts, base)
     typed = {k.replace("__", ".") for k, v in opts.items() if v is not None}
-    C.refuse_unused(cfg, typed)
-    given |= typed
+    # a config file's settings are the user's too, where they differ from the defaults (a saved
+    # config.json lists every field, most at their defaults)
+    C.refuse_unused(cfg, typed | {k for k in filed if C.get(cfg, k) != C.get(C.TrainConfig(), k)})
+    given |= filed | typed
     types = C.field_types()
     allow = {_allowed_field(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
+    if allow and not opts.get("resume"):
+        raise ValueError("--allow-changes: only a --resume compares settings with a saved run's; drop it")
     result = run(cfg, given=given, allow_changes=allow)
     stopped = result.get("preempted")
     if stopped and result.get("rank", 0) == 0:  # SIGTERM/SIGUSR1: saved where it stopped, exit 0

@@ -193,16 +193,25 @@ ONLY_FOR = {  # settings one choice uses: given on the command line with another
 }
 
 
-def refuse_unused(cfg: TrainConfig, given: set) -> None:
-    """ValueError for an option given on the command line that this run's choices do not use.
+def get(cfg: TrainConfig, field: str):
+    """The value of a dotted field (`optim.lr`, `epochs`)."""
+    for part in field.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
-    Only what the user typed: a preset's or a config file's values stay (a preset for RM run with
-    --aug cutmix keeps its omega, unused). validate() refuses the values that differ from the defaults.
+
+def refuse_unused(cfg: TrainConfig, given: set) -> None:
+    """ValueError for a setting the user gave that this run's choices do not use.
+
+    `given`: what was typed, and what a --config file sets to other than the default; a preset's
+    values stay (a preset for RM run with --aug cutmix keeps its omega, unused).
     """
     for key, (option, chooser, flag, needed) in ONLY_FOR.items():
-        chosen = getattr(getattr(cfg, chooser.split(".")[0]), chooser.split(".")[1])
+        chosen = get(cfg, chooser)
         if key in given and chosen != needed:
             raise ValueError(f"{option}: only {flag} {needed} uses it (this run's is {chosen}); drop it")
+    if "mix.smoothing_form" in given and cfg.mix.smoothing == 0:
+        raise ValueError("--smoothing-form: only label smoothing uses it (--smoothing is 0); drop it or set --smoothing")
     late = late_milestones(cfg)
     if "optim.milestones" in given and late:
         raise ValueError(f"--milestones: {','.join(map(str, late))} at or after the last epoch (--epochs {cfg.epochs}) "

@@ -149,3 +149,39 @@ def test_allow_changes_names_a_bogus_field(tmp_path):
     line = refused(rmix("train", "--out", tmp_path / "r", "--allow-changes", "epoch"), "--allow-changes: 'epoch'")
     assert "epochs" in line
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text", ["optim:\n  lr: [1\n", ": : :\n", "!!python/object/apply:os.system ['true']\n"])
+def test_a_yaml_config_that_does_not_parse_is_one_line(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    refused(rmix("train", "--config", f), f"--config: {f} is not valid yaml: ")
+
+
+def test_allow_changes_without_a_resume_is_refused(tmp_path):
+    refused(rmix("train", "--out", tmp_path / "r", "--allow-changes", "lr"), "--allow-changes: only a --resume")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text,option", [('{"mix": {"policy": "cutmix", "omega": 0.7}}', "--aug-omega"),
+                                         ('{"mix": {"smoothing_form": "uniform"}}', "--smoothing-form")])
+def test_a_config_files_setting_the_run_would_not_use_is_refused(tmp_path, text, option):
+    f = tmp_path / "c.json"
+    f.write_text(text)
+    refused(rmix("train", "--config", f, "--out", tmp_path / "r"), f"{option}: only")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_saved_config_json_with_every_field_is_not_refused_for_its_defaults(tmp_path):
+    # config.json of a CutMix run lists omega at its default: not the user's setting
+    import json
+
+    from rmix import config as C
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(C.to_dict(C.replace(C.TrainConfig(), **{"mix.policy": "cutmix"}))))
+    r = rmix("train", "--config", f, "--data-dir", tmp_path / "none", "--out", tmp_path / "r")
+    assert "--aug-omega" not in r.output and "--data-dir" in r.output, r.output
+
+
+def test_smoothing_form_without_smoothing_is_refused(tmp_path):
+    refused(rmix("train", "--smoothing-form", "uniform", "--out", tmp_path / "r"), "--smoothing-form: only label")
