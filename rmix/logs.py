@@ -61,6 +61,10 @@ def metrics_rows(path: Path) -> list[str]:
         if not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
             raise ValueError(f"--resume: {path}, line {k + 1}, is not a metrics row ({line[:60]!r}); "
                              "remove or repair it")
+        if rows and row["epoch"] <= last:  # one row an epoch, in order: a repeated or moved row is no run's
+            raise ValueError(f"--resume: {path}, line {k + 1}, is epoch {row['epoch']} after epoch {last}; "
+                             "each epoch has one row, in order: remove or repair it")
+        last = row["epoch"]
         rows.append(line)
     return rows
 

@@ -213,6 +213,17 @@ def test_the_kind_of_data_detected_is_said_once(tiny, tmp_path):
     assert "read as" not in r.output  # named, not detected
 
 
+def test_a_metrics_row_repeated_or_out_of_order_stops_the_resume_before_anything_is_written(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "2").exit_code == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([*lines, lines[0]]) + "\n")  # epoch 1's row again, after 2
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "3", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 2 and "metrics.jsonl, line 3, is epoch 1 after epoch 2" in r.output, r.output
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("bad", ["[1, 2, 3]", '{"foo": 1}', "null", "3", '{"epoch": "2"}', "not json"])
 @pytest.mark.parametrize("where", ["middle", "last"])
 def test_a_metrics_line_that_is_not_a_row_stops_the_resume_before_anything_is_written(tiny, tmp_path, bad, where):
