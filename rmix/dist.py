@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
     world = env_int(os.environ, "WORLD_SIZE", 1, low=1)
     if "WORLD_SIZE" not in os.environ and env_int(os.environ, "RANK", 0, low=0) > 0:
         raise ValueError(f"RANK={os.environ['RANK']} but WORLD_SIZE is not set: launch with torchrun, or set both")
+    if "WORLD_SIZE" in os.environ and env_int(os.environ, "RANK", 0, low=0) >= world:
+        raise ValueError(f"RANK={os.environ['RANK']}: must be below WORLD_SIZE={world}")
     if world <= 1:
         return Dist()
     rank = env_int(os.environ, "RANK", None, low=0)
@@ -73,14 +76,16 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
             except (socket.gaierror, UnicodeError):
                 raise ValueError(f"MASTER_ADDR={os.environ['MASTER_ADDR']}: no such host (cannot resolve it)") \
                     from None
-        store = _attempt_store(timeout)
-        where = dict(store=store, rank=rank, world_size=world) if store else {}
-        if device_type == "cuda":
-            where["device_id"] = torch.device("cuda", local)  # NCCL's barrier then knows its device
         at = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        with _said_while_waiting(f"rank {rank}: waiting for the other {world - 1} process(es) of the job at {at} "
-                                 f"(up to --dist-timeout {timeout_s:g} s)", after=min(WAIT_SAY_S, timeout_s / 2)):
+        with _stderr_held() as visible, \
+                _said_while_waiting(f"rank {rank}: waiting for the other {world - 1} process(es) of the job at {at} "
+                                    f"(up to --dist-timeout {timeout_s:g} s)", after=min(WAIT_SAY_S, timeout_s / 2),
+                                    stream=visible):
             try:
+                store = _attempt_store(timeout)
+                where = dict(store=store, rank=rank, world_size=world) if store else {}
+                if device_type == "cuda":
+                    where["device_id"] = torch.device("cuda", local)  # NCCL's barrier then knows its device
                 if rank > 0 and store is None:
                     _wait_for_master(rank, world, at, timeout_s)
                 dist.init_process_group(backend, timeout=timeout, **where)
@@ -126,10 +131,35 @@ WAIT_SAY_S = 15.0  # a rendezvous longer than this is said, once: the job waits,
 
 
 @contextlib.contextmanager
-def _said_while_waiting(line, after=None):
-    """Print `line` once (stderr) if the block is still running `after` seconds on; silent otherwise."""
-    timer = threading.Timer(WAIT_SAY_S if after is None else after, lambda: print(f"rmix: {line}", file=sys.stderr,
-                                                                                   flush=True))
+def _stderr_held():
+    """The block's stderr (fd 2: torch's C++ store logs a backtrace of some 60 frames for a peer that is
+    no store) kept aside: written out if the block succeeds, dropped if it raises, whose one line says
+    what failed. Yields a stream to the terminal's stderr for what must show meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    visible = os.fdopen(os.dup(saved), "w")
+    ok = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield visible
+            ok = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            visible.close()
+            held.seek(0)
+            data = held.read()
+            if ok and data:
+                os.write(2, data)
+
+
+@contextlib.contextmanager
+def _said_while_waiting(line, after=None, stream=None):
+    """Print `line` once (stderr, or `stream`) if the block is still running `after` seconds on; silent otherwise."""
+    timer = threading.Timer(WAIT_SAY_S if after is None else after,
+                            lambda: print(f"rmix: {line}", file=stream or sys.stderr, flush=True))
     timer.daemon = True
     timer.start()
     try:
@@ -185,7 +215,8 @@ def first_host(nodelist: str, variable: str = "SLURM_JOB_NODELIST") -> str:
     nodelist = nodelist.strip()
     first = re.match(r"([^,\[\]]*(?:\[[^\]]*\][^,\[\]]*)*)", nodelist).group(1)  # up to a top-level comma
     host = re.sub(r"\[([^],-]+)[^]]*\]", r"\1", first)  # each bracket: its first number, padding kept
-    if not host or "[" in host or "]" in host or nodelist[len(first):][:1] not in ("", ","):
+    if not host or "[" in host or "]" in host or nodelist[len(first):][:1] not in ("", ",") \
+            or first.startswith("[") or host.isdigit():  # a range with no name, or a bare number: no host
         raise ValueError(f"{variable}: cannot read a host from {nodelist!r}")
     return host
 
