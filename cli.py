@@ -21,9 +21,11 @@ def _sorted(e: Exception):
     """(exit code, one line) for an error a user can act on, or None for a bug (its traceback shows)."""
     from rmix.checkpoint import CheckpointError, SaveError
     from rmix.guard import TrainingError
-    from rmix.pipelines import MissingPackage
+    from rmix.pipelines import DecodeError, MissingPackage
     if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, MissingPackage)):
         return 2, f"Error: {e}"
+    if isinstance(e, DecodeError):  # outside training (show, bench, eval): the files, and where to look
+        return 1, f"Error: {e}; `rmix data check` names every file that does not decode"
     if isinstance(e, (TrainingError, SaveError)):
         return 1, f"Error: {e}"
     if isinstance(e, RuntimeError) and _lost_peer(e):

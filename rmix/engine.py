@@ -379,7 +379,7 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
     if dataset in ARRAY_SETS:
         _array_settings(cfg, root, dataset)
     if cfg.data.preflight and dataset not in ARRAY_SETS:
-        _preflight(cfg, root, dataset, d)
+        preflight(cfg, root, dataset, d)
     train_loader, val_loader = make_loaders(cfg, root, dataset, device, d.rank, d.world_size)
     try:
         return _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, dataset, preempt,
@@ -570,7 +570,7 @@ def _to_cpu(state):
     return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def _preflight(cfg, root, dataset, d):
+def preflight(cfg, root, dataset, d):
     """Refuse to start on unreadable images (rank 0 decodes, cached; every rank learns the verdict)."""
     from rmix.pipelines.preflight import check, summary
     result = None

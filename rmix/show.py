@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from rmix import config as C
-from rmix.data import make_loader, resolve_data
+from rmix.data import ARRAY_SETS, make_loader, resolve_data
 from rmix.mixing import build_policy
 
 GAP = 4        # pixels between and around the cells
@@ -46,6 +46,10 @@ def mixed_batches(cfg: C.TrainConfig, steps: int):
     device = torch.device("cpu")
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
     cfg = C.with_dataset_stats(cfg, dataset)
+    if dataset not in ARRAY_SETS:  # as train does (cached): DALI has died of SIGSEGV on batches of bad files
+        from rmix import dist
+        from rmix.engine import preflight
+        preflight(cfg, root, dataset, dist.Dist())
     loader = make_loader(cfg, root, dataset, device, train=True)
     if len(loader) == 0:
         raise ValueError(f"--batch: {cfg.batch_size} is more than the {root} train split holds")

@@ -235,3 +235,11 @@ def test_a_presets_milestones_cut_short_by_epochs_are_said(tiny, tmp_path):
                                  "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     assert r.output.count("milestones 150,225: 150,225 at or after the last epoch (1) never change the lr") == 1, r.output
+
+
+def test_a_decode_error_outside_training_is_one_line_naming_the_check():
+    from rmix.cli import _sorted
+    from rmix.pipelines import DecodeError
+    code, line = _sorted(DecodeError(0, 2, ["a/x.jpg", "b/y.jpg"], ["a/x.jpg"], "corrupt JPEG"))
+    assert code == 1 and line.startswith("Error: cannot decode a/x.jpg (corrupt JPEG)") and "\n" not in line
+    assert line.endswith("`rmix data check` names every file that does not decode")

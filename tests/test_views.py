@@ -20,9 +20,9 @@ def run(args):
     return CliRunner().invoke(cli, args, catch_exceptions=False)
 
 
-def one_line_error(r):
+def one_line_error(r, code=2):
     lines = r.output.strip().splitlines()
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == code, r.output
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
     return lines[0]
 
@@ -197,3 +197,15 @@ def test_progress_without_a_terminal_writes_plain_lines():
     assert [line.split(" img/s")[0] for line in lines[:3]] == [
         "epoch 1/1 step 2/5", "epoch 1/1 step 4/5", "epoch 1/1 step 5/5"]
     assert "loss 1.500" in lines[0] and "lr 0.1" in lines[0] and lines[-1] == "epoch 1: done"
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_show_on_a_file_that_does_not_decode_is_one_line(tiny, tmp_path, loader):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    for p in sorted((data / "train").glob("*/*"))[:3]:
+        p.write_bytes(b"GIF89a" + b"\0" * 64)  # not what its .jpg says
+    line = one_line_error(run(["show", "--data-dir", str(data), "--loader", loader, "--batch", "32", "--steps", "1",
+                               "--out", str(tmp_path / "s.png")]))
+    assert "3 unreadable image file(s)" in line and "rmix data check" in line  # checked first, as train does
