@@ -437,6 +437,9 @@ def _train_with(cfg, d, device, run_dir, show, ckpt, path, changes, root, datase
         Progress.line(f"run directory: {run_dir}")
         if ckpt is not None:
             _say_what_the_resume_lacks(run_dir, path, ckpt)
+            edited = resume.config_json_differs(run_dir, to_dict(cfg), path)  # changes.jsonl has this one
+            if edited:  # settings edited (or damaged) by hand since: the checkpoint's are the run's
+                Progress.line(edited)
         if cfg.amp == "auto" and device.type == "cuda":
             Progress.line("--amp auto: {} ({})".format(*auto_amp(device)))
         if why:

@@ -50,7 +50,7 @@ def metrics_rows(path: Path) -> list[str]:
     if not path.is_file():
         return []
     lines = path.read_text().splitlines()
-    rows = []
+    rows, last = [], None
     for k, line in enumerate(lines):
         try:
             row = json.loads(line)
@@ -61,7 +61,7 @@ def metrics_rows(path: Path) -> list[str]:
         if not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
             raise ValueError(f"--resume: {path}, line {k + 1}, is not a metrics row ({line[:60]!r}); "
                              "remove or repair it")
-        if rows and row["epoch"] <= last:  # one row an epoch, in order: a repeated or moved row is no run's
+        if last is not None and row["epoch"] <= last:  # one row an epoch, in order: a repeated or moved row is no run's
             raise ValueError(f"--resume: {path}, line {k + 1}, is epoch {row['epoch']} after epoch {last}; "
                              "each epoch has one row, in order: remove or repair it")
         last = row["epoch"]

@@ -17,10 +17,7 @@ RUNTIME = ("out", "resume", "device", "compile", "deterministic", "log_every", "
 NEVER = ("model", "num_classes", "mix.policy", "mix.share_fc", "optim.optimizer", "data.dataset")
 
 
-def get(cfg, key):
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+get = C.get
 
 
 def merge(cfg, saved, path, *, given=None, allow=()):
@@ -64,3 +61,26 @@ def record(run_dir: Path, epoch: int, step: int, changes: dict):
     if changes:
         with open(Path(run_dir) / "changes.jsonl", "a") as f:
             f.write(json.dumps({"from_epoch": epoch, "step": step, "changes": changes}) + "\n")
+
+
+def config_json_differs(run_dir: Path, saved: dict, path) -> str | None:
+    """A line saying how RUN/config.json (with changes.jsonl's changes applied) differs from the
+    settings `saved` in checkpoint `path`, which the run goes on with; None where they agree."""
+    config = Path(run_dir) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        cfg = C.from_dict(json.loads(config.read_text()))
+        log = Path(run_dir) / "changes.jsonl"
+        for line in (log.read_text().splitlines() if log.is_file() else []):
+            cfg = C.replace(cfg, **{k: now for k, (_, now) in json.loads(line)["changes"].items()})
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        why = " ".join(str(e).split())[:120]
+        return (f"{config}: not this run's settings as rmix wrote them ({why}); the run goes on with {path}'s, "
+                "and config.json stays as it is")
+    ckpt = C.from_dict(saved)
+    for key in sorted(C.field_types()):
+        if key not in RUNTIME and get(cfg, key) != get(ckpt, key):
+            return (f"{config}: {key} is {get(cfg, key)!r} there, {get(ckpt, key)!r} in {path}; the run goes on "
+                    "with the checkpoint's, and config.json stays as it is")
+    return None

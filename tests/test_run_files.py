@@ -379,3 +379,27 @@ def test_a_resume_restores_the_cuda_generator_only_from_a_saved_cuda_state(tiny,
     _resume(cfg, ckpt, run / "latest.pt", data, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), policy,
             torch.device("cpu"))
     assert [c is state for c in calls] == ([True] if saved == "cuda state" else [])
+
+
+@pytest.mark.parametrize("edit", ["lr", "garbage"])
+def test_a_config_json_edited_since_is_named_at_resume_and_left_as_it_is(tiny, tmp_path, edit):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    config = run / "config.json"
+    text = config.read_text().replace('"lr": 0.1', '"lr": 0.05') if edit == "lr" else "{"
+    assert text != config.read_text()
+    config.write_text(text)
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if line.startswith(f"{config}:")]
+    want = "optim.lr is 0.05 there, 0.1 in" if edit == "lr" else "not this run's settings as rmix wrote them"
+    assert len(said) == 1 and want in said[0], r.output
+    assert config.read_text() == text
+
+
+def test_a_resume_with_a_recorded_change_does_not_call_config_json_edited(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    assert train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs").exit_code == 0
+    r = train(tiny, run, "--epochs", "3", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 0 and "config.json:" not in r.output, r.output
