@@ -154,14 +154,22 @@ def check_shard_split(root, split, decoder="dali", threads=2):
     The set is verified first (`scan_shards`), and each label is read with its image by the
     loaders' one reader: a bad one is a ValueError naming its member.
     """
-    from rmix.pipelines.wds import INDEX, dali_readable, scan_shards
+    from rmix.pipelines.wds import INDEX, check_per_class, dali_readable, scan_shards
     shards = scan_shards(root, split, labels=False)
     if decoder == "dali":
         dali_readable(shards)  # the check decodes as training will read
     names = [shards.name(i) for i in range(len(shards.samples))]
     counts = {"samples": len(names), "shards": len(shards.shards),
               "verified": os.path.isfile(os.path.join(shards.root, INDEX))}  # else counted from the shards
-    return (*_check_items(names, lambda i: shards.read_with_label(i)[0], decoder, threads), shards.classes, counts)
+    labels = []
+
+    def read(i):
+        data, label = shards.read_with_label(i)
+        labels.append(label)
+        return data
+    result = _check_items(names, read, decoder, threads)
+    check_per_class(shards.root, split, labels)  # every label was read with its image
+    return (*result, shards.classes, counts)
 
 
 def _check_items(paths, read, decoder, threads):

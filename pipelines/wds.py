@@ -395,6 +395,26 @@ def _split_labels_of(root: str, split: str, stamp: tuple) -> dict:
     return labels
 
 
+def check_per_class(root: str, split: str, labels, meta: dict | None = None) -> None:
+    """ValueError where a prepared set's index.json counts other samples per class than `labels` (every
+    label of the split, in any order) holds: a .cls rewritten since `rmix data prepare` (same size, so
+    its .idx still fits). A set without index.json, or an index without per_class, has nothing to check."""
+    meta = meta if meta is not None else (_read_json(os.path.join(root, INDEX))
+                                          if os.path.isfile(os.path.join(root, INDEX)) else {})
+    want = (meta.get("per_class") or {}).get(split) if isinstance(meta.get("per_class"), dict) else None
+    if not isinstance(want, list):
+        return
+    got = [0] * len(want)
+    for label in labels:
+        if 0 <= label < len(got):
+            got[label] += 1
+    if got != want:
+        k = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        raise ValueError(f"{os.path.join(root, INDEX)}: records {want[k]} {split} samples of class {k} "
+                         f"({meta.get('classes', [k] * (k + 1))[k]}), the shards' labels give {got[k]}: a .cls "
+                         "changed since `rmix data prepare`; prepare the set again")
+
+
 def _no_label_gaps(root: str, split: str, shards: list, samples: list) -> int:
     """Without index.json the classes are 0..the largest label of train and val together (the number
     returned): ValueError where they leave some of them without a sample (a typo such as 1000 for
@@ -456,6 +476,8 @@ def scan_shards(root, split: str, labels: bool = True) -> ShardSplit:
     if meta and len(samples) != meta["counts"][split]:
         raise ValueError(f"{root}: {INDEX} records {meta['counts'][split]} {split} samples, "
                          f"the shards hold {len(samples)}")
+    if meta and labels:
+        check_per_class(root, split, [s.label for s in samples], meta)
     top = max((s.label for s in samples), default=-1)
     if not meta:  # the classes are counted from the labels: a gap is a typo, not a thousand empty classes
         top = _no_label_gaps(root, split, shards, samples)

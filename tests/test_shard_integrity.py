@@ -568,3 +568,20 @@ def test_a_sample_dali_names_that_rmix_did_not_index_is_an_error(prepared, row):
     info = np.frombuffer(text.ljust(200, b"\0"), dtype=np.uint8)[None]
     with pytest.raises(RuntimeError, match="DALI read a sample rmix did not index"):
         SampleLabels(scan_shards(prepared, "val", labels=False))(info)
+
+
+def test_a_prepared_set_whose_labels_were_rewritten_is_refused(copy, tmp_path):
+    # every .cls of one shard rewritten to 0, same sizes: its .idx still fits, index.json's per-class counts do not
+    tar = copy / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    for sample in read_dali_index(str(copy / "train-000001.idx")):
+        _, off, size, _ = [m for m in sample if m[0] == "cls"][0]
+        data[off:off + size] = b"0".ljust(size)
+    tar.write_bytes(bytes(data))
+    # where every label is read: the check (and so the preflight) and scan_shards(labels=True); the
+    # loaders read labels as their samples come, so --no-preflight trains on what the labels say
+    one_error(CliRunner().invoke(cli, ["data", "check", str(copy), "--threads", "1"]), "train samples of class")
+    r = CliRunner().invoke(cli, train_args(copy, tmp_path / "run", "--epochs", "1"))
+    one_error(r, f"{copy / 'index.json'}: records", "a .cls changed since `rmix data prepare`")
+    with pytest.raises(ValueError, match="a .cls changed since"):
+        scan_shards(copy, "train", labels=True)
