@@ -15,8 +15,14 @@ import torch.nn.functional as F
 MODES = ("nearest", "bilinear")
 
 
-def check_inputs(images, history, targets, history_targets, boxes, mode, num_classes, mean, std):
-    """Validate shapes and dtypes; return (N, C, H, W, K, channels_last_input)."""
+def check_inputs(images, history, targets, history_targets, boxes, mode, num_classes, mean, std,
+                 check_values=True):
+    """Validate shapes and dtypes; return (N, C, H, W, K, channels_last_input).
+
+    With `check_values`, also the values of the CPU tensors among targets, history_targets and a
+    tensor std (a device tensor's values are never read: that would make the host wait for it).
+    The policies pass False: they check their labels and std themselves, once.
+    """
     if images.dim() != 4:
         raise ValueError(f"images: expected a batched input with 4 dims, but got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
@@ -46,12 +52,15 @@ def check_inputs(images, history, targets, history_targets, boxes, mode, num_cla
         raise ValueError(f"targets: expected (N,) or (N, K), got {tuple(targets.shape)}")
     if targets.shape[0] != n:
         raise ValueError(f"targets: expected {n} rows, got {targets.shape[0]}")
+    check_labels(targets, k, "targets", values=check_values)
     if history is not None:
         if history.dim() != 4 or history.shape[0] < n or history.shape[1] != c:
             raise ValueError(f"history: expected (M >= {n}, {c}, h, w), got {tuple(history.shape)}")
-        if history_targets is None or history_targets.shape[0] < n or history_targets.shape[1] != k:
+        if (history_targets is None or history_targets.dim() != 2 or history_targets.shape[0] < n
+                or history_targets.shape[1] != k):
             got = None if history_targets is None else tuple(history_targets.shape)
             raise ValueError(f"history_targets: expected (M >= {n}, {k}), got {got}")
+        check_labels(history_targets[:n], k, "history_targets", values=check_values)
         if boxes is None or tuple(boxes.shape) != (n, 4):
             raise ValueError(f"boxes: expected ({n}, 4), got {None if boxes is None else tuple(boxes.shape)}")
     for name, v in (("mean", mean), ("std", std)):
@@ -59,9 +68,57 @@ def check_inputs(images, history, targets, history_targets, boxes, mode, num_cla
             layout = "uint8 (N, H, W, C)" if nhwc else "float (N, C, H, W)"
             raise ValueError(f"images: read as {layout}, {tuple(images.shape)} has {c} channels but {name} has "
                              f"{len(v)} values; uint8 batches are (N, H, W, C), float ones (N, C, H, W)")
-    if std is not None and not hasattr(std, "device") and not all(float(s) > 0 for s in std):
-        raise ValueError(f"std: must be positive (it divides every pixel), got {std}")  # host values: no sync
+    if std is not None and not _positive(std, check_values):
+        raise ValueError(f"std: must be positive (it divides every pixel), got {std}")
     return n, c, h, w, k, nhwc
+
+
+def _positive(std, check_values):
+    """False where std has a value <= 0 (or NaN) that can be read without a sync: host numbers always,
+    a CPU tensor with check_values; a device tensor's values are not read."""
+    if isinstance(std, torch.Tensor):
+        if std.device.type != "cpu" or not check_values:
+            return True
+        return bool((std.double() > 0).all())
+    return all(float(s) > 0 for s in std)  # host values: no sync
+
+
+def check_labels(targets, k, name="targets", values=True):
+    """ValueError unless `targets` are integer class indices (N,) in [0, k) or probabilities (N, k)
+    (floats >= 0, each row summing to 1 within 1e-3); the message starts with `name`.
+
+    dtype and shape always; values only where `values` is set and the tensor is on the CPU, where
+    reading them costs no host-device sync. rmix.mixing.check_targets is this for the policies.
+    """
+    if targets.dim() == 1:
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(f"{name}: class indices must be integers, got {targets.dtype} "
+                             f"(probabilities go as (N, {k}))")
+        if values and targets.device.type == "cpu" and targets.numel():
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"{name}: class indices must be in [0, {k}), got {lo if lo < 0 else hi}")
+    elif targets.dim() == 2 and targets.shape[1] == k:
+        if not targets.is_floating_point():
+            raise ValueError(f"{name}: probabilities (N, {k}) must be floats, got {targets.dtype}")
+        if values and targets.device.type == "cpu" and targets.numel():
+            sums = targets.double().sum(1)
+            lo = targets.min().item()
+            if not (lo >= 0 and bool(((sums - 1).abs() <= 1e-3).all())):  # NaN fails both
+                raise ValueError(f"{name}: probabilities (N, {k}) must be >= 0 with rows summing to 1, got a "
+                                 f"minimum of {lo:.4g} and row sums from {sums.min().item():.4g} to "
+                                 f"{sums.max().item():.4g}")
+    else:
+        raise ValueError(f"{name}: expected (N,) indices or (N, {k}) probabilities, got {tuple(targets.shape)}")
+
+
+def check_box_values(boxes, h, w):
+    """ValueError naming the first of `boxes` (host lists (x1, y1, x2, y2)) that reaches outside the
+    w x h image; empty and inverted boxes inside it paste nothing and pass."""
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        if min(x1, y1) < 0 or x2 > w or y2 > h:
+            raise ValueError(f"boxes[{i}]: {list(boxes[i])} lies outside the {w}x{h} image "
+                             f"(expected 0 <= x1, x2 <= {w} and 0 <= y1, y2 <= {h})")
 
 
 def box_area(boxes):
@@ -144,7 +201,7 @@ def resolve_out(images, out, out_dtype, shape):
 
 
 def recursive_mix_ref(images, history, targets, history_targets, boxes, *, mode="nearest",
-                      num_classes=None, mean=None, std=None, out=None, out_dtype=None):
+                      num_classes=None, mean=None, std=None, out=None, out_dtype=None, check_values=True):
     """Torch reference of `kernels.recursive_mix`; returns (mixed_images, mixed_targets, lam).
 
     Args:
@@ -154,9 +211,10 @@ def recursive_mix_ref(images, history, targets, history_targets, boxes, *, mode=
         history_targets: float (M, K), the previous mixed soft targets.
         boxes: int (N, 4) pixel boxes (x1, y1, x2, y2) into which history[i] is resized.
         out: optional (N, C, H, W) buffer (any dtype and memory format) to write into.
+        check_values: check the values of CPU targets, history_targets and std (see check_inputs).
     """
     n, c, h, w, k, _ = check_inputs(images, history, targets, history_targets, boxes, mode,
-                                    num_classes, mean, std)
+                                    num_classes, mean, std, check_values)
     out = resolve_out(images, out, out_dtype, (n, c, h, w))
     normalize_into(out, images, mean, std)
     soft = soft_targets(targets, k)
@@ -168,9 +226,8 @@ def recursive_mix_ref(images, history, targets, history_targets, boxes, *, mode=
     # note: this is a CPU-GPU sync point (box sizes decide the interpolate shapes)
     bx = boxes.to(torch.int64).cpu().tolist()
     groups = {}
+    check_box_values(bx, h, w)
     for i, (x1, y1, x2, y2) in enumerate(bx):
-        if min(x1, y1) < 0 or x2 > w or y2 > h:
-            raise ValueError(f"boxes[{i}]: {bx[i]} lies outside the {w}x{h} image")
         if x2 > x1 and y2 > y1:
             groups.setdefault((y2 - y1, x2 - x1), []).append(i)
     interp = dict(mode="nearest") if mode == "nearest" else dict(mode="bilinear", align_corners=True)

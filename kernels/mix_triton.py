@@ -11,6 +11,7 @@ Import this module only where Triton is installed (`kernels.recursive_mix` does 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from rmix.kernels.mix_ref import check_inputs, resolve_out
 
@@ -131,6 +132,11 @@ def _recursive_mix_kernel(
             k0 += BLOCK_K
 
 
+# Under TRITON_INTERPRET=1 (set before triton is first imported) @triton.jit makes an interpreted
+# function, which runs on CPU tensors; a compiled kernel needs CUDA ones.
+INTERPRETED = not isinstance(_recursive_mix_kernel, JITFunction)
+
+
 def bytes_moved(N, C, H, W, box_fraction, in_bytes, out_bytes, K):
     """Bytes the kernel must move: own pixels outside the box, history inside it, the output, labels.
 
@@ -176,7 +182,7 @@ def _scales(boxes, hin, win, mode):
 
 
 def launch_args(images, history, targets, history_targets, boxes, *, mode="nearest", num_classes=None,
-                mean=None, std=None, out=None, out_dtype=None):
+                mean=None, std=None, out=None, out_dtype=None, check_values=True):
     """What `recursive_mix_triton` launches, without launching: (out, soft, lam, grid, args, constexprs).
 
     `args` are the kernel's runtime arguments in order, `constexprs` its compile-time ones (BILINEAR
@@ -185,7 +191,7 @@ def launch_args(images, history, targets, history_targets, boxes, *, mode="neare
     compiles exactly what this launcher can produce.
     """
     n, c, h, w, k, nhwc = check_inputs(images, history, targets, history_targets, boxes, mode,
-                                       num_classes, mean, std)
+                                       num_classes, mean, std, check_values)
     out = resolve_out(images, out, out_dtype, (n, c, h, w))
     device = images.device
     soft = torch.empty((n, k), dtype=torch.float32, device=device)
@@ -223,15 +229,19 @@ def launch_args(images, history, targets, history_targets, boxes, *, mode="neare
 
 
 def recursive_mix_triton(images, history, targets, history_targets, boxes, *, mode="nearest",
-                         num_classes=None, mean=None, std=None, out=None, out_dtype=None):
+                         num_classes=None, mean=None, std=None, out=None, out_dtype=None, check_values=True):
     """Triton version of `kernels.mix_ref.recursive_mix_ref`; same arguments, returns and errors.
 
     Unlike the reference, boxes are not checked against the image (that would sync): a box pixel
     outside the image is simply not written, and the resize still uses the whole box.
+    CUDA tensors only, unless Triton's interpreter runs the kernel (TRITON_INTERPRET=1).
     """
+    if not images.is_cuda and not INTERPRETED:
+        raise ValueError(f"backend: 'triton' needs CUDA tensors, got {images.device.type} ones (use backend='torch', "
+                         "or Triton's interpreter: TRITON_INTERPRET=1 set before triton is first imported)")
     out, soft, lam, grid, args, constexprs = launch_args(
         images, history, targets, history_targets, boxes, mode=mode, num_classes=num_classes,
-        mean=mean, std=std, out=out, out_dtype=out_dtype)
+        mean=mean, std=std, out=out, out_dtype=out_dtype, check_values=check_values)
     if images.shape[0] > 0:
         _recursive_mix_kernel[grid](*args, **constexprs)
     return out, soft, lam

@@ -125,6 +125,7 @@ def load_mnist(root, *, train: bool, dataset: str = "fashion-mnist"):
     bad = np.flatnonzero(labels >= k)  # uint8 (the magic says so): none is negative
     if len(bad):
         raise IdxError(label_path, f"label {int(labels[bad[0]])} at index {int(bad[0])} is outside [0, {k}) "
-                                   f"({len(bad)} such labels; {dataset} has {k} classes); {AGAIN}")
+                                   f"({len(bad)} such label{'s' * (len(bad) > 1)}; {dataset} has {k} classes); "
+                                   f"{AGAIN}")
     rgb = np.ascontiguousarray(np.repeat(images[..., None], 3, axis=-1))
     return rgb, labels.astype(np.int64), list(CLASSES[dataset])

@@ -243,7 +243,7 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, amp, p
             break
         except DecodeError as e:  # DALI cannot skip a bad sample: stop, naming the batch's files
             which = ", ".join(e.bad_files) if e.bad_files else f"one of {len(e.files)} files"
-            raise TrainingError(f"cannot decode {which} at epoch {epoch}, step {step} ({e.reason}); "
+            raise TrainingError(f"cannot decode {which} at epoch {epoch}, step {step + 1} ({e.reason}); "
                                 f"the batch's files: {', '.join(e.files)}; run `rmix data check`") from None
         loss, logits, out, bad = train_step(model, policy, images, targets, optimizer, scaler, amp,
                                             cfg.mix.omega, rm=rm)

@@ -88,8 +88,8 @@ class StepGuard:
             return
         first, first_loss, _, over = (float(v) for v in self.t.cpu())  # note: a CPU-GPU sync point
         if first >= 0:
-            raise TrainingError(f"non-finite loss ({first_loss:.4g}) or gradients at epoch {epoch}, step {int(first)}; "
+            raise TrainingError(f"non-finite loss ({first_loss:.4g}) or gradients at epoch {epoch}, step {int(first) + 1}; "
                                 "its update was skipped, and the run stopped with no checkpoint written after it")
         if over >= 0:
             raise TrainingError(f"fp16 gradients overflowed {self.max_skipped + 1} steps in a row at epoch {epoch}, "
-                                f"step {int(over)} (--max-skipped-steps {self.max_skipped}); try --amp bf16")
+                                f"step {int(over) + 1} (--max-skipped-steps {self.max_skipped}); try --amp bf16")

@@ -27,6 +27,10 @@ def mix_loss(logits, roi_logits, soft_targets, prev_logits, lam, omega, *, check
     `check_values=False` skips reading lam and soft_targets (the trainer's come from its policy,
     and on the CPU the read would be the step's only host read, which tests/test_sync.py holds to none).
 
+    An empty batch (N = 0) is refused: its mean loss is 0 / 0, a NaN that would reach the weights.
+    The trainer never has one (a rank's training shard is padded to full size; only evaluation can
+    end a rank one batch early, and it skips that batch); a loop that can get one skips the step.
+
     When nothing was pasted (`prev_logits is None`) the RoI logits still enter the graph with a
     zero weight, so every parameter gets a gradient every step (DDP without unused parameters).
     """
@@ -42,12 +46,15 @@ def mix_loss(logits, roi_logits, soft_targets, prev_logits, lam, omega, *, check
 def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega, check_values=True):
     """ValueError naming the argument whose shape or kind is not the batch's; `lam` as a tensor.
 
-    Values (lam in [0, 1], targets >= 0) only on the CPU, as mixing.check_targets: on a GPU reading
-    them would make every step wait for the device.
+    Values (lam in [0, 1], targets >= 0 with rows summing to 1) only on the CPU, as
+    mixing.check_targets: on a GPU reading them would make every step wait for the device.
     """
     if not torch.is_tensor(logits) or logits.dim() != 2:
         raise ValueError(f"logits: expected (N, K), got {_shape(logits)}")
     n, k = logits.shape
+    if n == 0:  # a shape: no read
+        raise ValueError(f"logits: an empty batch {tuple(logits.shape)}, expected N >= 1 (the mean loss over no "
+                         "images is NaN); skip the step")
     for name, t in (("soft_targets", soft_targets), ("roi_logits", roi_logits), ("prev_logits", prev_logits)):
         if t is None and name != "soft_targets":
             continue
@@ -63,9 +70,17 @@ def _check(logits, roi_logits, soft_targets, prev_logits, lam, omega, check_valu
         return lam
     if lam.device.type == "cpu" and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lam: the kept share of each image, expected values in [0, 1], got {lam.flatten().tolist()[:8]}")
-    if soft_targets.device.type == "cpu" and soft_targets.numel() and not bool((soft_targets >= 0).all()):
-        raise ValueError(f"soft_targets: expected probabilities (>= 0), got a minimum of {soft_targets.min().item()}")
+    if soft_targets.device.type == "cpu" and soft_targets.numel():
+        if not bool((soft_targets >= 0).all()):
+            raise ValueError(f"soft_targets: expected probabilities (>= 0), got a minimum of {soft_targets.min().item()}")
+        sums = soft_targets.double().sum(-1)
+        if not bool(((sums - 1).abs() <= SUM_TOLERANCE).all()):  # a row summing to 3 would weigh its CE 3 times
+            raise ValueError(f"soft_targets: expected rows summing to 1 (within {SUM_TOLERANCE}), got row sums from "
+                             f"{sums.min().item():.4g} to {sums.max().item():.4g}")
     return lam
+
+
+SUM_TOLERANCE = 1e-3  # as mixing.check_targets: float32 sums of K probabilities
 
 
 def _shape(t):

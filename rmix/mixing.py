@@ -9,12 +9,14 @@
 Images are uint8 (N, H, W, C) straight from a pipeline (then mean/std, pixel units, are
 required) or float (N, C, H, W) already normalized. Outputs are always normalized float NCHW.
 """
+import inspect
 import math
 from typing import NamedTuple
 
 import torch
 
 from rmix.kernels import recursive_mix
+from rmix.kernels.mix_ref import check_box_values, check_labels
 
 
 class MixOut(NamedTuple):
@@ -56,25 +58,26 @@ def check_targets(targets, num_classes):
 
     dtype and shape always; values only on the CPU, where reading them costs no host-device sync
     (on a GPU the step must not wait for a check: the trainer's labels are checked where they are read).
+    The fused op checks its targets and history_targets with the same function (kernels/mix_ref.py).
     """
-    if targets.dim() == 1:
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise ValueError(f"targets: class indices must be integers, got {targets.dtype} "
-                             f"(probabilities go as (N, {num_classes}))")
-        if targets.device.type == "cpu" and targets.numel():
-            lo, hi = int(targets.min()), int(targets.max())
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(f"targets: class indices must be in [0, {num_classes}), got {lo if lo < 0 else hi}")
-    elif targets.dim() == 2 and targets.shape[1] == num_classes:
-        if not targets.is_floating_point():
-            raise ValueError(f"targets: probabilities (N, {num_classes}) must be floats, got {targets.dtype}")
-        if targets.device.type == "cpu" and targets.numel():
-            sums = targets.float().sum(1)
-            if bool((targets < 0).any()) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
-                raise ValueError(f"targets: probabilities (N, {num_classes}) must be >= 0 with rows summing to 1")
-    else:
-        raise ValueError(f"targets: expected (N,) indices or (N, {num_classes}) probabilities, "
-                         f"got {tuple(targets.shape)}")
+    check_labels(targets, num_classes, "targets")
+
+
+def check_boxes(boxes, n, h, w):
+    """Given boxes as int64 (n, 4) or (4,) -> (rows, 4), refused unless integer (x1, y1, x2, y2) pixel boxes
+    inside the w x h image, as the fused op refuses them (kernels/mix_ref.py check_box_values).
+
+    dtype and shape always; values only on the CPU (given boxes are host tensors or lists).
+    """
+    boxes = torch.as_tensor(boxes)
+    if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
+        raise ValueError(f"boxes: expected integer pixel coordinates (x1, y1, x2, y2), got {boxes.dtype}")
+    if boxes.shape[-1:] != (4,) or boxes.dim() > 2:
+        raise ValueError(f"boxes: expected ({n}, 4) or (4,) (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    boxes = boxes.reshape(-1, 4).to(torch.int64)
+    if boxes.device.type == "cpu":
+        check_box_values(boxes.tolist(), h, w)
+    return boxes
 
 
 def sample_beta(alpha, generator=None):
@@ -169,7 +172,7 @@ class _Policy:
         out = self._empty(n, c, h, w, images.device) if out is None else out
         soft = self._soft(targets, n, images.device)
         x, soft, lam = recursive_mix(images, None, soft, None, None, mean=self.mean, std=self.std,
-                                     out=out, backend=self.backend)
+                                     out=out, backend=self.backend, check_values=False)  # checked: _soft, __init__
         return x, soft, lam
 
     def _soft(self, targets, n, device):
@@ -216,17 +219,39 @@ class NoMix(_Policy):
 
 
 class Mixup(_Policy):
-    """Mixup (Zhang et al. 2018): x = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha) per batch."""
+    """Mixup (Zhang et al. 2018): x = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha) per batch.
+
+    `lam` given: one number in [0, 1] (or a one-element tensor) for the whole batch, as the paper's
+    Mixup; no per-image lam (out.lam repeats the one value).
+    """
 
     def __call__(self, images, targets, lam=None):
+        if lam is not None:
+            lam = _one_lam(lam)
         x, soft, _ = self._normalize(images, targets)
         n = x.shape[0]
-        lam = sample_beta(self.alpha, self.generator) if lam is None else float(lam)
+        lam = sample_beta(self.alpha, self.generator) if lam is None else lam
         perm = to_device(torch.randperm(n, generator=self.generator), x.device)
         x = x.mul(lam).add_(x[perm], alpha=1 - lam)  # x[perm] is a copy, so in place is safe
         soft = soft * lam + soft[perm] * (1 - lam)
         lam_t = torch.full((n,), lam, dtype=torch.float32, device=x.device)
         return MixOut(x, soft, _no_boxes(n, x.device), lam_t)
+
+
+def _one_lam(lam):
+    """A given Mixup lam as a float in [0, 1], else ValueError naming it."""
+    if isinstance(lam, torch.Tensor):
+        if lam.numel() != 1:
+            raise ValueError(f"lam: expected one number in [0, 1] for the whole batch (Mixup has no per-image lam), "
+                             f"got a tensor of shape {tuple(lam.shape)}")
+        if lam.is_complex() or lam.dtype == torch.bool:
+            raise ValueError(f"lam: expected one number in [0, 1], got a {lam.dtype} tensor")
+    elif isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise ValueError(f"lam: expected one number in [0, 1], got {type(lam).__name__} {lam!r}")
+    value = float(lam)
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"lam: expected one number in [0, 1] (the share of each image kept), got {value}")
+    return value
 
 
 class CutMix(_Policy):
@@ -244,7 +269,7 @@ class CutMix(_Policy):
             cx, cy = _randint(w, 1, self.generator), _randint(h, 1, self.generator)
             boxes = clip_boxes(cx, cy, int(w * r), int(h * r), h, w).expand(n, 4)
         else:  # given: one box, as the paper's CutMix pastes (read on the host: given boxes are few)
-            boxes = torch.as_tensor(boxes).reshape(-1, 4)
+            boxes = check_boxes(torch.as_tensor(boxes).cpu(), n, h, w)
             if len(boxes) not in (1, n) or not bool((boxes == boxes[:1]).all()):
                 raise ValueError(f"boxes: CutMix pastes one box into the whole batch, got {len(boxes)} boxes "
                                  f"{'that differ' if len(boxes) == n else f'for {n} images'}; RecursiveMix "
@@ -281,6 +306,8 @@ class RecursiveMix(_Policy):
         self._buffers = []
         self.reset()
 
+    STATE_KEYS = ("history", "history_targets", "history_logits")  # of state_dict(), all required to load
+
     def reset(self):
         """Forget the history (the trainer calls this at each epoch start, as the paper's code)."""
         self.history = self.history_targets = self.history_logits = None
@@ -304,6 +331,14 @@ class RecursiveMix(_Policy):
                 "history_logits": self.history_logits}
 
     def load_state_dict(self, state: dict, device=None):
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected a dict with the keys {list(self.STATE_KEYS)}, got {type(state).__name__}")
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        unexpected = sorted(map(str, set(state) - set(self.STATE_KEYS)))
+        if missing or unexpected:
+            raise ValueError(f"state: expected the keys {list(self.STATE_KEYS)} of RecursiveMix.state_dict(), "
+                             f"got {sorted(map(str, state))} (missing {missing}, unexpected {unexpected})")
+
         def put(t):
             return None if t is None else t.to(device) if device is not None else t
         self.history, self.history_targets, self.history_logits = (
@@ -320,6 +355,8 @@ class RecursiveMix(_Policy):
 
     def __call__(self, images, targets, boxes=None):
         n, c, h, w = _dims(images)
+        if boxes is not None:  # checked on the host, as CutMix's (the Triton backend does not check them)
+            boxes = check_boxes(boxes, n, h, w)
         if self._called:  # else this batch would mix with a stale history, or with none at all
             raise RuntimeError("RecursiveMix called twice without remember(): call policy.remember(out.images, "
                                "out.soft_targets, logits) after each step's forward pass (reset() starts over)")
@@ -331,12 +368,13 @@ class RecursiveMix(_Policy):
         if self.history.shape[0] < n:
             raise ValueError(f"history: holds {self.history.shape[0]} images, the batch has {n}; "
                              "call reset() when the batch size grows")
-        boxes = self.sample_boxes(n, h, w) if boxes is None else boxes.to(torch.int64)
+        boxes = self.sample_boxes(n, h, w) if boxes is None else boxes
         boxes = to_device(boxes, images.device)
         soft = self._soft(targets, n, images.device)
         x, soft, lam = recursive_mix(images, self.history, soft, self.history_targets, boxes,
                                      mode=self.interpolate, mean=self.mean, std=self.std,
-                                     out=self._buffer(n, c, h, w, images.device), backend=self.backend)
+                                     out=self._buffer(n, c, h, w, images.device), backend=self.backend,
+                                     check_values=False)  # targets checked by _soft; the history is ours
         self.prev_logits = None if self.history_logits is None else self.history_logits[:n]
         self._called = True
         return MixOut(x, soft, boxes, lam)
@@ -355,13 +393,28 @@ class RecursiveMix(_Policy):
 POLICIES = {"none": NoMix, "mixup": Mixup, "cutmix": CutMix, "recursive_mix": RecursiveMix}
 
 
+# RecursiveMix's own settings (rmix/config.py's ONLY_FOR: --aug-omega, --interpolate, --per-sample-boxes)
+RM_ONLY = ("omega", "interpolate", "per_sample")
+
+
 def build_policy(name, num_classes, *, alpha, omega=0.5, interpolate="nearest", per_sample=False,
                  **kw):
-    """The policy called `name` ("none" | "mixup" | "cutmix" | "recursive_mix")."""
+    """The policy called `name` ("none" | "mixup" | "cutmix" | "recursive_mix").
+
+    omega, interpolate and per_sample are RecursiveMix's: another policy refuses a value that
+    differs from RecursiveMix's default (it would do nothing), as the CLI refuses those options.
+    A caller holding a config for any policy passes them only for "recursive_mix".
+    """
     if name not in POLICIES:
         raise ValueError(f"aug: expected one of {tuple(POLICIES)}, got {name!r}")
     if name == "recursive_mix":
         return RecursiveMix(num_classes, alpha, omega, interpolate, per_sample, **kw)
+    defaults = inspect.signature(RecursiveMix.__init__).parameters
+    for key, value in zip(RM_ONLY, (omega, interpolate, per_sample)):
+        default = defaults[key].default
+        if value != default:  # NaN differs too
+            raise ValueError(f"{key}: only recursive_mix uses it, got {value!r} for {name} "
+                             f"(the default {default!r} or nothing); drop it")
     return POLICIES[name](num_classes, alpha, **kw)
 
 

@@ -121,3 +121,29 @@ def test_mix_loss_takes_lam_as_a_number():
     a = dict(logits=torch.randn(4, 10), roi_logits=torch.randn(4, 10), soft_targets=torch.full((4, 10), 0.1),
              prev_logits=torch.randn(4, 10), omega=0.5)
     torch.testing.assert_close(mix_loss(**a, lam=0.25), mix_loss(**a, lam=torch.full((4,), 0.25)))
+
+
+@pytest.mark.parametrize("prev", [False, True])
+def test_mix_loss_refuses_an_empty_batch(prev):
+    # was NaN, silently: the mean over no images (the trainer's training batches are never empty)
+    empty = torch.zeros(0, 10, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^logits: an empty batch \(0, 10\)"):
+        mix_loss(empty, empty if prev else None, torch.zeros(0, 10), empty if prev else None, torch.ones(0), 0.5)
+    with pytest.raises(ValueError, match=r"^logits: an empty batch"):  # a shape: refused without reading values
+        mix_loss(empty, None, torch.zeros(0, 10), None, torch.ones(0), 0.5, check_values=False)
+
+
+def test_mix_loss_refuses_soft_targets_whose_rows_do_not_sum_to_one():
+    # rows summing to 3 weighed the loss 3 times; RecursiveMix refuses such targets
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match=r"^soft_targets: expected rows summing to 1 \(within 0.001\), got row sums "
+                                         r"from 3 to 3"):
+        mix_loss(logits, None, torch.full((4, 10), 0.3), None, torch.ones(4), 0.5)
+    half = torch.full((4, 10), 0.1)
+    half[2] = 0.05
+    with pytest.raises(ValueError, match="^soft_targets: .* from 0.5 to 1"):
+        mix_loss(logits, None, half, None, torch.ones(4), 0.5)
+    near = torch.full((4, 10), 0.1 + 5e-5)  # float sums within the tolerance
+    torch.testing.assert_close(mix_loss(logits, None, near, None, torch.ones(4), 0.5),
+                               soft_cross_entropy(logits, near))
+    mix_loss(logits, None, torch.full((4, 10), 0.3), None, torch.ones(4), 0.5, check_values=False)  # the trainer's

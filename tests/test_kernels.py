@@ -4,6 +4,7 @@ Without CUDA the Triton kernel runs through the Triton interpreter on small, irr
 variable must be set before triton is first imported; kernels/mix_triton imports it lazily).
 """
 import os
+import re
 
 import torch
 
@@ -499,3 +500,61 @@ def test_the_kernel_timer_falls_back_to_launches_where_a_graph_cannot_be_capture
     assert how == "launches"
     calls.clear()
     assert timer() == 2.0 / bench.BACK_TO_BACK and len(calls) == bench.BACK_TO_BACK
+
+
+# --- bad inputs the probe found the op accepted, or answered with torch's or Triton's own error ---
+
+def _op_inputs():
+    inputs = make_inputs(4, 16, 16, k=10, device="cpu")
+    inputs["history_targets"] = inputs["history_targets"][:4]
+    return inputs
+
+
+@pytest.mark.parametrize("arg,value,message", [
+    ("targets", -F.one_hot(torch.tensor([0, 1, 2, 3]), 10).float(), "^targets: probabilities .* got a minimum of -1"),
+    ("targets", torch.tensor([0, 1, 2, 10]), re.escape("targets: class indices must be in [0, 10), got 10")),
+    ("targets", torch.tensor([0, 1, 2, -1]), re.escape("targets: class indices must be in [0, 10), got -1")),
+    ("targets", torch.ones(4, 10, dtype=torch.long), "^targets: probabilities .* must be floats"),
+    ("history_targets", torch.randn(4, 10, generator=torch.Generator().manual_seed(0)),
+     "^history_targets: probabilities .* rows summing to 1"),
+    ("history_targets", torch.full((4, 10), 0.2), "^history_targets: .* row sums from 2 to 2"),
+    ("std", torch.tensor([0.0, 1.0, 1.0]), "^std: must be positive"),
+    ("std", torch.tensor([float("nan"), 1.0, 1.0]), "^std: must be positive")])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_op_checks_target_and_std_values_on_the_cpu_as_the_policies_do(arg, value, message, backend):
+    # -onehot targets gave label rows summing to -0.5, randn history targets rows summing to 1.42, 0.04...,
+    # std 0 as a tensor non-finite images, index 10 or -1 torch's "Class values must be smaller than num_classes"
+    if backend == "triton" and mix_triton is None:
+        pytest.skip("triton is not installed")
+    inputs = {**_op_inputs(), "mean": torch.tensor(MEAN), arg: value}
+    with pytest.raises(ValueError, match=message):
+        call(recursive_mix, inputs, backend=backend)
+    if arg == "targets":  # the same without a history
+        inputs.update(history=None, history_targets=None, boxes=None)
+        with pytest.raises(ValueError, match=message):
+            call(recursive_mix, inputs, backend=backend)
+
+
+def test_the_op_reads_no_values_with_check_values_off():
+    # the policies' call: their targets and std are checked already, and a read per step would be a
+    # host read in the trainer's step (tests/test_sync.py); dtypes and shapes are still checked
+    from rmix.syncs import SyncCounter
+    inputs = _op_inputs()
+    inputs.update(targets=F.one_hot(inputs["targets"], 10).float(), std=torch.tensor(STD))  # as a policy passes
+    with SyncCounter() as counter:
+        call(recursive_mix, inputs, backend="torch", check_values=False)
+    assert counter.reads == []
+    with SyncCounter() as counter:
+        call(recursive_mix, inputs, backend="torch")
+    assert {where.split()[-1] for _, where in counter.reads} == {"check_labels", "_positive"}  # on: values read
+    with pytest.raises(ValueError, match="^targets: probabilities"):
+        call(recursive_mix, {**inputs, "targets": torch.ones(4, 10, dtype=torch.long)}, check_values=False)
+
+
+@needs_triton
+def test_the_triton_backend_on_cpu_tensors_outside_the_interpreter_says_what_it_needs(monkeypatch):
+    # was Triton's "RuntimeError: 0 active drivers ([]). There should only be one."
+    assert mix_triton.INTERPRETED == INTERPRET  # the interpreter is seen where the tests run under it
+    monkeypatch.setattr(mix_triton, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="^backend: 'triton' needs CUDA tensors, got cpu ones .*TRITON_INTERPRET=1"):
+        call(recursive_mix, _op_inputs(), backend="triton")

@@ -602,3 +602,71 @@ def test_remember_refuses_logits_of_another_width_and_a_layout_mixup_is_named():
         rm.remember(out.images, out.soft_targets, torch.randn(4, K + 2))
     with pytest.raises(ValueError, match="uint8 batches are"):  # NCHW bytes: 16 "channels"
         RecursiveMix(K, **MS)(images.permute(0, 3, 1, 2).contiguous(), labels)
+
+
+# --- bad inputs the probe found accepted (silent wrong results) or answered with a raw error ---
+
+@pytest.mark.parametrize("policy", [CutMix, RecursiveMix])
+def test_boxes_outside_the_image_are_refused_by_every_policy_that_takes_boxes(policy):
+    # CutMix took them: lam -2.52 and soft targets down to -2.52
+    images, targets = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    p = policy(10, 1.0)
+    with pytest.raises(ValueError, match=re.escape("boxes[0]: [10, 10, 40, 40] lies outside the 16x16 image")):
+        p(images, targets, boxes=torch.tensor([[10, 10, 40, 40]] * 4))
+    for box in ([-1, 0, 4, 4], [0, -1, 4, 4], [0, 0, 17, 4], [0, 0, 4, 17]):
+        with pytest.raises(ValueError, match=r"^boxes\[0\]: .* lies outside the 16x16 image"):
+            p(images, targets, boxes=torch.tensor([box] * 4))
+    with pytest.raises(ValueError, match="^boxes: expected integer pixel coordinates"):
+        p(images, targets, boxes=torch.tensor([[1.5, 0.0, 4.0, 4.0]] * 4))
+    out = p(images, targets, boxes=torch.tensor([[0, 0, 16, 16]] * 4))  # the whole image: the edge is inside
+    if policy is RecursiveMix:  # the first call pastes nothing; the second pastes the history
+        p.remember(out.images, out.soft_targets, None)
+        with pytest.raises(ValueError, match=r"^boxes\[0\]: \[8, 8, 24, 24\] lies outside"):
+            p(images, targets, boxes=torch.tensor([[8, 8, 24, 24]] * 4))
+        out = p(images, targets, boxes=torch.tensor([[0, 0, 16, 16]] * 4))
+    assert out.lam.min() >= 0 and out.soft_targets.min() >= 0
+
+
+@pytest.mark.parametrize("lam,message", [
+    (1.5, "got 1.5"), (-0.5, "got -0.5"), (float("nan"), "got nan"), (torch.tensor(1.5), "got 1.5"),
+    (torch.rand(4), re.escape("got a tensor of shape (4,)")), ("0.5", "got str"), (True, "got bool")])
+def test_mixup_refuses_a_lam_that_is_not_one_number_in_the_unit_interval(lam, message):
+    # 1.5 and -0.5 gave soft targets down to -0.5, NaN gave NaN, and a tensor of 4 torch's own error
+    with pytest.raises(ValueError, match=f"^lam: expected one number in \\[0, 1\\].*{message}"):
+        Mixup(10, 1.0, **MS)(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), lam=lam)
+
+
+def test_mixup_takes_one_lam_for_the_batch_at_the_edges_and_as_a_one_element_tensor():
+    images, targets = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for lam in (0, 1, 0.25, torch.tensor(0.25), torch.tensor([0.25])):
+        out = Mixup(10, 1.0, **MS)(images, targets, lam=lam)
+        torch.testing.assert_close(out.lam, torch.full((4,), float(lam)))
+        assert out.soft_targets.min() >= 0 and torch.allclose(out.soft_targets.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("name,setting,value", [("cutmix", "omega", 3.0), ("mixup", "interpolate", "bilinear"),
+                                                ("none", "per_sample", True), ("cutmix", "omega", float("nan"))])
+def test_build_policy_refuses_recursive_mix_settings_given_to_another_policy(name, setting, value):
+    # as config.ONLY_FOR refuses --aug-omega, --interpolate, --per-sample-boxes with another --aug
+    with pytest.raises(ValueError, match=f"^{setting}: only recursive_mix uses it, got .* for {name}"):
+        build_policy(name, 10, alpha=1.0, **{setting: value}, **MS)
+
+
+def test_build_policy_takes_recursive_mix_settings_at_their_defaults_for_any_policy():
+    for name, cls in (("none", NoMix), ("mixup", Mixup), ("cutmix", CutMix)):
+        assert type(build_policy(name, 10, alpha=1.0, omega=0.5, interpolate="nearest", per_sample=False, **MS)) is cls
+    rm = build_policy("recursive_mix", 10, alpha=0.5, omega=3.0, interpolate="bilinear", per_sample=True, **MS)
+    assert (rm.omega, rm.interpolate, rm.per_sample) == (3.0, "bilinear", True)
+
+
+def test_recursive_mix_load_state_dict_names_the_missing_and_unexpected_keys():
+    # was KeyError: 'history'
+    rm = RecursiveMix(K, **MS)
+    with pytest.raises(ValueError, match=re.escape("missing ['history', 'history_targets', 'history_logits'], "
+                                                   "unexpected ['foo']")):
+        rm.load_state_dict({"foo": 1})
+    with pytest.raises(ValueError, match=r"^state: .*missing \['history_logits'\], unexpected \[\]"):
+        rm.load_state_dict({"history": None, "history_targets": None})
+    with pytest.raises(ValueError, match="^state: expected a dict"):
+        rm.load_state_dict([None, None, None])
+    assert rm.history is None  # a refused state leaves the policy as it was

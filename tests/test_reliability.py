@@ -91,7 +91,7 @@ def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, train_args(tiny, out))
     assert r.exit_code == 1
-    assert "epoch 2, step 1" in r.output and "non-finite" in r.output
+    assert "epoch 2, step 2" in r.output and "non-finite" in r.output
     assert checkpoint.read(out / "latest.pt")["epoch"] == 1  # nothing written after the bad step
 
 
@@ -181,7 +181,7 @@ def test_fp16_overflow_every_step_stops_after_max_skipped_steps(tiny, tmp_path, 
     r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "2"))
     assert r.exit_code == 1, r.output
     line = _error_line(r.output)
-    assert "3 steps in a row at epoch 2, step 2" in line and "--max-skipped-steps 2" in line, line
+    assert "3 steps in a row at epoch 2, step 3" in line and "--max-skipped-steps 2" in line, line
     # epoch 1 trained normally; then exactly max_skipped_steps + 1 = 3 skips, and nothing after them
     assert [(e, s, skipped) for e, s, skipped, _, _ in log] == [
         (1, 0, False), (1, 1, False), (1, 2, False), (2, 0, True), (2, 1, True), (2, 2, True)]
@@ -211,8 +211,8 @@ def test_fp16_skipped_steps_are_counted_across_epochs(tiny, tmp_path, monkeypatc
     log = _overflow_on(monkeypatch, lambda n: True)  # every step overflows: the weights never change
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "3"))
-    assert r.exit_code == 1, r.output  # the 4th skip in a row is epoch 2, step 0
-    assert "4 steps in a row at epoch 2, step 0" in _error_line(r.output)
+    assert r.exit_code == 1, r.output  # the 4th skip in a row is epoch 2's first step
+    assert "4 steps in a row at epoch 2, step 1" in _error_line(r.output)
     assert len(log) == 4 and all(s for _, _, s, _, _ in log)
     assert checkpoint.read(out / "latest.pt")["epoch"] == 1  # epoch 1's 3 skips were within the limit
 
@@ -253,7 +253,7 @@ def test_decode_error_mid_run_stops_and_keeps_the_checkpoint(tiny, tmp_path, loa
     r = CliRunner().invoke(cli, [*resume, "--no-preflight"])
     assert r.exit_code == 1, r.output
     line = _error_line(r.output)
-    assert f"cannot decode {bad} at epoch 2, step 1" in line, line
+    assert f"cannot decode {bad} at epoch 2, step 2" in line, line
     assert all(f in line for f in batch), line  # the batch's files, for `rmix data check`
     assert (out / "latest.pt").read_bytes() == latest and checkpoint.read(out / "latest.pt")["epoch"] == 1
     assert (out / "metrics.jsonl").read_text() == metrics

@@ -92,9 +92,9 @@ def test_a_non_finite_step_never_reaches_the_weights_and_is_reported_later(monke
     monkeypatch.setattr(engine, "mix_loss", poisoned)
     monkeypatch.setattr(engine, "train_step", spy)
     with Progress(4, "sync", enabled=False) as bar, SyncCounter() as counter, \
-            pytest.raises(TrainingError, match=r"non-finite loss \(nan\) or gradients at epoch 1, step 1"):
+            pytest.raises(TrainingError, match=r"non-finite loss \(nan\) or gradients at epoch 1, step 2"):
         train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, 1, dtype, bar)
-    assert unchanged == [False, True, False, False]  # step 1 skipped on the device; the host learnt it at the end
+    assert unchanged == [False, True, False, False]  # the 2nd step skipped on the device; the host learnt it at the end
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(counter.reads) == 4  # the guard's one read, at the end of the pass
 

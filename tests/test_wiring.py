@@ -252,7 +252,7 @@ def test_a_batch_that_cannot_decode_stops_the_epoch_naming_its_files(bad):
     with pytest.raises(TrainingError) as e:
         epoch_of(config(), list_like(batches(), 2))
     which = "a/x.jpg" if bad else "one of 2 files"
-    assert str(e.value).startswith(f"cannot decode {which} at epoch 1, step 1 (corrupt JPEG)"), str(e.value)
+    assert str(e.value).startswith(f"cannot decode {which} at epoch 1, step 2 (corrupt JPEG)"), str(e.value)
 
 
 class list_like:
