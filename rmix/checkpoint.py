@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import tempfile
+import zipfile
 
 import torch
 
@@ -119,6 +120,8 @@ def _torch_load(path, src):
         return torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, unpickling refusals, EOF: all one story for the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(src, str) and head == b"PK\x03\x04" and not zipfile.is_zipfile(src):
+            reason = "truncated or damaged (torch's zip has no directory at its end: cut short while written or copied)"
         if "Unsupported global" in str(e) or "weights_only" in str(e):
             reason = "it contains Python objects that are not plain data (refused to unpickle)"
         raise CheckpointError(f"{path}: cannot read checkpoint: {reason}") from None

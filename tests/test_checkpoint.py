@@ -341,7 +341,9 @@ def test_model_and_ema_states_of_rmix_paper_and_timm_checkpoints(tmp_path):
 
 
 def test_the_reason_is_the_first_line_of_torchs_own(tmp_path, monkeypatch):
-    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "cut.pt", "w") as z:  # a whole zip, but not torch's archive
+        z.writestr("x.txt", "not a checkpoint")
     with pytest.raises(Exception) as raw:
         torch.load(tmp_path / "cut.pt", weights_only=True)
     first = str(raw.value).strip().splitlines()[0]
@@ -362,3 +364,14 @@ def test_any_weights_only_refusal_is_told_as_not_plain_data(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(pickle.UnpicklingError(message)))
     with pytest.raises(checkpoint.CheckpointError, match=r"not plain data \(refused to unpickle\)$"):
         checkpoint.read(tmp_path / "odd.pt")
+
+
+@pytest.mark.parametrize("keep", [20_000, 0.5])
+def test_a_checkpoint_cut_short_says_so(tmp_path, keep):
+    path = tmp_path / "latest.pt"
+    checkpoint.save(path, {"model": {"w": torch.randn(50_000)}, "epoch": 1})
+    data = path.read_bytes()
+    path.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(checkpoint.CheckpointError, match=r"latest.pt: cannot read checkpoint: truncated or damaged "
+                                                         r"\(torch's zip has no directory at its end"):
+        checkpoint.read(path)
