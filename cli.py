@@ -408,7 +408,8 @@ def check(directory, dataset, decoder, threads, as_json):
     """Decode every image once and name each unreadable file; exit 1 if any."""
     import pathlib
 
-    from rmix.data import MNIST_SETS, detect_dataset, sharded
+    from rmix.data import ARRAY_SETS, detect_dataset, sharded
+    from rmix.pipelines import check_array_dataset
     from rmix.pipelines.preflight import check as run_check
     from rmix.pipelines.preflight import summary
     root = pathlib.Path(directory)
@@ -418,8 +419,8 @@ def check(directory, dataset, decoder, threads, as_json):
         raise ValueError(f"--threads: must be >= 1, got {threads}")
     if dataset == "auto":
         dataset = detect_dataset(root)
-    if dataset in MNIST_SETS:
-        result = _check_idx(root, dataset)
+    if dataset in ARRAY_SETS:  # CIFAR's batches and MNIST's idx files: each split read whole, every file checked
+        result = check_array_dataset(root, dataset)
     elif sharded(root, dataset):
         from rmix.pipelines.wds import find_shards
         splits = [(str(root), s) for s in ("train", "val") if find_shards(str(root), s)]
@@ -487,21 +488,6 @@ def prepare_folder_cmd(src, fmt, out, shard_size):
     """Any ImageFolder to WebDataset shards (or copied in rmix's layout)."""
     from rmix.pipelines.prepare import prepare_folder
     _preparing(lambda: prepare_folder(src, out, fmt=fmt, shard_size=shard_size, say=lambda t: click.echo(t, err=True)))
-
-
-def _check_idx(root, dataset) -> dict:
-    """`rmix data check` of the four idx files: each split read whole (a bad file names itself)."""
-    from rmix.pipelines.idx import IdxError, load_mnist
-    ok, bad, classes = 0, [], 0
-    for train in (True, False):
-        try:
-            _, labels, names = load_mnist(root, train=train, dataset=dataset)
-        except IdxError as e:
-            path, _, reason = str(e).partition(": ")
-            bad.append({"path": path, "reason": reason})
-            continue
-        ok, classes = ok + len(labels), len(names)
-    return {"ok": ok, "bad": bad, "classes": classes}
 
 
 @cli.command()
