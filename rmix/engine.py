@@ -160,11 +160,17 @@ def build_policies(cfg, device, amp, rank=0, name=None):
     kw = dict(mean=cfg.data.mean, std=cfg.data.std, out_dtype=amp or torch.float32,
               channels_last=cfg.channels_last and device.type == "cuda")
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + (0 if cfg.mix.shared_boxes else rank))
-    policy = build_policy(name or cfg.mix.policy, cfg.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
-                          interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
-                          smoothing=cfg.mix.smoothing, smoothing_form=cfg.mix.smoothing_form,
-                          generator=gen, **kw)
+    name = name or cfg.mix.policy
+    policy = build_policy(name, cfg.num_classes, **mix_settings(cfg, name), generator=gen, **kw)
     return policy, NoMix(cfg.num_classes, **kw)
+
+
+def mix_settings(cfg, name):
+    """build_policy's settings for policy `name` from cfg.mix: RecursiveMix's own (omega, interpolate,
+    per_sample) only for it, as build_policy refuses them elsewhere (a preset's omega with --aug cutmix stays unused)."""
+    own = dict(omega=cfg.mix.omega, interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample) \
+        if name == "recursive_mix" else {}
+    return dict(alpha=cfg.mix.alpha, smoothing=cfg.mix.smoothing, smoothing_form=cfg.mix.smoothing_form, **own)
 
 
 def set_lr(optimizer, cfg, epoch) -> float:

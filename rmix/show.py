@@ -54,9 +54,8 @@ def mixed_batches(cfg: C.TrainConfig, steps: int):
     if len(loader) == 0:
         raise ValueError(f"--batch: {cfg.batch_size} is more than the {root} train split holds")
     gen = torch.Generator().manual_seed(cfg.seed)
-    policy = build_policy(cfg.mix.policy, loader.num_classes, alpha=cfg.mix.alpha, omega=cfg.mix.omega,
-                          interpolate=cfg.mix.interpolate, per_sample=cfg.mix.per_sample,
-                          smoothing=cfg.mix.smoothing, smoothing_form=cfg.mix.smoothing_form,
+    from rmix.engine import mix_settings
+    policy = build_policy(cfg.mix.policy, loader.num_classes, **mix_settings(cfg, cfg.mix.policy),
                           mean=cfg.data.mean, std=cfg.data.std, generator=gen)
     rm = cfg.mix.policy == "recursive_mix"
     step, out, nested = 0, None, []

@@ -524,8 +524,8 @@ def _op_inputs():
 def test_the_op_checks_target_and_std_values_on_the_cpu_as_the_policies_do(arg, value, message, backend):
     # -onehot targets gave label rows summing to -0.5, randn history targets rows summing to 1.42, 0.04...,
     # std 0 as a tensor non-finite images, index 10 or -1 torch's "Class values must be smaller than num_classes"
-    if backend == "triton" and mix_triton is None:
-        pytest.skip("triton is not installed")
+    if backend == "triton" and (mix_triton is None or not INTERPRET):  # values are read on CPU tensors only
+        pytest.skip("the Triton backend on CPU tensors needs triton and its interpreter")
     inputs = {**_op_inputs(), "mean": torch.tensor(MEAN), arg: value}
     with pytest.raises(ValueError, match=message):
         call(recursive_mix, inputs, backend=backend)
