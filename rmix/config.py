@@ -239,6 +239,8 @@ def validate(cfg: TrainConfig) -> None:
          "expected nearest or bilinear")
     need(cfg.epochs > 0, "--epochs", cfg.epochs, "must be positive")
     need(cfg.batch_size > 0, "--batch-size", cfg.batch_size, "must be positive")
+    # numpy's and Python's generators take 32-bit seeds, offset by the rank: 2**31 leaves room for any job
+    need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31, "--seed", cfg.seed, "must be in [0, 2**31)")
     for option, value in (("--lr", cfg.optim.lr), ("--weight-decay", cfg.optim.weight_decay),
                           ("--momentum", cfg.optim.momentum), ("--gamma", cfg.optim.gamma),
                           ("--aug-alpha", cfg.mix.alpha), ("--aug-omega", cfg.mix.omega),

@@ -3,6 +3,7 @@
 Checked before any work, so a refusal leaves everything as it was (the export's temporary file, the
 plot's matplotlib import and the show's loader never start).
 """
+import tempfile
 from pathlib import Path
 
 from rmix.rundir import RUN_FILES, holds_run
@@ -33,7 +34,21 @@ def check_out(out, *, inputs=(), option="--out", directory=False) -> Path:
         raise ValueError(f"{option}: {out} is a directory; give a file name")
     if out.name in RUN_OWNED and out.parent.is_dir() and holds_run(out.parent):
         raise ValueError(f"{option}: {out} is a file of the run in {out.parent}; write the output elsewhere")
+    _writable(out.parent, out, option)
     return out
+
+
+def _writable(folder: Path, out: Path, option: str) -> None:
+    """ValueError naming `out` where nothing can be written: its nearest existing folder refuses a file
+    (read-only, another owner's, or /proc), or what should be a folder on the way is a file."""
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option}: cannot write {out}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{option}: cannot write {out}: {folder} takes no new file ({e.strerror})") from None
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -243,3 +243,9 @@ def test_a_decode_error_outside_training_is_one_line_naming_the_check():
     code, line = _sorted(DecodeError(0, 2, ["a/x.jpg", "b/y.jpg"], ["a/x.jpg"], "corrupt JPEG"))
     assert code == 1 and line.startswith("Error: cannot decode a/x.jpg (corrupt JPEG)") and "\n" not in line
     assert line.endswith("`rmix data check` names every file that does not decode")
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999", "2147483648"])
+def test_a_seed_out_of_range_is_one_line_naming_the_option(tmp_path, seed):
+    r = CliRunner().invoke(cli, ["train", f"--seed={seed}", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and r.output.startswith("Error: --seed: must be in [0, 2**31)"), r.output

@@ -209,3 +209,14 @@ def test_show_on_a_file_that_does_not_decode_is_one_line(tiny, tmp_path, loader)
     line = one_line_error(run(["show", "--data-dir", str(data), "--loader", loader, "--batch", "32", "--steps", "1",
                                "--out", str(tmp_path / "s.png")]))
     assert "3 unreadable image file(s)" in line and "rmix data check" in line  # checked first, as train does
+
+
+@pytest.mark.parametrize("out", ["/proc/x.png", "/proc/self/nope/x.png"])
+def test_show_to_a_place_that_takes_no_file_names_its_out(tiny, tmp_path, out):
+    line = one_line_error(run(["show", "--data-dir", str(tiny), "--out", out]))
+    assert line.startswith(f"Error: --out: cannot write {out}: ") and "Errno" not in line, line
+
+
+def test_export_to_a_place_that_takes_no_file_names_its_out(tmp_path):
+    line = one_line_error(run(["export", str(tmp_path / "missing.pt"), "--out", "/proc/x.pth"]))
+    assert "/proc/x.pth" in line and "Errno" not in line, line
