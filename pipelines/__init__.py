@@ -126,13 +126,28 @@ def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
         for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
             for fname in sorted(fnames):
                 if fname.lower().endswith(IMG_EXTENSIONS):
-                    files.append(os.path.relpath(os.path.join(dirpath, fname), root))
+                    path = os.path.join(dirpath, fname)
+                    _readable_name(path)
+                    if os.path.islink(path) and not os.path.exists(path):
+                        raise ValueError(f"{path}: a link to {os.readlink(path)}, which does not exist; remove the "
+                                         "link or restore what it points to")
+                    files.append(os.path.relpath(path, root))
                     labels.append(label)
                     count += 1
         if count == 0:
             raise ValueError(f"class folder has no image files ({'/'.join(IMG_EXTENSIONS)}): "
                              f"{class_dir}")
     return FolderIndex(root, classes, files, labels)
+
+
+def _readable_name(path: str) -> None:
+    """ValueError for a path that is not UTF-8 (Python holds its bytes as surrogates): DALI's file lists,
+    the preflight's cache and every message need text."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ValueError(f"{shown}: a file or folder name that is not UTF-8; rename it") from None
 
 
 def check_sharding(num_samples: int, *, train: bool, batch_size: int, rank: int, world_size: int,

@@ -683,3 +683,16 @@ def test_loader_arguments_that_cannot_work_are_named(tiny, bad, message):
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         build_loader("torch", tiny / "train", **args)
+
+
+def test_a_dangling_link_and_a_name_that_is_not_utf8_are_named(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / c / "x.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "a" / "broken.jpg")
+    with pytest.raises(ValueError, match=r"broken.jpg: a link to .*gone.jpg, which does not exist; remove the link"):
+        scan_image_folder(tmp_path)
+    (tmp_path / "a" / "broken.jpg").unlink()
+    (tmp_path / "b" / "x.jpg").rename(os.fsdecode(os.fsencode(str(tmp_path / "b")) + b"/x\xff.jpg"))
+    with pytest.raises(ValueError, match=r"x\\xff.jpg: a file or folder name that is not UTF-8; rename it"):
+        scan_image_folder(tmp_path)
