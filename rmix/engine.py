@@ -758,6 +758,8 @@ def evaluate_checkpoint(path, *, data_dir=None, dataset=None, model=None, loader
         cfg = replace(cfg, **{"mix.share_fc": shared})
     else:
         cfg = C.from_dict(ckpt["config"])
+    if dataset not in (None, "auto", cfg.data.dataset) and data_dir is None:
+        data_dir = ""  # another kind of data than the checkpoint's own folder: its default place, or --data-dir asked
     changes = {k: v for k, v in (("model", model), ("batch_size", batch_size), ("device", device),
                                  ("data.data_dir", data_dir), ("data.loader", loader),
                                  ("data.dataset", dataset)) if v is not None}

@@ -296,3 +296,17 @@ def test_show_and_data_check_on_fashion_mnist(tmp_path):
     shutil.copy(data / "train-labels-idx1-ubyte.gz", data / "t10k-labels-idx1-ubyte.gz")
     r = CliRunner().invoke(cli, ["data", "check", str(data)])
     assert r.exit_code != 0 and "t10k-labels-idx1-ubyte.gz" in r.output
+
+
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_eval_with_another_dataset_reads_that_datasets_own_place_not_the_checkpoints_folder(tiny, tmp_path):
+    # a folder checkpoint, --dataset fashion-mnist: Debian's files (their 10 classes then refused), not tiny/
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(run), "--epochs", "1", "--model", "resnet8",
+                                 "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--workers", "1",
+                                 "--loader", "torch"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "best.pt"), "--dataset", "fashion-mnist"])
+    assert r.exit_code == 2 and f"--data-dir: {DEBIAN_FASHION_MNIST} has 10 classes" in r.output, r.output
+    r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "best.pt"), "--dataset", "cifar10"])
+    assert r.exit_code == 2 and "--dataset: cifar10 needs --data-dir" in r.output, r.output
