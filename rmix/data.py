@@ -81,6 +81,13 @@ def resolve_data(data_dir: str, dataset: str = "auto"):
                                  "(`rmix data prepare` writes train-000000.tar, ..., val-000000.tar, ...)")
         return root, dataset
     if dataset in ARRAY_SETS:
+        try:
+            held = detect_dataset(root)
+        except ValueError:  # idx files either MNIST could be: the reader takes them as named
+            held = dataset
+        if held == "wds" or (held == "folder" and (root / "train").is_dir()):  # another kind's files, named first
+            raise ValueError(f"--data-dir: {root} holds {DATASET_KINDS[held]}, read here as --dataset {dataset} "
+                             f"(a preset's or --dataset), which needs its own files; --dataset {held} reads it")
         return root, dataset  # the reader names any missing or malformed file
     for split in ("train", "val"):
         if not (root / split).is_dir():

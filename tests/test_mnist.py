@@ -310,3 +310,13 @@ def test_eval_with_another_dataset_reads_that_datasets_own_place_not_the_checkpo
     assert r.exit_code == 2 and f"--data-dir: {DEBIAN_FASHION_MNIST} has 10 classes" in r.output, r.output
     r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run / "best.pt"), "--dataset", "cifar10"])
     assert r.exit_code == 2 and "--dataset: cifar10 needs --data-dir" in r.output, r.output
+
+
+def test_an_image_folder_read_as_an_array_dataset_names_what_it_holds_first(tiny, tmp_path):
+    # the preset says fashion-mnist; the folder is images: that is the error, not the options arrays ignore
+    r = CliRunner().invoke(cli, ["train", "--preset", "cpu-fashion", "--data-dir", str(tiny), "--crop-size", "16",
+                                 "--val-resize", "20", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"Error: --data-dir: {tiny.resolve()} holds an image folder (train/, val/), read here as "
+                               "--dataset fashion-mnist"), r.output
+    assert "--dataset folder reads it" in r.output and not (tmp_path / "r").exists()
