@@ -373,7 +373,7 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
             cfg, changes = resume.merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow_changes)
             metrics_rows(run_dir / "metrics.jsonl")  # a bad row is refused before anything is written
             if ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
-                return _complete(cfg, ckpt, Path(path).parent, show, d)
+                return _complete(cfg, ckpt, Path(path).parent, show, d, out=run_dir)
         else:  # auto with nothing to continue from: a fresh start, if the directory holds no run's results
             cfg = _fresh_start(cfg, run_dir, given, allow_changes)
     root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
@@ -726,14 +726,15 @@ def _fresh_start(cfg, run_dir, given, allow_changes):
     return cfg
 
 
-def _complete(cfg, ckpt, run_dir, show, d):
+def _complete(cfg, ckpt, run_dir, show, d, out=None):
     """`--resume` of a run that has trained all its epochs: nothing to do, said so.
 
-    `run_dir` is the checkpoint's own: a complete run resumed into another --out leaves that empty."""
+    `run_dir` is the checkpoint's own: a complete run resumed into another --out (`out`) leaves that empty."""
     rows = [json.loads(line) for line in metrics_rows(run_dir / "metrics.jsonl")]
     final = next((r["val_top1"] for r in reversed(rows) if r.get("val_top1") is not None), None)
     if show:
-        Progress.line(f"{run_dir} is complete: {ckpt['epoch']} of {cfg.epochs} epochs trained; nothing to do "
+        elsewhere = f", and nothing is written to --out {out}" if out is not None and Path(out) != run_dir else ""
+        Progress.line(f"{run_dir} is complete: {ckpt['epoch']} of {cfg.epochs} epochs trained; nothing to do{elsewhere} "
                       "(--allow-changes epochs --epochs N trains on)")
     dist.cleanup(d)
     return {"best_top1": ckpt["best_top1"], "final_top1": final, "run_dir": str(run_dir), "epochs": rows,

@@ -359,7 +359,7 @@ def test_a_complete_run_resumed_into_a_new_out_names_its_own_directory_and_leave
     before = snapshot(run)
     r = train(tiny, new, "--epochs", "1", "--resume", str(run / "latest.pt"))
     assert r.exit_code == 0, r.output
-    assert f"{run} is complete: 1 of 1 epochs trained" in r.output and f"run directory: {run}\n" in r.output
+    assert f"{run} is complete: 1 of 1 epochs trained; nothing to do, and nothing is written to --out {new}" in r.output and f"run directory: {run}\n" in r.output
     assert not new.exists() and snapshot(run) == before
 
 
