@@ -119,3 +119,18 @@ def test_evaluate_skips_an_empty_batch_and_counts_a_single_image_or_none():
     assert one["images"] == 1 and one["top1"] == by_hand(model, single)[0] and one["top1"] in (0.0, 100.0)
     none = engine.evaluate(model, [], NoMix(7, mean=MEAN, std=STD), None)
     assert none["images"] == 0 and none["top1"] == 0.0
+
+
+class Counted(list):
+    """Batches that say how many classes their loader has, as rmix's loaders do."""
+
+    def __init__(self, items, num_classes):
+        super().__init__(items)
+        self.num_classes = num_classes
+
+
+@pytest.mark.parametrize("k,top5", [(5, False), (6, True)])
+def test_top5_is_reported_only_with_more_than_five_classes(k, top5):
+    # with five classes or fewer every image is in its top five: 100 % says nothing, so it is None
+    got = engine.evaluate(tiny_model(k), Counted(batches([4], k=k), k), NoMix(k, mean=MEAN, std=STD), None)
+    assert (got["top5"] is not None) == top5

@@ -403,3 +403,16 @@ def test_a_resume_with_a_recorded_change_does_not_call_config_json_edited(tiny, 
     assert train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs").exit_code == 0
     r = train(tiny, run, "--epochs", "3", "--resume", "auto", "--allow-changes", "epochs")
     assert r.exit_code == 0 and "config.json:" not in r.output, r.output
+
+
+def test_a_checkpoint_from_before_mid_epoch_saves_resumes_at_its_epoch_end(tiny, tmp_path):
+    # checkpoints written before --save-every-steps have no "step": they are epoch ends
+    from rmix import checkpoint
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    ckpt = checkpoint.read(run / "latest.pt")
+    payload = {k: v for k, v in ckpt.items() if k not in ("step", "foreign")}
+    checkpoint.save(run / "latest.pt", payload)
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 0 and "resuming at epoch 2 (" in r.output, r.output
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

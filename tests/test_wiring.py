@@ -276,3 +276,13 @@ def test_momentum_buffers_are_zeroed_only_where_the_first_step_would_equal_a_zer
     opt = torch.optim.SGD([w], lr=0.1, momentum=momentum, dampening=dampening)
     init_momentum(opt)
     assert ("momentum_buffer" in opt.state[w]) == zeroed
+
+
+def test_the_stop_check_is_told_the_epochs_last_step_only_there():
+    # under DDP the flag is all-reduced every `every` steps and at the last step: `last` must mark that one
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (4,), generator=g)) for _ in range(4)]
+    calls = []
+    epoch_of(config(), batches, stop=lambda done, last=False: calls.append((done, last)) and False)
+    assert calls == [(1, False), (2, False), (3, False), (4, True)]
