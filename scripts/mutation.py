@@ -47,7 +47,7 @@ TARGETS = {
                              "_to_cpu"],
                "tests": ["tests/test_core.py", "tests/test_wiring.py", "tests/test_sync.py", "tests/test_evaluate.py",
                          "tests/test_run_files.py", "tests/test_resume_layout.py", "tests/test_preempt.py",
-                         "tests/test_resume_steps.py"]},
+                         "tests/test_resume_steps.py", "tests/test_reliability.py"]},
     "sharding": {"files": ["pipelines/__init__.py"],
                  "functions": ["check_sharding", "train_batches", "val_batches", "shard_indices", "first_per_class",
                                "scan_image_folder"],
