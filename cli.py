@@ -436,10 +436,18 @@ def check(directory, dataset, decoder, threads, as_json):
             click.echo(f"{split}: {c['samples']} samples in {c['shards']} shards ({how})")
         for b in result["bad"]:
             click.echo(f"{b['path']}: {b['reason']}")
-        click.echo(f"{result['ok']} images decode, {len(result['bad'])} do not, {result['classes']} classes")
+        if dataset in ARRAY_SETS:  # whole files, each holding a split or part of one: no image is read alone
+            read = ", ".join(f"{split} {n}" for split, n in result["splits"].items()) or "no split whole"
+            click.echo(f"{result['ok']} images read ({read}), {len(result['bad'])} damaged file(s), "
+                       f"{result['classes']} classes")
+        else:
+            click.echo(f"{result['ok']} images decode, {len(result['bad'])} do not, {result['classes']} classes")
     if result["bad"]:
         if not as_json:
-            click.echo(f"Error: {summary(result)}", err=True)
+            bad = result["bad"]
+            what = (f"{len(bad)} damaged file(s): " + ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+                    if dataset in ARRAY_SETS else summary(result))
+            click.echo(f"Error: {what}", err=True)
         sys.exit(1)
 
 

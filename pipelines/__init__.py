@@ -262,8 +262,15 @@ def _crop_loader_args(num_samples: int, *, train, batch_size, rank, world_size, 
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    check_seed(kw.get("seed", 0))
     return dict(train=train, batch_size=batch_size, rank=rank, world_size=world_size, drop_last=drop_last,
                 device=device, **kw)
+
+
+def check_seed(seed) -> None:
+    """ValueError naming `seed` outside [0, 2**31), the CLI's --seed range (numpy takes 32 bits, and ranks add)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed: expected an integer in [0, 2**31), got {seed!r}")
 
 
 def pil_rgb(image):
@@ -572,6 +579,7 @@ def build_array_loader(kind: str, images: np.ndarray, labels: np.ndarray, classe
         images, labels = np.ascontiguousarray(images[keep]), labels[keep]
     check_sharding(len(labels), train=train, batch_size=batch_size, rank=rank,
                    world_size=world_size, drop_last=drop_last)
+    check_seed(seed)
     common = dict(train=train, batch_size=batch_size, seed=seed, num_threads=num_threads,
                   device=device, rank=rank, world_size=world_size, drop_last=drop_last, flip=flip)
     if kind == "dali":

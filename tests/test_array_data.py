@@ -307,3 +307,6 @@ def test_data_check_reads_a_cifar_set_as_cifar_and_names_a_bad_batch(tmp_path):
     batch.write_bytes(pickle.dumps(d))
     r = CliRunner().invoke(cli, ["data", "check", str(tmp_path)])
     assert r.exit_code == 1 and f"{batch}: " in r.output and "labels would pair up wrongly" in r.output, r.output
+    test = result["splits"]["test"]
+    assert f"{test} images read (test {test}), 1 damaged file(s), 10 classes" in r.output, r.output
+    assert f"Error: 1 damaged file(s): {batch} (" in r.output and "unreadable image" not in r.output

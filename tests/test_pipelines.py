@@ -696,3 +696,14 @@ def test_a_dangling_link_and_a_name_that_is_not_utf8_are_named(tmp_path):
     (tmp_path / "b" / "x.jpg").rename(os.fsdecode(os.fsencode(str(tmp_path / "b")) + b"/x\xff.jpg"))
     with pytest.raises(ValueError, match=r"x\\xff.jpg: a file or folder name that is not UTF-8; rename it"):
         scan_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31, 1.5, True])
+def test_a_loader_seed_out_of_range_names_seed(tmp_path, seed):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.jpg")
+    for kind in ("dali", "torch"):
+        with pytest.raises(ValueError, match=r"^seed: expected an integer in \[0, 2\*\*31\)"):
+            build_loader(kind, tmp_path, train=True, batch_size=2, crop_size=8, val_resize=8, num_threads=1, seed=seed)
