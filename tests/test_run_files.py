@@ -416,3 +416,19 @@ def test_a_checkpoint_from_before_mid_epoch_saves_resumes_at_its_epoch_end(tiny,
     r = train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
     assert r.exit_code == 0 and "resuming at epoch 2 (" in r.output, r.output
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_resume_takes_another_path_to_the_same_data_and_refuses_other_data_there(tiny, tmp_path):
+    import shutil
+    run, same, other = tmp_path / "run", tmp_path / "same", tmp_path / "other"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    shutil.copytree(tiny, same)  # the data moved: another path, the same files
+    shutil.copytree(tiny, other)
+    first = sorted(p for p in (other / "train").iterdir() if p.is_dir())[0]
+    sorted(first.iterdir())[0].unlink()  # the same classes, another training split
+    before = snapshot(run)
+    r = train(other, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 2 and "its training split differs" in r.output, r.output
+    assert snapshot(run) == before
+    r = train(same, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 0 and "now holds" not in r.output, r.output

@@ -286,3 +286,11 @@ def test_the_stop_check_is_told_the_epochs_last_step_only_there():
     calls = []
     epoch_of(config(), batches, stop=lambda done, last=False: calls.append((done, last)) and False)
     assert calls == [(1, False), (2, False), (3, False), (4, True)]
+
+
+@pytest.mark.parametrize("amp,dtype", [(None, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_the_policy_hands_the_model_images_in_the_autocast_dtype(amp, dtype):
+    cfg = config()
+    policy, normalize = build_policies(cfg, torch.device("cpu"), amp)
+    images, targets = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    assert policy(images, targets).images.dtype == dtype and normalize(images, targets).images.dtype == dtype
