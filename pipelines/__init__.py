@@ -154,15 +154,15 @@ def check_sharding(num_samples: int, *, train: bool, batch_size: int, rank: int,
                    drop_last: bool = True):
     """Validate rank/world_size/batch_size against the split size; raises ValueError."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"--batch-size: batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     if num_samples < world_size:
         raise ValueError(f"{num_samples} images cannot be split over {world_size} ranks")
     if train and drop_last and (num_samples // world_size) // batch_size == 0:
         raise ValueError(
-            f"{num_samples} images over {world_size} ranks give no full batch of {batch_size} "
-            f"(train drops the partial batch; --keep-last keeps it)")
+            f"--batch-size {batch_size}: {num_samples} images over {world_size} ranks give no full batch of "
+            f"{batch_size} (train drops the partial batch; --keep-last keeps it)")
 
 
 def train_batches(num_samples: int, batch_size: int, world_size: int, drop_last: bool = True) -> int:
@@ -492,7 +492,12 @@ def load_cifar(root, *, train: bool, cifar100: bool = False):
     for name in names:
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"CIFAR batch file not found: {path}")
+            other = "cifar10" if cifar100 else "cifar100"
+            held = [n for n in (["data_batch_1", "test_batch"] if cifar100 else ["train", "test"])
+                    if os.path.isfile(os.path.join(directory, n))]
+            hint = f"; {directory} holds the other CIFAR's files ({', '.join(held)}): --dataset {other} reads it" \
+                if held else ""
+            raise FileNotFoundError(f"CIFAR batch file not found: {path}{hint}")
         data, ls = _cifar_batch(path, cifar100)
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(ls)

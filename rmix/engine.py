@@ -367,7 +367,13 @@ def _train(cfg, d, device, run_dir, show_progress, given, allow_changes, preempt
     if cfg.resume:
         path = run_dir / "latest.pt" if cfg.resume == "auto" else Path(cfg.resume)
         if cfg.resume != "auto" or path.is_file():
-            ckpt = checkpoint.read(path)
+            try:
+                ckpt = checkpoint.read(path)
+            except checkpoint.CheckpointError as e:  # a latest.pt cut short: say what is left to go on from
+                best = path.with_name("best.pt")
+                if path.name != "latest.pt" or not best.is_file():
+                    raise
+                raise checkpoint.CheckpointError(f"{e}; `--resume {best}` continues from best.pt's epoch") from None
             if ckpt["foreign"]:
                 raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
             cfg, changes = resume.merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow_changes)

@@ -310,3 +310,10 @@ def test_data_check_reads_a_cifar_set_as_cifar_and_names_a_bad_batch(tmp_path):
     test = result["splits"]["test"]
     assert f"{test} images read (test {test}), 1 damaged file(s), 10 classes" in r.output, r.output
     assert f"Error: 1 damaged file(s): {batch} (" in r.output and "unreadable image" not in r.output
+
+
+def test_cifar100_files_read_as_cifar10_name_the_dataset_that_reads_them(tmp_path):
+    from test_pipelines import _write_cifar
+    _write_cifar(tmp_path, True)
+    with pytest.raises(FileNotFoundError, match=r"holds the other CIFAR's files \(train, test\): --dataset cifar100"):
+        load_cifar(tmp_path / "cifar-100-python", train=True, cifar100=False)

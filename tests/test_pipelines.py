@@ -616,7 +616,7 @@ def test_val_indices_cover_every_image_once_and_batches_fit_the_largest_shard(n,
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(batch_size=0), "batch_size must be >= 1"), (dict(rank=2, world_size=2), "need 0 <= rank < world_size"),
+    (dict(batch_size=0), "--batch-size: batch_size must be >= 1"), (dict(rank=2, world_size=2), "need 0 <= rank < world_size"),
     (dict(rank=-1), "need 0 <= rank"), (dict(world_size=0, rank=0), "need 0 <= rank"),
     (dict(num_samples=3, world_size=4, rank=0), "3 images cannot be split over 4 ranks"),
     (dict(num_samples=5, batch_size=3, world_size=2, rank=0), "give no full batch of 3")])

@@ -432,3 +432,14 @@ def test_a_resume_takes_another_path_to_the_same_data_and_refuses_other_data_the
     assert snapshot(run) == before
     r = train(same, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
     assert r.exit_code == 0 and "now holds" not in r.output, r.output
+
+
+def test_a_latest_pt_cut_short_names_best_pt_to_go_on_from(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny, run, "--epochs", "1").exit_code == 0
+    data = (run / "latest.pt").read_bytes()
+    (run / "latest.pt").write_bytes(data[:len(data) // 2])
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "2", "--resume", "auto", "--allow-changes", "epochs")
+    assert r.exit_code == 2 and "cannot read checkpoint: truncated or damaged" in r.output, r.output
+    assert f"`--resume {run / 'best.pt'}` continues from best.pt's epoch" in r.output and snapshot(run) == before
