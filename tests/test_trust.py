@@ -247,7 +247,10 @@ def test_what_is_not_a_checkpoint_says_so(tmp_path):
 def test_ctrl_c_names_the_resume(tmp_path, tiny):
     cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny),
            "--out", str(tmp_path / "r"), *TINY, "--epochs", "200"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C's disposition restored: a suite started in the background (`cmd &`) inherits SIGINT ignored,
+    # and Python then installs no handler in the child, rightly (nohup'ed runs ignore Ctrl-C)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "r" / ".lock").exists():
         time.sleep(0.05)
