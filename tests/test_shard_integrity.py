@@ -382,6 +382,11 @@ def write_members(path, members):
                 tar.addfile(info, io.BytesIO(blob))
 
 
+def samples(n, classes=2, pad=0):
+    """[(name, bytes)] of `n` samples k0..k{n-1}: an image, then its label i % classes (padded with `pad` spaces)."""
+    return [m for i in range(n) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % classes) + b" " * pad))]
+
+
 def test_a_label_written_before_its_image_is_read_with_that_image(tmp_path):
     # other writers may put .cls first: the one-read shortcut (a label just after its image) must not apply
     root = tmp_path / "clsfirst"
@@ -411,7 +416,7 @@ def test_directories_inside_and_after_an_index_less_shard_are_not_samples(tmp_pa
     root = tmp_path / "dirs"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(6) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 3)))]
+        members = samples(6, classes=3)
         write_members(root / f"{split}-000000.tar", members[:4] + [("sub", None), ("sub/.DS_Store", b"x")] + members[4:]
                       + [("extras", None)])
     split = scan_shards(root, "train")
@@ -444,7 +449,7 @@ def test_an_idx_shorter_than_its_tar_is_refused_when_its_last_member_fills_whole
     root = tmp_path / "aligned"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(4) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2) + b" " * 511))]
+        members = samples(4, pad=511)
         write_members(root / f"{split}-000000.tar", members)
         entries = wds_index(root / f"{split}-000000.tar")
         write_dali_index(entries[:3], str(root / f"{split}-000000.idx"))  # the last sample left out
@@ -463,7 +468,7 @@ def test_a_shard_cut_right_after_a_member_that_fills_whole_blocks_is_named_cut(t
     root = tmp_path / "cut"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2) + b" " * 511))]
+        members = samples(3, pad=511)
         write_members(root / f"{split}-000000.tar", members)
     last = wds_index(root / "train-000000.tar")[-1][-1]
     with open(root / "train-000000.tar", "r+b") as f:
@@ -484,7 +489,7 @@ def test_what_is_not_a_sample_after_the_last_sample_of_an_indexed_shard_is_not_m
     root = tmp_path / "indexed"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(4) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        members = samples(4)
         write_members(root / f"{split}-000000.tar", members + [after])
         write_dali_index(wds_index(root / f"{split}-000000.tar"), str(root / f"{split}-000000.idx"))
     assert len(scan_shards(root, "train").samples) == 4
@@ -504,7 +509,7 @@ def test_a_sample_without_one_image_and_one_label_names_its_members(tmp_path, la
     root = tmp_path / "nolabel"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        members = samples(3)
         write_members(root / f"{split}-000000.tar", members + [(name, jpeg(seed)) for name, seed in last])
     names = ", ".join(name for name, _ in last)
     refused(root, tmp_path, f"train-000000.tar: sample 3 ({names}) needs one image (.jpg/.jpeg/.png...) and one .cls")
@@ -515,7 +520,7 @@ def test_a_shard_ending_in_one_zero_block_is_read(tmp_path):
     root = tmp_path / "lone"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        members = samples(3)
         write_members(root / f"{split}-000000.tar", members)
         last = wds_index(root / f"{split}-000000.tar")[-1][-1]
         with open(root / f"{split}-000000.tar", "r+b") as f:
@@ -529,7 +534,7 @@ def test_bytes_after_the_last_member_that_are_no_tar_header_are_named(tmp_path):
     root = tmp_path / "junk"
     root.mkdir()
     for split in ("train", "val"):
-        members = [m for i in range(3) for m in ((f"k{i}.jpg", jpeg(i)), (f"k{i}.cls", b"%d" % (i % 2)))]
+        members = samples(3)
         write_members(root / f"{split}-000000.tar", members)
     last = wds_index(root / "train-000000.tar")[-1][-1]
     end = -(-(last[1] + last[2]) // 512) * 512

@@ -251,30 +251,5 @@ def test_a_master_that_is_not_a_store_is_one_line(tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: rank 1:") and "lost contact" not in last, r.stderr[-3000:]
-
-
-def test_a_peer_that_is_no_torch_store_is_one_line_without_torch_s_backtrace(tiny, tmp_path):
-    # a listener that is not torch's store: torch's client logs ~60 C++ frames per failed read
-    import threading
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    port = server.getsockname()[1]
-
-    def answer():
-        for _ in range(8):
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
-            conn.close()
-    threading.Thread(target=answer, daemon=True).start()
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "rmix", "train", "--data-dir", str(tiny), "--out", str(tmp_path / "r"),
-                        *ARGS, "--dist-timeout", "10"], env=env, capture_output=True, text=True, timeout=120)
-    server.close()
-    out = r.stdout + r.stderr
-    assert r.returncode == 2 and "frame #" not in out and "TCPStore" not in out, out
-    assert [line for line in out.splitlines() if line.strip()][-1].startswith("Error: rank 1: cannot join the job"), out
+    # torch's store client logs ~60 C++ frames per failed read: held while joining, dropped on failure
+    assert "frame #" not in r.stderr and "TCPStore" not in r.stderr, r.stderr[-3000:]
