@@ -4,8 +4,8 @@ import os
 import sys
 
 # Before torch loads libgomp: its OpenMP threads otherwise spin ~300k iterations waiting for work,
-# and two runs on one machine spin against each other (`rmix bench contention`, 2 cores, 5 epochs:
-# two at once 4.29x one alone by default, 2.39x with 10000; alone 1.01x). A user's value wins.
+# and two runs on one machine spin against each other (BENCHMARKS.md, `rmix bench contention`).
+# A user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import click  # noqa: E402
@@ -22,6 +22,7 @@ def _sorted(e: Exception):
     from rmix.checkpoint import CheckpointError, SaveError
     from rmix.guard import TrainingError
     from rmix.pipelines import DecodeError, MissingPackage
+    from rmix.pipelines.errors import one_line
     if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, MissingPackage)):
         return 2, f"Error: {e}"
     if isinstance(e, DecodeError):  # outside training (show, bench, eval): the files, and where to look
@@ -29,7 +30,7 @@ def _sorted(e: Exception):
     if isinstance(e, (TrainingError, SaveError)):
         return 1, f"Error: {e}"
     if isinstance(e, RuntimeError) and _lost_peer(e):
-        what = " ".join(str(e).split())[:300]
+        what = one_line(e, 300, typed=False, ellipsis=False)
         return 1, (f"Error: lost contact with another process of the job ({type(e).__name__}: {what}); "
                    "with --out and --resume auto, relaunching the job continues from its last checkpoint")
     return None
@@ -94,17 +95,17 @@ TRAIN_OPTIONS = [
     ("--aug", "mix.policy", click.Choice(C.AUGS), "mixing policy"),
     ("--aug-alpha", "mix.alpha", float, "RM area ratio bound / Mixup-CutMix Beta alpha"),
     ("--aug-omega", "mix.omega", float, "RM consistency loss weight"),
-    ("--interpolate", "mix.interpolate", click.Choice(["nearest", "bilinear"]), "RM history resize"),
+    ("--interpolate", "mix.interpolate", click.Choice(C.INTERPOLATIONS), "RM history resize"),
     ("--per-sample-boxes/--batch-box", "mix.per_sample", None, "RM: one box per image [default: one per batch]"),
     ("--share-fc/--own-fc", "mix.share_fc", None, "RoI head reuses the classifier [default: own fc_roi]"),
     ("--shared-boxes/--rank-boxes", "mix.shared_boxes", None,
      "torchrun: every rank draws the same boxes and lam, as the paper's code [default: one stream per rank]"),
     ("--smoothing", "mix.smoothing", float, "label smoothing"),
-    ("--smoothing-form", "mix.smoothing_form", click.Choice(["paper", "uniform"]),
+    ("--smoothing-form", "mix.smoothing_form", click.Choice(C.SMOOTHING_FORMS),
      "paper: other classes get s/(K-1), as the RM code; uniform: s/K, as torch and timm"),
     ("--loader", "data.loader", click.Choice(C.LOADERS), "input pipeline"),
-    ("--dali-device", "data.dali_device", click.Choice(["auto", "cpu", "gpu"]), "DALI decode device"),
-    ("--torch-decode", "data.torch_decode", click.Choice(["workers", "device"]),
+    ("--dali-device", "data.dali_device", click.Choice(C.DALI_DEVICES), "DALI decode device"),
+    ("--torch-decode", "data.torch_decode", click.Choice(C.TORCH_DECODES),
      "torch loader, image folders: PIL in the workers, or torchvision.io.decode_jpeg on the device (nvJPEG)"),
     ("--crop-size", "data.crop_size", int, "train/val crop in pixels"),
     ("--min-area", "data.min_area", float, "random-resized-crop minimum area"),
@@ -167,8 +168,8 @@ def train_options(f):
     return f
 
 
-def config_from_options(opts: dict, base=None) -> C.TrainConfig:
-    """Overlay the options the user gave (not None) onto `base`."""
+def option_changes(opts: dict) -> dict:
+    """The options the user gave (not None) as dotted config fields."""
     changes = {}
     for k, v in opts.items():
         if v is None:
@@ -182,67 +183,7 @@ def config_from_options(opts: dict, base=None) -> C.TrainConfig:
         if key == "log":
             v = tuple(name.strip() for name in v.split(",") if name.strip())
         changes[key] = v
-    return C.replace(base or C.TrainConfig(), **changes)
-
-
-CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")  # what --config reads, by its suffix
-
-
-def load_config_file(path, base=None, keys=None) -> C.TrainConfig:
-    """`base` overlaid with a config file (.json, .toml, .yaml): config.json's nested fields, or any subset."""
-    import pathlib
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config: {p} is not a file")
-    if p.suffix not in CONFIG_SUFFIXES:
-        raise ValueError(f"--config: {p}: {p.suffix or 'a file without a suffix'} is not a supported format; "
-                         f"use {'/'.join(CONFIG_SUFFIXES[:3])}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--config: {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") \
-            from None
-    try:
-        if p.suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10: the same parser, from PyPI
-                import tomli as tomllib
-            d = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"--config: {p} is YAML; install PyYAML or use .toml/.json") from None
-            try:
-                d = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:  # PyYAML's errors are not ValueErrors; its message spans lines
-                raise ValueError(f"--config: {p} is not valid yaml: {' '.join(str(e).split())}") from None
-        else:
-            d = json.loads(text)
-    except ValueError as e:
-        if str(e).startswith("--config"):
-            raise
-        raise ValueError(f"--config: {p} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"--config: {p} must hold a table of fields")
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            flat[k] = v
-    types = C.field_types()
-    changes = {}
-    for key, value in flat.items():
-        field = _config_key(key, types)
-        try:
-            changes[field] = C.check_value(field, value, types)
-        except ValueError as e:
-            raise ValueError(f"--config: {p}: {e}") from None
-    if keys is not None:
-        keys.update(changes)
-    return C.replace(base or C.TrainConfig(), **changes)
+    return changes
 
 
 def option_fields() -> dict:
@@ -254,33 +195,14 @@ def option_fields() -> dict:
     return out
 
 
-def _config_key(key: str, types: dict) -> str:
-    """A config file's key as a dotted field: config.json's nested names, or an option's name."""
-    if key in types:
-        return key
-    head, _, tail = key.rpartition(".")
-    options = option_fields()
-    if not head and key in options:
-        return options[key]
-    import difflib
-    table = [k for k in types if k.rpartition(".")[0] == head]
-    valid = [k.rpartition(".")[2] for k in table] + ([] if head else sorted(set(options) - set(types)))
-    if head and not table:
-        tables = sorted({k.split(".")[0] for k in types if "." in k})
-        raise ValueError(f"--config: unknown table [{head}]; the tables are {', '.join(tables)}")
-    close = difflib.get_close_matches(tail, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    where = f"in [{head}]" if head else "at the top level"
-    raise ValueError(f"--config: unknown key {tail!r} {where}{hint}; valid keys there: {', '.join(sorted(valid))}")
-
-
-def _allowed_field(name: str, types: dict) -> str:
+def _allowed_field(name: str) -> str:
     """An --allow-changes name as a dotted field; ValueError naming it, with its close matches, if none."""
+    from rmix.config_file import field_name
     try:
-        return _config_key(name, types)
+        return field_name(name, option_fields())
     except ValueError:
         import difflib
-        names = sorted(set(types) | set(option_fields()))
+        names = sorted(set(C.field_types()) | set(option_fields()))
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `rmix train --help` lists the settings"
         raise ValueError(f"--allow-changes: {name!r} is not a config field{hint}") from None
@@ -300,22 +222,13 @@ def train(preset, config_file, allow_changes, **opts):
     run's saved settings come first, and a setting given with another value is refused unless
     --allow-changes names it.
     """
+    from rmix.config_file import read
     from rmix.engine import train as run
-    from rmix.presets import PRESETS
-    from rmix.presets import preset as get_preset
-    base = get_preset(preset) if preset else None
-    given = set(PRESETS[preset][1]) if preset else set()
-    filed = set()  # the fields a --config file sets
-    if config_file:
-        base = load_config_file(config_file, base, keys=filed)
-    cfg = config_from_options(opts, base)
-    typed = {k.replace("__", ".") for k, v in opts.items() if v is not None}
-    # a config file's settings are the user's too, where they differ from the defaults (a saved
-    # config.json lists every field, most at their defaults)
-    C.refuse_unused(cfg, typed | {k for k in filed if C.get(cfg, k) != C.get(C.TrainConfig(), k)})
-    given |= filed | typed
-    types = C.field_types()
-    allow = {_allowed_field(n.strip(), types) for n in (allow_changes or "").split(",") if n.strip()}
+    from rmix.presets import fields
+    recipe = fields(preset) if preset else {}
+    filed = read(config_file, option_fields()) if config_file else {}
+    cfg, given = C.layer(recipe, filed, option_changes(opts))
+    allow = {_allowed_field(n.strip()) for n in (allow_changes or "").split(",") if n.strip()}
     if allow and not opts.get("resume"):
         raise ValueError("--allow-changes: only a --resume compares settings with a saved run's; drop it")
     result = run(cfg, given=given, allow_changes=allow)
@@ -406,28 +319,9 @@ def synth(out, classes, train_per_class, val_per_class, width, height, seed, qua
 @click.option("--json", "as_json", is_flag=True, help='print {"ok": n, "bad": [{"path", "reason"}], "classes": k}')
 def check(directory, dataset, decoder, threads, as_json):
     """Decode every image once and name each unreadable file; exit 1 if any."""
-    import pathlib
-
-    from rmix.data import ARRAY_SETS, detect_dataset, sharded
-    from rmix.pipelines import check_array_dataset
-    from rmix.pipelines.preflight import check as run_check
+    from rmix.data import ARRAY_SETS, check_data
     from rmix.pipelines.preflight import summary
-    root = pathlib.Path(directory)
-    if not root.is_dir():
-        raise ValueError(f"{root}: not a directory")
-    if threads < 1:
-        raise ValueError(f"--threads: must be >= 1, got {threads}")
-    if dataset == "auto":
-        dataset = detect_dataset(root)
-    if dataset in ARRAY_SETS:  # CIFAR's batches and MNIST's idx files: each split read whole, every file checked
-        result = check_array_dataset(root, dataset)
-    elif sharded(root, dataset):
-        from rmix.pipelines.wds import find_shards
-        splits = [(str(root), s) for s in ("train", "val") if find_shards(str(root), s)]
-        result = run_check(splits, decoder, threads, use_cache=False)
-    else:
-        splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
-        result = run_check(splits, decoder, threads, use_cache=False)
+    dataset, result = check_data(directory, dataset, decoder, threads)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -522,8 +416,8 @@ def bench():
 @bench.command("mix")
 @click.option("--batch", type=int, default=256, show_default=True)
 @click.option("--size", type=int, default=224, show_default=True, help="image side, pixels")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--mode", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True)
+@click.option("--device", type=click.Choice(C.DEVICES[1:]), default="cpu", show_default=True)
+@click.option("--mode", type=click.Choice(C.INTERPOLATIONS), default="nearest", show_default=True)
 @click.option("--dtype", "dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="output dtype")
 @click.option("--reps", type=int, default=10, show_default=True)
@@ -555,9 +449,9 @@ def bench_mix_cmd(batch, size, device, mode, dtype, reps, threads, as_json):
 @click.option("--min-area", type=float, default=0.08, show_default=True, help="random-resized-crop area bound")
 @click.option("--reps", type=int, default=3, show_default=True, help="timed passes (epochs) after a warm-up pass")
 @click.option("--images", type=int, default=None, help="files per pass [default: 1024, or 4 batches]")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--device", type=click.Choice(C.DEVICES[1:]), default="cpu", show_default=True,
               help="where the batches are delivered")
-@click.option("--dali-device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+@click.option("--dali-device", type=click.Choice(C.DALI_DEVICES), default="auto", show_default=True,
               help="DALI decode: gpu = nvJPEG mixed (implies --device cuda); auto = gpu on cuda")
 @click.option("--decoders", is_flag=True, help="instead: whole-image JPEG decode, one thread, PIL vs torchvision vs "
                                                "TorchCodec (img/s, and pixels against PIL's)")
@@ -579,7 +473,7 @@ def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, devic
 @click.option("--size", type=int, default=32, show_default=True, help="crop side, pixels")
 @click.option("--steps", type=int, default=20, show_default=True, help="timed steps per run")
 @click.option("--warmup", type=int, default=5, show_default=True, help="untimed steps first")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(C.DEVICES[1:]), default="cpu", show_default=True)
 @click.option("--amp", type=click.Choice(C.AMPS), default="auto", show_default=True,
               help="auto = bf16 on GPUs that compute it natively, else fp16")
 @click.option("--channels-last", is_flag=True, help="channels_last model and inputs (cuda, as rmix train)")
@@ -589,7 +483,7 @@ def bench_data_cmd(data_dir, batch, threads, size, min_area, reps, images, devic
 @click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's]")
 @click.option("--compile", "compile_mode", type=click.Choice(C.COMPILE_MODES[1:]), is_flag=False,
               flag_value="default", default=None, help="also torch.compile'd runs with this mode, beside eager")
-@click.option("--torch-decode", type=click.Choice(["workers", "device"]), default="workers", show_default=True,
+@click.option("--torch-decode", type=click.Choice(C.TORCH_DECODES), default="workers", show_default=True,
               help="torch loader: PIL in the workers, or torchvision.io.decode_jpeg on the device (nvJPEG)")
 @click.option("--compiled", type=click.Choice(["both", "rm"]), default="both", show_default=True,
               help="with --compile: none and recursive_mix compiled, or recursive_mix alone (one graph)")
@@ -713,7 +607,7 @@ def _show_names(message: str) -> str:
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--format", "fmt", type=click.Choice(["torchvision", "safetensors"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(C.EXPORT_FORMATS), default=None,
               help="")
 @click.option("--out", required=True, help="file to write")
 @click.option("--drop-classifier", is_flag=True, help="leave out fc.* (for detection / segmentation backbones)")

@@ -1,6 +1,7 @@
-"""The fused RecursiveMix op: `recursive_mix`, Triton on CUDA tensors, the torch reference elsewhere."""
-from rmix.kernels.mix_ref import recursive_mix_ref
+"""The fused RecursiveMix op: `recursive_mix`, Triton on CUDA tensors, the torch reference elsewhere.
 
+Importing the package loads no torch (the config and `rmix --help` read `MODES` here); the op does."""
+MODES = ("nearest", "bilinear")  # how the history batch is resized into its box
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -20,7 +21,7 @@ def recursive_mix(images, history, targets, history_targets, boxes, *, mode="nea
     if backend == "auto":
         backend = "triton" if images.is_cuda and _triton_available() else "torch"
     if backend == "torch":
-        fn = recursive_mix_ref
+        from rmix.kernels.mix_ref import recursive_mix_ref as fn
     elif not _triton_available():
         raise ValueError("backend: 'triton' needs the triton package, which is not installed (use backend='torch')")
     else:

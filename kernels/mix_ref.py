@@ -12,7 +12,7 @@ moves each float image three to four times.
 import torch
 import torch.nn.functional as F
 
-MODES = ("nearest", "bilinear")
+from rmix.kernels import MODES
 
 
 def check_inputs(images, history, targets, history_targets, boxes, mode, num_classes, mean, std,

@@ -8,15 +8,13 @@ Val: decode, resize the shorter side to val_resize with torchvision's size rule,
 with torchvision's rounding. Both emit uint8 HWC; normalization happens later, in the fused op.
 
 Epochs: every epoch runs on a pipeline built for it, reading a "path label" list of exactly this
-rank's samples in the epoch's order (`pipelines.shard_indices`, the torchvision loader's split:
-a permutation from (seed, epoch), the same on every rank, sharded in Python), with the
-pipeline's random seed from (seed, rank, epoch). Nothing carries over from one epoch to the
-next inside DALI, so `DaliLoader.set_epoch(e)` gives exactly epoch e of an uninterrupted run.
-(DALI's own `shuffle_after_epoch` reshuffles from its internal state, which a rebuilt
-pipeline would restart; `random_shuffle` only shuffles within a window.) The rebuild delays
-each epoch's first batch: on 2 busy CPU cores a build took ~20 ms for a 3,000-file shard,
-~0.2 s for 100k and ~2 s for 1M (three quarters of it writing the list in Python), and the
-previous pipeline's shutdown ~40 ms; an ImageNet shard of 8 ranks is 160k files.
+rank's samples in the epoch's order (`Share.indices`, the torchvision loader's split: a
+permutation from (seed, epoch), the same on every rank, sharded in Python), with the pipeline's
+random seed from (seed, rank, epoch). Nothing carries over from one epoch to the next inside
+DALI, so `DaliLoader.set_epoch(e)` gives exactly epoch e of an uninterrupted run. (DALI's own
+`shuffle_after_epoch` reshuffles from its internal state, which a rebuilt pipeline would
+restart; `random_shuffle` only shuffles within a window.) The rebuild delays each epoch's first
+batch, mostly writing the list in Python: BENCHMARKS.md, "Figures moved from module docstrings".
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from rmix.pipelines import missing_dali
+from rmix.pipelines.errors import missing_dali
 
 try:
     import nvidia.dali.math as dmath
@@ -40,22 +38,18 @@ try:
 except ImportError as error:  # one line saying what to install, wherever DALI is first needed
     raise missing_dali(error) from None
 
-from rmix.pipelines import (  # noqa: E402
-    DecodeError,
-    EpochCounter,
-    FolderIndex,
-    derive_seed,
-    one_line,
-    pil_decodes,
-    shard_indices,
-    train_batches,
-    val_batches,
-)
-from rmix.pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC
-from rmix.pipelines.host_resize import HostResize
-from rmix.pipelines.streams import BatchHold
-from rmix.pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS
-from rmix.pipelines.wds import dali_readable
+from rmix.pipelines.arrays import Arrays  # noqa: E402
+from rmix.pipelines.build import DALI_DEVICES, Backend, Crop  # noqa: E402
+from rmix.pipelines.colour import GRAY_WEIGHTS, JITTER, LIGHTING, PCA_EIGVAL, PCA_EIGVEC  # noqa: E402
+from rmix.pipelines.errors import DecodeError, one_line  # noqa: E402
+from rmix.pipelines.folders import FolderIndex  # noqa: E402
+from rmix.pipelines.host_resize import HostResize  # noqa: E402
+from rmix.pipelines.images import pil_decodes  # noqa: E402
+from rmix.pipelines.seeds import derive  # noqa: E402
+from rmix.pipelines.split import EpochCounter, Share  # noqa: E402
+from rmix.pipelines.streams import BatchHold  # noqa: E402
+from rmix.pipelines.wds import IMAGE_EXTS as WDS_IMAGE_EXTS  # noqa: E402
+from rmix.pipelines.wds import ShardSplit, dali_readable  # noqa: E402
 
 # nvJPEG preallocation per pipeline, in bytes: NVIDIA's ResNet-50 example gives each decoder
 # *thread* 211 MB of device memory and two 140 MB pinned host buffers (DALI's schema: "one device
@@ -87,16 +81,34 @@ def nvjpeg_padding(num_threads: int) -> dict:
 
 
 def resolve_dali_device(dali_device: str, device: torch.device) -> tuple[str, int | None]:
-    """Map (dali_device, torch device) to (decoder backend, DALI device_id); no CUDA call on CPU."""
-    if dali_device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"dali_device must be 'auto', 'cpu' or 'gpu', got {dali_device!r}")
+    """(dali_device, torch device) -> ("cpu" or "gpu", DALI's device_id): "auto" is "gpu" when ``device``
+    is cuda. No CUDA call on the CPU."""
+    if dali_device not in DALI_DEVICES:
+        *first, last = map(repr, DALI_DEVICES)
+        raise ValueError(f"dali_device must be {', '.join(first)} or {last}, got {dali_device!r}")
     use_gpu = dali_device == "gpu" or (dali_device == "auto" and device.type == "cuda")
     if not use_gpu:
         return "cpu", None  # device_id=None: DALI never touches CUDA
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(f"dali_device='gpu' needs a CUDA device, got device={device} "
                          f"(cuda available: {torch.cuda.is_available()})")
-    return "mixed", device.index if device.index is not None else torch.cuda.current_device()
+    return "gpu", device.index if device.index is not None else torch.cuda.current_device()
+
+
+def decoder_device(dali_device: str) -> str:
+    """DALI's ``device`` for a decoder on ``dali_device`` ("cpu" or "gpu"): the GPU one is "mixed" (the
+    host parses the headers, nvJPEG decodes on the device)."""
+    return "mixed" if dali_device == "gpu" else "cpu"
+
+
+def _output_device(dali_device: str, device_id: int | None, device: torch.device) -> torch.device:
+    return torch.device("cuda", device_id) if dali_device == "gpu" else device
+
+
+def _pipe_args(share: Share, backend: Backend, device_id: int | None, epoch: int) -> dict:
+    """The @pipeline_def arguments of one epoch's pipeline; augmentation differs per rank and epoch."""
+    return dict(batch_size=share.batch_size, num_threads=max(1, backend.workers), device_id=device_id,
+                seed=derive(share.seed, "dali_augment", rank=share.rank, epoch=epoch, bits=31))
 
 
 def write_file_list(index: FolderIndex, path: str, order=None) -> str:
@@ -145,8 +157,7 @@ def _colour_jitter_and_lighting(images, on_gpu: bool, factors=None, alpha=None):
     return fn.cast(x + param(offset), dtype=types.UINT8)  # cast rounds and saturates to 0..255
 
 
-def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_area: float,
-                       val_resize: int, aug_plus: bool, resize: bool = True):
+def decode_and_augment(jpegs, crop: Crop, *, train: bool, dali_device: str, resize: bool = True):
     """Encoded images -> uint8 (crop_size, crop_size, 3) HWC: the graph train and val share.
 
     EXIF orientation is ignored, as PIL's Image.open (torchvision's loader) ignores it.
@@ -154,20 +165,21 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
     own sizes, recoloured (the colour ops are per pixel, up to the mean grey level and
     clipping, so they commute with the resize), and the flips to apply after the resize.
     """
-    mixed = decoder == "mixed"
-    pad = nvjpeg_padding(Pipeline.current().num_threads) if mixed else {}
+    on_gpu = dali_device == "gpu"
+    pad = nvjpeg_padding(Pipeline.current().num_threads) if on_gpu else {}
     linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
+    crop_size, val_resize = crop.crop_size, crop.val_resize
     if train:
         images = fn.decoders.image_random_crop(
-            jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False,
-            random_area=[min_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **pad)
+            jpegs, device=decoder_device(dali_device), output_type=types.RGB, adjust_orientation=False,
+            random_area=[crop.min_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **pad)
         if resize:
             images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, **linear)
         flips = fn.random.coin_flip(probability=0.5)  # after resize: seeds go by creation order
         if resize:
             images = fn.flip(images, horizontal=flips)
-        if aug_plus:
-            images = _colour_jitter_and_lighting(images, on_gpu=mixed)
+        if crop.aug_plus:
+            images = _colour_jitter_and_lighting(images, on_gpu=on_gpu)
         return images if resize else (images, flips)
     # torchvision's Resize(val_resize): short side -> val_resize, long side -> int(val_resize *
     # long / short). Integer arithmetic on the header's shape gives exactly those sizes.
@@ -176,7 +188,7 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
     short = dmath.min(height, width)
     new_h = (height * val_resize) // short
     new_w = (width * val_resize) // short
-    images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
+    images = fn.decoders.image(jpegs, device=decoder_device(dali_device), output_type=types.RGB,
                                adjust_orientation=False, **pad)
     images = fn.resize(images, resize_y=fn.cast(new_h, dtype=types.FLOAT),
                        resize_x=fn.cast(new_w, dtype=types.FLOAT), **linear)
@@ -186,8 +198,7 @@ def decode_and_augment(jpegs, *, train: bool, decoder: str, crop_size: int, min_
 
 
 @pipeline_def
-def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decoder: str,
-                          crop_size: int, min_area: float, val_resize: int, aug_plus: bool,
+def image_folder_pipeline(file_root: str, file_list: str, *, crop: Crop, train: bool, dali_device: str,
                           resize: bool = True):
     """readers.file over a "path label" list, in its order -> (images uint8 HWC, labels int32 (1,)).
 
@@ -197,35 +208,25 @@ def image_folder_pipeline(file_root: str, file_list: str, *, train: bool, decode
     """
     jpegs, labels = fn.readers.file(file_root=file_root, file_list=file_list, pad_last_batch=True,
                                     random_shuffle=False, name="Reader")
-    return _decoded_outputs(jpegs, labels, train=train, decoder=decoder, crop_size=crop_size,
-                            min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, resize=resize)
-
-
-def _decoded_outputs(jpegs, labels, *, decoder: str, resize: bool, **kw):
-    """A reader's (encoded images, labels) -> the pipeline's outputs: (images, labels), or with
-    ``resize=False`` (crops, labels, flips) for `HostResize`; labels on the GPU with the mixed decoder."""
-    images = decode_and_augment(jpegs, decoder=decoder, resize=resize, **kw)
+    images = decode_and_augment(jpegs, crop, train=train, dali_device=dali_device, resize=resize)
     if not resize:
         images, flips = images
         return images, labels, flips
-    return images, labels.gpu() if decoder == "mixed" else labels
+    return images, labels.gpu() if dali_device == "gpu" else labels
 
 
 class ArraySource:
     """external_source callback: batch ``info.iteration`` of one epoch on one rank, from arrays.
 
-    The split is `pipelines.shard_indices`, as the torchvision loader's; StopIteration ends the
-    epoch (train: after the last full batch, or the short one with drop_last=False).
+    The split is `Share.indices`, as the torchvision loader's; StopIteration ends the epoch
+    (train: after the last full batch, or the short one with drop_last=False).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, train: bool, batch_size: int,
-                 seed: int, epoch: int, rank: int, world_size: int, drop_last: bool = True):
-        self.images, self.labels = images, labels.astype(np.int32)
-        self.batch_size = batch_size
-        self.num_batches = (train_batches(len(labels), batch_size, world_size, drop_last) if train
-                            else val_batches(len(labels), batch_size, world_size))
-        self.indices = np.asarray(shard_indices(len(labels), train=train, seed=seed, epoch=epoch, rank=rank,
-                                                world_size=world_size, drop_last=drop_last), dtype=np.int64)
+    def __init__(self, arrays: Arrays, share: Share, epoch: int):
+        self.images, self.labels = arrays.images, arrays.labels.astype(np.int32)
+        self.batch_size = share.batch_size
+        self.num_batches = share.num_batches
+        self.indices = np.asarray(share.indices(epoch), dtype=np.int64)
 
     def __call__(self, info):
         first = info.iteration * self.batch_size
@@ -252,16 +253,65 @@ def array_pipeline(source: ArraySource, *, train: bool, on_gpu: bool, size: int,
     return images, labels
 
 
+class DaliIterator:
+    """DALI's own iterator behind `HostResize`'s interface (`start`, `next`, `close`), so that
+    `DaliLoader` runs either the same way."""
+
+    def __init__(self, iterator: DALIGenericIterator):
+        self._iterator = iterator
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def start(self, skip: int = 0):
+        """Nothing to start: DALI runs the skipped batches as any other, and the loader drops them."""
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self):
+        """Nothing to stop here: shutting the pipeline down stops DALI's threads."""
+
+
+def _epoch_iterator(pipe, count: int, share: Share, crop_size: int, host_resize: bool, device: torch.device,
+                    exact: bool) -> DaliIterator | HostResize:
+    """The iterator of one epoch whose reader gives ``count`` samples (folders and shards alike).
+
+    DALI's reader pads the last batch (`pad_last_batch`): train drops it whole
+    (LastBatchPolicy.DROP), else the padding is trimmed (PARTIAL). A shard rank whose slice is
+    longer than the others' gives one batch more than `Share.num_batches`; `DaliLoader` stops
+    before it. ``host_resize``: the pipeline ends before the resize, and `HostResize` finishes it.
+    ``exact``: DALI's iterator must count the batches of ``count`` samples (readers.file over this
+    rank's list; readers.webdataset's iterator counts the largest slice of all ranks).
+    """
+    drop = share.drops_partial
+    from_reader = count // share.batch_size if drop else -(-count // share.batch_size)
+    own = min(from_reader, share.num_batches)
+    if exact and from_reader > share.num_batches:  # a folder rank's list is never longer than the contract's count
+        raise RuntimeError(f"DALI iterator has {from_reader} batches, expected {share.num_batches}")
+    if host_resize:
+        pipe.build()  # parses a folder's list now; the drop policy is HostResize's batch count
+        return HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda",
+                          last_size=share.batch_size if drop else count - (own - 1) * share.batch_size)
+    iterator = DaliIterator(DALIGenericIterator(
+        [pipe], ["images", "labels"], reader_name="Reader", auto_reset=False, prepare_first_batch=False,
+        last_batch_policy=LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL))
+    if exact and len(iterator) != from_reader:  # the contract's count vs DALI's own
+        raise RuntimeError(f"DALI iterator has {len(iterator)} batches, expected {from_reader} "
+                           f"(of {share.num_batches})")
+    return iterator
+
+
 class DaliEpoch(NamedTuple):
     """One epoch's pipeline and iterator; for files, what it reads in order (a rank's shard)."""
     epoch: int
     pipe: object
-    iterator: DALIGenericIterator | HostResize
+    iterator: DaliIterator | HostResize
     batch_size: int
     root: str | None = None       # None: arrays (CIFAR, MNIST), no files to name
     names: list[str] = []         # paths relative to root, as FolderIndex.files
     order: list[int] = []         # indices into names, this rank's reading order
-    labels: object = None         # raw label output -> int64 (N,) labels; None: int32 labels
+    to_labels: object = None      # raw label output -> int64 (N,) labels; None: int32 labels
     replay: object = None         # shards: step -> [(name, bytes)] of that batch (errors only)
 
     def batch_files(self, step: int, relative: bool = False) -> list[str]:
@@ -284,13 +334,12 @@ class DaliLoader(EpochCounter):
     loader as unusable after a DecodeError.
     """
 
-    def __init__(self, make_epoch, *, num_batches: int, classes: list[str], num_samples: int,
-                 device: torch.device, crop_size: int):
+    def __init__(self, make_epoch, share: Share, classes: list[str], device: torch.device, crop_size: int):
         self._make_epoch = make_epoch   # epoch -> DaliEpoch
-        self._len = num_batches
+        self._len = share.num_batches
         self.classes = list(classes)
         self.num_classes = len(self.classes)
-        self.num_samples = num_samples
+        self.num_samples = share.num_samples
         self.device = device
         self._crop_size = crop_size
         self._hold = BatchHold(device)  # zero-copy batches, until torch's stream is done with them
@@ -317,8 +366,7 @@ class DaliLoader(EpochCounter):
         live, self._live, self._live_unused = self._live, None, False
         if live is None:
             return
-        if isinstance(live.iterator, HostResize):
-            live.iterator.close()  # its thread calls the pipeline: stopped first
+        live.iterator.close()  # HostResize's thread calls the pipeline: stopped first
         if self.device.type == "cuda":  # DALI-to-torch copies run on torch's stream
             torch.cuda.current_stream(self.device).synchronize()
         self._hold.release()
@@ -328,8 +376,7 @@ class DaliLoader(EpochCounter):
         # Batches before `start` are decoded and dropped: DALI's per-sample random streams
         # advance batch by batch, so the only way to batch `start`'s augmentation is through them.
         step = 0
-        if isinstance(live.iterator, HostResize):
-            live.iterator.start(skip=start)  # skipped batches are not resized
+        live.iterator.start(skip=start)  # HostResize does not resize the skipped batches
         while True:
             if self._live is not live:
                 raise RuntimeError(f"epoch {epoch} of this DALI loader was replaced by a later "
@@ -356,7 +403,7 @@ class DaliLoader(EpochCounter):
                 continue
             images = raw_images = data[0]["images"]
             labels = raw_labels = data[0]["labels"]
-            labels = labels.reshape(-1).to(torch.int64) if live.labels is None else live.labels(labels)
+            labels = labels.reshape(-1).to(torch.int64) if live.to_labels is None else live.to_labels(labels)
             if images.device != self.device:  # dali_device="cpu" with a CUDA device
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -393,86 +440,51 @@ def _named_sample(error: Exception, names: list[str]) -> int | None:
     return None
 
 
-def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
-                        min_area: float, val_resize: int, aug_plus: bool, seed: int,
-                        num_threads: int, device: torch.device, rank: int, world_size: int,
-                        dali_device: str = "auto", drop_last: bool = True) -> DaliLoader:
+def folder_loader(index: FolderIndex, share: Share, crop: Crop, backend: Backend) -> DaliLoader:
     """A DaliLoader over an ImageFolder split.
 
-    Each epoch's reader gets this rank's `shard_indices`. Train drops the partial last batch
+    Each epoch's reader gets this rank's `Share.indices`. Train drops the partial last batch
     (LastBatchPolicy.DROP): every rank gets (N // world) // batch full batches; with
     drop_last=False each rank's shard is padded to ceil(N / world) (DistributedSampler's
     padding, in the list) and its short last batch kept. The reader pads the shard's last batch
     (`pad_last_batch`) and LastBatchPolicy.PARTIAL trims the padding, so val ranks return every
     image exactly once; a val rank one image short ends with an empty batch.
     """
-    decoder, device_id = resolve_dali_device(dali_device, device)
-    host_resize = train and decoder == "cpu"
-    drop = train and drop_last
-    expected = (train_batches(len(index.files), batch_size, world_size, drop_last) if train
-                else val_batches(len(index.files), batch_size, world_size))
-    policy = LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL
+    dali_device, device_id = resolve_dali_device(backend.dali_device, backend.device)
+    host_resize = share.train and dali_device == "cpu"
 
     def make_epoch(epoch: int) -> DaliEpoch:
-        order = shard_indices(len(index.files), train=train, seed=seed, epoch=epoch, rank=rank,
-                              world_size=world_size, drop_last=drop_last)
-        # The (path, label) list goes through a file: for ImageNet a 1.28M-string `files=`
-        # argument costs ~8 s and ~1 GB to build, a file_list ~1 s. The reader parses it when
-        # the iterator builds the pipeline, so the file is removed right after.
+        order = share.indices(epoch)
+        # The (path, label) list goes through a file: for ImageNet a `files=` argument of 1.28M
+        # strings costs several times the time and memory (BENCHMARKS.md). The reader parses it
+        # when the iterator builds the pipeline, so the file is removed right after.
         with tempfile.TemporaryDirectory(prefix="rmix-dali-") as tmp:
             file_list = write_file_list(index, os.path.join(tmp, "files.txt"), order)
-            pipe = image_folder_pipeline(
-                index.root, file_list, train=train, decoder=decoder, crop_size=crop_size,
-                min_area=min_area, val_resize=val_resize, aug_plus=aug_plus, resize=not host_resize,
-                batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
-                seed=derive_seed(seed, rank, epoch))  # augmentation differs per rank and epoch
-            own = len(order) // batch_size if drop else -(-len(order) // batch_size)
-            if host_resize:
-                pipe.build()  # parses the list now; the drop policy is HostResize's batch count
-                iterator = HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda",
-                                      last_size=batch_size if drop else len(order) - (own - 1) * batch_size)
-            else:
-                iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                               last_batch_policy=policy, auto_reset=False,
-                                               prepare_first_batch=False)
-        if len(iterator) != own or own > expected:  # the contract's len vs DALI's own count
-            raise RuntimeError(f"DALI iterator has {len(iterator)} batches, expected {own} "
-                               f"(of {expected})")
-        return DaliEpoch(epoch, pipe, iterator, batch_size, index.root, index.files, order)
+            pipe = image_folder_pipeline(index.root, file_list, crop=crop, train=share.train, dali_device=dali_device,
+                                         resize=not host_resize, **_pipe_args(share, backend, device_id, epoch))
+            iterator = _epoch_iterator(pipe, len(order), share, crop.crop_size, host_resize, backend.device,
+                                       exact=True)
+        return DaliEpoch(epoch, pipe, iterator, share.batch_size, index.root, index.files, order)
 
-    return DaliLoader(make_epoch, num_batches=expected, classes=index.classes,
-                      num_samples=len(index.files),
-                      device=_output_device(decoder, device_id, device), crop_size=crop_size)
+    return DaliLoader(make_epoch, share, index.classes, _output_device(dali_device, device_id, backend.device),
+                      crop.crop_size)
 
 
-def array_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
-                 batch_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int, dali_device: str = "auto", drop_last: bool = True,
-                 flip: bool = True) -> DaliLoader:
+def array_loader(arrays: Arrays, share: Share, backend: Backend) -> DaliLoader:
     """A DaliLoader over square uint8 (N, S, S, 3) arrays (CIFAR, MNIST) fed by external_source."""
-    decoder, device_id = resolve_dali_device(dali_device, device)
-    size = images.shape[1]
+    dali_device, device_id = resolve_dali_device(backend.dali_device, backend.device)
+    size = arrays.images.shape[1]
 
     def make_epoch(epoch: int) -> DaliEpoch:
-        source = ArraySource(images, labels, train=train, batch_size=batch_size, seed=seed,
-                             epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last)
-        pipe = array_pipeline(source, train=train, on_gpu=decoder == "mixed", size=size, flip=flip,
-                              batch_size=batch_size, num_threads=max(1, num_threads),
-                              device_id=device_id, seed=derive_seed(seed, rank, epoch))
+        pipe = array_pipeline(ArraySource(arrays, share, epoch), train=share.train, on_gpu=dali_device == "gpu",
+                              size=size, flip=arrays.flip, **_pipe_args(share, backend, device_id, epoch))
         # No reader: the source's StopIteration ends the epoch, whatever its batch count.
         iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False,
                                        prepare_first_batch=False)
-        return DaliEpoch(epoch, pipe, iterator, batch_size)
+        return DaliEpoch(epoch, pipe, DaliIterator(iterator), share.batch_size)
 
-    num_batches = (train_batches(len(labels), batch_size, world_size, drop_last) if train
-                   else val_batches(len(labels), batch_size, world_size))
-    return DaliLoader(make_epoch, num_batches=num_batches, classes=classes,
-                      num_samples=len(labels), device=_output_device(decoder, device_id, device),
-                      crop_size=size)
-
-
-def _output_device(decoder: str, device_id: int | None, device: torch.device) -> torch.device:
-    return torch.device("cuda", device_id) if decoder == "mixed" else device
+    return DaliLoader(make_epoch, share, arrays.classes, _output_device(dali_device, device_id, backend.device),
+                      size)
 
 
 # WebDataset shards (pipelines.wds) ---------------------------------------------------------------
@@ -481,9 +493,8 @@ _SHUFFLE_FILL = 1024  # readers.webdataset's shuffle buffer per rank (its defaul
 
 
 @pipeline_def
-def shard_pipeline(paths: list[str], index_paths: list[str] | None, *, train: bool, decoder: str,
-                   crop_size: int, min_area: float, val_resize: int, aug_plus: bool, shard_id: int,
-                   num_shards: int, reader_seed: int, resize: bool = True, decode: bool = True):
+def shard_pipeline(paths: list[str], index_paths: list[str] | None, *, crop: Crop, train: bool, dali_device: str,
+                   shard_id: int, num_shards: int, reader_seed: int, resize: bool = True, decode: bool = True):
     """readers.webdataset -> (images uint8 HWC, source info uint8 (L,)); see `shard_loader`.
 
     The second output is each image's source info, "shard.tar:offset:member" in UTF-8, zero-padded
@@ -500,8 +511,7 @@ def shard_pipeline(paths: list[str], index_paths: list[str] | None, *, train: bo
     info = fn.pad(jpegs.source_info(), fill_value=0)
     if not decode:
         return jpegs, info
-    images = decode_and_augment(jpegs, train=train, decoder=decoder, crop_size=crop_size, min_area=min_area,
-                                val_resize=val_resize, aug_plus=aug_plus, resize=resize)
+    images = decode_and_augment(jpegs, crop, train=train, dali_device=dali_device, resize=resize)
     if not resize:
         images, flips = images
         return images, info, flips
@@ -565,46 +575,39 @@ def _shard_decode_error(error, epoch: int, step: int, replay, root: str | None =
     return DecodeError(epoch, step, [n for n, _ in batch], bad, _dali_reason(error))
 
 
-def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_area: float,
-                 val_resize: int, aug_plus: bool, seed: int, num_threads: int, device: torch.device,
-                 rank: int, world_size: int, dali_device: str = "auto", drop_last: bool = True) -> DaliLoader:
+def shard_loader(split: ShardSplit, share: Share, crop: Crop, backend: Backend) -> DaliLoader:
     """A DaliLoader over a split of WebDataset shards (`pipelines.wds.ShardSplit`), with readers.webdataset.
 
     Ranks read DALI's contiguous slices of the samples in shard order (prepared shards are
     shuffled once when written). Train: the slice a rank reads moves on by one each epoch
     (``shard_id = (rank + epoch) % world``), and readers.webdataset shuffles within a buffer of
     1024 samples, seeded from (seed, rank, epoch): an epoch still depends on those alone, so
-    `set_epoch` and exact resume hold. This order is not the file loaders' `shard_indices`.
+    `set_epoch` and exact resume hold. This order is not the file loaders' `Share.indices`.
     A rank whose slice is one sample longer drops the extra batch (`DaliLoader`), so every rank
     has the contract's (N // world) // batch. Val: slice ``rank``, every image exactly once.
     """
-    decoder, device_id = resolve_dali_device(dali_device, device)
+    dali_device, device_id = resolve_dali_device(backend.dali_device, backend.device)
     dali_readable(split)  # a PAX member name would be read as a sample of its own ("Underful sample")
-    host_resize = train and decoder == "cpu"
-    n = len(split.samples)
-    drop = train and drop_last
-    expected = (train_batches(n, batch_size, world_size, drop_last) if train
-                else val_batches(n, batch_size, world_size))
-    if train and not drop_last:
-        counts = {-(-dali_slice(n, r, world_size) // batch_size) for r in range(world_size)}
-        if counts != {expected}:
+    host_resize = share.train and dali_device == "cpu"
+    n, world = split.num_samples, share.world_size
+    if share.train and not share.drop_last:
+        counts = {-(-dali_slice(n, r, world) // share.batch_size) for r in range(world)}
+        if counts != {share.num_batches}:
             raise ValueError(f"--keep-last: DALI's shard slices of {n} samples give {sorted(counts)} batches "
-                             f"of {batch_size} on different ranks; drop --keep-last or use --loader torch")
+                             f"of {share.batch_size} on different ranks; drop --keep-last or use --loader torch")
     paths = [os.path.join(split.root, s) for s in split.shards]
     index_paths, own_indexes = _index_paths(split)
 
     def build(epoch: int, decode: bool = True):
-        shard_id = (rank + epoch) % world_size if train else rank
+        shard_id = (share.rank + epoch) % world if share.train else share.rank
         pipe = shard_pipeline(
-            paths, index_paths, train=train, decoder=decoder, crop_size=crop_size, min_area=min_area,
-            val_resize=val_resize, aug_plus=aug_plus, shard_id=shard_id, num_shards=world_size,
-            reader_seed=derive_seed(seed, rank, epoch, 1), resize=not host_resize, decode=decode,
-            batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id if decode else None,
-            seed=derive_seed(seed, rank, epoch))
-        return pipe, dali_slice(n, shard_id, world_size)
+            paths, index_paths, crop=crop, train=share.train, dali_device=dali_device, shard_id=shard_id,
+            num_shards=world, reader_seed=derive(share.seed, "dali_reader", rank=share.rank, epoch=epoch, bits=31), resize=not host_resize,
+            decode=decode, **_pipe_args(share, backend, device_id if decode else None, epoch))
+        return pipe, dali_slice(n, shard_id, world)
 
     sample_labels = SampleLabels(split)
-    out_device = _output_device(decoder, device_id, device)
+    out_device = _output_device(dali_device, device_id, backend.device)
 
     def replay(epoch: int, step: int):
         pipe, _ = build(epoch, decode=False)
@@ -616,21 +619,12 @@ def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_are
 
     def make_epoch(epoch: int) -> DaliEpoch:
         pipe, count = build(epoch)
-        own = min(count // batch_size, expected) if drop else -(-count // batch_size)
-        if host_resize:
-            pipe.build()
-            iterator = HostResize(pipe, own, crop_size, pin_memory=device.type == "cuda",
-                                  last_size=batch_size if drop else count - (own - 1) * batch_size)
-        else:
-            iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                           last_batch_policy=LastBatchPolicy.DROP if drop else LastBatchPolicy.PARTIAL,
-                                           auto_reset=False, prepare_first_batch=False)
-        return DaliEpoch(epoch, pipe, iterator, batch_size, split.root,
-                         labels=lambda info: sample_labels(info).to(out_device),
+        iterator = _epoch_iterator(pipe, count, share, crop.crop_size, host_resize, backend.device, exact=False)
+        return DaliEpoch(epoch, pipe, iterator, share.batch_size, split.root,
+                         to_labels=lambda info: sample_labels(info).to(out_device),
                          replay=lambda step: replay(epoch, step))
 
-    loader = DaliLoader(make_epoch, num_batches=expected, classes=split.classes, num_samples=n,
-                        device=out_device, crop_size=crop_size)
+    loader = DaliLoader(make_epoch, share, split.classes, out_device, crop.crop_size)
     if own_indexes:  # read by every epoch's pipeline: kept while the loader lives
         weakref.finalize(loader, shutil.rmtree, own_indexes, True)
     return loader

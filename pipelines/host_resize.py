@@ -1,17 +1,17 @@
 """The CPU train pipeline's last stage: DALI's ragged crops -> uint8 (N, size, size, 3), on a thread.
 
-Why not DALI's own resize: on the CPU it costs as much as the ROI decode (1.3 to 1.7 ms per crop
-of a 500x375 JPEG against 1.2 to 1.3, BENCHMARKS.md "Where the time goes"), while torch's uint8
-antialiased bilinear kernel on a channels-last view does the same resize in about 0.25 ms, and
-its antialiasing is made to match PIL's (the torchvision loader's). So on the CPU the DALI graph
-stops after the crop (and colour), and one thread resizes and flips each batch while DALI's
-threads decode the next ones. The flip comes after the resize, on the smaller image: the
-resize is mirror-symmetric, so the order does not matter.
+Why not DALI's own resize: on the CPU it costs as much as the ROI decode, while torch's uint8
+antialiased bilinear kernel on a channels-last view does the same resize in a fraction of that
+(BENCHMARKS.md, "Where the time goes"), and its antialiasing is made to match PIL's (the
+torchvision loader's). So on the CPU the DALI graph stops after the crop (and colour), and one
+thread resizes and flips each batch while DALI's threads decode the next ones. The flip comes
+after the resize, on the smaller image: the resize is mirror-symmetric, so the order does not
+matter.
 
-That thread runs torch with one intra-op thread: with two it shares the cores with DALI's threads
-through OpenMP's spinning teams, and the whole loader measured 605 to 643 img/s instead of 945
-to 1,078 (2 cores, batch 64). torch's thread count is per OS thread, but `torch.set_num_threads` also
-stores the count new threads start with (and MKL's), so the caller sets it back right after.
+That thread runs torch with one intra-op thread: with more it shares the cores with DALI's threads
+through OpenMP's spinning teams, which slows the whole loader (BENCHMARKS.md). torch's thread count is
+per OS thread, but `torch.set_num_threads` also stores the count new threads start with (and
+MKL's), so the caller sets it back right after.
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def resize_crops(crops, size: int, flips=None, pin_memory: bool = False) -> torc
     out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8, pin_memory=pin_memory)
     for i in range(len(crops)):
         # NCHW views of HWC memory are channels-last, the layout of torch's fast uint8 kernel, so
-        # it reads the crop and writes out[i] in place (F.interpolate has no out=, and a copy
-        # costs ~10 % more). The crop is (1, H, W, 3) permuted: permuting first and unsqueezing
-        # after gives N a stride torch does not read as channels-last (a 2.5x slower kernel).
+        # it reads the crop and writes out[i] in place (F.interpolate has no out=; a copy costs
+        # more, BENCHMARKS.md). The crop is (1, H, W, 3) permuted: permuting first and unsqueezing
+        # after gives N a stride torch does not read as channels-last (its slow kernel).
         crop = torch.from_numpy(np.asarray(crops[i]))[None].permute(0, 3, 1, 2)
         torch.ops.aten._upsample_bilinear2d_aa.out(crop, [size, size], False, None, None,
                                                    out=out[i:i + 1].permute(0, 3, 1, 2))

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rmix.pipelines import check_classes, missing_dali, pil_decodes, scan_image_folder
+from rmix.pipelines.errors import missing_dali
+from rmix.pipelines.folders import check_classes, scan_image_folder
+from rmix.pipelines.images import pil_decodes
 from rmix.pipelines.paths import cache_dir
 
 BATCH = 64
@@ -69,7 +71,7 @@ def _tiff_int32(data: bytes) -> bool:
 
     from PIL import Image
 
-    from rmix.pipelines import tiff_int32
+    from rmix.pipelines.images import tiff_int32
     try:
         with Image.open(io.BytesIO(data)) as im:
             return tiff_int32(im)

@@ -40,7 +40,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from rmix.pipelines import IMG_EXTENSIONS, one_line, scan_image_folder
+from rmix.pipelines.errors import one_line
+from rmix.pipelines.folders import IMG_EXTENSIONS, scan_image_folder
 from rmix.pipelines.wds import INDEX, ShardWriter, member_key, shard_name
 
 PLAN = "prepare.json"

@@ -1,7 +1,7 @@
 """The torchvision baseline: ImageFolder (or CIFAR and MNIST arrays) + DataLoader, same transforms and
 contract as the DALI loaders.
 
-Sharding is `pipelines.shard_indices` (DistributedSampler's split, reshuffled per epoch).
+Sharding is `Share.indices` (DistributedSampler's split, reshuffled per epoch).
 Augmentation randomness is per sample, seeded from (seed, epoch, index) and sent with the
 index, so batches do not depend on num_workers or on which worker decoded which image, and
 an epoch depends on (seed, epoch, rank) only (`TorchLoader.set_epoch`).
@@ -28,19 +28,16 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 
-from rmix.pipelines import (
-    DecodeError,
-    EpochCounter,
-    FolderIndex,
-    derive_seed,
-    one_line,
-    open_rgb,
-    shard_indices,
-    train_batches,
-    val_batches,
-)
+from rmix.pipelines.arrays import Arrays
+from rmix.pipelines.build import TORCH_DECODES, Backend, Crop
 from rmix.pipelines.colour import PaperColour
+from rmix.pipelines.errors import DecodeError, one_line
+from rmix.pipelines.folders import FolderIndex
+from rmix.pipelines.images import open_rgb
+from rmix.pipelines.seeds import derive
+from rmix.pipelines.split import EpochCounter, Share
 from rmix.pipelines.streams import ordered_decode
+from rmix.pipelines.wds import ShardSplit
 
 
 def _to_hwc_uint8(image) -> torch.Tensor:
@@ -48,15 +45,14 @@ def _to_hwc_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
 
-def build_transform(*, train: bool, crop_size: int, min_area: float, val_resize: int,
-                    aug_plus: bool) -> transforms.Compose:
+def build_transform(crop: Crop, train: bool) -> transforms.Compose:
     """PIL image -> uint8 (crop_size, crop_size, 3); PIL resizes with BILINEAR (antialiased)."""
     if not train:
-        return transforms.Compose([transforms.Resize(val_resize), transforms.CenterCrop(crop_size),
+        return transforms.Compose([transforms.Resize(crop.val_resize), transforms.CenterCrop(crop.crop_size),
                                    _to_hwc_uint8])
-    steps = [transforms.RandomResizedCrop(crop_size, scale=(min_area, 1.0), ratio=(3 / 4, 4 / 3)),
+    steps = [transforms.RandomResizedCrop(crop.crop_size, scale=(crop.min_area, 1.0), ratio=(3 / 4, 4 / 3)),
              transforms.RandomHorizontalFlip(), _to_hwc_uint8]
-    if aug_plus:  # the paper's own jitter and lighting, unclamped (not torchvision's ColorJitter, which clamps)
+    if crop.aug_plus:  # the paper's own jitter and lighting, unclamped (not torchvision's ColorJitter, which clamps)
         steps.append(PaperColour())
     return transforms.Compose(steps)
 
@@ -146,9 +142,9 @@ class DeviceDecode:
     the caller's stream before and after each batch. Figures: BENCHMARKS.md, `rmix bench data --decoders`.
     """
 
-    def __init__(self, device, *, train: bool, crop_size: int, min_area: float, val_resize: int):
-        self.device, self.train, self.size = torch.device(device), train, crop_size
-        self.min_area, self.val_resize = min_area, val_resize
+    def __init__(self, device, crop: Crop, train: bool):
+        self.device, self.train, self.size = torch.device(device), train, crop.crop_size
+        self.min_area, self.val_resize = crop.min_area, crop.val_resize
         self._decode_jpeg, self._rgb = _torchvision_decode_jpeg()
 
     def __call__(self, batch: EncodedBatch, files):
@@ -244,42 +240,35 @@ def seeded(transform, image, aug_seed: int):
 class ShardBatchSampler(Sampler):
     """Batches of (index, aug_seed) for one rank; see the module docstring for the split."""
 
-    def __init__(self, num_samples: int, *, train: bool, batch_size: int, seed: int, rank: int,
-                 world_size: int, drop_last: bool = True):
-        self.num_samples, self.train, self.batch_size = num_samples, train, batch_size
-        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+    def __init__(self, share: Share):
+        self.share = share
         self.epoch = self.start_step = 0
-        self._len = (train_batches(num_samples, batch_size, world_size, drop_last) if train
-                     else val_batches(num_samples, batch_size, world_size))
-
-    def _mine(self, epoch: int) -> list[int]:
-        return shard_indices(self.num_samples, train=self.train, seed=self.seed, epoch=epoch, rank=self.rank,
-                             world_size=self.world_size, drop_last=self.drop_last)
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
-        return self._len
+        return self.share.num_batches
 
     def batch_indices(self, epoch: int, step: int) -> list[int]:
         """The sample indices of batch ``step`` of ``epoch`` on this rank."""
-        mine = self._mine(epoch)
-        return mine[step * self.batch_size:(step + 1) * self.batch_size]
+        size = self.share.batch_size
+        return self.share.indices(epoch)[step * size:(step + 1) * size]
 
     def __iter__(self):
-        mine = np.asarray(self._mine(self.epoch), dtype=np.int64)
-        rng = np.random.default_rng([derive_seed(self.seed), self.epoch])
-        aug_seeds = rng.integers(0, 2**63 - 1, size=self.num_samples)  # same on every rank
+        share, size = self.share, self.share.batch_size
+        mine = np.asarray(share.indices(self.epoch), dtype=np.int64)
+        rng = np.random.default_rng(derive(share.seed, "torch_augment", epoch=self.epoch))
+        aug_seeds = rng.integers(0, 2**63 - 1, size=share.num_samples)  # same on every rank
         seeds = aug_seeds[mine]
-        if self.train and not self.drop_last:
+        if share.train and not share.drop_last:
             # the padding repeats a few samples: each repeat is augmented anew, as in a DataLoader
-            place = self.rank + self.world_size * np.arange(len(mine))  # in the padded permutation
-            extra = rng.integers(0, 2**63 - 1, size=self.world_size)
-            seeds = np.where(place >= self.num_samples, extra[np.clip(place - self.num_samples, 0, None)], seeds)
+            place = share.rank + share.world_size * np.arange(len(mine))  # in the padded permutation
+            extra = rng.integers(0, 2**63 - 1, size=share.world_size)
+            seeds = np.where(place >= share.num_samples, extra[np.clip(place - share.num_samples, 0, None)], seeds)
         # val: a rank one image short may end with an empty batch; train with drop_last=False: a short one
-        for b in range(self.start_step, self._len):
-            chunk = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        for b in range(self.start_step, share.num_batches):
+            chunk = slice(b * size, (b + 1) * size)
             yield list(zip(mine[chunk].tolist(), seeds[chunk].tolist()))
 
 
@@ -321,29 +310,28 @@ class TorchLoader(EpochCounter):
     """A DataLoader over (index, aug_seed)-keyed items behind the loader contract.
 
     `iter()` runs the next epoch, or the one given to `set_epoch`; workers persist across
-    epochs when num_threads > 0. Iterate one epoch at a time: the DataLoader is shared.
+    epochs when there are any (`Backend.workers`). Iterate one epoch at a time: the DataLoader is shared.
+    ``device_decode``: the items are encoded images, decoded and cropped on the device.
 
     An unreadable image raises `pipelines.DecodeError` naming it and its batch; the
     mid-epoch workers are shut down first. Treat the loader as unusable after it.
     """
 
-    def __init__(self, dataset, *, classes: list[str], train: bool, batch_size: int,
-                 crop_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int, drop_last: bool = True, decode: DeviceDecode | None = None):
-        self.device, self._decode = device, decode
+    def __init__(self, dataset, classes: list[str], share: Share, backend: Backend, crop_size: int,
+                 device_decode: DeviceDecode | None = None):
+        self.device, self._device_decode = backend.device, device_decode
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         self.num_samples = len(dataset)
         self._dataset = dataset
-        self.batch_sampler = ShardBatchSampler(self.num_samples, train=train, batch_size=batch_size,
-                                               seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-        workers = max(0, num_threads)
+        self.batch_sampler = ShardBatchSampler(share)
+        workers = max(0, backend.workers)
         # No reference back to self: a DataLoader with live workers that only the garbage
         # collector can free (a reference cycle) waits 5 s per worker to shut down.
         self._make_dataloader = functools.partial(
             DataLoader, dataset, batch_sampler=self.batch_sampler, num_workers=workers,
-            collate_fn=_Collate(crop_size) if decode is None else _collate_encoded,
-            pin_memory=device.type == "cuda" and decode is None,
+            collate_fn=_Collate(crop_size) if device_decode is None else _collate_encoded,
+            pin_memory=self.device.type == "cuda" and device_decode is None,
             persistent_workers=workers > 0, worker_init_fn=_leave_stop_signals_to_the_trainer)
         self._loader = self._make_dataloader()
         self._forks = workers > 0  # the next iter() starts worker processes
@@ -375,8 +363,8 @@ class TorchLoader(EpochCounter):
             self._forks = False
         non_blocking = self.device.type == "cuda"
         for step, batch in enumerate(self._loader, start):
-            if self._decode is not None and isinstance(batch, EncodedBatch):
-                batch = self._decode(batch, functools.partial(self._files, epoch, step))
+            if self._device_decode is not None and isinstance(batch, EncodedBatch):
+                batch = self._device_decode(batch, functools.partial(self._files, epoch, step))
             if isinstance(batch, UnreadableBatch):
                 break
             images, labels = batch
@@ -391,32 +379,6 @@ class TorchLoader(EpochCounter):
         files = self._files(epoch, step)
         raise DecodeError(epoch, step, files, [f.path for f in batch.failures],
                           "; ".join(dict.fromkeys(f.reason for f in batch.failures)))
-
-
-def image_folder_loader(index: FolderIndex, *, train: bool, batch_size: int, crop_size: int,
-                        min_area: float, val_resize: int, aug_plus: bool, seed: int,
-                        num_threads: int, device: torch.device, rank: int,
-                        world_size: int, drop_last: bool = True, decode: str = "workers") -> TorchLoader:
-    """A TorchLoader over an ImageFolder split.
-
-    decode: "workers", PIL decode and torchvision transforms in the DataLoader workers; or "device",
-    the workers read the files and `DeviceDecode` decodes and crops on `device` (nvJPEG on a GPU).
-    """
-    if decode not in ("workers", "device"):
-        raise ValueError(f"--torch-decode: expected 'workers' or 'device', got {decode!r}")
-    if decode == "device":
-        if aug_plus:
-            raise ValueError("--aug-plus: the paper's colour runs in the workers; use --torch-decode workers")
-        on_device = DeviceDecode(device, train=train, crop_size=crop_size, min_area=min_area, val_resize=val_resize)
-        return TorchLoader(EncodedImageFolder(index, None), classes=index.classes, train=train,
-                           batch_size=batch_size, crop_size=crop_size, seed=seed, num_threads=num_threads,
-                           device=device, rank=rank, world_size=world_size, drop_last=drop_last, decode=on_device)
-    transform = build_transform(train=train, crop_size=crop_size, min_area=min_area,
-                                val_resize=val_resize, aug_plus=aug_plus)
-    return TorchLoader(IndexedImageFolder(index, transform), classes=index.classes, train=train,
-                       batch_size=batch_size, crop_size=crop_size, seed=seed,
-                       num_threads=num_threads, device=device, rank=rank, world_size=world_size,
-                       drop_last=drop_last)
 
 
 class ShardDataset(Dataset):
@@ -446,31 +408,34 @@ class ShardDataset(Dataset):
         return seeded(self.transform, image, aug_seed), label
 
 
-def shard_loader(split, *, train: bool, batch_size: int, crop_size: int, min_area: float, val_resize: int,
-                 aug_plus: bool, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int, drop_last: bool = True, decode: str = "workers") -> TorchLoader:
-    """A TorchLoader over WebDataset shards: the folder loader's split, order and transforms, bytes by offset."""
-    if decode not in ("workers", "device"):
-        raise ValueError(f"--torch-decode: expected 'workers' or 'device', got {decode!r}")
-    common = dict(classes=split.classes, train=train, batch_size=batch_size, crop_size=crop_size, seed=seed,
-                  num_threads=num_threads, device=device, rank=rank, world_size=world_size, drop_last=drop_last)
-    if decode == "device":
-        if aug_plus:
+def image_loader(source: FolderIndex | ShardSplit, share: Share, crop: Crop, backend: Backend) -> TorchLoader:
+    """A TorchLoader over encoded images: an ImageFolder split, or WebDataset shards read by offset
+    (the same split, order and transforms).
+
+    ``backend.torch_decode``: "workers", PIL decode and torchvision transforms in the DataLoader
+    workers; or "device", the workers read the files and `DeviceDecode` decodes and crops on the
+    device (nvJPEG on a GPU).
+    """
+    if backend.torch_decode not in TORCH_DECODES:
+        raise ValueError(f"--torch-decode: expected {' or '.join(map(repr, TORCH_DECODES))}, "
+                         f"got {backend.torch_decode!r}")
+    encoded = backend.torch_decode == "device"
+    if encoded:
+        if crop.aug_plus:
             raise ValueError("--aug-plus: the paper's colour runs in the workers; use --torch-decode workers")
-        on_device = DeviceDecode(device, train=train, crop_size=crop_size, min_area=min_area, val_resize=val_resize)
-        return TorchLoader(ShardDataset(split, None, encoded=True), decode=on_device, **common)
-    transform = build_transform(train=train, crop_size=crop_size, min_area=min_area,
-                                val_resize=val_resize, aug_plus=aug_plus)
-    return TorchLoader(ShardDataset(split, transform), **common)
+        device_decode, transform = DeviceDecode(backend.device, crop, share.train), None
+    else:
+        device_decode, transform = None, build_transform(crop, share.train)
+    if isinstance(source, ShardSplit):
+        dataset = ShardDataset(source, transform, encoded=encoded)
+    else:
+        dataset = (EncodedImageFolder if encoded else IndexedImageFolder)(source, transform)
+    return TorchLoader(dataset, source.classes, share, backend, crop.crop_size, device_decode)
 
 
-def array_loader(images: np.ndarray, labels: np.ndarray, classes: list[str], *, train: bool,
-                 batch_size: int, seed: int, num_threads: int, device: torch.device, rank: int,
-                 world_size: int, drop_last: bool = True, flip: bool = True) -> TorchLoader:
+def array_loader(arrays: Arrays, share: Share, backend: Backend) -> TorchLoader:
     """A TorchLoader over square uint8 (N, S, S, 3) arrays; train: RandomCrop(S, padding=4) (+ flip)."""
-    size = images.shape[1]
-    steps = [transforms.RandomCrop(size, padding=4)] + ([transforms.RandomHorizontalFlip()] if flip else [])
-    transform = transforms.Compose(steps) if train else None
-    return TorchLoader(ArrayDataset(images, labels, transform), classes=classes, train=train,
-                       batch_size=batch_size, crop_size=size, seed=seed, num_threads=num_threads,
-                       device=device, rank=rank, world_size=world_size, drop_last=drop_last)
+    size = arrays.images.shape[1]
+    steps = [transforms.RandomCrop(size, padding=4)] + ([transforms.RandomHorizontalFlip()] if arrays.flip else [])
+    transform = transforms.Compose(steps) if share.train else None
+    return TorchLoader(ArrayDataset(arrays.images, arrays.labels, transform), arrays.classes, share, backend, size)

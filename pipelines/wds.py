@@ -30,10 +30,12 @@ import tarfile
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
+from rmix.pipelines.errors import one_line
+
 INDEX = "index.json"
 PLAN = "prepare.json"  # rmix.pipelines.prepare.PLAN: written first, so it marks a set rmix prepared
 SHARD = re.compile(r"^(train|val)-(\d{6})\.tar$")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "ppm", "pgm", "tif", "tiff", "webp")  # pipelines.IMG_EXTENSIONS
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "ppm", "pgm", "tif", "tiff", "webp")  # pipelines.folders.IMG_EXTENSIONS
 
 
 class Sample(NamedTuple):
@@ -54,6 +56,10 @@ class ShardSplit(NamedTuple):
     indexes: list[str]        # the DALI index of each shard (relative), "" where none was written
     classes: list[str]
     samples: list[Sample]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
 
     def name(self, i: int) -> str:
         """``shard.tar:member.jpg``: how errors and the preflight name sample ``i``."""
@@ -266,7 +272,7 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not readable JSON ({' '.join(str(error).split())})") from None
+        raise ValueError(f"{path}: not readable JSON ({one_line(error, None, typed=False)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

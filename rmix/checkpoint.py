@@ -19,6 +19,8 @@ import zipfile
 
 import torch
 
+from rmix.pipelines.errors import one_line
+
 FORMAT = "rmix-checkpoint"
 VERSION = 2
 
@@ -119,7 +121,7 @@ def _torch_load(path, src):
     try:
         return torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # zip errors, unpickling refusals, EOF: all one story for the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = one_line(e, None, typed=False, first_line=True)
         if isinstance(src, str) and head == b"PK\x03\x04" and not zipfile.is_zipfile(src):
             reason = "truncated or damaged (torch's zip has no directory at its end: cut short while written or copied)"
         if "Unsupported global" in str(e) or "weights_only" in str(e):

@@ -4,6 +4,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from rmix.kernels import MODES
+from rmix.pipelines.build import DALI_DEVICES, LOADERS, TORCH_DECODES  # noqa: F401 (the data side's choices)
 from rmix.schedule import SCHEDULES
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # pixel units: the op normalizes uint8
@@ -22,14 +24,17 @@ DATASET_STATS = {"folder": (IMAGENET_MEAN, IMAGENET_STD), "wds": (IMAGENET_MEAN,
                  "cifar10": (CIFAR_MEAN, CIFAR_STD), "cifar100": (CIFAR_MEAN, CIFAR_STD),
                  "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD), "mnist": (MNIST_MEAN, MNIST_STD)}
 
+# Each choice spelled once: click.Choice, validate() and the code that branches on it read these.
 DATASETS = ("auto", "folder", "wds", "imagenet", "cifar10", "cifar100", "fashion-mnist", "mnist")
 AUGS = ("none", "mixup", "cutmix", "recursive_mix")
-LOADERS = ("dali", "torch")
+INTERPOLATIONS = MODES  # RM's resize of the history batch: the fused op's modes
+SMOOTHING_FORMS = ("paper", "uniform")
 OPTIMIZERS = ("sgd", "adamw")
 AMPS = ("auto", "none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 LOGS = ("wandb",)  # --log: run logs beside metrics.jsonl (rmix.logs)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+EXPORT_FORMATS = ("torchvision", "safetensors")  # rmix export --format
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class DataConfig:
                                  # ceil(N / world) and keep a short last batch (the paper's DataLoader)
     preflight: bool = True       # decode every image once before training (cached) and name bad ones
     workers: int = 1             # DALI threads / DataLoader workers per process; on a 2-core CPU
-                                 # box, more starve the model's own threads (355 vs 122 img/s)
+                                 # box, more starve the model's own threads (BENCHMARKS.md)
     mean: tuple = ()             # per channel, pixel units 0-255; () = the dataset's own (DATASET_STATS)
     std: tuple = ()
 
@@ -218,6 +223,17 @@ def refuse_unused(cfg: TrainConfig, given: set) -> None:
                          "never changes the lr; drop it or raise --epochs")
 
 
+def layer(preset: dict, filed: dict, typed: dict) -> tuple[TrainConfig, set]:
+    """defaults < preset < config file < command line: the run's config, and every field the user gave.
+
+    Each layer is dotted fields. A typed setting, or a filed one other than its default, that this
+    run's choices do not use is refused (a saved config.json lists every field, most at their defaults).
+    """
+    cfg = replace(TrainConfig(), **{**preset, **filed, **typed})
+    refuse_unused(cfg, set(typed) | {k for k in filed if get(cfg, k) != get(TrainConfig(), k)})
+    return cfg, set(preset) | set(filed) | set(typed)
+
+
 def late_milestones(cfg: TrainConfig) -> list:
     """The step schedule's milestones that fall at or after the last epoch: they never take effect."""
     return [m for m in cfg.optim.milestones if m >= cfg.epochs] if cfg.optim.schedule == "step" else []
@@ -235,11 +251,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.optim.schedule in SCHEDULES, "--schedule", cfg.optim.schedule, f"expected one of {SCHEDULES}")
     need(cfg.amp in AMPS, "--amp", cfg.amp, f"expected one of {AMPS}")
     need(cfg.device in DEVICES, "--device", cfg.device, f"expected one of {DEVICES}")
-    need(cfg.mix.interpolate in ("nearest", "bilinear"), "--interpolate", cfg.mix.interpolate,
-         "expected nearest or bilinear")
+    need(cfg.mix.interpolate in INTERPOLATIONS, "--interpolate", cfg.mix.interpolate,
+         f"expected {' or '.join(INTERPOLATIONS)}")
     need(cfg.epochs > 0, "--epochs", cfg.epochs, "must be positive")
     need(cfg.batch_size > 0, "--batch-size", cfg.batch_size, "must be positive")
-    # numpy's and Python's generators take 32-bit seeds, offset by the rank: 2**31 leaves room for any job
+    # a 31-bit --seed: every stream is derived from it, per rank and epoch (rmix.pipelines.seeds)
     need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31, "--seed", cfg.seed, "must be in [0, 2**31)")
     for option, value in (("--lr", cfg.optim.lr), ("--weight-decay", cfg.optim.weight_decay),
                           ("--momentum", cfg.optim.momentum), ("--gamma", cfg.optim.gamma),
@@ -273,8 +289,8 @@ def validate(cfg: TrainConfig) -> None:
          cfg.mix.alpha, "must be in (0, 1] for recursive_mix and > 0 otherwise")
     need(cfg.mix.omega >= 0, "--aug-omega", cfg.mix.omega, "must be >= 0")
     need(0 <= cfg.mix.smoothing < 1, "--smoothing", cfg.mix.smoothing, "must be in [0, 1)")
-    need(cfg.mix.smoothing_form in ("paper", "uniform"), "--smoothing-form", cfg.mix.smoothing_form,
-         "expected 'paper' or 'uniform'")
+    need(cfg.mix.smoothing_form in SMOOTHING_FORMS, "--smoothing-form", cfg.mix.smoothing_form,
+         f"expected {' or '.join(map(repr, SMOOTHING_FORMS))}")
     need(cfg.data.crop_size > 0, "--crop-size", cfg.data.crop_size, "must be positive")
     need(cfg.data.val_resize >= cfg.data.crop_size, "--val-resize", cfg.data.val_resize,
          f"must be >= --crop-size ({cfg.data.crop_size})")
@@ -284,8 +300,8 @@ def validate(cfg: TrainConfig) -> None:
         need(len(v) in (0, 3) and all(isinstance(x, (int, float)) for x in v), f"data.{name}", v,
              "expected 3 values in pixel units (0-255), or none for the dataset's own")
     need(all(x > 0 for x in cfg.data.std), "data.std", cfg.data.std, "must be positive")
-    need(cfg.data.torch_decode in ("workers", "device"), "--torch-decode", cfg.data.torch_decode,
-         "expected 'workers' or 'device'")
+    need(cfg.data.torch_decode in TORCH_DECODES, "--torch-decode", cfg.data.torch_decode,
+         f"expected {' or '.join(map(repr, TORCH_DECODES))}")
     need(cfg.data.workers >= 0, "--workers", cfg.data.workers, "must be >= 0")
     need(cfg.compile in COMPILE_MODES, "--compile", cfg.compile, f"expected one of {', '.join(COMPILE_MODES)}")
     need(isinstance(cfg.log, tuple) and all(name in LOGS for name in cfg.log), "--log", ",".join(map(str, cfg.log)),

@@ -2,15 +2,13 @@
 import sys
 from pathlib import Path
 
-from rmix.pipelines import (
-    build_cifar_loader,
-    build_loader,
-    build_mnist_loader,
-    build_shard_loader,
-    check_classes,
-)
+from rmix.pipelines import build
+from rmix.pipelines.arrays import first_per_class, read_arrays
+from rmix.pipelines.build import Backend, Crop
+from rmix.pipelines.folders import check_classes, scan_image_folder
 from rmix.pipelines.idx import DEBIAN_FASHION_MNIST, TORCHVISION_FOLDERS, has_idx_files
-from rmix.pipelines.wds import INDEX, find_shards, is_shard_dir
+from rmix.pipelines.split import Share
+from rmix.pipelines.wds import INDEX, find_shards, is_shard_dir, scan_shards
 
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 MNIST_SETS = ("fashion-mnist", "mnist")
@@ -114,25 +112,27 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
     d = cfg.data
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size: {cfg.batch_size} does not split evenly over {world_size} processes")
-    common = dict(train=train, batch_size=cfg.batch_size // world_size, seed=cfg.seed, num_threads=d.workers,
-                  device=device, rank=rank, world_size=world_size, dali_device=d.dali_device,
-                  drop_last=d.drop_last, per_class=d.train_per_class if train else 0)
-    if dataset in CIFAR_DIRS:
-        return build_cifar_loader(d.loader, root, cifar100=dataset == "cifar100", **common)
-    if dataset in MNIST_SETS:
-        return build_mnist_loader(d.loader, root, dataset=dataset, **common)
-    if sharded(root, dataset):
-        split = "train" if train else "val"
-        loader = build_shard_loader(d.loader, root, split, crop_size=d.crop_size, min_area=d.min_area,
-                                    val_resize=d.val_resize, aug_plus=d.aug_plus and train,
-                                    torch_decode=d.torch_decode, **common)
-        if rank == 0 and not (root / INDEX).is_file():  # nothing to verify against: a short set shows here
-            print(f"{root}: no {INDEX}; {split}: {loader.num_samples} samples in "
-                  f"{len(find_shards(str(root), split))} shards, counted from the shards", file=sys.stderr)
-        return loader
-    return build_loader(d.loader, root / ("train" if train else "val"), crop_size=d.crop_size, min_area=d.min_area,
-                        val_resize=d.val_resize, aug_plus=d.aug_plus and train, torch_decode=d.torch_decode,
-                        **common)
+    backend = Backend(d.loader, d.workers, d.dali_device, d.torch_decode, device)
+    split, per_class, shards = ("train" if train else "val"), (d.train_per_class if train else 0), False
+    if dataset in ARRAY_SETS:
+        source, crop = read_arrays(root, dataset, train=train), None
+    else:
+        crop = Crop(d.crop_size, d.min_area, d.val_resize, d.aug_plus and train)
+        shards = sharded(root, dataset)
+        if shards and per_class:
+            raise ValueError("--train-per-class: not for WebDataset shards (their samples are mixed); "
+                             "prepare a smaller set instead")
+        # shards: the labels are read with the images
+        source = scan_shards(root, split, labels=False) if shards else scan_image_folder(root / split)
+    if per_class:
+        source = source.subset(first_per_class(source.labels, per_class, source.classes))
+    share = Share(source.num_samples, train=train, batch_size=cfg.batch_size // world_size, seed=cfg.seed,
+                  rank=rank, world_size=world_size, drop_last=d.drop_last)
+    loader = build.loader(source, share, backend, crop)
+    if shards and rank == 0 and not (root / INDEX).is_file():  # nothing to verify against: a short set shows here
+        print(f"{root}: no {INDEX}; {split}: {loader.num_samples} samples in "
+              f"{len(find_shards(str(root), split))} shards, counted from the shards", file=sys.stderr)
+    return loader
 
 
 def make_loaders(cfg, root: Path, dataset: str, device, rank=0, world_size=1):
@@ -141,3 +141,25 @@ def make_loaders(cfg, root: Path, dataset: str, device, rank=0, world_size=1):
     val = make_loader(cfg, root, dataset, device, train=False, rank=rank, world_size=world_size)
     check_classes(train.classes, val.classes, f"--data-dir: {root}", "train", "val")
     return train, val
+
+
+def check_data(directory: str, dataset: str = "auto", decoder: str = "dali", threads: int = 2) -> tuple[str, dict]:
+    """`rmix data check`: every image decoded once by `decoder` ("dali" or "pil"), or each CIFAR/MNIST file read
+    whole, uncached. Returns (the kind of data, {"ok", "bad": [{"path", "reason"}], "classes", ...})."""
+    from rmix.pipelines import check_array_dataset
+    from rmix.pipelines.preflight import check
+    root = Path(directory)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
+    if threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {threads}")
+    if dataset == "auto":
+        dataset = detect_dataset(root)
+    if dataset in ARRAY_SETS:  # CIFAR's batches and MNIST's idx files: each split read whole, every file checked
+        return dataset, check_array_dataset(root, dataset)
+    if sharded(root, dataset):
+        from rmix.pipelines.wds import find_shards
+        splits = [(str(root), s) for s in ("train", "val") if find_shards(str(root), s)]
+    else:
+        splits = [root / s for s in ("train", "val") if (root / s).is_dir()] or [root]
+    return dataset, check(splits, decoder, threads, use_cache=False)

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rmix.pipelines.errors import one_line
+
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place in the job (torchrun's RANK, WORLD_SIZE, LOCAL_RANK); one process is rank 0 of 1.
+    Passed around as `world`."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -47,18 +51,18 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
         timeout_s: how long a collective may wait for the other ranks before it raises.
     """
     os.environ.update(slurm_env(os.environ))
-    world = env_int(os.environ, "WORLD_SIZE", 1, low=1)
+    world_size = env_int(os.environ, "WORLD_SIZE", 1, low=1)
     if "WORLD_SIZE" not in os.environ and env_int(os.environ, "RANK", 0, low=0) > 0:
         raise ValueError(f"RANK={os.environ['RANK']} but WORLD_SIZE is not set: launch with torchrun, or set both")
-    if "WORLD_SIZE" in os.environ and env_int(os.environ, "RANK", 0, low=0) >= world:
-        raise ValueError(f"RANK={os.environ['RANK']}: must be below WORLD_SIZE={world}")
-    if world <= 1:
+    if "WORLD_SIZE" in os.environ and env_int(os.environ, "RANK", 0, low=0) >= world_size:
+        raise ValueError(f"RANK={os.environ['RANK']}: must be below WORLD_SIZE={world_size}")
+    if world_size <= 1:
         return Dist()
     rank = env_int(os.environ, "RANK", None, low=0)
     if rank is None:
-        raise ValueError(f"WORLD_SIZE={world} but RANK is not set: launch with torchrun, or set RANK and MASTER_ADDR")
-    if rank >= world:
-        raise ValueError(f"RANK={rank}: must be below WORLD_SIZE={world}")
+        raise ValueError(f"WORLD_SIZE={world_size} but RANK is not set: launch with torchrun, or set RANK and MASTER_ADDR")
+    if rank >= world_size:
+        raise ValueError(f"RANK={rank}: must be below WORLD_SIZE={world_size}")
     local = env_int(os.environ, "LOCAL_RANK", 0, low=0)
     if "MASTER_PORT" in os.environ and env_int(os.environ, "MASTER_PORT", None, low=1) > 65535:
         raise ValueError(f"MASTER_PORT={os.environ['MASTER_PORT']}: must be at most 65535")
@@ -78,16 +82,16 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
                     from None
         at = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         with _stderr_held() as visible, \
-                _said_while_waiting(f"rank {rank}: waiting for the other {world - 1} process(es) of the job at {at} "
+                _said_while_waiting(f"rank {rank}: waiting for the other {world_size - 1} process(es) of the job at {at} "
                                     f"(up to --dist-timeout {timeout_s:g} s)", after=min(WAIT_SAY_S, timeout_s / 2),
                                     stream=visible):
             try:
                 store = _attempt_store(timeout)
-                where = dict(store=store, rank=rank, world_size=world) if store else {}
+                where = dict(store=store, rank=rank, world_size=world_size) if store else {}
                 if device_type == "cuda":
                     where["device_id"] = torch.device("cuda", local)  # NCCL's barrier then knows its device
                 if rank > 0 and store is None:
-                    _wait_for_master(rank, world, at, timeout_s)
+                    _wait_for_master(rank, world_size, at, timeout_s)
                 dist.init_process_group(backend, timeout=timeout, **where)
             except (RuntimeError, dist.DistError) as e:
                 text = str(e)
@@ -96,16 +100,16 @@ def setup(device_type: str, timeout_s: float = 1800) -> Dist:
                                      f"{os.environ.get('MASTER_ADDR')}; choose another (torchrun --master-port)") \
                         from None
                 if "timed out" in text.lower() or "timeout" in text.lower():
-                    raise ValueError(f"rank {rank}: the other {world - 1} process(es) of the job did not join at {at} "
-                                     f"within --dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world})") \
+                    raise ValueError(f"rank {rank}: the other {world_size - 1} process(es) of the job did not join at {at} "
+                                     f"within --dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world_size})") \
                         from None
-                first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-                raise ValueError(f"rank {rank}: cannot join the job at {at} ({first[:200]}); check MASTER_ADDR and "
-                                 f"MASTER_PORT, and that every process of the job starts (WORLD_SIZE={world})") from None
+                first = one_line(e, 200, typed=False, ellipsis=False, first_line=True)
+                raise ValueError(f"rank {rank}: cannot join the job at {at} ({first}); check MASTER_ADDR and "
+                                 f"MASTER_PORT, and that every process of the job starts (WORLD_SIZE={world_size})") from None
     return Dist(dist.get_rank(), dist.get_world_size(), local)
 
 
-def _wait_for_master(rank, world, at, timeout_s):
+def _wait_for_master(rank, world_size, at, timeout_s):
     """Until MASTER_ADDR:MASTER_PORT accepts a connection: rank 0's store is up.
 
     Waited for here, not in torch's store client, whose every failed try logs a C++ backtrace.
@@ -123,7 +127,7 @@ def _wait_for_master(rank, world, at, timeout_s):
         except OSError:
             if time.monotonic() >= deadline:
                 raise ValueError(f"rank {rank}: rank 0 of the job did not start its store at {at} within "
-                                 f"--dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world})") from None
+                                 f"--dist-timeout {timeout_s:g} s; start them all (WORLD_SIZE={world_size})") from None
             time.sleep(0.2)
 
 
@@ -248,51 +252,51 @@ def _attempt_store(timeout):
     return dist.PrefixStore(f"rmix/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+def all_sum(t: torch.Tensor, world: Dist) -> torch.Tensor:
     """Sum a tensor over ranks (in place); identity on one process."""
-    if d.enabled:
+    if world.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def broadcast_object(obj, d: Dist):
+def broadcast_object(obj, world: Dist):
     """Rank 0's `obj` (any picklable value) on every rank, e.g. a run directory chosen by the clock."""
-    if not d.enabled:
+    if not world.enabled:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def gather_to_main(obj, d: Dist):
+def gather_to_main(obj, world: Dist):
     """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere; [obj] on one process.
 
     For large objects (a mid-epoch checkpoint's RecursiveMix history): only rank 0 receives.
     """
-    if not d.enabled:
+    if not world.enabled:
         return [obj]
-    out = [None] * d.world_size if d.is_main else None
+    out = [None] * world.world_size if world.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
 
 
 @torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, d: Dist):
+def broadcast_buffers(module: torch.nn.Module, world: Dist):
     """Copy rank 0's buffers (BatchNorm running stats) to every rank, in place.
 
     DDP broadcasts them at each training forward, so after the last step every rank holds its
     own; this makes evaluation use the model that rank 0 saves.
     """
-    if d.enabled:
+    if world.enabled:
         for b in module.buffers():
             dist.broadcast(b, src=0)
 
 
-def barrier(d: Dist):
-    if d.enabled:
+def barrier(world: Dist):
+    if world.enabled:
         dist.barrier()
 
 
-def cleanup(d: Dist):
-    if d.enabled and dist.is_initialized():
+def cleanup(world: Dist):
+    if world.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from rmix.bench.mix import MEAN, STD  # ImageNet's, in pixel units
+from rmix.config import INTERPOLATIONS
+from rmix.pipelines.errors import one_line
 
 STEPS = 20
 # Decoders differ by their IDCT and chroma upsampling, resizes by their rounding: mean |difference|
@@ -117,7 +119,7 @@ def _timed(check, fn) -> Line:
     try:
         status, detail = fn()
     except Exception as e:  # noqa: BLE001 - a check that breaks is a failed line, not a traceback
-        status, detail = "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        status, detail = "failed", f"{type(e).__name__}: {one_line(e, 300, typed=False, ellipsis=False)}"
     return Line(check, status, detail, round(time.perf_counter() - t0, 2))
 
 
@@ -155,7 +157,7 @@ def kernel_check(device, n=16, h=61, w=75, k=1000, interpreted=False) -> tuple[s
     variants = bad = 0
     worst = ""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for mode in ("nearest", "bilinear"):
+        for mode in INTERPOLATIONS:
             for channels_last in (False, True):
                 for first_step in (False, True):  # the epoch's first step has no history
                     images, history, soft, history_soft, boxes = _mix_inputs(n, h, w, k, device, dtype)
@@ -196,7 +198,7 @@ def reference_check() -> tuple[str, str]:
     x1, y1, x2, y2 = 5, 3, 29, 20
     boxes = torch.tensor([[x1, y1, x2, y2]] * 4)
     worst = 0.0
-    for mode in ("nearest", "bilinear"):
+    for mode in INTERPOLATIONS:
         got, got_soft, lam = recursive_mix_ref(images, history, soft, history_soft, boxes, mode=mode,
                                                mean=MEAN, std=STD)
         mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
@@ -266,16 +268,20 @@ def dali_decode_check(device, data_dir) -> tuple[str, str]:
 def torch_decode_check(device, data_dir) -> tuple[str, str]:
     """The torch loader's --torch-decode device on `device` against the same code on the CPU; on a CPU,
     against the workers' PIL decode (the same centre crops)."""
-    from rmix.pipelines import build_loader
-    kw = dict(train=False, batch_size=32, crop_size=32, val_resize=36, num_threads=0)
-    root = data_dir / "val"
+    from rmix.pipelines.build import Backend, Crop, loader
+    from rmix.pipelines.folders import scan_image_folder
+    from rmix.pipelines.split import Share
+    index = scan_image_folder(data_dir / "val")
+    share, crop = Share(index.num_samples, train=False, batch_size=32), Crop(32, val_resize=36)
+
+    def images(torch_decode, on):
+        return [x for x, _ in loader(index, share, Backend("torch", 0, torch_decode=torch_decode, device=on), crop)]
+
     if device.type == "cuda":
-        on_gpu = [x for x, _ in build_loader("torch", root, torch_decode="device", device=device, **kw)]
-        on_cpu = [x for x, _ in build_loader("torch", root, torch_decode="device", device="cpu", **kw)]
+        on_gpu, on_cpu = images("device", device), images("device", "cpu")
         return _compare(list(zip(on_gpu, on_cpu)), DECODE_TOLERANCE["decode + resize"],
                         "nvJPEG + resize on the GPU vs the same on the CPU")
-    device_path = [x for x, _ in build_loader("torch", root, torch_decode="device", **kw)]
-    workers = [x for x, _ in build_loader("torch", root, torch_decode="workers", **kw)]
+    device_path, workers = images("device", "cpu"), images("workers", "cpu")
     return _compare(list(zip(device_path, workers)), DECODE_TOLERANCE["decode + resize"],
                     "torchvision decode + resize vs PIL's (--torch-decode workers)")
 
@@ -305,9 +311,10 @@ def train_check(device, loader: str, torch_decode: str = "workers") -> tuple[str
     """STEPS steps of the default model on the embedded set through `loader`: host syncs per step and img/s."""
     from rmix import config as C
     from rmix.data import make_loader, resolve_data
-    from rmix.engine import amp_dtype, build_optimizer, build_policies, set_determinism, train_one_epoch
+    from rmix.engine import amp_dtype, build_optimizer, make_policy, set_determinism, train_one_epoch
     from rmix.models import build
     from rmix.progress import Progress
+    from rmix.state import RunState
     from rmix.syncs import SyncCounter, cuda_sync_warnings
     if loader == "dali":
         try:
@@ -329,7 +336,7 @@ def train_check(device, loader: str, torch_decode: str = "workers") -> tuple[str
     optimizer = build_optimizer(model, cfg.optim)
     amp = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    policy, _ = build_policies(cfg, device, amp)
+    policy = make_policy(cfg, device, amp)
     set_determinism(False, device)
 
     def run(steps):
@@ -338,11 +345,13 @@ def train_check(device, loader: str, torch_decode: str = "workers") -> tuple[str
         with Progress(steps, "doctor", enabled=False) as bar:
             if device.type == "cuda":
                 with cuda_sync_warnings() as seen:
-                    sums = train_one_epoch(model, policy, _Steps(data, steps), optimizer, scaler, cfg, 1, amp, bar)
+                    sums = train_one_epoch(model, policy, _Steps(data, steps), optimizer, scaler, cfg, RunState(), amp,
+                                           bar)
                 count = len(seen)
             else:
                 with SyncCounter() as counter:
-                    sums = train_one_epoch(model, policy, _Steps(data, steps), optimizer, scaler, cfg, 1, amp, bar)
+                    sums = train_one_epoch(model, policy, _Steps(data, steps), optimizer, scaler, cfg, RunState(), amp,
+                                           bar)
                 count = len(counter.reads)
         seconds = time.perf_counter() - t0
         if not math.isfinite(sums[0].item()):

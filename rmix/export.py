@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from rmix import checkpoint
+from rmix.config import EXPORT_FORMATS
 from rmix.models.loading import _is_roi, _strip
-
-FORMATS = ("torchvision", "safetensors")
 
 
 def _classifier_prefix(model) -> str:
@@ -100,8 +99,8 @@ def infer_format(out) -> str:
 
 def write_state(state: dict, out, fmt: str, metadata: dict | None = None) -> Path:
     """Write `state` to `out` atomically (temporary file in the same folder, then rename)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format: expected one of {FORMATS}, got {fmt!r}")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format: expected one of {EXPORT_FORMATS}, got {fmt!r}")
     if fmt == "safetensors":
         try:
             from safetensors.torch import save_file
@@ -129,8 +128,8 @@ def write_state(state: dict, out, fmt: str, metadata: dict | None = None) -> Pat
 def export(path, out, fmt=None, *, model=None, drop_classifier=False, ema=False) -> dict:
     """Read checkpoint `path`, write its weights to `out` as `fmt` (default: from the suffix); returns info."""
     fmt = fmt or infer_format(out)
-    if fmt not in FORMATS:  # before the (slow) read
-        raise ValueError(f"--format: expected one of {FORMATS}, got {fmt!r}")
+    if fmt not in EXPORT_FORMATS:  # before the (slow) read
+        raise ValueError(f"--format: expected one of {EXPORT_FORMATS}, got {fmt!r}")
     state, info = export_state(path, model=model, drop_classifier=drop_classifier, ema=ema)
     meta = {"format": "pt", "source": "rmix", "model": info["model"], "num_classes": info["num_classes"],
             "classifier": "dropped" if drop_classifier else "kept"}

@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from rmix.config import LOGS as BACKENDS  # what --log may name; metrics.jsonl always, TensorBoard when installed
+from rmix.pipelines.errors import one_line
 from rmix.progress import Progress
 
 STEP_KEYS = ("global_step", "step/loss", "step/lr", "step/img_s")
@@ -216,6 +217,12 @@ class RunLogs:
         self._each("close", exit_code)
         self.optional = []
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:  # closed however the run ends; one that raised, as failed
+        self.close(exit_code=0 if exc_type is None else 1)
+
     def _each(self, method, *args) -> None:
         for b in list(self.optional):
             if method == "step" and not b.wants_steps:
@@ -228,8 +235,7 @@ class RunLogs:
 
     @staticmethod
     def _warn(name, when, e) -> None:  # one line on stderr, around the progress bar
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        Progress.line(f"warning: {name} logging failed at {when} ({type(e).__name__}: {reason}); it is off for "
+        Progress.line(f"warning: {name} logging failed at {when} ({one_line(e, None, first_line=True)}); it is off for "
                       "the rest of this run, metrics.jsonl and the checkpoints go on")
 
 

@@ -2,12 +2,15 @@
 
     policy = RecursiveMix(num_classes=10, mean=MEAN, std=STD)
     out = policy(images, targets)          # MixOut(images, soft_targets, boxes, lam)
-    logits, roi_logits = model(out.images, roi_boxes(out))
+    h, w = out.images.shape[-2:]
+    logits, roi_logits = model(out.images, roi_boxes(out, h, w))
+    loss = mix_loss(logits, roi_logits, out.soft_targets, policy.prev_logits, out.lam, omega)
     ...
     policy.remember(out.images, out.soft_targets, logits)
 
 Images are uint8 (N, H, W, C) straight from a pipeline (then mean/std, pixel units, are
 required) or float (N, C, H, W) already normalized. Outputs are always normalized float NCHW.
+Evaluation's input goes through `Normalize`, the same normalization with nothing mixed.
 """
 import inspect
 import math
@@ -15,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from rmix.config import INTERPOLATIONS, SMOOTHING_FORMS
 from rmix.kernels import recursive_mix
 from rmix.kernels.mix_ref import check_box_values, check_labels
 
@@ -26,7 +30,6 @@ class MixOut(NamedTuple):
     lam: torch.Tensor           # (N,) float32, fraction of each image that is its own
 
 
-SMOOTHING_FORMS = ("paper", "uniform")
 
 
 def smooth(targets, num_classes, smoothing, form="paper"):
@@ -153,8 +156,7 @@ class _Policy:
             raise ValueError(f"smoothing: must be in [0, 1), got {smoothing}")
         if smoothing_form not in SMOOTHING_FORMS:
             raise ValueError(f"smoothing_form: expected one of {SMOOTHING_FORMS}, got {smoothing_form!r}")
-        if std is not None and not bool((torch.as_tensor(std, dtype=torch.float64).cpu() > 0).all()):
-            raise ValueError(f"std: must be positive (it divides every pixel), got {std}")  # once, at construction
+        _check_std(std)
         self.num_classes, self.alpha, self.smoothing = num_classes, alpha, smoothing
         self.smoothing_form = smoothing_form
         self.mean, self.std = mean, std
@@ -210,8 +212,35 @@ def _no_boxes(n, device):
     return torch.zeros((n, 4), dtype=torch.int64, device=device)
 
 
+def _check_std(std):
+    if std is not None and not bool((torch.as_tensor(std, dtype=torch.float64).cpu() > 0).all()):
+        raise ValueError(f"std: must be positive (it divides every pixel), got {std}")  # once, at construction
+
+
+class Normalize:
+    """Evaluation's input transform: `images` as the model takes them, `(x - mean) / std` in float
+    (N, C, H, W) of `out_dtype` (channels_last if asked), the numbers the policies give; nothing mixed.
+
+    images: uint8 (N, H, W, C) in pixel units (0-255), or float (N, C, H, W) already normalized (cast).
+    """
+
+    def __init__(self, mean, std, out_dtype=torch.float32, channels_last=False):
+        _check_std(std)
+        self.mean, self.std, self.out_dtype, self.channels_last = mean, std, out_dtype, channels_last
+
+    def __call__(self, images):
+        n, c, h, w = _dims(images)
+        if images.dtype == torch.uint8 and (self.mean is None or self.std is None):
+            raise ValueError("uint8 images need mean and std (in pixel units, 0-255)")
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty((n, c, h, w), dtype=self.out_dtype, device=images.device, memory_format=fmt)
+        one_class = torch.ones((n, 1), dtype=torch.float32, device=images.device)  # the op mixes labels too
+        return recursive_mix(images, None, one_class, None, None, mean=self.mean, std=self.std, out=out,
+                             check_values=False)[0]  # the fused op (Triton on CUDA), as the policies normalize
+
+
 class NoMix(_Policy):
-    """Normalize and one-hot (smoothed) labels; lam = 1. Also the eval-time transform."""
+    """Normalize and one-hot (smoothed) labels; lam = 1: `--aug none`."""
 
     def __call__(self, images, targets):
         x, soft, lam = self._normalize(images, targets)
@@ -299,8 +328,8 @@ class RecursiveMix(_Policy):
             raise ValueError(f"alpha: RecursiveMix needs 0 < alpha <= 1 (area ratio), got {alpha}")
         if not (math.isfinite(omega) and omega >= 0):
             raise ValueError(f"omega: must be a finite number >= 0, got {omega}")
-        if interpolate not in ("nearest", "bilinear"):
-            raise ValueError(f"interpolate: expected 'nearest' or 'bilinear', got {interpolate!r}")
+        if interpolate not in INTERPOLATIONS:
+            raise ValueError(f"interpolate: expected {' or '.join(map(repr, INTERPOLATIONS))}, got {interpolate!r}")
         super().__init__(num_classes, alpha, smoothing=smoothing, generator=generator, **kw)
         self.omega, self.interpolate, self.per_sample = omega, interpolate, per_sample
         self._buffers = []

@@ -19,8 +19,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Preemption:
     """A context that catches SIGNALS; `stop(step, last)` says whether the run should stop now."""
 
-    def __init__(self, d=dist.Dist(), device=torch.device("cpu"), every=1):
-        self.d, self.device, self.every = d, device, every
+    def __init__(self, world=dist.Dist(), device=torch.device("cpu"), every=1):
+        self.world, self.device, self.every = world, device, every
         self.received = None  # the signal's number, set by the handler
         self.signal = None    # its name, once the loop has agreed to stop on it
         self.at = None        # the step of the epoch it stopped after
@@ -42,7 +42,7 @@ class Preemption:
 
     def stop(self, step, last=False) -> bool:
         """After `step` steps of an epoch (`last`: its final step): stop here? Same answer on every rank."""
-        if not self.d.enabled:
+        if not self.world.enabled:
             got = self.received
         elif step % self.every == 0 or last:
             flag = torch.tensor([self.received or 0], dtype=torch.int64, device=self.device)

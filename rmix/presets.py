@@ -54,8 +54,13 @@ PRESETS = {
 }
 
 
-def preset(name: str) -> C.TrainConfig:
-    """The TrainConfig of preset `name`."""
+def fields(name: str) -> dict:
+    """The dotted fields preset `name` sets."""
     if name not in PRESETS:
         raise ValueError(f"--preset: unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
-    return C.replace(C.TrainConfig(), **PRESETS[name][1])
+    return PRESETS[name][1]
+
+
+def preset(name: str) -> C.TrainConfig:
+    """The TrainConfig of preset `name`."""
+    return C.replace(C.TrainConfig(), **fields(name))

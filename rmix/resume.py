@@ -4,11 +4,16 @@ A resumed run starts from the config its checkpoint saved. A setting given again
 had changes nothing; one given with another value is refused, unless `--allow-changes` names it
 (then it is recorded in RUN/changes.jsonl, and config.json keeps the original). Where the data
 lives, the loader's threads, logging, the device and the run's own paths may differ freely.
+`resolve` finds the checkpoint a run goes on from, and the config it goes on with.
 """
 import json
 from pathlib import Path
 
+from rmix import checkpoint, rundir
 from rmix import config as C
+from rmix.logs import metrics_rows
+from rmix.pipelines.errors import one_line
+from rmix.progress import Progress
 
 # May differ on resume: where things are and how fast they run, not what is trained.
 RUNTIME = ("out", "resume", "device", "compile", "deterministic", "log_every", "log", "dist_timeout", "data.workers", "data.preflight",
@@ -75,7 +80,7 @@ def config_json_differs(run_dir: Path, saved: dict, path) -> str | None:
         for line in (log.read_text().splitlines() if log.is_file() else []):
             cfg = C.replace(cfg, **{k: now for k, (_, now) in json.loads(line)["changes"].items()})
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        why = " ".join(str(e).split())[:120]
+        why = one_line(e, 120, typed=False, ellipsis=False)
         return (f"{config}: not this run's settings as rmix wrote them ({why}); the run goes on with {path}'s, "
                 "and config.json stays as it is")
     ckpt = C.from_dict(saved)
@@ -84,3 +89,70 @@ def config_json_differs(run_dir: Path, saved: dict, path) -> str | None:
             return (f"{config}: {key} is {get(cfg, key)!r} there, {get(ckpt, key)!r} in {path}; the run goes on "
                     "with the checkpoint's, and config.json stays as it is")
     return None
+
+
+def resolve(cfg, run_dir, *, given=None, allow=()):
+    """What `cfg.resume` asks of a run in `run_dir`: (the config to run, the checkpoint to go on from or
+    None, its path, the changes `allow` let in).
+
+    A resume goes on with the checkpoint's config merged with the options given now (`merge`);
+    `--resume auto` with no latest.pt starts afresh where that loses nothing (`_fresh_start`)."""
+    if not cfg.resume:
+        return cfg, None, None, {}
+    path = run_dir / "latest.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not path.is_file():  # nothing to continue from
+        return _fresh_start(cfg, run_dir, given, allow), None, None, {}
+    try:
+        ckpt = checkpoint.read(path)
+    except checkpoint.CheckpointError as e:  # a latest.pt cut short: say what is left to go on from
+        best = path.with_name("best.pt")
+        if path.name != "latest.pt" or not best.is_file():
+            raise
+        raise checkpoint.CheckpointError(f"{e}; `--resume {best}` continues from best.pt's epoch") from None
+    if ckpt["foreign"]:
+        raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
+    cfg, changes = merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow)
+    metrics_rows(run_dir / "metrics.jsonl")  # a bad row is refused before anything is written
+    return cfg, ckpt, path, changes
+
+
+def _fresh_start(cfg, run_dir, given, allow):
+    """`--resume auto` where no latest.pt is: the run starts at epoch 1 if nothing of a run would be lost.
+
+    A directory with results (metrics rows, best.pt, a checkpoint) but no latest.pt is refused: a
+    fresh start would trim its metrics and overwrite its best.pt. One with only the config.json of
+    a run that died before its first checkpoint (and at most epoch 1's row, written just before it)
+    starts that run again, with that config: options given now must agree with it (or be allowed),
+    as on any resume.
+    """
+    there = [name for name in rundir.RUN_FILES if (run_dir / name).exists()]
+    there += sorted(p.name for p in run_dir.glob("*.pt") if p.name not in there)
+    rows = metrics_rows(run_dir / "metrics.jsonl")
+    # epoch 1's row is written just before its latest.pt: a kill between the two leaves that row alone,
+    # which a resume from latest.pt would trim too. A second row, or any .pt, means a checkpoint was there.
+    first_save_lost = there == ["config.json", "metrics.jsonl"] and len(rows) <= 1
+    if any(name != "config.json" for name in there) and not first_save_lost:
+        best = run_dir / "best.pt"
+        hint = f"`--resume {best}` continues from best.pt's epoch, " if best.is_file() else ""
+        raise ValueError(f"--resume auto: {run_dir} holds a run ({', '.join(there)}) but no latest.pt to continue "
+                         f"from; {hint}a new --out starts afresh")
+    if there:  # config.json (and epoch 1's row, to be trimmed): the same run, from its start
+        saved = C.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg, _ = merge(cfg, saved, run_dir / "config.json", given=given, allow=allow)
+    return cfg
+
+
+def say_what_it_lacks(run_dir, path, ckpt):
+    """Rows of the epochs latest.pt covers that metrics.jsonl lacks, and a best.pt left elsewhere: said once."""
+    have = {json.loads(line)["epoch"] for line in metrics_rows(run_dir / "metrics.jsonl")}
+    missing = [e for e in range(1, ckpt["epoch"] + 1) if e not in have]
+    elsewhere = Path(path).resolve().parent != run_dir.resolve()
+    if missing and elsewhere:
+        best = f" (best val top-1 {ckpt['best_top1']:.2f}%)" if ckpt.get("best_top1", -1) >= 0 else ""
+        Progress.line(f"--resume {path}: epochs 1-{ckpt['epoch']} were trained into {Path(path).parent}; their "
+                      f"metrics rows and best.pt stay there{best}, and this run writes its own best.pt when an "
+                      "epoch beats that")
+    elif missing:
+        shown = ",".join(map(str, missing[:8])) + (",..." if len(missing) > 8 else "")
+        Progress.line(f"{run_dir / 'metrics.jsonl'}: no rows for epochs {shown}, which latest.pt covers; they stay "
+                      "missing (the run goes on from latest.pt)")

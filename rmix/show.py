@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rmix import config as C
 from rmix.data import ARRAY_SETS, make_loader, resolve_data
 from rmix.mixing import build_policy
+from rmix.pipelines.seeds import derive
 
 GAP = 4        # pixels between and around the cells
 LINE = 13      # caption line height, pixels
@@ -53,7 +54,7 @@ def mixed_batches(cfg: C.TrainConfig, steps: int):
     loader = make_loader(cfg, root, dataset, device, train=True)
     if len(loader) == 0:
         raise ValueError(f"--batch: {cfg.batch_size} is more than the {root} train split holds")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(derive(cfg.seed, "boxes"))  # rank 0's boxes, as train draws them
     from rmix.engine import mix_settings
     policy = build_policy(cfg.mix.policy, loader.num_classes, **mix_settings(cfg, cfg.mix.policy),
                           mean=cfg.data.mean, std=cfg.data.std, generator=gen)

@@ -18,9 +18,10 @@ import sys
 import torch  # noqa: E402
 
 from rmix import config as C  # noqa: E402
-from rmix.engine import amp_dtype, build_optimizer, build_policies, compile_model, train_one_epoch  # noqa: E402
+from rmix.engine import amp_dtype, build_optimizer, compile_model, make_policy, train_one_epoch  # noqa: E402
 from rmix.models import build  # noqa: E402
 from rmix.progress import Progress  # noqa: E402
+from rmix.state import RunState  # noqa: E402
 from rmix.syncs import cuda_sync_warnings  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def syncs_in_pass(cfg, model, optimizer, scaler, policy, amp, batches):
     torch.cuda.synchronize()
     with cuda_sync_warnings() as hits:
         with Progress(len(batches), "sync", enabled=False) as bar:
-            train_one_epoch(model, policy, batches, optimizer, scaler, cfg, 1, amp, bar)
+            train_one_epoch(model, policy, batches, optimizer, scaler, cfg, RunState(), amp, bar)
     return len(hits), collections.Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in hits)
 
 
@@ -56,7 +57,7 @@ def main():
         model = compile_model(model, cfg.compile)
         amp = amp_dtype(cfg, device)
         scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-        policy, _ = build_policies(cfg, device, amp)
+        policy = make_policy(cfg, device, amp)
         g = torch.Generator().manual_seed(0)
         batches = [(torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8, generator=g).cuda(),
                     torch.randint(0, cfg.num_classes, (args.batch,), generator=g).cuda()) for _ in range(2 * args.steps)]

@@ -1,4 +1,5 @@
-"""Fixtures shared by test modules, and the guard that keeps the suite independent of its order.
+"""Fixtures shared by test modules (the data sets, one fixture each), the guard that keeps the suite
+independent of its order, and the `slow` mark on every `heavy` test.
 
 Triton's interpreter is chosen once, before anything imports triton: without CUDA the kernel tests
 run through it (TRITON_INTERPRET=1), and a module that imported triton first would otherwise fix the
@@ -19,6 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from helpers import CLASSES, GREEN, RED, SIZES, cli_train, solid_image  # noqa: E402
 from rmix.pipelines.synth import synth_dataset  # noqa: E402
 
 SIGNALS = [s for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGXFSZ)]
@@ -73,6 +75,13 @@ def _changes(before, after):
     return out
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `-m "not slow"` must leave the heavy tests out too
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("heavy"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def process_state_is_restored(request):
     before = _state()
@@ -83,8 +92,65 @@ def process_state_is_restored(request):
         pytest.fail(f"left process-wide state changed: {changed}", pytrace=False)
 
 
+# ---- data sets, one fixture each; a module that asks for one gets its own copy (scope="module")
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """4 classes x 6 train / 3 val JPEGs of 24 px: 3 steps per epoch at batch 8 (test_ddp has its own)."""
+def jpeg_folder_4x6(tmp_path_factory):
+    """4 classes x 6 train / 3 val JPEGs of 24 px: 3 steps per epoch at batch 8."""
     return synth_dataset(tmp_path_factory.mktemp("d") / "tiny", classes=4, train_per_class=6, val_per_class=3,
                          width=24, height=24)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder_4x8(tmp_path_factory):
+    """4 classes x 8 train / 3 val JPEGs of 24 px: 32 train images, 12 val images (two ranks' DDP runs)."""
+    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=3,
+                         width=24, height=24)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder_4x8_val2(tmp_path_factory):
+    """4 classes x 8 train / 2 val JPEGs of 24 px."""
+    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=2,
+                         width=24, height=24)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder_2x8_64x48(tmp_path_factory):
+    """2 classes x 8 train JPEGs of 64x48 (and 1 val each)."""
+    return synth_dataset(tmp_path_factory.mktemp("bench") / "jpegs", classes=2, train_per_class=8, val_per_class=1,
+                         width=64, height=48)
+
+
+@pytest.fixture(scope="module")
+def solid_folder_3x5(tmp_path_factory):
+    """3 classes x 5 solid-colour images (helpers.CLASSES, RED, GREEN): JPEGs (one .JPG, one named with a
+    space), one PNG, one in a nested folder, and a text file to ignore."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for c, name in enumerate(CLASSES):
+        os.makedirs(root / name / "nested")
+        for i, (w, h) in enumerate(SIZES):
+            image = solid_image(w, h, (RED[c], GREEN[i], 100))
+            if name == "mango" and i == 4:
+                image.save(root / name / f"img{i}.png")
+            elif name == "mango" and i == 1:
+                image.save(root / name / f"img{i} copy.jpg", quality=95)  # a space in the name
+            elif name == "zebra" and i == 4:
+                image.save(root / name / "nested" / f"img{i}.jpg", quality=95)
+            else:
+                image.save(root / name / f"img{i}.JPG" if i == 3 else root / name / f"img{i}.jpg",
+                           quality=95)
+    (root / "Apple" / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_runs(jpeg_folder_4x6, tmp_path_factory):
+    """{loader: run directory} of helpers.cli_train on jpeg_folder_4x6 with each loader, without
+    mid-epoch saves: saving must not change the training."""
+    out = {}
+    for loader in ("dali", "torch"):
+        out[loader] = tmp_path_factory.mktemp("ref") / loader
+        r = cli_train(jpeg_folder_4x6, out[loader], "--loader", loader)
+        assert r.exit_code == 0, r.output
+    return out

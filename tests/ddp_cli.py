@@ -42,21 +42,21 @@ def crash():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, *args, **kwargs):
+def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, state, *args, **kwargs):
     if RESULTS:
-        (Path(RESULTS) / f"rank{RANK}.json").write_text(json.dumps({"out": cfg.out, "epoch": epoch}))
-    armed = epoch == CRASH_EPOCH and RANK == CRASH_RANK and not (MARKER and os.path.exists(MARKER))
+        (Path(RESULTS) / f"rank{RANK}.json").write_text(json.dumps({"out": cfg.out, "epoch": state.epoch}))
+    armed = state.epoch == CRASH_EPOCH and RANK == CRASH_RANK and not (MARKER and os.path.exists(MARKER))
     if armed and not CRASH_STEP:
         crash()
-    if armed:
-        on_step = kwargs.get("on_step") or (lambda *a: None)
+    if armed:  # the stop check runs after each step and its mid-epoch save
+        stop = kwargs.get("stop") or (lambda *a, **k: False)
 
-        def on_step_then_crash(step, *a):
-            on_step(step, *a)
+        def crash_then_stop(step, *a, **k):
             if step == CRASH_STEP:
                 crash()
-        kwargs["on_step"] = on_step_then_crash
-    return _train_one_epoch(model, policy, loader, optimizer, scaler, cfg, epoch, *args, **kwargs)
+            return stop(step, *a, **k)
+        kwargs["stop"] = crash_then_stop
+    return _train_one_epoch(model, policy, loader, optimizer, scaler, cfg, state, *args, **kwargs)
 
 
 engine.train_one_epoch = train_one_epoch

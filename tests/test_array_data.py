@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import MNIST_TEST, MNIST_TRAIN, write_coded_cifar, write_fake_mnist, write_idx
 from rmix.cli import cli
 from rmix.pipelines import CifarError, check_array_dataset, load_cifar
 from rmix.pipelines.idx import IdxError, load_mnist
-from test_mnist import TEST, TRAIN, fake_set, write_idx
 
 N = 20  # images per CIFAR batch file
 
@@ -146,9 +146,9 @@ def test_labels_that_are_no_integers_are_refused(tmp_path):
 
 
 def test_mnist_label_out_of_range_is_named_at_load(tmp_path):
-    fake_set(tmp_path, gz=False)
+    write_fake_mnist(tmp_path, gz=False)
     path = tmp_path / "t10k-labels-idx1-ubyte"
-    labels = np.arange(TEST, dtype=np.uint8) % 10
+    labels = np.arange(MNIST_TEST, dtype=np.uint8) % 10
     labels[4] = 10
     write_idx(path, labels)
     with pytest.raises(IdxError, match=rf"^{path}: label 10 at index 4 is outside \[0, 10\)"):
@@ -182,7 +182,7 @@ def test_a_meta_file_naming_another_number_of_classes_is_refused(tmp_path):
 # ---- 5. idx files: the magic checked before any dimension is read; images and labels agree ----
 
 def test_a_labels_file_with_a_wrong_magic_byte_says_so_before_reading_dimensions(tmp_path):
-    fake_set(tmp_path, gz=False)
+    write_fake_mnist(tmp_path, gz=False)
     path = tmp_path / "train-labels-idx1-ubyte"
     raw = bytearray(path.read_bytes())
     raw[3] = 0x09  # the probe's damage: the label bytes after the count were read as 8 more dimensions
@@ -193,29 +193,29 @@ def test_a_labels_file_with_a_wrong_magic_byte_says_so_before_reading_dimensions
 
 
 def test_an_images_file_with_the_labels_magic_is_refused(tmp_path):
-    fake_set(tmp_path, gz=False)
+    write_fake_mnist(tmp_path, gz=False)
     path = tmp_path / "t10k-images-idx3-ubyte"
-    write_idx(path, np.zeros(TEST, np.uint8))  # a valid idx file, but of labels
+    write_idx(path, np.zeros(MNIST_TEST, np.uint8))  # a valid idx file, but of labels
     with pytest.raises(IdxError, match=rf"^{path}: not an idx images file: bad magic number 00000801.*expected "
                                        "00000803"):
         load_mnist(tmp_path, train=False)
 
 
 def test_images_of_another_size_are_refused(tmp_path):
-    fake_set(tmp_path, gz=False)
+    write_fake_mnist(tmp_path, gz=False)
     path = tmp_path / "train-images-idx3-ubyte"
-    write_idx(path, np.zeros((TRAIN, 32, 32), np.uint8))
+    write_idx(path, np.zeros((MNIST_TRAIN, 32, 32), np.uint8))
     with pytest.raises(IdxError, match=rf"^{path}: images of 32x32 pixels, fashion-mnist has 28x28"):
         load_mnist(tmp_path, train=True)
 
 
 def test_images_and_labels_of_different_counts_name_both_files(tmp_path):
-    fake_set(tmp_path, gz=False)
-    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(TEST + 1, np.uint8))
+    write_fake_mnist(tmp_path, gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(MNIST_TEST + 1, np.uint8))
     with pytest.raises(IdxError) as info:
         load_mnist(tmp_path, train=False)
-    assert str(info.value).startswith(f"{tmp_path / 't10k-labels-idx1-ubyte'}: {TEST + 1} labels for the {TEST} "
-                                      f"images of {tmp_path / 't10k-images-idx3-ubyte'}")
+    assert str(info.value).startswith(f"{tmp_path / 't10k-labels-idx1-ubyte'}: {MNIST_TEST + 1} labels "
+                                      f"for the {MNIST_TEST} images of {tmp_path / 't10k-images-idx3-ubyte'}")
 
 
 # ---- through the CLI: one line, exit 2, before any training ----
@@ -231,7 +231,7 @@ def _damage(kind, root):
     if kind == "cifar-label":
         edit(cifar_set(root) / "test_batch", lambda b: b[b"labels"].__setitem__(7, -1))
         return root / "cifar-10-batches-py" / "test_batch", "label -1 at index 7"
-    fake_set(root / "fashion-mnist", gz=False)
+    write_fake_mnist(root / "fashion-mnist", gz=False)
     path = root / "fashion-mnist" / "train-labels-idx1-ubyte"
     raw = bytearray(path.read_bytes())
     raw[3] = 0x09
@@ -264,9 +264,9 @@ def test_check_counts_a_good_cifar_set(tmp_path, dataset):
 
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
 def test_check_counts_a_good_mnist_set(tmp_path, dataset):
-    fake_set(tmp_path)
-    assert check_array_dataset(tmp_path, dataset) == {"ok": TRAIN + TEST, "bad": [], "classes": 10,
-                                                      "splits": {"train": TRAIN, "test": TEST}}
+    write_fake_mnist(tmp_path)
+    assert check_array_dataset(tmp_path, dataset) == {"ok": MNIST_TRAIN + MNIST_TEST, "bad": [], "classes": 10,
+                                                      "splits": {"train": MNIST_TRAIN, "test": MNIST_TEST}}
 
 
 def test_check_lists_each_bad_file_and_counts_the_good_split(tmp_path):
@@ -276,10 +276,10 @@ def test_check_lists_each_bad_file_and_counts_the_good_split(tmp_path):
     assert result["ok"] == 5 * N and result["splits"] == {"train": 5 * N} and result["classes"] == 10
     assert result["bad"] == [{"path": str(folder / "test_batch"), "reason": result["bad"][0]["reason"]}]
     assert result["bad"][0]["reason"].startswith("label 10 at index 2 is outside [0, 10)")
-    fake_set(tmp_path / "m", gz=False)
+    write_fake_mnist(tmp_path / "m", gz=False)
     (tmp_path / "m" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 5)
     result = check_array_dataset(tmp_path / "m", "mnist")
-    assert result["splits"] == {"test": TEST} and result["bad"][0]["path"] == os.path.join(
+    assert result["splits"] == {"test": MNIST_TEST} and result["bad"][0]["path"] == os.path.join(
         tmp_path / "m", "train-images-idx3-ubyte") and result["bad"][0]["reason"].startswith("truncated")
 
 
@@ -294,8 +294,7 @@ def test_check_refuses_an_unknown_dataset_and_a_missing_file(tmp_path):
 
 def test_data_check_reads_a_cifar_set_as_cifar_and_names_a_bad_batch(tmp_path):
     # `rmix data check` treated a CIFAR folder as an image folder ("class folder has no image files")
-    from test_pipelines import _write_cifar
-    _write_cifar(tmp_path, False)
+    write_coded_cifar(tmp_path, False)
     r = CliRunner().invoke(cli, ["data", "check", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
@@ -313,7 +312,6 @@ def test_data_check_reads_a_cifar_set_as_cifar_and_names_a_bad_batch(tmp_path):
 
 
 def test_cifar100_files_read_as_cifar10_name_the_dataset_that_reads_them(tmp_path):
-    from test_pipelines import _write_cifar
-    _write_cifar(tmp_path, True)
+    write_coded_cifar(tmp_path, True)
     with pytest.raises(FileNotFoundError, match=r"holds the other CIFAR's files \(train, test\): --dataset cifar100"):
         load_cifar(tmp_path / "cifar-100-python", train=True, cifar100=False)

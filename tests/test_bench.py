@@ -16,16 +16,8 @@ from rmix.bench.data import bench_data, subset, train_split
 from rmix.bench.timing import StepTimer, cpu_seconds, machine_info
 from rmix.cli import cli
 from rmix.pipelines import scan_image_folder
-from rmix.pipelines.synth import synth_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def jpegs(tmp_path_factory):
-    """2 classes x 8 train JPEGs of 64x48 (and 1 val each)."""
-    return synth_dataset(tmp_path_factory.mktemp("bench") / "jpegs", classes=2, train_per_class=8, val_per_class=1,
-                         width=64, height=48)
 
 
 def run_json(args):
@@ -39,9 +31,10 @@ def positive(d, keys):
         assert isinstance(d[k], (int, float)) and math.isfinite(d[k]) and d[k] > 0, (k, d[k])
 
 
-def test_bench_data_reports_every_loader(jpegs):
-    d = run_json(["bench", "data", "--data-dir", str(jpegs), "--size", "32", "--batch", "4", "--reps", "2",
-                  "--threads", "1", "--json"])
+@pytest.mark.slow
+def test_bench_data_reports_every_loader(jpeg_folder_2x8_64x48):
+    d = run_json(["bench", "data", "--data-dir", str(jpeg_folder_2x8_64x48), "--size", "32", "--batch", "4",
+                  "--reps", "2", "--threads", "1", "--json"])
     rates = ["dali_img_s", "torch_pil_img_s", "torch_v2_img_s", "decode_only_img_s"]
     ratios = ["dali_vs_decode_only", "dali_vs_torch_pil", "dali_vs_torch_v2"]
     positive(d, rates + ratios + ["threads", "batch", "cpu_count"])
@@ -52,9 +45,9 @@ def test_bench_data_reports_every_loader(jpegs):
         assert d[k], k
 
 
-def test_bench_data_on_shards_compares_them_with_the_same_images_as_files(jpegs, tmp_path):
+def test_bench_data_on_shards_compares_them_with_the_same_images_as_files(jpeg_folder_2x8_64x48, tmp_path):
     from rmix.pipelines.prepare import prepare_folder
-    prepare_folder(str(jpegs), str(tmp_path / "w"), shard_size=3, say=lambda t: None)
+    prepare_folder(str(jpeg_folder_2x8_64x48), str(tmp_path / "w"), shard_size=3, say=lambda t: None)
     d = run_json(["bench", "data", "--data-dir", str(tmp_path / "w"), "--size", "32", "--batch", "4", "--reps", "1",
                   "--threads", "1", "--images", "12", "--json"])
     assert d["mode"] == "shards" and d["images"] == 12 and d["files"] == 12
@@ -66,25 +59,27 @@ def test_bench_data_on_shards_compares_them_with_the_same_images_as_files(jpegs,
     assert "dali shards / files" in r.output
 
 
-def test_bench_data_without_dali_compares_the_torchvision_loaders(jpegs, monkeypatch):
+def test_bench_data_without_dali_compares_the_torchvision_loaders(jpeg_folder_2x8_64x48, monkeypatch):
     monkeypatch.setitem(sys.modules, "rmix.pipelines.dali", None)  # its import now fails, as without DALI
-    d = bench_data(jpegs, size=32, batch=4, reps=1, threads=1)
+    d = bench_data(jpeg_folder_2x8_64x48, size=32, batch=4, reps=1, threads=1)
     assert set(d["skipped"]) == {"dali", "decode_only"} and "dali_img_s" not in d and "dali_vs_torch_pil" not in d
     positive(d, ["torch_pil_img_s", "torch_v2_img_s"])
 
 
-def test_bench_data_errors_are_one_line(jpegs):
-    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpegs), "--batch", "8", "--images", "4"])
+def test_bench_data_errors_are_one_line(jpeg_folder_2x8_64x48):
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpeg_folder_2x8_64x48), "--batch", "8",
+                                 "--images", "4"])
     assert r.exit_code == 2 and "--images: must be >= 8" in r.output
-    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpegs / "missing")])
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpeg_folder_2x8_64x48 / "missing")])
     assert r.exit_code == 2 and "is not a directory" in r.output
-    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpegs), "--batch", "32", "--images", "64"])
+    r = CliRunner().invoke(cli, ["bench", "data", "--data-dir", str(jpeg_folder_2x8_64x48), "--batch", "32",
+                                 "--images", "64"])
     assert r.exit_code == 2 and "not one batch of 32" in r.output
 
 
-def test_subset_spreads_files_over_classes(jpegs, tmp_path):
-    split = train_split(jpegs)
-    assert split == jpegs / "train" and train_split(split) == split
+def test_subset_spreads_files_over_classes(jpeg_folder_2x8_64x48, tmp_path):
+    split = train_split(jpeg_folder_2x8_64x48)
+    assert split == jpeg_folder_2x8_64x48 / "train" and train_split(split) == split
     small = subset(scan_image_folder(split), 6, tmp_path)
     assert len(small.files) == 6 and small.classes == scan_image_folder(split).classes
     assert all(os.path.islink(os.path.join(small.root, f)) for f in small.files)
@@ -95,10 +90,10 @@ TRAIN_KEYS = ["none_img_s", "rm_img_s", "synthetic_img_s", "pipeline_img_s", "no
 
 
 @pytest.mark.parametrize("loader,workers", [("dali", 1), ("torch", 0)])
-def test_bench_train_reports_overheads(jpegs, loader, workers):
+def test_bench_train_reports_overheads(jpeg_folder_2x8_64x48, loader, workers):
     d = run_json(["bench", "train", "--model", "resnet8", "--size", "16", "--batch", "8", "--steps", "3",
-                  "--warmup", "1", "--data-dir", str(jpegs), "--loader", loader, "--workers", str(workers),
-                  "--threads", "1", "--json"])
+                  "--warmup", "1", "--data-dir", str(jpeg_folder_2x8_64x48), "--loader", loader,
+                  "--workers", str(workers), "--threads", "1", "--json"])
     positive(d, TRAIN_KEYS)
     # 2 batches per epoch: the pipeline run went through epochs
     assert d["rm_overhead"] == pytest.approx(d["rm_ms"] / d["none_ms"] - 1)
@@ -107,9 +102,9 @@ def test_bench_train_reports_overheads(jpegs, loader, workers):
     assert torch.get_num_threads() >= 1  # restored after the run
 
 
-def test_bench_train_text_output(jpegs):
+def test_bench_train_text_output(jpeg_folder_2x8_64x48):
     r = CliRunner().invoke(cli, ["bench", "train", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "0",
-                                 "--data-dir", str(jpegs), "--workers", "1"], catch_exceptions=False)
+                                 "--data-dir", str(jpeg_folder_2x8_64x48), "--workers", "1"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "RM overhead" in r.stdout and "recursive_mix, dali" in r.stdout
 
@@ -143,6 +138,7 @@ def test_contention_child_env_sets_only_the_policy(monkeypatch):
     assert child_env("spin:500")["GOMP_SPINCOUNT"] == "500"
 
 
+@pytest.mark.slow
 def test_contention_runs_alone_and_together():
     d = run_json(["bench", "contention", "--epochs", "1", "--max-steps", "1", "--procs", "2",
                   "--policies", "rmix,spin:1000", "--json"])

@@ -96,6 +96,7 @@ torch.save({{"model": Evil()}}, {path!r})
 """
 
 
+@pytest.mark.slow
 def test_malicious_pickle_never_runs(tmp_path):
     marker, p = tmp_path / "pwned", tmp_path / "evil.pt"
     subprocess.run([sys.executable, "-c", EVIL.format(marker=marker, path=str(p))], check=True)

@@ -4,14 +4,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from helpers import TWO_EPOCHS, write_random_cifar10
 from rmix.cli import cli
-
-TINY = ["--epochs", "2", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
-        "--workers", "1", "--log-every", "1"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def jpeg_folder_4x6_by_cli(tmp_path_factory):
+    """conftest's jpeg_folder_4x6, written by `rmix data synth` (checked here)."""
     out = tmp_path_factory.mktemp("data") / "tiny"
     r = CliRunner().invoke(cli, ["data", "synth", "--out", str(out), "--classes", "4", "--train-per-class", "6",
                                  "--val-per-class", "3", "--width", "24", "--height", "24"])
@@ -24,9 +23,9 @@ def run(args):
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_train_then_eval(tiny, tmp_path, loader):
+def test_train_then_eval(jpeg_folder_4x6_by_cli, tmp_path, loader):
     out = tmp_path / "run"
-    r = run(["train", "--data-dir", str(tiny), "--loader", loader, "--out", str(out), *TINY])
+    r = run(["train", "--data-dir", str(jpeg_folder_4x6_by_cli), "--loader", loader, "--out", str(out), *TWO_EPOCHS])
     assert r.exit_code == 0, r.output
     assert "best val top-1" in r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -45,19 +44,19 @@ def test_train_then_eval(tiny, tmp_path, loader):
 
 
 @pytest.mark.parametrize("aug", ["none", "mixup", "cutmix", "recursive_mix"])
-def test_each_aug_trains(tiny, tmp_path, aug):
+def test_each_aug_trains(jpeg_folder_4x6_by_cli, tmp_path, aug):
     rm_only = ["--per-sample-boxes"] if aug == "recursive_mix" else []  # the others refuse it (they use one box)
-    r = run(["train", "--data-dir", str(tiny), "--aug", aug, "--out", str(tmp_path / aug), *TINY,
-             "--aug-alpha", "0.5", *rm_only, "--smoothing", "0.1"])
+    r = run(["train", "--data-dir", str(jpeg_folder_4x6_by_cli), "--aug", aug,
+             "--out", str(tmp_path / aug), *TWO_EPOCHS, "--aug-alpha", "0.5", *rm_only, "--smoothing", "0.1"])
     assert r.exit_code == 0, r.output
 
 
-def test_resume_continues_from_latest(tiny, tmp_path):
+def test_resume_continues_from_latest(jpeg_folder_4x6_by_cli, tmp_path):
     out = tmp_path / "run"
-    assert run(["train", "--data-dir", str(tiny), "--out", str(out), *TINY]).exit_code == 0
-    args = [a if a != "2" else "3" for a in TINY]  # --epochs 3
-    r = run(["train", "--data-dir", str(tiny), "--out", str(out), "--resume", "auto", "--allow-changes", "epochs",
-             *args])
+    assert run(["train", "--data-dir", str(jpeg_folder_4x6_by_cli), "--out", str(out), *TWO_EPOCHS]).exit_code == 0
+    args = [a if a != "2" else "3" for a in TWO_EPOCHS]  # --epochs 3
+    r = run(["train", "--data-dir", str(jpeg_folder_4x6_by_cli), "--out", str(out), "--resume", "auto",
+             "--allow-changes", "epochs", *args])
     assert r.exit_code == 0, r.output
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
@@ -74,10 +73,10 @@ def test_resume_continues_from_latest(tiny, tmp_path):
     (["eval", "--checkpoint", "/nonexistent/best.pt"], "/nonexistent/best.pt"),
     (["data", "synth", "--out", "{tmp}/x", "--classes", "1"], "classes"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, args, needle):
+def test_bad_input_is_one_line_and_exit_2(jpeg_folder_4x6_by_cli, tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] == "train" and "--data-dir" not in args:
-        args += ["--data-dir", str(tiny), "--out", str(tmp_path / "r"), "--batch-size", "8"]
+        args += ["--data-dir", str(jpeg_folder_4x6_by_cli), "--out", str(tmp_path / "r"), "--batch-size", "8"]
     r = CliRunner(mix_stderr=False).invoke(cli, args) if _has_mix_stderr() else CliRunner().invoke(cli, args)
     assert r.exit_code == 2, (r.exit_code, r.output)
     err = (r.stderr if hasattr(r, "stderr") else r.output).strip()
@@ -96,39 +95,26 @@ def _has_mix_stderr():
     return "mix_stderr" in inspect.signature(CliRunner).parameters
 
 
-def test_paper_layout_checkpoint_evaluates(tiny, tmp_path):
+def test_paper_layout_checkpoint_evaluates(jpeg_folder_4x6_by_cli, tmp_path):
     import torch
 
     from rmix.models import build
     sd = {f"module.{k}": v for k, v in build("resnet8", 4).state_dict().items()}
     p = tmp_path / "model_best.pth.tar"
     torch.save({"epoch": 300, "state_dict": sd, "optimizer": {}}, p)
-    r = run(["eval", "--checkpoint", str(p), "--model", "resnet8", "--data-dir", str(tiny), "--json"])
+    r = run(["eval", "--checkpoint", str(p), "--model", "resnet8", "--data-dir", str(jpeg_folder_4x6_by_cli), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["images"] == 12
     sd.pop("module.fc.bias")
     torch.save({"epoch": 300, "state_dict": sd}, p)
-    r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(p), "--model", "resnet8", "--data-dir", str(tiny)])
+    r = CliRunner().invoke(cli, ["eval", "--checkpoint", str(p), "--model", "resnet8",
+                                 "--data-dir", str(jpeg_folder_4x6_by_cli)])
     assert r.exit_code == 2 and "fc.bias" in r.output and str(p) in r.output
-
-
-def write_cifar10(root, n=16):
-    import pickle
-
-    import numpy as np
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
-        (d / name).write_bytes(pickle.dumps(batch))
-    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
-    return root
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_cifar_folder_is_detected_and_trains(tmp_path, loader):
-    root = write_cifar10(tmp_path / "cifar")
+    root = write_random_cifar10(tmp_path / "cifar")
     out = tmp_path / "run"
     r = run(["train", "--data-dir", str(root), "--loader", loader, "--out", str(out), "--epochs", "1",
              "--batch-size", "16", "--model", "resnet8", "--workers", "1"])
@@ -152,10 +138,10 @@ def test_bench_mix_json_at_tiny_size():
     assert d["fused_ms"] > 0 and d["unfused_ms"] > 0 and d["speedup"] == pytest.approx(d["unfused_ms"] / d["fused_ms"])
 
 
-def test_tensorboard_events_when_installed(tiny, tmp_path):
+def test_tensorboard_events_when_installed(jpeg_folder_4x6_by_cli, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    assert run(["train", "--data-dir", str(tiny), "--out", str(out), *TINY]).exit_code == 0
+    assert run(["train", "--data-dir", str(jpeg_folder_4x6_by_cli), "--out", str(out), *TWO_EPOCHS]).exit_code == 0
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
@@ -227,10 +213,11 @@ def test_milestones_typed_at_or_after_the_last_epoch_are_refused(tmp_path, miles
     assert "\n" not in r.output.strip() and not (tmp_path / "run").exists()
 
 
-def test_a_presets_milestones_cut_short_by_epochs_are_said(tiny, tmp_path):
+def test_a_presets_milestones_cut_short_by_epochs_are_said(jpeg_folder_4x6_by_cli, tmp_path):
     # the CIFAR recipe's (150, 225) in a 1-epoch try: kept as the preset's, and said once
     r = CliRunner().invoke(cli, ["train", "--preset", "cifar10-pyramidnet200-rm", "--dataset", "folder", "--data-dir",
-                                 str(tiny), "--model", "resnet8", "--epochs", "1", "--batch-size", "8", "--crop-size",
+                                 str(jpeg_folder_4x6_by_cli), "--model", "resnet8", "--epochs", "1",
+                                 "--batch-size", "8", "--crop-size",
                                  "16", "--val-resize", "20", "--warmup", "0", "--workers", "1", "--loader", "torch",
                                  "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output

@@ -7,14 +7,14 @@ version below is installed from the package index into a folder of its own and a
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
+from helpers import ROOT
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
 
-ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ["8.1.8", "8.2.1", "8.3.0", "8.3.1", "8.3.2"]  # the floor's last, and around the broken pair
 PARSE = """
 from rmix import cli

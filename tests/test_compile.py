@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import train_args
 from rmix.cli import cli
 from rmix.engine import compile_model
 from rmix.models import build
-from test_reliability import train_args
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile is missing")
 
@@ -24,6 +24,7 @@ def fresh_compile_caches():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_model_computes_what_the_eager_one_does():
     torch.manual_seed(0)
     model = build("resnet8", 5).train()
@@ -37,22 +38,24 @@ def test_compiled_model_computes_what_the_eager_one_does():
     assert model.fc.weight.grad is not None and compile_model(model, "none") is model
 
 
-def test_train_with_compile_saves_plain_keys_and_resumes(tiny, tmp_path):
+@pytest.mark.slow
+def test_train_with_compile_saves_plain_keys_and_resumes(jpeg_folder_4x6, tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, "--compile", "--epochs", "2", "--max-steps", "2"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, "--compile", "--epochs", "2", "--max-steps", "2"))
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["compile"] == "default"  # bare --compile: mode default
     ckpt = torch.load(out / "latest.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in ckpt["model"])
     build("resnet8", 4).load_state_dict(ckpt["model"], strict=True)
     # --compile is how fast, not what is trained: a resume may drop it
-    r = CliRunner().invoke(cli, train_args(tiny, out, "--epochs", "2", "--max-steps", "2", "--resume", "auto"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, "--epochs", "2", "--max-steps", "2",
+                                           "--resume", "auto"))
     assert r.exit_code == 0 and "complete" in r.output, r.output
     r = CliRunner().invoke(cli, ["export", str(out / "best.pt"), "--format", "torchvision", "--out",
                                  str(tmp_path / "w.pth")])
     assert r.exit_code == 0, r.output
 
 
-def test_bad_compile_mode_is_one_line(tiny, tmp_path):
-    r = CliRunner().invoke(cli, train_args(tiny, tmp_path / "run", "--compile", "fastest"))
+def test_bad_compile_mode_is_one_line(jpeg_folder_4x6, tmp_path):
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, tmp_path / "run", "--compile", "fastest"))
     assert r.exit_code == 2 and "--compile" in r.output and "Traceback" not in r.output

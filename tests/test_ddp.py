@@ -11,65 +11,24 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import ROOT, TWO_EPOCHS_TORCH, launch, launch_env
 from rmix import checkpoint, dist
 from rmix.config import TrainConfig, replace, validate
 from rmix.engine import wrap_ddp
 from rmix.logs import trim_metrics as _trim_metrics
 from rmix.models import build
-from rmix.pipelines.synth import synth_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--workers", "1", "--batch-size", "8",
-        "--epochs", "2", "--loader", "torch", "--log-every", "1"]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """32 train images (4 classes), 12 val images, 24 px JPEGs."""
-    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=3,
-                         width=24, height=24)
-
-
-def launch_env(env=None):
-    """This process's environment without a launcher's variables, one thread."""
-    environ = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
-    environ.update(OMP_NUM_THREADS="1", **(env or {}))
-    return environ
-
-
-def launch(args, *, cwd, nproc=2, torchrun=(), env=None, timeout=120):
-    """Run `args` under torchrun (nproc > 0) or as one plain process; returns (returncode, output)."""
-    environ = launch_env(env)
-    cmd = [sys.executable]
-    if nproc:  # --standalone: a c10d rendezvous on a free localhost port
-        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *torchrun]
-    p = subprocess.Popen(cmd + [str(a) for a in args], cwd=cwd, env=environ, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.terminate()  # torchrun stops its ranks on SIGTERM (they run in sessions of their own)
-        try:
-            out, _ = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out = "(no output: the ranks kept the pipe open)"
-        pytest.fail(f"timed out after {timeout} s:\n{out[-4000:]}")
-    return p.returncode, out
-
-
-@pytest.fixture(scope="module")
-def worker_run(tiny, tmp_path_factory):
+def worker_run(jpeg_folder_4x8, tmp_path_factory):
     """tests/ddp_worker.py on 2 ranks; its val set has 11 images, so one rank's shard is one short."""
     tmp = tmp_path_factory.mktemp("worker")
     data = tmp / "data"
-    shutil.copytree(tiny, data)
+    shutil.copytree(jpeg_folder_4x8, data)
     next((data / "val").glob("*/*")).unlink()
     from rmix.pipelines.prepare import prepare_folder
     prepare_folder(str(data), str(tmp / "shards"), shard_size=5, say=lambda t: None)
@@ -78,6 +37,7 @@ def worker_run(tiny, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_the_global_batch(worker_run, tmp_path):
     import ddp_worker  # tests/ is on sys.path: pytest's default (prepend) import mode
     with torch.random.fork_rng():
@@ -92,6 +52,7 @@ def test_two_ranks_match_one_process_with_the_global_batch(worker_run, tmp_path)
     assert moved > 1e-3  # the comparison is not between untouched weights
 
 
+@pytest.mark.slow
 def test_recursive_mix_ranks_stay_identical(worker_run):
     r0, r1 = (torch.load(worker_run / f"rm/rank{r}.pt", weights_only=True) for r in (0, 1))
     for name, p in r0["params"].items():
@@ -104,6 +65,7 @@ def test_recursive_mix_ranks_stay_identical(worker_run):
     assert not torch.equal(r0["ema"]["fc.weight"], r0["params"]["fc.weight"])  # it is an average, not a copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali", "wds-torch", "wds-dali"])
 def test_validation_counts_every_image_once_over_ranks(worker_run, loader):
     v0, v1 = (json.loads((worker_run / f"rm/rank{r}.json").read_text())[loader] for r in (0, 1))
@@ -112,11 +74,13 @@ def test_validation_counts_every_image_once_over_ranks(worker_run, loader):
         assert v0["train_batches"] == 4
 
 
-def test_a_dead_rank_fails_the_job_and_names_it(tiny, tmp_path):
+@pytest.mark.slow
+def test_a_dead_rank_fails_the_job_and_names_it(jpeg_folder_4x8, tmp_path):
     (tmp_path / "results").mkdir()
     env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_RESULTS": "results", "RMIX_TEST_SKEW_CLOCK": "1"}
     t0 = time.monotonic()
-    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY], cwd=tmp_path, env=env)
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH],
+                     cwd=tmp_path, env=env)
     assert rc != 0, out
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", out), out  # torchrun's summary
     assert time.monotonic() - t0 < 100
@@ -129,19 +93,22 @@ def test_a_dead_rank_fails_the_job_and_names_it(tiny, tmp_path):
     assert [json.loads(row)["epoch"] for row in rows] == [1]  # written once, by rank 0
 
 
-def test_a_stalled_rank_is_bounded_by_dist_timeout(tiny, tmp_path):
+@pytest.mark.slow
+def test_a_stalled_rank_is_bounded_by_dist_timeout(jpeg_folder_4x8, tmp_path):
     env = {"RMIX_TEST_CRASH_EPOCH": "1", "RMIX_TEST_CRASH_HOW": "stall"}  # after DDP's first collectives
     t0 = time.monotonic()
-    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--out", "run",
-                      "--dist-timeout", "20"], cwd=tmp_path, env=env)
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH,
+                      "--out", "run", "--dist-timeout", "20"], cwd=tmp_path, env=env)
     assert rc != 0, out
     assert time.monotonic() - t0 < 100  # the stalled rank sleeps 600 s; rank 0 gives up after 20
     assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)\s*\n\s*exitcode\s*:\s*1\b", out), out
 
 
-def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
+@pytest.mark.slow
+def test_torchrun_restart_resumes_from_latest(jpeg_folder_4x8, tmp_path):
     env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_MARKER": "crashed"}
-    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--out", "run",
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH,
+                      "--out", "run",
                       "--resume", "auto"], cwd=tmp_path, torchrun=["--max-restarts", "1"], env=env, timeout=300)
     assert rc == 0, out
     assert (tmp_path / "crashed").is_file() and "exitcode: -9" in out  # it did crash once
@@ -156,11 +123,12 @@ def test_torchrun_restart_resumes_from_latest(tiny, tmp_path):
     assert out.count("best val top-1") >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [[], ["--keep-last", "--batch-size", "12"]], ids=["drop-last", "keep-last"])
-def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path, batch):
+def test_restart_from_a_mid_epoch_checkpoint_is_exact(jpeg_folder_4x8, tmp_path, batch):
     # keep-last: 16 images a rank, 6 a batch: steps of 6, 6 and a short 4, the last after the restart
-    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, *batch, "--save-every-steps", "1",
-            "--resume", "auto"]
+    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH, *batch,
+            "--save-every-steps", "1", "--resume", "auto"]
     rc, out = launch(args + ["--out", "ref"], cwd=tmp_path)
     assert rc == 0, out
     # rank 1 dies right after step 2 of epoch 2 (4 steps per epoch; 3 with keep-last): rank 0 has saved steps 1 and 2 by then,
@@ -179,8 +147,10 @@ def test_restart_from_a_mid_epoch_checkpoint_is_exact(tiny, tmp_path, batch):
                     for r in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tiny, tmp_path):
-    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--log-every", "2", "--resume", "auto"]
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(jpeg_folder_4x8, tmp_path):
+    args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH, "--log-every", "2",
+            "--resume", "auto"]
     rc, out = launch(args + ["--out", "ref"], cwd=tmp_path)
     assert rc == 0, out
     # rank 1 alone is sent SIGTERM after step 1 of epoch 2; the ranks agree every 2 steps (--log-every)
@@ -200,11 +170,12 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tin
         torch.testing.assert_close(got["model"][k], want["model"][k], rtol=0, atol=0, msg=k)
 
 
-def test_sigterm_to_torchrun_reaches_every_rank_and_its_loader_workers(tiny, tmp_path):
+@pytest.mark.slow
+def test_sigterm_to_torchrun_reaches_every_rank_and_its_loader_workers(jpeg_folder_4x8, tmp_path):
     # torchrun forwards SIGTERM with killpg: the DataLoader workers get it too and must not die of it
     environ = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(ROOT / "tests/ddp_cli.py"),
-           "train", "--data-dir", str(tiny), *TINY, "--epochs", "500", "--out", "run"]
+           "train", "--data-dir", str(jpeg_folder_4x8), *TWO_EPOCHS_TORCH, "--epochs", "500", "--out", "run"]
     p = subprocess.Popen(cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     deadline = time.time() + 120
@@ -255,21 +226,22 @@ def test_resume_trims_metrics_of_epochs_to_run_again(tmp_path):
     _trim_metrics(tmp_path / "absent.jsonl", 1)
 
 
-@pytest.mark.slow  # two ranks compile the model with inductor's C++ backend on one core each (minutes)
-def test_compile_under_torchrun_trains_and_saves_plain_keys(tiny, tmp_path):
-    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--epochs", "1",
-                      "--max-steps", "2", "--compile", "--out", "run"], cwd=tmp_path, timeout=900)
+@pytest.mark.heavy  # two ranks compile the model with inductor's C++ backend on one core each (minutes)
+def test_compile_under_torchrun_trains_and_saves_plain_keys(jpeg_folder_4x8, tmp_path):
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH,
+                      "--epochs", "1", "--max-steps", "2", "--compile", "--out", "run"], cwd=tmp_path, timeout=900)
     assert rc == 0, out
     ckpt = torch.load(tmp_path / "run/latest.pt", weights_only=True)
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
     build("resnet8", 4).load_state_dict(ckpt["model"], strict=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,want", [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")])
-def test_cuda_graph_compile_modes_are_mapped_under_torchrun(tiny, tmp_path, mode, want):
+def test_cuda_graph_compile_modes_are_mapped_under_torchrun(jpeg_folder_4x8, tmp_path, mode, want):
     env = {"RMIX_TEST_NO_COMPILE": "1", "RMIX_TEST_RESULTS": str(tmp_path)}
-    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", tiny, *TINY, "--epochs", "1",
-                      "--max-steps", "1", "--compile", mode, "--out", "run"], cwd=tmp_path, env=env)
+    rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH,
+                      "--epochs", "1", "--max-steps", "1", "--compile", mode, "--out", "run"], cwd=tmp_path, env=env)
     assert rc == 0, out
     said = [line for line in out.splitlines() if line.startswith(f"--compile {mode}:")]
     assert len(said) == 1 and f"compiling with {want!r} instead" in said[0], out  # once, by rank 0
@@ -277,12 +249,13 @@ def test_cuda_graph_compile_modes_are_mapped_under_torchrun(tiny, tmp_path, mode
     assert json.loads((tmp_path / "run/config.json").read_text())["compile"] == mode  # the run keeps what was asked
 
 
-def test_rmix_train_on_shards_under_torchrun(tiny, tmp_path):
+@pytest.mark.slow
+def test_rmix_train_on_shards_under_torchrun(jpeg_folder_4x8, tmp_path):
     from rmix.pipelines.prepare import prepare_folder
-    prepare_folder(str(tiny), str(tmp_path / "shards"), shard_size=7, say=lambda t: None)
+    prepare_folder(str(jpeg_folder_4x8), str(tmp_path / "shards"), shard_size=7, say=lambda t: None)
     for loader in ("dali", "torch"):
-        args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tmp_path / "shards", *TINY, "--loader", loader,
-                "--out", f"run-{loader}"]
+        args = [ROOT / "tests/ddp_cli.py", "train", "--data-dir", tmp_path / "shards", *TWO_EPOCHS_TORCH,
+                "--loader", loader, "--out", f"run-{loader}"]
         rc, out = launch(args, cwd=tmp_path)
         assert rc == 0, out
         rows = [json.loads(r) for r in (tmp_path / f"run-{loader}/metrics.jsonl").read_text().splitlines()]

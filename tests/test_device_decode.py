@@ -5,19 +5,20 @@ import shutil
 import pytest
 import torch
 
-from rmix.pipelines import DecodeError, build_loader
-from test_pipelines import epoch, folder, make  # noqa: F401 (a fixture)
+from helpers import epoch_ids, loader_of, small_loader
+from rmix.pipelines import DecodeError, scan_image_folder
 
 
 def batches(root, decode, **kw):
-    kw = {"train": True, "batch_size": 8, "seed": 3, "crop_size": 16, "val_resize": 20, "num_threads": 0, **kw}
-    return list(build_loader("torch", root, torch_decode=decode, **kw))
+    kw = {"train": True, "batch_size": 8, "seed": 3, "crop_size": 16, "val_resize": 20, "workers": 0, **kw}
+    return list(loader_of("torch", scan_image_folder(root), torch_decode=decode, **kw))
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_device_decode_crops_what_the_workers_crop(tiny, train):
-    pil, dev = batches(tiny / "train", "workers", train=train), batches(tiny / "train", "device", train=train)
-    other = batches(tiny / "train", "device", train=train, seed=4)
+def test_device_decode_crops_what_the_workers_crop(jpeg_folder_4x6, train):
+    pil, dev = batches(jpeg_folder_4x6 / "train", "workers", train=train), batches(jpeg_folder_4x6 / "train", "device",
+                                                                                   train=train)
+    other = batches(jpeg_folder_4x6 / "train", "device", train=train, seed=4)
     assert len(pil) == len(dev) == 3
     for (a, la), (b, lb), (c, _) in zip(pil, dev, other):
         assert b.dtype == torch.uint8 and b.shape == a.shape and b.is_contiguous() and torch.equal(la, lb)
@@ -27,31 +28,32 @@ def test_device_decode_crops_what_the_workers_crop(tiny, train):
             assert (a.float() - c.float()).abs().mean() > 10.0
 
 
-def test_device_decode_keeps_the_contract(folder):  # noqa: F811
+def test_device_decode_keeps_the_contract(solid_folder_3x5):
     # JPEGs of several sizes, one .JPG, a PNG (decoded by the fallback), a nested folder
     for train in (True, False):
-        loader = make("torch", folder, train=train, batch_size=5, torch_decode="device", num_threads=1)
-        got = epoch(loader)
+        loader = small_loader("torch", solid_folder_3x5, train=train, batch_size=5, torch_decode="device",
+                              workers=1)
+        got = epoch_ids(loader)
         assert len(got) == 15 and (train or sorted(got) == sorted(set(got)))
 
 
-def test_device_decode_names_an_unreadable_file(tiny, tmp_path):
+def test_device_decode_names_an_unreadable_file(jpeg_folder_4x6, tmp_path):
     data = tmp_path / "train"
-    shutil.copytree(tiny / "train", data)
+    shutil.copytree(jpeg_folder_4x6 / "train", data)
     bad = sorted((data / sorted(p.name for p in data.iterdir())[0]).iterdir())[0]
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
     with pytest.raises(DecodeError) as e:
-        for _ in build_loader("torch", data, train=False, batch_size=8, crop_size=16, val_resize=20,
-                              num_threads=0, torch_decode="device"):
+        for _ in loader_of("torch", scan_image_folder(data), train=False, batch_size=8, crop_size=16, val_resize=20,
+                           workers=0, torch_decode="device"):
             pass
     assert e.value.bad_files == [str(bad)]
 
 
-def test_device_decode_refuses_aug_plus_and_unknown_modes(tiny):
+def test_device_decode_refuses_aug_plus_and_unknown_modes(jpeg_folder_4x6):
     with pytest.raises(ValueError, match="--aug-plus"):
-        batches(tiny / "train", "device", aug_plus=True)
+        batches(jpeg_folder_4x6 / "train", "device", aug_plus=True)
     with pytest.raises(ValueError, match="--torch-decode"):
-        batches(tiny / "train", "gpu")
+        batches(jpeg_folder_4x6 / "train", "gpu")
 
 
 def test_device_decode_ignores_exif_orientation_as_pil_and_dali_do(tmp_path):
@@ -65,10 +67,10 @@ def test_device_decode_ignores_exif_orientation_as_pil_and_dali_do(tmp_path):
         exif = Image.Exif()
         exif[0x0112] = 6  # Orientation: rotate 90 CW to display
         image.save(tmp_path / cls / "tall.jpg", "JPEG", exif=exif.tobytes(), quality=95)
-    kw = dict(train=False, batch_size=2, crop_size=16, val_resize=16, num_threads=0)
-    (pil, _), = list(build_loader("torch", tmp_path, torch_decode="workers", **kw))
-    (dev, _), = list(build_loader("torch", tmp_path, torch_decode="device", **kw))
-    (dali, _), = list(build_loader("dali", tmp_path, dali_device="cpu", **kw))
+    kw = dict(train=False, batch_size=2, crop_size=16, val_resize=16, workers=0)
+    (pil, _), = list(loader_of("torch", scan_image_folder(tmp_path), torch_decode="workers", **kw))
+    (dev, _), = list(loader_of("torch", scan_image_folder(tmp_path), torch_decode="device", **kw))
+    (dali, _), = list(loader_of("dali", scan_image_folder(tmp_path), dali_device="cpu", **kw))
     assert (pil.float() - dev.float()).abs().mean() < 3.0 and (pil.float() - dali.float()).abs().mean() < 3.0
 
 
@@ -88,10 +90,10 @@ def test_high_bit_depth_images_decode_as_dali_decodes_them_on_every_path(tmp_pat
         for name, write in makers.items():
             write(tmp_path / cls / name)
     assert all(pil_decodes((tmp_path / "a" / name).read_bytes()) for name in makers)
-    kw = dict(train=False, batch_size=8, crop_size=16, val_resize=16, num_threads=0)
-    dali = torch.cat([x for x, _ in build_loader("dali", tmp_path, dali_device="cpu", **kw)])
+    kw = dict(train=False, batch_size=8, crop_size=16, val_resize=16, workers=0)
+    dali = torch.cat([x for x, _ in loader_of("dali", scan_image_folder(tmp_path), dali_device="cpu", **kw)])
     for decode in ("workers", "device"):
-        got = torch.cat([x for x, _ in build_loader("torch", tmp_path, torch_decode=decode, **kw)])
+        got = torch.cat([x for x, _ in loader_of("torch", scan_image_folder(tmp_path), torch_decode=decode, **kw)])
         assert (got.float() - dali.float()).abs().max() <= 1, decode  # rounding of the resize only
         assert 100 < got.float().mean() < 155  # a gradient of all grey levels, neither white nor black
 

@@ -10,6 +10,7 @@ from rmix import doctor
 from rmix.cli import cli
 
 
+@pytest.mark.slow
 def test_doctor_on_a_cpu_checks_what_it_can_and_names_what_needs_a_gpu():
     r = CliRunner().invoke(cli, ["doctor", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
@@ -75,6 +76,7 @@ def test_a_check_that_raises_is_a_failed_line_not_a_traceback():
     assert line.status == "failed" and line.detail.startswith("ZeroDivisionError")
 
 
+@pytest.mark.slow
 def test_a_step_that_reads_a_device_value_fails_the_train_check(monkeypatch):
     from rmix import engine
     real = engine.train_step

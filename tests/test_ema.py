@@ -6,11 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import Cut, assert_same_run, cut_after_save, train_args
 from rmix import checkpoint
 from rmix.cli import cli
 from rmix.ema import ModelEma, ema_decay
-from test_reliability import train_args
-from test_resume_steps import Cut, assert_same_run, cut_after_save
 
 timm = pytest.importorskip("timm")
 
@@ -62,9 +61,9 @@ def test_ema_by_hand_and_as_timm_over_a_few_steps(warmup):
 
 
 @pytest.fixture(scope="module")
-def ema_run(tiny, tmp_path_factory):
+def ema_run(jpeg_folder_4x6, tmp_path_factory):
     out = tmp_path_factory.mktemp("ema") / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, "--ema", "0.5", "--ema-warmup"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, "--ema", "0.5", "--ema-warmup"))
     assert r.exit_code == 0, r.output
     return out
 
@@ -95,18 +94,19 @@ def test_export_ema_loads_strictly(ema_run, tmp_path):
     assert not unexpected and all(k.startswith("fc_roi.") for k in missing)  # the export drops the RoI head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_a_cut_mid_epoch_resumes_the_ema_exactly(tiny, tmp_path, monkeypatch, loader):
+def test_a_cut_mid_epoch_resumes_the_ema_exactly(jpeg_folder_4x6, tmp_path, monkeypatch, loader):
     args = ("--loader", loader, "--ema", "0.7", "--save-every-steps", "1")
     ref = tmp_path / "ref"
-    assert CliRunner().invoke(cli, train_args(tiny, ref, *args)).exit_code == 0
+    assert CliRunner().invoke(cli, train_args(jpeg_folder_4x6, ref, *args)).exit_code == 0
     real = cut_after_save(monkeypatch, 1, 2)
     out = tmp_path / "cut"
-    r = CliRunner().invoke(cli, train_args(tiny, out, *args))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *args))
     assert isinstance(r.exception, Cut), r.output
     assert checkpoint.read(out / "latest.pt")["ema"]["updates"] == 5
     monkeypatch.setattr(checkpoint, "save", real)
-    r = CliRunner().invoke(cli, train_args(tiny, out, *args, "--resume", "auto"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *args, "--resume", "auto"))
     assert r.exit_code == 0, r.output
     assert_same_run(out, ref)
     want, got = checkpoint.read(ref / "latest.pt")["ema"], checkpoint.read(out / "latest.pt")["ema"]
@@ -119,6 +119,6 @@ def test_a_cut_mid_epoch_resumes_the_ema_exactly(tiny, tmp_path, monkeypatch, lo
 
 @pytest.mark.parametrize("args,needle", [(["--ema", "1.5"], "--ema: must be in [0, 1)"),
                                          (["--ema-warmup"], "--ema-warmup: needs --ema DECAY")])
-def test_bad_ema_options_are_one_line(tiny, tmp_path, args, needle):
-    r = CliRunner().invoke(cli, train_args(tiny, tmp_path / "x", *args))
+def test_bad_ema_options_are_one_line(jpeg_folder_4x6, tmp_path, args, needle):
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, tmp_path / "x", *args))
     assert r.exit_code == 2 and needle in r.output and not (tmp_path / "x").exists()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from rmix import engine
-from rmix.mixing import NoMix
+from rmix.mixing import Normalize
 
 MEAN, STD = (100.0, 110.0, 120.0), (50.0, 55.0, 60.0)
 
@@ -59,7 +59,7 @@ def test_evaluate_is_the_hand_computation_over_images_in_batches_of_any_size():
     model, loader = tiny_model(), batches([5, 3, 1])  # unequal batches: a per-batch mean would differ
     want = by_hand(model, loader)
     model.train()  # as the training loop leaves it
-    got = engine.evaluate(model, loader, NoMix(7, mean=MEAN, std=STD), None)
+    got = engine.evaluate(model, loader, Normalize(MEAN, STD), None)
     assert got["images"] == 9
     assert got["top1"] == pytest.approx(want[0]) and got["top5"] == pytest.approx(want[1])
     assert got["loss"] == pytest.approx(want[2], rel=1e-5)
@@ -70,12 +70,13 @@ def test_evaluate_runs_in_eval_mode_and_leaves_batchnorm_untouched():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    engine.evaluate(model, batches([4, 4]), NoMix(7, mean=MEAN, std=STD), None)
+    engine.evaluate(model, batches([4, 4]), Normalize(MEAN, STD), None)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
 
 
-def test_the_logged_val_loss_is_the_mean_over_images(tiny, tmp_path):
+@pytest.mark.slow
+def test_the_logged_val_loss_is_the_mean_over_images(jpeg_folder_4x6, tmp_path):
     # end to end: metrics.jsonl's val_loss and val_top1 are the hand computation's on the saved weights
     import json
 
@@ -84,14 +85,14 @@ def test_the_logged_val_loss_is_the_mean_over_images(tiny, tmp_path):
     from rmix.data import make_loader, resolve_data
     from rmix.models import build
     cfg = replace(TrainConfig(), model="resnet8", epochs=1, batch_size=8, device="cpu", out=str(tmp_path / "run"),
-                  **{"data.data_dir": str(tiny), "data.crop_size": 16, "data.val_resize": 20, "data.loader": "torch",
-                     "data.workers": 0})
-    engine.train(cfg, show_progress=False)
+                  **{"data.data_dir": str(jpeg_folder_4x6), "data.crop_size": 16, "data.val_resize": 20,
+                     "data.loader": "torch", "data.workers": 0})
+    engine.train(cfg)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     saved = checkpoint.read(tmp_path / "run" / "latest.pt")
     model = build("resnet8", 4)
     model.load_state_dict(saved["model"])
-    root, dataset = resolve_data(str(tiny), "auto")
+    root, dataset = resolve_data(str(jpeg_folder_4x6), "auto")
     val = make_loader(replace(cfg, batch_size=5), root, dataset, torch.device("cpu"), train=False)  # 12 = 5 + 5 + 2
     mean, std = torch.tensor(saved["config"]["data"]["mean"]).view(3, 1, 1), torch.tensor(
         saved["config"]["data"]["std"]).view(3, 1, 1)
@@ -112,12 +113,12 @@ def test_evaluate_skips_an_empty_batch_and_counts_a_single_image_or_none():
     model = tiny_model()
     loader = batches([3, 0, 2])  # a rank's share of the val set can end one batch early
     want = by_hand(model, [b for b in loader if len(b[1])])
-    got = engine.evaluate(model, loader, NoMix(7, mean=MEAN, std=STD), None)
+    got = engine.evaluate(model, loader, Normalize(MEAN, STD), None)
     assert got["images"] == 5 and got["loss"] == pytest.approx(want[2], rel=1e-5) and got["top1"] == pytest.approx(want[0])
     single = batches([1], seed=5)
-    one = engine.evaluate(model, single, NoMix(7, mean=MEAN, std=STD), None)
+    one = engine.evaluate(model, single, Normalize(MEAN, STD), None)
     assert one["images"] == 1 and one["top1"] == by_hand(model, single)[0] and one["top1"] in (0.0, 100.0)
-    none = engine.evaluate(model, [], NoMix(7, mean=MEAN, std=STD), None)
+    none = engine.evaluate(model, [], Normalize(MEAN, STD), None)
     assert none["images"] == 0 and none["top1"] == 0.0
 
 
@@ -132,5 +133,5 @@ class Counted(list):
 @pytest.mark.parametrize("k,top5", [(5, False), (6, True)])
 def test_top5_is_reported_only_with_more_than_five_classes(k, top5):
     # with five classes or fewer every image is in its top five: 100 % says nothing, so it is None
-    got = engine.evaluate(tiny_model(k), Counted(batches([4], k=k), k), NoMix(k, mean=MEAN, std=STD), None)
+    got = engine.evaluate(tiny_model(k), Counted(batches([4], k=k), k), Normalize(MEAN, STD), None)
     assert (got["top5"] is not None) == top5

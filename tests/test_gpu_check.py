@@ -5,11 +5,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_summary  # noqa: E402
 
@@ -24,6 +24,7 @@ def check(tmp_path, **env):
     return r, out
 
 
+@pytest.mark.slow
 def test_dry_run_skips_every_step_with_a_reason(tmp_path):
     r, out = check(tmp_path, GPU_CHECK_DRY="1")
     assert r.returncode == 0, r.stderr
@@ -36,6 +37,7 @@ def test_dry_run_skips_every_step_with_a_reason(tmp_path):
     assert len(list(out.iterdir())) <= 8  # the device tool returns no more
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [510, 900])
 def test_the_steps_limits_fit_the_budget_and_none_is_starved(tmp_path, budget):
     r, out = check(tmp_path, GPU_CHECK_DRY="1", BUDGET_S=str(budget))
@@ -50,6 +52,7 @@ def test_the_steps_limits_fit_the_budget_and_none_is_starved(tmp_path, budget):
         assert limit >= budget * int(shares[name]) // 100 and limit >= 20, (name, limit)
 
 
+@pytest.mark.slow
 def test_without_a_gpu_each_step_says_so(tmp_path):
     r, out = check(tmp_path, CUDA_VISIBLE_DEVICES="")
     assert r.returncode == 0, r.stderr
@@ -85,6 +88,7 @@ def test_summary_table_reads_the_steps_figures(tmp_path):
     assert "5000 img/s, val top-1 31.5%" in text
 
 
+@pytest.mark.slow
 def test_gpu_sync_refuses_without_cuda():
     r = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_sync.py")], capture_output=True, text=True,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)

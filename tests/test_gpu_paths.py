@@ -3,11 +3,12 @@ but not built): the autocast dtype, determinism settings, nvJPEG's preallocation
 import pytest
 import torch
 
+from helpers import train_args
 from rmix import config as C
 from rmix import engine
 from rmix.dist import Dist
 from rmix.engine import amp_dtype, auto_amp, compile_mode_for, set_determinism
-from test_sync import SyncCounter
+from rmix.syncs import SyncCounter  # eval_reads keeps only rmix.engine's reads
 
 
 @pytest.mark.parametrize("capability,want", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
@@ -55,18 +56,19 @@ def test_deterministic_sets_every_switch_and_benchmark_is_its_opposite(torch_fla
     assert not torch.backends.cudnn.benchmark  # nothing to benchmark on the CPU
 
 
-def test_deterministic_is_a_runtime_setting_of_the_cli(tiny, tmp_path, torch_flags, monkeypatch):
+@pytest.mark.slow
+def test_deterministic_is_a_runtime_setting_of_the_cli(jpeg_folder_4x6, tmp_path, torch_flags, monkeypatch):
     unset(monkeypatch, "CUBLAS_WORKSPACE_CONFIG")  # --deterministic sets it for the process
     from click.testing import CliRunner
 
     from rmix.cli import cli
-    from test_reliability import train_args
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, "--deterministic", "--epochs", "1", "--max-steps", "1"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, "--deterministic", "--epochs", "1",
+                                           "--max-steps", "1"))
     assert r.exit_code == 0, r.output
     assert C.from_dict(__import__("json").loads((out / "config.json").read_text())).deterministic is True
-    r = CliRunner().invoke(cli, train_args(tiny, out, "--no-deterministic", "--epochs", "2", "--max-steps", "1",
-                                           "--resume", "auto", "--allow-changes", "epochs"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, "--no-deterministic", "--epochs", "2",
+                                           "--max-steps", "1", "--resume", "auto", "--allow-changes", "epochs"))
     assert r.exit_code == 0, r.output  # like --compile: how it runs, not what it trains
 
 
@@ -86,12 +88,13 @@ def test_cuda_graph_compile_modes_are_mapped_under_torchrun_only(mode, want):
 def test_nvjpeg_preallocation_is_bounded_per_pipeline_and_never_below_dalis_defaults(threads):
     from nvidia.dali import fn, pipeline_def
 
+    from rmix.pipelines import Crop
     from rmix.pipelines.dali import DEVICE_PADDING_PER_PIPELINE, HOST_PADDING_PER_PIPELINE, decode_and_augment
 
     @pipeline_def
     def graph(train):
-        return decode_and_augment(fn.external_source(name="jpegs"), train=train, decoder="mixed", crop_size=32,
-                                  min_area=0.1, val_resize=36, aug_plus=False)
+        return decode_and_augment(fn.external_source(name="jpegs"), Crop(32, min_area=0.1, val_resize=36, aug_plus=False),
+                                  train=train, dali_device="gpu")
 
     for train in (True, False):
         pipe = graph(train, batch_size=2, num_threads=threads, device_id=0)  # defined, never built: no GPU here
@@ -114,7 +117,7 @@ def eval_reads(monkeypatch, batches):
     (the policies' checks of CPU labels read host tensors only, and are test_sync's business)."""
     import sys
 
-    from rmix.mixing import NoMix
+    from rmix.mixing import Normalize
     from rmix.models import build
     reads = []
     for name in ("cpu", "item", "tolist"):
@@ -131,7 +134,7 @@ def eval_reads(monkeypatch, batches):
     loader = [(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g),
                torch.randint(0, 7, (4,), generator=g)) for _ in range(batches)]
     with SyncCounter() as counter:
-        result = engine.evaluate(model, loader, NoMix(7, mean=(128.0,) * 3, std=(64.0,) * 3), None)
+        result = engine.evaluate(model, loader, Normalize((128.0,) * 3, (64.0,) * 3), None)
     monkeypatch.undo()
     assert result["images"] == 4 * batches
     return reads + [op for op, where in counter.reads if where.startswith("rmix.engine:")]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rmix.pipelines import scan_image_folder
+from rmix.pipelines import Crop, scan_image_folder
 from rmix.pipelines.dali import image_folder_pipeline, write_file_list
 from rmix.pipelines.host_resize import HostResize, resize_crops
 
@@ -73,8 +73,8 @@ def jpegs(tmp_path_factory):
 
 
 def _host_resize(index, tmp_path, num_batches=4, batch=4, seed=3):
-    pipe = image_folder_pipeline(index.root, write_file_list(index, str(tmp_path / "list.txt")), train=True,
-                                 decoder="cpu", crop_size=16, min_area=0.08, val_resize=16, aug_plus=False,
+    pipe = image_folder_pipeline(index.root, write_file_list(index, str(tmp_path / "list.txt")),
+                                 crop=Crop(16, min_area=0.08, val_resize=16, aug_plus=False), train=True, dali_device="cpu",
                                  resize=False, batch_size=batch, num_threads=2, device_id=None, seed=seed)
     pipe.build()
     return HostResize(pipe, num_batches, 16)
@@ -161,13 +161,15 @@ def test_threads_are_stopped_at_exit(jpegs, tmp_path):
 
 EXIT_MID_EPOCH = """
 import sys, torch
-from rmix.pipelines import build_loader
-loader = build_loader("dali", sys.argv[1], train=True, batch_size=2, crop_size=16, val_resize=16, num_threads=2,
-                      device=torch.device("cpu"))
+from rmix.pipelines import Backend, Crop, Share, loader, scan_image_folder
+index = scan_image_folder(sys.argv[1])
+loader = loader(index, Share(index.num_samples, train=True, batch_size=2), Backend("dali", 2, device=torch.device("cpu")),
+                Crop(16, val_resize=16))
 next(iter(loader))
 """
 
 
+@pytest.mark.slow
 def test_exit_mid_epoch_is_clean(jpegs):
     for _ in range(3):
         run = subprocess.run([sys.executable, "-c", EXIT_MID_EPOCH, jpegs.root], capture_output=True, text=True,

@@ -18,8 +18,9 @@ def no_dali(monkeypatch):
 
 
 @pytest.mark.parametrize("preflight", ["--preflight", "--no-preflight"])
-def test_training_on_dali_without_dali_says_what_to_install(tiny, tmp_path, no_dali, preflight):
-    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+def test_training_on_dali_without_dali_says_what_to_install(jpeg_folder_4x6, tmp_path, no_dali, preflight):
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(jpeg_folder_4x6), "--out", str(tmp_path / "run"),
+                                 "--epochs", "1",
                                  "--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--batch-size", "8",
                                  preflight])
     assert r.exit_code == 2, r.output
@@ -30,16 +31,19 @@ def test_training_on_dali_without_dali_says_what_to_install(tiny, tmp_path, no_d
     assert not (tmp_path / "run" / "latest.pt").exists()
 
 
-def test_the_torch_loader_needs_no_dali(tiny, tmp_path, no_dali):
-    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+@pytest.mark.slow
+def test_the_torch_loader_needs_no_dali(jpeg_folder_4x6, tmp_path, no_dali):
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(jpeg_folder_4x6), "--out", str(tmp_path / "run"),
+                                 "--epochs", "1",
                                  "--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--loader", "torch",
                                  "--batch-size", "8", "--no-preflight"])
     assert r.exit_code == 0, r.output
 
 
-def test_a_timm_model_without_timm_says_what_to_install(tiny, tmp_path, monkeypatch):
+def test_a_timm_model_without_timm_says_what_to_install(jpeg_folder_4x6, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
-    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(jpeg_folder_4x6), "--out", str(tmp_path / "run"),
+                                 "--epochs", "1",
                                  "--model", "timm/resnet18", "--crop-size", "16", "--val-resize", "20", "--batch-size",
                                  "8", "--loader", "torch", "--no-preflight"])
     assert r.exit_code == 2, r.output
@@ -47,14 +51,15 @@ def test_a_timm_model_without_timm_says_what_to_install(tiny, tmp_path, monkeypa
     assert "\n" not in line and "pip install 'rmix[timm]'" in line, r.output
 
 
-def test_a_timm_that_does_not_import_is_not_called_missing(tiny, tmp_path, monkeypatch):
+def test_a_timm_that_does_not_import_is_not_called_missing(jpeg_folder_4x6, tmp_path, monkeypatch):
     broken = tmp_path / "site" / "timm"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("from .models import create_model\n")  # its models/ is gone
     for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(tmp_path / "run"), "--epochs", "1",
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(jpeg_folder_4x6), "--out", str(tmp_path / "run"),
+                                 "--epochs", "1",
                                  "--model", "timm/resnet18", "--crop-size", "16", "--val-resize", "20", "--batch-size",
                                  "8", "--loader", "torch", "--no-preflight"])
     assert r.exit_code == 2, r.output

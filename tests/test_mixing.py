@@ -670,3 +670,25 @@ def test_recursive_mix_load_state_dict_names_the_missing_and_unexpected_keys():
     with pytest.raises(ValueError, match="^state: expected a dict"):
         rm.load_state_dict([None, None, None])
     assert rm.history is None  # a refused state leaves the policy as it was
+
+
+def test_the_module_docstring_example_runs():
+    """rmix.mixing's opening example, as written, on a real model (it once called roi_boxes(out))."""
+    import rmix.mixing
+    from rmix.losses import mix_loss
+    from rmix.mixing import RecursiveMix, roi_boxes
+    from rmix.models import build
+    lines = rmix.mixing.__doc__.split("\n\n")[1].splitlines()
+    code = [line[4:] for line in lines if line.strip() != "..."]
+    make, step = code[0], "\n".join(code[1:])  # the policy once, then two steps
+    model = build("resnet8", 10)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+    env = dict(RecursiveMix=RecursiveMix, roi_boxes=roi_boxes, mix_loss=mix_loss, model=model, omega=0.5,
+               MEAN=(120.0, 120.0, 120.0), STD=(60.0, 60.0, 60.0), images=images, targets=torch.arange(4))
+    exec(make, env)
+    exec(step, env)
+    assert env["policy"].prev_logits is None  # nothing to paste yet
+    exec(step, env)  # the second step pastes the first's batch
+    assert env["roi_logits"].shape == (4, 10) and torch.isfinite(env["loss"])
+    assert env["policy"].prev_logits is not None

@@ -1,5 +1,4 @@
 """Fashion-MNIST and MNIST: idx files, detection, both loaders, --train-per-class, --eval-every, the real files."""
-import gzip
 import json
 import os
 import shutil
@@ -9,63 +8,37 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import MNIST_TEST, MNIST_TRAIN, loader_of, write_coded_cifar, write_fake_mnist, write_idx
 from rmix import checkpoint
 from rmix import config as C
 from rmix.cli import cli
 from rmix.data import detect_dataset, resolve_data
-from rmix.pipelines import build_cifar_loader, build_loader, build_mnist_loader, first_per_class, scan_image_folder
+from rmix.pipelines import first_per_class, read_arrays, scan_image_folder
 from rmix.pipelines.idx import DEBIAN_FASHION_MNIST, IdxError, find_idx_dir, load_mnist, read_idx
-from test_pipelines import _write_cifar, folder  # noqa: F401  (folder is a fixture)
-
-TRAIN, TEST = 40, 12  # images in the fake sets
-
-
-def write_idx(path, array, magic_type=0x08, gz=False):
-    header = bytes([0, 0, magic_type, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    data = header + np.ascontiguousarray(array).tobytes()
-    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
-        f.write(data)
-
-
-def fake_set(directory, *, gz=True, seed=0):
-    """Four idx files in `directory`; image i of a split holds its index in pixel (0, 0), its label in (27, 27)."""
-    os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    truth = {}
-    for split, n, prefix in (("train", TRAIN, "train"), ("test", TEST, "t10k")):
-        labels = np.arange(n, dtype=np.uint8) % 10
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        images[:, 0, 0] = np.arange(n)
-        images[:, 27, 27] = labels * 20
-        ext = ".gz" if gz else ""
-        write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte{ext}"), images, gz=gz)
-        write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte{ext}"), labels, gz=gz)
-        truth[split] = (images, labels)
-    return truth
-
 
 # ---- idx files ----
 
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path, gz):
-    truth = fake_set(tmp_path, gz=gz)
+    truth = write_fake_mnist(tmp_path, gz=gz)
     images, labels, classes = load_mnist(tmp_path, train=True, dataset="fashion-mnist")
-    assert images.shape == (TRAIN, 28, 28, 3) and images.dtype == np.uint8 and images.flags.c_contiguous
+    assert images.shape == (MNIST_TRAIN, 28, 28, 3) and images.dtype == np.uint8 and images.flags.c_contiguous
     assert (images == truth["train"][0][..., None]).all()  # grey replicated to RGB
     assert labels.dtype == np.int64 and (labels == truth["train"][1]).all()
     assert classes[0] == "T-shirt/top" and len(classes) == 10
-    assert load_mnist(tmp_path, train=False, dataset="mnist")[0].shape == (TEST, 28, 28, 3)
+    assert load_mnist(tmp_path, train=False, dataset="mnist")[0].shape == (MNIST_TEST, 28, 28, 3)
 
 
 @pytest.mark.parametrize("layout", ["flat", "raw", "torchvision"])
 def test_the_three_layouts(tmp_path, layout):
     where = {"flat": tmp_path, "raw": tmp_path / "raw", "torchvision": tmp_path / "FashionMNIST" / "raw"}[layout]
-    fake_set(where)
+    write_fake_mnist(where)
     assert find_idx_dir(tmp_path, "fashion-mnist") == str(where)
 
 
 def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
-    fake_set(tmp_path, gz=False)
+    write_fake_mnist(tmp_path, gz=False)
     path = tmp_path / "train-images-idx3-ubyte"
     good = path.read_bytes()
     path.write_bytes(b"\x12\x34" + good[2:])
@@ -75,8 +48,8 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
     with pytest.raises(IdxError, match=f"{path}: truncated"):
         read_idx(str(path))
     path.write_bytes(good)
-    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(TRAIN - 1, np.uint8))
-    with pytest.raises(IdxError, match=f"{TRAIN - 1} labels for the {TRAIN} images"):
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(MNIST_TRAIN - 1, np.uint8))
+    with pytest.raises(IdxError, match=f"{MNIST_TRAIN - 1} labels for the {MNIST_TRAIN} images"):
         load_mnist(tmp_path, train=True)
     os.remove(tmp_path / "train-labels-idx1-ubyte")
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
@@ -86,9 +59,10 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
         read_idx(str(tmp_path / "broken.gz"))
 
 
+@pytest.mark.slow
 def test_bad_file_through_the_cli_is_one_line(tmp_path):
     data = tmp_path / "fashion"
-    fake_set(data, gz=False)
+    write_fake_mnist(data, gz=False)
     (data / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 5)
     r = CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--epochs", "1", "--model", "resnet8",
                                  "--batch-size", "8"])
@@ -99,16 +73,16 @@ def test_bad_file_through_the_cli_is_one_line(tmp_path):
 # ---- detection ----
 
 def test_detection(tmp_path):
-    fake_set(tmp_path / "fashion-mnist")
-    fake_set(tmp_path / "tv" / "MNIST" / "raw")
-    fake_set(tmp_path / "data" / "x")
+    write_fake_mnist(tmp_path / "fashion-mnist")
+    write_fake_mnist(tmp_path / "tv" / "MNIST" / "raw")
+    write_fake_mnist(tmp_path / "data" / "x")
     assert detect_dataset(tmp_path / "fashion-mnist") == "fashion-mnist"
     assert detect_dataset(tmp_path / "tv") == "mnist"
     assert detect_dataset(tmp_path / "tv" / "MNIST") == "mnist"
     with pytest.raises(ValueError, match="say --dataset fashion-mnist or mnist"):
         detect_dataset(tmp_path / "data" / "x")  # the same files either way: the name must tell
     assert resolve_data(str(tmp_path / "data" / "x"), "mnist")[1] == "mnist"
-    fake_set(tmp_path / "tv" / "FashionMNIST" / "raw")
+    write_fake_mnist(tmp_path / "tv" / "FashionMNIST" / "raw")
     with pytest.raises(ValueError, match="both"):
         detect_dataset(tmp_path / "tv")
     assert resolve_data(str(tmp_path / "tv"), "fashion-mnist")[1] == "fashion-mnist"
@@ -116,11 +90,11 @@ def test_detection(tmp_path):
 
 def test_idx_files_read_as_folders_are_named_with_the_dataset_that_reads_them(tmp_path):
     # a checkpoint trained on image folders, evaluated on Fashion-MNIST's directory: say what is there
-    fake_set(tmp_path / "fashion-mnist")
+    write_fake_mnist(tmp_path / "fashion-mnist")
     with pytest.raises(ValueError, match=r"holds Fashion-MNIST \(idx files\), read here as --dataset folder, which "
                                          r"needs train/; --dataset fashion-mnist reads it$"):
         resolve_data(str(tmp_path / "fashion-mnist"), "folder")
-    fake_set(tmp_path / "data" / "x")  # either MNIST: no kind to name, the folders are
+    write_fake_mnist(tmp_path / "data" / "x")  # either MNIST: no kind to name, the folders are
     with pytest.raises(ValueError, match="has no train/ folder"):
         resolve_data(str(tmp_path / "data" / "x"), "imagenet")
 
@@ -135,18 +109,21 @@ def test_missing_folder_names_the_package(tmp_path, monkeypatch):
 
 # ---- both loaders ----
 
-def _loader(kind, root, dataset="fashion-mnist", **kw):
+def _loader(kind, root, dataset="fashion-mnist", *, train, per_class=0, **kw):
     kw.setdefault("batch_size", 8)
-    kw.setdefault("num_threads", 1 if kind == "dali" else 0)
-    return build_mnist_loader(kind, root, dataset=dataset, **kw)
+    kw.setdefault("workers", 1 if kind == "dali" else 0)
+    arrays = read_arrays(root, dataset, train=train)
+    if per_class:
+        arrays = arrays.subset(first_per_class(arrays.labels, per_class, arrays.classes))
+    return loader_of(kind, arrays, train=train, **kw)
 
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_val_is_the_files_unaugmented(kind, tmp_path):
-    truth = fake_set(tmp_path)
+    truth = write_fake_mnist(tmp_path)
     val = _loader(kind, tmp_path, train=False)
     images, labels = map(torch.cat, zip(*val))
-    assert images.dtype == torch.uint8 and images.shape == (TEST, 28, 28, 3)
+    assert images.dtype == torch.uint8 and images.shape == (MNIST_TEST, 28, 28, 3)
     assert torch.equal(images, torch.from_numpy(truth["test"][0])[..., None].expand(-1, -1, -1, 3))
     assert labels.tolist() == truth["test"][1].tolist() and val.num_classes == 10
 
@@ -166,7 +143,7 @@ def _offsets(src, out):
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_train_is_pad_crop_and_flip_only_for_fashion(kind, dataset, tmp_path):
-    truth = fake_set(tmp_path, seed=1)
+    truth = write_fake_mnist(tmp_path, seed=1)
     train = _loader(kind, tmp_path, dataset, train=True, batch_size=10, seed=3)
     found, flips = 0, 0
     for images, labels in train:
@@ -180,11 +157,11 @@ def test_train_is_pad_crop_and_flip_only_for_fashion(kind, dataset, tmp_path):
             assert -4 <= dy <= 4 and -4 <= dx <= 4 and truth["train"][1][i] == label
             found += 1
             flips += flipped
-    assert found == TRAIN
+    assert found == MNIST_TRAIN
     if dataset == "mnist":
         assert flips == 0
     else:
-        assert 0 < flips < TRAIN
+        assert 0 < flips < MNIST_TRAIN
 
 
 # ---- --train-per-class ----
@@ -197,8 +174,8 @@ def test_first_per_class_is_file_order():
 
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
-def test_per_class_keeps_the_first_files_of_each_class(kind, tmp_path, folder):  # noqa: F811
-    truth = fake_set(tmp_path / "f", seed=2)
+def test_per_class_keeps_the_first_files_of_each_class(kind, tmp_path, solid_folder_3x5):
+    truth = write_fake_mnist(tmp_path / "f", seed=2)
     sub = _loader(kind, tmp_path / "f", train=True, batch_size=4, per_class=2, drop_last=False)
     assert sub.num_samples == 20 and len(sub) == 5
     seen = []
@@ -206,23 +183,25 @@ def test_per_class_keeps_the_first_files_of_each_class(kind, tmp_path, folder): 
         for image in images.numpy():
             seen += [i for i, src in enumerate(truth["train"][0]) if _offsets(src, image[..., 0])]
     assert sorted(seen) == list(range(20))  # labels cycle 0..9, so the first two of each class are files 0..19
-    assert _loader(kind, tmp_path / "f", train=False).num_samples == TEST  # val untouched
-    index = scan_image_folder(folder)
-    sub = build_loader(kind, folder, train=True, batch_size=2, crop_size=16, val_resize=20, per_class=3,
-                       num_threads=1 if kind == "dali" else 0)
+    assert _loader(kind, tmp_path / "f", train=False).num_samples == MNIST_TEST  # val untouched
+    index = scan_image_folder(solid_folder_3x5)
+    sub = loader_of(kind, index.subset(first_per_class(index.labels, 3, index.classes)), train=True, batch_size=2,
+                    crop_size=16, val_resize=20, workers=1 if kind == "dali" else 0)
     assert sub.num_samples == 9 and sub.classes == index.classes
     (tmp_path / "c").mkdir()
-    _write_cifar(tmp_path / "c", False)
-    cifar = build_cifar_loader(kind, tmp_path / "c", train=True, batch_size=2, per_class=1,
-                               num_threads=1 if kind == "dali" else 0)
+    write_coded_cifar(tmp_path / "c", False)
+    arrays = read_arrays(tmp_path / "c", "cifar10", train=True)
+    cifar = loader_of(kind, arrays.subset(first_per_class(arrays.labels, 1, arrays.classes)), train=True,
+                      batch_size=2, workers=1 if kind == "dali" else 0)
     assert cifar.num_samples == 10
 
 
 # ---- --eval-every ----
 
+@pytest.mark.slow
 def test_eval_every_evaluates_those_epochs_and_the_last(tmp_path):
     data = tmp_path / "fashion-mnist"
-    fake_set(data)
+    write_fake_mnist(data)
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--epochs", "5", "--eval-every", "2",
                                  "--batch-size", "8", "--model", "resnet8", "--workers", "1", "--loader", "torch",
@@ -256,6 +235,7 @@ def _real_files():
     pytest.skip("apt-get install dataset-fashion-mnist")
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist_files():
     root = _real_files()
     images, labels, classes = load_mnist(root, train=True)
@@ -267,6 +247,7 @@ def test_real_fashion_mnist_files():
     assert detect_dataset(__import__("pathlib").Path(root)) == "fashion-mnist"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_train_and_eval_on_the_real_files(tmp_path, loader):
     root = _real_files()
@@ -287,22 +268,23 @@ def test_train_and_eval_on_the_real_files(tmp_path, loader):
 
 def test_show_and_data_check_on_fashion_mnist(tmp_path):
     data = tmp_path / "fashion-mnist"
-    fake_set(data)
+    write_fake_mnist(data)
     r = CliRunner().invoke(cli, ["show", "--data-dir", str(data), "--batch", "4", "--steps", "2",
                                  "--out", str(tmp_path / "g.png")])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["data", "check", str(data)])
-    assert r.exit_code == 0 and f"{TRAIN + TEST} images" in r.output, r.output
+    assert r.exit_code == 0 and f"{MNIST_TRAIN + MNIST_TEST} images" in r.output, r.output
     shutil.copy(data / "train-labels-idx1-ubyte.gz", data / "t10k-labels-idx1-ubyte.gz")
     r = CliRunner().invoke(cli, ["data", "check", str(data)])
     assert r.exit_code != 0 and "t10k-labels-idx1-ubyte.gz" in r.output
 
 
 @pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_eval_with_another_dataset_reads_that_datasets_own_place_not_the_checkpoints_folder(tiny, tmp_path):
+def test_eval_with_another_dataset_reads_that_datasets_own_place_not_the_checkpoints_folder(jpeg_folder_4x6, tmp_path):
     # a folder checkpoint, --dataset fashion-mnist: Debian's files (their 10 classes then refused), not tiny/
     run = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train", "--data-dir", str(tiny), "--out", str(run), "--epochs", "1", "--model", "resnet8",
+    r = CliRunner().invoke(cli, ["train", "--data-dir", str(jpeg_folder_4x6), "--out", str(run), "--epochs", "1",
+                                 "--model", "resnet8",
                                  "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--workers", "1",
                                  "--loader", "torch"])
     assert r.exit_code == 0, r.output
@@ -312,11 +294,11 @@ def test_eval_with_another_dataset_reads_that_datasets_own_place_not_the_checkpo
     assert r.exit_code == 2 and "--dataset: cifar10 needs --data-dir" in r.output, r.output
 
 
-def test_an_image_folder_read_as_an_array_dataset_names_what_it_holds_first(tiny, tmp_path):
+def test_an_image_folder_read_as_an_array_dataset_names_what_it_holds_first(jpeg_folder_4x6, tmp_path):
     # the preset says fashion-mnist; the folder is images: that is the error, not the options arrays ignore
-    r = CliRunner().invoke(cli, ["train", "--preset", "cpu-fashion", "--data-dir", str(tiny), "--crop-size", "16",
-                                 "--val-resize", "20", "--out", str(tmp_path / "r")])
+    r = CliRunner().invoke(cli, ["train", "--preset", "cpu-fashion", "--data-dir", str(jpeg_folder_4x6),
+                                 "--crop-size", "16", "--val-resize", "20", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2, r.output
-    assert r.output.startswith(f"Error: --data-dir: {tiny.resolve()} holds an image folder (train/, val/), read here as "
-                               "--dataset fashion-mnist"), r.output
+    assert r.output.startswith(f"Error: --data-dir: {jpeg_folder_4x6.resolve()} holds an image folder (train/, val/), "
+                               "read here as --dataset fashion-mnist"), r.output
     assert "--dataset folder reads it" in r.output and not (tmp_path / "r").exists()

@@ -48,7 +48,7 @@ def test_count_excludes_the_roi_head_only():
     assert count_parameters(shared) == count_parameters(model) == sum(p.numel() for p in shared.parameters())
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY else n
                                   for n in list_models()])
 def test_forward_backward_every_model(name):
     torch.manual_seed(0)

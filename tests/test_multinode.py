@@ -13,22 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import ROOT, TWO_EPOCHS_TORCH, launch, launch_env
 from rmix import checkpoint
-from rmix.pipelines.synth import synth_dataset
-from test_ddp import ROOT, TINY, launch, launch_env
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=3,
-                         width=24, height=24)
-
-
-@pytest.fixture(scope="module")
-def standalone(data, tmp_path_factory):
+def standalone(jpeg_folder_4x8, tmp_path_factory):
     """The reference: `torchrun --standalone --nproc_per_node 2`, 3 epochs."""
     cwd = tmp_path_factory.mktemp("standalone")
-    rc, out = launch(["-m", "rmix", "train", "--data-dir", data, *TINY, "--epochs", "3", "--out", "run"], cwd=cwd)
+    rc, out = launch(["-m", "rmix", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH, "--epochs", "3",
+                      "--out", "run"], cwd=cwd)
     assert rc == 0, out
     return cwd / "run"
 
@@ -102,32 +96,38 @@ def same_run(got, want):
 
 
 def train_args(data, *extra):
-    return [ROOT / "tests/ddp_cli.py", "train", "--data-dir", data, *TINY, "--epochs", "3", "--out", "run",
+    return [ROOT / "tests/ddp_cli.py", "train", "--data-dir", data, *TWO_EPOCHS_TORCH, "--epochs", "3", "--out", "run",
             "--resume", "auto", *extra]
 
 
-def test_two_nodes_train_as_one_standalone_job(data, standalone, tmp_path):
+@pytest.mark.slow
+def test_two_nodes_train_as_one_standalone_job(jpeg_folder_4x8, standalone, tmp_path):
     port = free_port()
-    outs = wait_all([node(train_args(data), tmp_path, port), node(train_args(data), tmp_path, port)])
+    outs = wait_all([node(train_args(jpeg_folder_4x8), tmp_path, port), node(train_args(jpeg_folder_4x8), tmp_path,
+                                                                             port)])
     assert all(rc == 0 for rc, _ in outs), outs
     same_run(tmp_path / "run", standalone)
 
 
-def test_a_killed_rank_on_one_node_restarts_both_and_the_job_ends_as_if_uninterrupted(data, standalone, tmp_path):
+@pytest.mark.slow
+def test_a_killed_rank_on_one_node_restarts_both_and_the_job_ends_as_if_uninterrupted(jpeg_folder_4x8, standalone,
+                                                                                      tmp_path):
     port = free_port()
     # the rank of whichever node holds rank 1 SIGKILLs itself as epoch 2 starts, once (the marker)
     env = {"RMIX_TEST_CRASH_EPOCH": "2", "RMIX_TEST_CRASH_MARKER": str(tmp_path / "crashed")}
     restarts = ["--max-restarts", "1"]
-    outs = wait_all([node(train_args(data), tmp_path, port, env=env, torchrun=restarts),
-                     node(train_args(data), tmp_path, port, env=env, torchrun=restarts)])
+    outs = wait_all([node(train_args(jpeg_folder_4x8), tmp_path, port, env=env, torchrun=restarts),
+                     node(train_args(jpeg_folder_4x8), tmp_path, port, env=env, torchrun=restarts)])
     assert all(rc == 0 for rc, _ in outs), outs
     assert (tmp_path / "crashed").is_file() and any("resuming at epoch 2" in out for _, out in outs), outs
     same_run(tmp_path / "run", standalone)
 
 
-def test_a_lost_node_ends_the_job_on_the_other_and_both_relaunched_continue_exactly(data, standalone, tmp_path):
+@pytest.mark.slow
+def test_a_lost_node_ends_the_job_on_the_other_and_both_relaunched_continue_exactly(jpeg_folder_4x8, standalone,
+                                                                                    tmp_path):
     port = free_port()
-    args = train_args(data, "--dist-timeout", "20")
+    args = train_args(jpeg_folder_4x8, "--dist-timeout", "20")
     rdzv = ["--rdzv_conf", "join_timeout=30,close_timeout=10"]
     first = node(args, tmp_path, port, torchrun=rdzv)
     time.sleep(2)  # the first node hosts the rendezvous store; the second is the one lost
@@ -147,10 +147,12 @@ def test_a_lost_node_ends_the_job_on_the_other_and_both_relaunched_continue_exac
     same_run(tmp_path / "run", standalone)
 
 
-def test_ranks_started_with_a_pytorchjobs_variables_train_as_torchrun_does(data, standalone, tmp_path):
+@pytest.mark.slow
+def test_ranks_started_with_a_pytorchjobs_variables_train_as_torchrun_does(jpeg_folder_4x8, standalone, tmp_path):
     # Kubeflow's PyTorchJob (no elastic policy) sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK in each pod
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "rmix", "train", "--data-dir", str(data), *TINY, "--epochs", "3",
+    procs = [subprocess.Popen([sys.executable, "-m", "rmix", "train", "--data-dir", str(jpeg_folder_4x8),
+                               *TWO_EPOCHS_TORCH, "--epochs", "3",
                                "--out", "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=launch_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                                                          "WORLD_SIZE": "2", "RANK": str(r)}), start_new_session=True)

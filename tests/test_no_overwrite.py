@@ -8,10 +8,10 @@ import hashlib
 import pytest
 from click.testing import CliRunner
 
+from helpers import RESNET8_16PX
 from rmix.cli import cli
 
-TINY = ["--epochs", "1", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
-        "--workers", "1", "--loader", "torch"]
+ONE_EPOCH_TORCH = ["--epochs", "1", *RESNET8_16PX, "--loader", "torch"]
 
 
 def rmix(*args):
@@ -33,10 +33,10 @@ def refused(r, needle):
 
 
 @pytest.fixture(scope="module")
-def run(tiny, tmp_path_factory):
+def run(jpeg_folder_4x6, tmp_path_factory):
     """A finished one-epoch run directory (the tests only read it)."""
     out = tmp_path_factory.mktemp("r") / "run"
-    r = rmix("train", "--data-dir", tiny, "--out", out, *TINY)
+    r = rmix("train", "--data-dir", jpeg_folder_4x6, "--out", out, *ONE_EPOCH_TORCH)
     assert r.exit_code == 0, r.output
     return out
 
@@ -63,28 +63,31 @@ def test_export_to_a_directory_is_refused(run, tmp_path):
     refused(rmix("export", run / "best.pt", "--out", tmp_path), f"{tmp_path} is a directory")
 
 
-def test_show_onto_a_runs_checkpoint_is_refused(run, tiny):
+def test_show_onto_a_runs_checkpoint_is_refused(run, jpeg_folder_4x6):
     before = snapshot(run)
-    refused(rmix("show", "--data-dir", tiny, "--loader", "torch", "--out", run / "best.pt"), str(run / "best.pt"))
+    refused(rmix("show", "--data-dir", jpeg_folder_4x6, "--loader", "torch",
+                 "--out", run / "best.pt"), str(run / "best.pt"))
     assert snapshot(run) == before
 
 
-def test_show_out_directory_is_one_line(tiny, tmp_path):
-    r = rmix("show", "--data-dir", tiny, "--loader", "torch", "--out", tmp_path)
+def test_show_out_directory_is_one_line(jpeg_folder_4x6, tmp_path):
+    r = rmix("show", "--data-dir", jpeg_folder_4x6, "--loader", "torch", "--out", tmp_path)
     refused(r, f"--out: {tmp_path} is a directory")
 
 
-def test_show_into_its_own_data_is_refused(tiny):
-    before = snapshot(tiny)
-    out = tiny / "train" / "grid.png"
-    refused(rmix("show", "--data-dir", tiny, "--loader", "torch", "--out", out), f"{out} is inside {tiny}")
-    assert snapshot(tiny) == before
+def test_show_into_its_own_data_is_refused(jpeg_folder_4x6):
+    before = snapshot(jpeg_folder_4x6)
+    out = jpeg_folder_4x6 / "train" / "grid.png"
+    refused(rmix("show", "--data-dir", jpeg_folder_4x6, "--loader", "torch",
+                 "--out", out), f"{out} is inside {jpeg_folder_4x6}")
+    assert snapshot(jpeg_folder_4x6) == before
 
 
 @pytest.mark.parametrize("args, option", [(["--batch", "0"], "--batch:"), (["--alpha", "-1"], "--alpha:"),
                                           (["--seed", "-1"], "--seed:"), (["--batch", "1000"], "--batch")])
-def test_show_errors_name_shows_options(tiny, tmp_path, args, option):
-    line = refused(rmix("show", "--data-dir", tiny, "--loader", "torch", "--out", tmp_path / "g.png", *args), option)
+def test_show_errors_name_shows_options(jpeg_folder_4x6, tmp_path, args, option):
+    line = refused(rmix("show", "--data-dir", jpeg_folder_4x6, "--loader", "torch",
+                        "--out", tmp_path / "g.png", *args), option)
     assert "--batch-size" not in line and "--aug-alpha" not in line and "--keep-last" not in line
     assert not (tmp_path / "g.png").exists()
 
@@ -100,10 +103,10 @@ def test_plot_out_directory_is_one_line(run, tmp_path):
     refused(rmix("plot", run, "--out", tmp_path), f"{tmp_path} is a directory")
 
 
-def test_synth_into_an_existing_set_is_one_line(tiny):
-    before = snapshot(tiny)
-    refused(rmix("data", "synth", "--out", tiny, "--classes", "5"), f"--out: {tiny} is not empty")
-    assert snapshot(tiny) == before
+def test_synth_into_an_existing_set_is_one_line(jpeg_folder_4x6):
+    before = snapshot(jpeg_folder_4x6)
+    refused(rmix("data", "synth", "--out", jpeg_folder_4x6, "--classes", "5"), f"--out: {jpeg_folder_4x6} is not empty")
+    assert snapshot(jpeg_folder_4x6) == before
 
 
 def test_synth_onto_a_file_is_one_line(run):
@@ -112,17 +115,17 @@ def test_synth_onto_a_file_is_one_line(run):
     assert snapshot(run) == before
 
 
-def test_model_too_small_for_the_crop_is_one_line_and_leaves_no_run(tiny, tmp_path):
+def test_model_too_small_for_the_crop_is_one_line_and_leaves_no_run(jpeg_folder_4x6, tmp_path):
     pytest.importorskip("timm")
-    r = rmix("train", "--data-dir", tiny, "--out", tmp_path / "r", *TINY[:4], "--crop-size", "8", "--val-resize", "8",
-             "--model", "timm/vit_tiny_patch16_224", "--loader", "torch")
+    r = rmix("train", "--data-dir", jpeg_folder_4x6, "--out", tmp_path / "r", *ONE_EPOCH_TORCH[:4], "--crop-size", "8",
+             "--val-resize", "8", "--model", "timm/vit_tiny_patch16_224", "--loader", "torch")
     refused(r, "--crop-size: 8 px is too small for model 'timm/vit_tiny_patch16_224'")
     assert not (tmp_path / "r").exists()
 
 
-def test_a_run_failing_before_its_first_epoch_leaves_no_directory(tiny, tmp_path):
+def test_a_run_failing_before_its_first_epoch_leaves_no_directory(jpeg_folder_4x6, tmp_path):
     # batch 1 on a 1 x 1 feature map: BatchNorm refuses it at the first step, after config.json was written
-    r = rmix("train", "--data-dir", tiny, "--out", tmp_path / "r", "--epochs", "1", "--batch-size", "1",
+    r = rmix("train", "--data-dir", jpeg_folder_4x6, "--out", tmp_path / "r", "--epochs", "1", "--batch-size", "1",
              "--crop-size", "4", "--val-resize", "4", "--model", "resnet8", "--workers", "1", "--loader", "torch")
     assert r.exit_code != 0 and "Traceback" not in r.output, r.output
     assert not (tmp_path / "r").exists()

@@ -6,13 +6,13 @@ import ast
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
 
-ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"rmix": ROOT / "rmix", "rmix.pipelines": ROOT / "pipelines", "rmix.kernels": ROOT / "kernels"}
 
 
@@ -38,6 +38,7 @@ def run(code_or_args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_only_rmix_is_importable_outside_the_checkout(tmp_path):
     r = run("import importlib.util as u; print([n for n in ('cli', 'pipelines') if u.find_spec(n)])", tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
@@ -46,6 +47,7 @@ def test_only_rmix_is_importable_outside_the_checkout(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "rmix.kernels", r.stderr
 
 
+@pytest.mark.slow
 def test_python_m_rmix_is_the_command(tmp_path):
     r = run(["-m", "rmix", "models"], tmp_path)
     assert r.returncode == 0 and "resnet8" in r.stdout, r.stderr

@@ -8,14 +8,14 @@ import torch
 from click.testing import CliRunner
 from torch.utils.data.distributed import DistributedSampler
 
+from helpers import Cut, assert_same_run, cli_train, loader_of, read_ids, small_loader, write_coded_cifar
 from rmix import config as C
 from rmix.cli import cli
 from rmix.mixing import RecursiveMix, smooth
-from rmix.pipelines import build_cifar_loader, shard_indices, train_batches
+from rmix.pipelines import read_arrays, shard_indices, train_batches
 from rmix.pipelines.colour import PaperColour, colour_reference
 from rmix.presets import preset
 from rmix.schedule import lr_at
-from test_pipelines import _write_cifar, folder, ids, make  # noqa: F401  (folder is a fixture)
 
 # ---- the learning rate of every epoch ----
 
@@ -102,12 +102,13 @@ def test_kept_last_batch_gives_every_rank_the_same_steps_and_every_sample(world)
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_loaders_keep_the_short_last_batch(kind, world, folder):  # noqa: F811
+def test_loaders_keep_the_short_last_batch(kind, world, solid_folder_3x5):
     # 15 images, batch 4: one rank 4 + 4 + 4 + 3; two ranks pad to 8 each, 4 + 4
     from rmix.pipelines import scan_image_folder
-    index = scan_image_folder(folder)
+    index = scan_image_folder(solid_folder_3x5)
     for rank in range(world):
-        loader = make(kind, folder, train=True, batch_size=4, seed=6, rank=rank, world_size=world, drop_last=False)
+        loader = small_loader(kind, solid_folder_3x5, train=True, batch_size=4, seed=6, rank=rank, world_size=world,
+                              drop_last=False)
         assert len(loader) == train_batches(15, 4, world, drop_last=False) == (4 if world == 1 else 2)
         sizes = []
         for e in range(2):
@@ -115,7 +116,7 @@ def test_loaders_keep_the_short_last_batch(kind, world, folder):  # noqa: F811
             got = []
             for images, labels in loader:
                 sizes.append(len(labels))
-                got += ids(images)
+                got += read_ids(images)
                 assert images.shape[1:] == (16, 16, 3) and len(images) == len(labels)
             order = shard_indices(15, train=True, seed=6, epoch=e, rank=rank, world_size=world, drop_last=False)
             assert got == [(index.labels[i], int(index.files[i].split("img")[1][0])) for i in order]
@@ -124,14 +125,15 @@ def test_loaders_keep_the_short_last_batch(kind, world, folder):  # noqa: F811
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_cifar_loaders_keep_the_short_last_batch(kind, tmp_path):
-    _write_cifar(tmp_path, False)  # 30 train images
-    loader = build_cifar_loader(kind, tmp_path, train=True, batch_size=8, seed=1, drop_last=False,
-                                num_threads=2 if kind == "dali" else 0)
+    write_coded_cifar(tmp_path, False)  # 30 train images
+    cifar = read_arrays(tmp_path, "cifar10", train=True)
+    loader = loader_of(kind, cifar, train=True, batch_size=8, seed=1, drop_last=False,
+                       workers=2 if kind == "dali" else 0)
     sizes = [len(labels) for _, labels in loader]
     assert loader.num_samples == 30 and len(loader) == 4 and sizes == [8, 8, 8, 6]
     with pytest.raises(ValueError, match="no full batch"):
-        build_cifar_loader(kind, tmp_path, train=True, batch_size=64, drop_last=True)
-    assert len(build_cifar_loader(kind, tmp_path, train=True, batch_size=64, drop_last=False)) == 1
+        loader_of(kind, cifar, train=True, batch_size=64, drop_last=True)
+    assert len(loader_of(kind, cifar, train=True, batch_size=64, drop_last=False)) == 1
 
 
 def test_recursive_mix_pastes_the_history_into_the_short_batch():
@@ -145,7 +147,8 @@ def test_recursive_mix_pastes_the_history_into_the_short_batch():
     torch.testing.assert_close(out.soft_targets, first.soft_targets[:3])
 
 
-def test_train_with_keep_last_runs_the_short_batch(tiny, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_train_with_keep_last_runs_the_short_batch(jpeg_folder_4x6, tmp_path, monkeypatch):
     import rmix.engine as engine
     sizes = []
     real = engine.train_step
@@ -155,7 +158,7 @@ def test_train_with_keep_last_runs_the_short_batch(tiny, tmp_path, monkeypatch):
         return real(model, policy, images, *args, **kwargs)
 
     monkeypatch.setattr(engine, "train_step", spy)
-    common = ["train", "--data-dir", str(tiny), "--epochs", "1", "--batch-size", "10", "--crop-size", "16",
+    common = ["train", "--data-dir", str(jpeg_folder_4x6), "--epochs", "1", "--batch-size", "10", "--crop-size", "16",
               "--val-resize", "20", "--model", "resnet8", "--workers", "1", "--loader", "torch"]
     r = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "keep"), "--keep-last"])
     assert r.exit_code == 0, r.output
@@ -166,12 +169,12 @@ def test_train_with_keep_last_runs_the_short_batch(tiny, tmp_path, monkeypatch):
     assert sizes == [10, 10]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_mid_epoch_resume_is_exact_with_the_last_batch_kept(tiny, tmp_path, monkeypatch, loader):
+def test_mid_epoch_resume_is_exact_with_the_last_batch_kept(jpeg_folder_4x6, tmp_path, monkeypatch, loader):
     from rmix import checkpoint
-    from test_resume_steps import Cut, assert_same_run, run
     keep = ["--keep-last", "--batch-size", "10", "--loader", loader, "--save-every-steps", "1"]
-    assert run(tiny, tmp_path / "ref", *keep).exit_code == 0
+    assert cli_train(jpeg_folder_4x6, tmp_path / "ref", *keep).exit_code == 0
     real = checkpoint.save
 
     def save_then_cut(path, payload):  # epoch 2, after step 2 of 3: the short batch is still to come
@@ -180,10 +183,10 @@ def test_mid_epoch_resume_is_exact_with_the_last_batch_kept(tiny, tmp_path, monk
             raise Cut
 
     monkeypatch.setattr(checkpoint, "save", save_then_cut)
-    r = run(tiny, tmp_path / "cut", *keep)
+    r = cli_train(jpeg_folder_4x6, tmp_path / "cut", *keep)
     assert isinstance(r.exception, Cut), r.output
     monkeypatch.setattr(checkpoint, "save", real)
-    r = run(tiny, tmp_path / "cut", *keep, "--resume", "auto")
+    r = cli_train(jpeg_folder_4x6, tmp_path / "cut", *keep, "--resume", "auto")
     assert r.exit_code == 0, r.output
     assert_same_run(tmp_path / "cut", tmp_path / "ref")
 
@@ -298,10 +301,10 @@ def test_torchvision_loader_colour_draws_like_the_paper():
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_shared_boxes_give_every_rank_the_same_draws(shared):
-    from rmix.engine import build_policies
+    from rmix.engine import make_policy
     cfg = C.replace(C.with_dataset_stats(C.TrainConfig(), "folder"), num_classes=10,
                     **{"mix.shared_boxes": shared})
-    policies = [build_policies(cfg, torch.device("cpu"), None, rank)[0] for rank in range(2)]
+    policies = [make_policy(cfg, torch.device("cpu"), None, rank) for rank in range(2)]
     draws = [[p.sample_boxes(4, 32, 32) for _ in range(5)] for p in policies]
     same = all(torch.equal(a, b) for a, b in zip(*draws))
     assert same == shared

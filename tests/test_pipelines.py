@@ -14,134 +14,72 @@ import pytest
 import torch
 from PIL import Image
 
-from rmix.pipelines import DecodeError, build_loader, scan_image_folder, shard_indices
+from helpers import CLASSES, CROP, epoch_ids, loader_of, small_loader, solid_image, write_coded_cifar
+from rmix.pipelines import DecodeError, read_arrays, scan_image_folder, shard_indices
 
 KINDS = ["dali", "torch"]
-CLASSES = ["Apple", "mango", "zebra"]     # sorted order: uppercase first, as ImageFolder
-RED = [40, 140, 240]                      # per class
-GREEN = [20, 60, 100, 140, 180]           # per image within a class
-SIZES = [(20, 24), (37, 23), (64, 48), (31, 31), (90, 40)]  # (W, H)
-CROP, RESIZE = 16, 20
 
 
-def _solid(w, h, rgb):
-    a = np.empty((h, w, 3), np.uint8)
-    a[:] = rgb
-    return Image.fromarray(a)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """3 classes x 5 images: JPEGs (one .JPG, one named with a space), one PNG, one in a nested
-    folder, and a text file to ignore."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    for c, name in enumerate(CLASSES):
-        os.makedirs(root / name / "nested")
-        for i, (w, h) in enumerate(SIZES):
-            image = _solid(w, h, (RED[c], GREEN[i], 100))
-            if name == "mango" and i == 4:
-                image.save(root / name / f"img{i}.png")
-            elif name == "mango" and i == 1:
-                image.save(root / name / f"img{i} copy.jpg", quality=95)  # a space in the name
-            elif name == "zebra" and i == 4:
-                image.save(root / name / "nested" / f"img{i}.jpg", quality=95)
-            else:
-                image.save(root / name / f"img{i}.JPG" if i == 3 else root / name / f"img{i}.jpg",
-                           quality=95)
-    (root / "Apple" / "notes.txt").write_text("not an image")
-    return str(root)
-
-
-def make(kind, root, **kw):
-    kw.setdefault("num_threads", 2 if kind == "dali" else 0)
-    kw.setdefault("crop_size", CROP)
-    kw.setdefault("val_resize", RESIZE)
-    return build_loader(kind, root, **kw)
-
-
-def ids(images: torch.Tensor) -> list[tuple[int, int]]:
-    """(class, image) of each solid-colour image in a uint8 (N, H, W, 3) batch."""
-    mean = images.float().mean(dim=(1, 2))
-    cls = (mean[:, 0, None] - torch.tensor(RED)).abs().argmin(1)
-    img = (mean[:, 1, None] - torch.tensor(GREEN)).abs().argmin(1)
-    return list(zip(cls.tolist(), img.tolist()))
-
-
-def epoch(loader, crop=CROP):
-    """One epoch: list of (class, image) in order; checks each batch against the contract."""
-    out, batches = [], 0
-    for images, labels in loader:
-        batches += 1
-        assert images.dtype == torch.uint8 and images.device.type == "cpu"
-        assert images.is_contiguous() and images.shape[1:] == (crop, crop, 3)
-        assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],)
-        got = ids(images)
-        assert [c for c, _ in got] == labels.tolist()  # label == class of the pixels
-        out += got
-    assert batches == len(loader)
-    return out
-
-
-def test_scan_matches_imagefolder(folder):
+def test_scan_matches_imagefolder(solid_folder_3x5):
     from torchvision.datasets import ImageFolder
-    index = scan_image_folder(folder)
-    reference = ImageFolder(folder)
+    index = scan_image_folder(solid_folder_3x5)
+    reference = ImageFolder(solid_folder_3x5)
     assert index.classes == reference.classes == CLASSES
-    assert [os.path.join(folder, f) for f in index.files] == [p for p, _ in reference.samples]
+    assert [os.path.join(solid_folder_3x5, f) for f in index.files] == [p for p, _ in reference.samples]
     assert index.labels == reference.targets
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_val_covers_every_image_once(kind, folder):
-    loader = make(kind, folder, train=False, batch_size=4)
+def test_val_covers_every_image_once(kind, solid_folder_3x5):
+    loader = small_loader(kind, solid_folder_3x5, train=False, batch_size=4)
     assert (loader.classes, loader.num_classes, loader.num_samples) == (CLASSES, 3, 15)
     assert len(loader) == 4
     for _ in range(2):  # a second epoch is the same, in the same order
-        seen = epoch(loader)
+        seen = epoch_ids(loader)
         assert seen == [(c, i) for c in range(3) for i in range(5)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_full_batches_and_reshuffle(kind, folder):
-    loader = make(kind, folder, train=True, batch_size=4, seed=1)
+def test_train_full_batches_and_reshuffle(kind, solid_folder_3x5):
+    loader = small_loader(kind, solid_folder_3x5, train=True, batch_size=4, seed=1)
     assert len(loader) == 3  # 15 // 4, the partial batch dropped
-    first, second = epoch(loader), epoch(loader)
+    first, second = epoch_ids(loader), epoch_ids(loader)
     assert len(first) == len(set(first)) == 12
     assert len(second) == len(set(second)) == 12
     assert first != second
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_same_seed_same_order(kind, folder):
-    runs = [epoch(make(kind, folder, train=True, batch_size=4, seed=s)) for s in (7, 7, 8)]
+def test_train_same_seed_same_order(kind, solid_folder_3x5):
+    runs = [epoch_ids(small_loader(kind, solid_folder_3x5, train=True, batch_size=4, seed=s)) for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_ranks(kind, folder):
-    val = [epoch(make(kind, folder, train=False, batch_size=3, rank=r, world_size=2))
+def test_two_ranks(kind, solid_folder_3x5):
+    val = [epoch_ids(small_loader(kind, solid_folder_3x5, train=False, batch_size=3, rank=r, world_size=2))
            for r in range(2)]
     assert Counter(val[0] + val[1]) == Counter((c, i) for c in range(3) for i in range(5))
-    train = [make(kind, folder, train=True, batch_size=2, rank=r, world_size=2, seed=3)
+    train = [small_loader(kind, solid_folder_3x5, train=True, batch_size=2, rank=r, world_size=2, seed=3)
              for r in range(2)]
     assert len(train[0]) == len(train[1]) == 3  # (15 // 2) // 2
     for _ in range(2):
-        a, b = epoch(train[0]), epoch(train[1])
+        a, b = epoch_ids(train[0]), epoch_ids(train[1])
         assert not set(a) & set(b)  # one global permutation, disjoint shards
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_val_equal_batch_counts_without_duplicates(kind, folder):
+def test_val_equal_batch_counts_without_duplicates(kind, solid_folder_3x5):
     # 15 images on 2 ranks: shards of 8 and 7, so both ranks run ceil(8 / batch) batches. With
     # batch 7 the 7-image rank's second batch is empty (N=0); padding is never returned.
     for batch_size in (4, 7, 8):
         seen, sizes = [], []
         for r in range(2):
-            loader = make(kind, folder, train=False, batch_size=batch_size, rank=r, world_size=2)
+            loader = small_loader(kind, solid_folder_3x5, train=False, batch_size=batch_size, rank=r, world_size=2)
             assert len(loader) == -(-8 // batch_size)
             sizes.append([x.shape[0] for x, _ in loader])
-            seen += epoch(loader)
+            seen += epoch_ids(loader)
         assert sorted(seen) == [(c, i) for c in range(3) for i in range(5)]
         if batch_size == 7:
             assert sorted(sizes) == [[7, 0], [7, 1]]
@@ -162,8 +100,8 @@ def test_val_matches_pil_reference(kind, tmp_path):
     expected = torch.stack([
         torch.from_numpy(np.array(reference(Image.open(tmp_path / f).convert("RGB"))))
         for f in index.files])
-    images = torch.cat([x for x, _ in make(kind, tmp_path, train=False, batch_size=3,
-                                           crop_size=56, val_resize=64)])
+    images = torch.cat([x for x, _ in small_loader(kind, tmp_path, train=False, batch_size=3,
+                                                   crop_size=56, val_resize=64)])
     diff = (images.int() - expected.int()).abs()
     if kind == "torch":
         assert diff.max() == 0
@@ -178,7 +116,7 @@ def test_grayscale_and_rgba_become_rgb(kind, tmp_path):
     Image.new("L", (30, 20), 90).save(tmp_path / "gray" / "a.jpg")
     Image.new("RGBA", (20, 30), (10, 200, 30, 128)).save(tmp_path / "rgba" / "b.png")
     for train in (False, True):
-        images, labels = next(iter(make(kind, tmp_path, train=train, batch_size=2)))
+        images, labels = next(iter(small_loader(kind, tmp_path, train=train, batch_size=2)))
         assert images.shape == (2, CROP, CROP, 3) and labels.tolist() in ([0, 1], [1, 0])
         by_label = dict(zip(labels.tolist(), images.float().mean((1, 2))))
         assert (by_label[0] - 90).abs().max() < 3
@@ -188,23 +126,23 @@ def test_grayscale_and_rgba_become_rgb(kind, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_missing_and_empty_dirs(kind, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        make(kind, tmp_path / "nowhere", train=True, batch_size=2)
+        small_loader(kind, tmp_path / "nowhere", train=True, batch_size=2)
     (tmp_path / "flat").mkdir()
-    _solid(8, 8, (1, 2, 3)).save(tmp_path / "flat" / "a.jpg")
+    solid_image(8, 8, (1, 2, 3)).save(tmp_path / "flat" / "a.jpg")
     with pytest.raises(FileNotFoundError, match="flat"):
-        make(kind, tmp_path / "flat", train=True, batch_size=2)
+        small_loader(kind, tmp_path / "flat", train=True, batch_size=2)
     for name in ("a", "b"):
         (tmp_path / "split" / name).mkdir(parents=True)
-    _solid(8, 8, (1, 2, 3)).save(tmp_path / "split" / "a" / "a.jpg")
+    solid_image(8, 8, (1, 2, 3)).save(tmp_path / "split" / "a" / "a.jpg")
     (tmp_path / "split" / "b" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"split.b"):
-        make(kind, tmp_path / "split", train=False, batch_size=2)
+        small_loader(kind, tmp_path / "split", train=False, batch_size=2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_aug_plus_recolours_whole_image(kind, folder):
-    loader = make(kind, folder, train=True, batch_size=4, aug_plus=True, seed=2)
-    plain = make(kind, folder, train=True, batch_size=4, aug_plus=False, seed=2)
+def test_aug_plus_recolours_whole_image(kind, solid_folder_3x5):
+    loader = small_loader(kind, solid_folder_3x5, train=True, batch_size=4, aug_plus=True, seed=2)
+    plain = small_loader(kind, solid_folder_3x5, train=True, batch_size=4, aug_plus=False, seed=2)
     changed = 0
     for (images, _labels), (reference, _) in zip(loader, plain):
         assert images.dtype == torch.uint8 and images.shape == reference.shape
@@ -226,75 +164,42 @@ def test_train_split_is_distributed_samplers():
         assert mine == list(sampler)
 
 
-def test_bad_arguments(folder):
+def test_bad_arguments(solid_folder_3x5):
     with pytest.raises(ValueError, match="kind"):
-        make("tf", folder, train=True, batch_size=2)
+        small_loader("tf", solid_folder_3x5, train=True, batch_size=2)
     with pytest.raises(ValueError, match="no full batch"):
-        make("torch", folder, train=True, batch_size=8, world_size=2)
+        small_loader("torch", solid_folder_3x5, train=True, batch_size=8, world_size=2)
     with pytest.raises(ValueError, match="rank"):
-        make("torch", folder, train=True, batch_size=2, rank=2, world_size=2)
+        small_loader("torch", solid_folder_3x5, train=True, batch_size=2, rank=2, world_size=2)
 
 
-def test_dali_iter_after_break_starts_a_full_epoch(folder):
-    loader = make("dali", folder, train=True, batch_size=2, seed=5)
+def test_dali_iter_after_break_starts_a_full_epoch(solid_folder_3x5):
+    loader = small_loader("dali", solid_folder_3x5, train=True, batch_size=2, seed=5)
     next(iter(loader))  # abandon the epoch after one batch
-    assert len(epoch(loader)) == 2 * len(loader) == 14
+    assert len(epoch_ids(loader)) == 2 * len(loader) == 14
 
 
-def test_dali_batches_survive_later_batches(folder):
-    kept = [(x, x.clone()) for x, _ in make("dali", folder, train=True, batch_size=2)]
+def test_dali_batches_survive_later_batches(solid_folder_3x5):
+    kept = [(x, x.clone()) for x, _ in small_loader("dali", solid_folder_3x5, train=True, batch_size=2)]
     assert len(kept) == 7 and all(torch.equal(x, copy) for x, copy in kept)
 
 
-def test_dali_gpu_without_cuda_is_a_value_error(folder):
+def test_dali_gpu_without_cuda_is_a_value_error(solid_folder_3x5):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="dali_device='gpu'"):
-        make("dali", folder, train=True, batch_size=2, dali_device="gpu")
-    make("dali", folder, train=True, batch_size=2, dali_device="auto")  # cpu device: CPU path
+        small_loader("dali", solid_folder_3x5, train=True, batch_size=2, dali_device="gpu")
+    small_loader("dali", solid_folder_3x5, train=True, batch_size=2, dali_device="auto")  # cpu device: CPU path
     assert not torch.cuda.is_initialized()
 
 
-def test_torch_batches_do_not_depend_on_workers(folder):
-    a = [x for x, _ in make("torch", folder, train=True, batch_size=4, seed=4, num_threads=0)]
-    b = [x for x, _ in make("torch", folder, train=True, batch_size=4, seed=4, num_threads=2)]
+def test_torch_batches_do_not_depend_on_workers(solid_folder_3x5):
+    a = [x for x, _ in small_loader("torch", solid_folder_3x5, train=True, batch_size=4, seed=4, workers=0)]
+    b = [x for x, _ in small_loader("torch", solid_folder_3x5, train=True, batch_size=4, seed=4, workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 3
 
 
 # ---- CIFAR (official python batch files, tiny fakes) ----
-
-def _write_cifar(root, cifar100: bool):
-    """Fake CIFAR files: image k is solid (k, 10 * label, 50); returns {split: (ids, labels)}."""
-    folder = root / ("cifar-100-python" if cifar100 else "cifar-10-batches-py")
-    folder.mkdir()
-    num_classes = 100 if cifar100 else 10
-    names = {"train": ["train"], "test": ["test"]} if cifar100 else \
-        {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-    label_key = b"fine_labels" if cifar100 else b"labels"
-    per_file = {"train": 30 // len(names["train"]), "test": 11}
-    out, k = {}, 0
-    for split, files in names.items():
-        ids, labels = [], []
-        for name in files:
-            n = per_file[split]
-            ks = list(range(k, k + n))
-            k += n
-            ls = [(i * 7) % min(13, num_classes) for i in ks]  # in range; 10 * label fits a byte
-            hwc = np.zeros((n, 32, 32, 3), np.uint8)
-            hwc[..., 0] = np.array(ks)[:, None, None]
-            hwc[..., 1] = 10 * np.array(ls)[:, None, None]
-            hwc[..., 2] = 50 + 4 * np.arange(32)  # a horizontal ramp: flips show
-            data = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # the official planar layout
-            with open(folder / name, "wb") as f:
-                pickle.dump({b"data": data, label_key: ls}, f)
-            ids += ks
-            labels += ls
-        out[split] = (ids, labels)
-    meta_key = b"fine_label_names" if cifar100 else b"label_names"
-    with open(folder / ("meta" if cifar100 else "batches.meta"), "wb") as f:
-        pickle.dump({meta_key: [f"c{i}".encode() for i in range(num_classes)]}, f)
-    return out
-
 
 def _cifar_epoch(loader):
     seen = []
@@ -310,32 +215,32 @@ def _cifar_epoch(loader):
 @pytest.mark.parametrize("cifar100", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cifar(kind, cifar100, tmp_path):
-    from rmix.pipelines import build_cifar_loader
-    truth = _write_cifar(tmp_path, cifar100)
-    kw = dict(cifar100=cifar100, num_threads=2 if kind == "dali" else 0, seed=1)
-    val = build_cifar_loader(kind, tmp_path, train=False, batch_size=4, **kw)
+    truth = write_coded_cifar(tmp_path, cifar100)
+    kw = dict(workers=2 if kind == "dali" else 0, seed=1)
+    dataset = "cifar100" if cifar100 else "cifar10"
+    val = loader_of(kind, read_arrays(tmp_path, dataset, train=False), train=False, batch_size=4, **kw)
     assert (val.num_samples, len(val), val.num_classes) == (11, 3, 100 if cifar100 else 10)
     assert val.classes[:2] == ["c0", "c1"]
     assert _cifar_epoch(val) == truth["test"][0] == _cifar_epoch(val)
-    train = build_cifar_loader(kind, tmp_path, train=True, batch_size=4, **kw)
+    train = loader_of(kind, read_arrays(tmp_path, dataset, train=True), train=True, batch_size=4, **kw)
     assert len(train) == 7
     first, second = _cifar_epoch(train), _cifar_epoch(train)
     assert len(set(first)) == len(first) == 28 and set(first) <= set(truth["train"][0])
     assert first != second
     padded = torch.cat([x for x, _ in train])
     assert (padded[:, :4] == 0).all(-1).any()  # zero padding shows up at some border
-    ranks = [build_cifar_loader(kind, tmp_path, train=False, batch_size=5, rank=r, world_size=2,
+    ranks = [loader_of(kind, read_arrays(tmp_path, dataset, train=False), train=False, batch_size=5, rank=r, world_size=2,
                                 **kw) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 2
     assert sorted(_cifar_epoch(ranks[0]) + _cifar_epoch(ranks[1])) == truth["test"][0]
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        build_cifar_loader(kind, tmp_path / "nowhere", train=True, batch_size=4, **kw)
+        loader_of(kind, read_arrays(tmp_path / "nowhere", dataset, train=True), train=True, batch_size=4, **kw)
 
 
 def test_cifar_val_identical_across_kinds(tmp_path):
-    from rmix.pipelines import build_cifar_loader
-    _write_cifar(tmp_path, False)
-    a, b = (torch.cat([x for x, _ in build_cifar_loader(k, tmp_path, train=False, batch_size=4)])
+    write_coded_cifar(tmp_path, False)
+    a, b = (torch.cat([x for x, _ in loader_of(k, read_arrays(tmp_path, "cifar10", train=False), train=False,
+                                               batch_size=4)])
             for k in KINDS)
     assert torch.equal(a, b)
 
@@ -370,9 +275,9 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("kind", KINDS)
 def test_set_epoch_replays_an_epoch(kind, train, textured):
     kw = dict(train=train, batch_size=5, seed=3, aug_plus=train, rank=1, world_size=2)
-    run = make(kind, textured, **kw)
+    run = small_loader(kind, textured, **kw)
     epochs = [run_epoch(run) for _ in range(3)]  # uninterrupted: epochs 0, 1, 2
-    fresh = make(kind, textured, **kw)
+    fresh = small_loader(kind, textured, **kw)
     fresh.set_epoch(2)
     assert same(run_epoch(fresh), epochs[2])
     assert same(run_epoch(fresh), run_epoch(run))  # both went on to epoch 3
@@ -397,7 +302,7 @@ def test_augmentation_differs_by_epoch_and_rank(kind, tmp_path):
             Image.fromarray(noise).save(tmp_path / f"c{c}" / f"{i}.jpg", quality=90)
     images = {}
     for rank in range(2):
-        loader = make(kind, tmp_path, train=True, batch_size=4, seed=5, rank=rank, world_size=2)
+        loader = small_loader(kind, tmp_path, train=True, batch_size=4, seed=5, rank=rank, world_size=2)
         for e in range(2):
             images[rank, e] = torch.cat([x for x, _ in loader])
     assert not torch.equal(images[0, 0], images[0, 1])
@@ -407,7 +312,7 @@ def test_augmentation_differs_by_epoch_and_rank(kind, tmp_path):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_set_epoch_from_a_step_yields_the_rest_of_that_epoch(kind, train, textured):
-    run = make(kind, textured, train=train, batch_size=2, seed=4, aug_plus=train)
+    run = small_loader(kind, textured, train=train, batch_size=2, seed=4, aug_plus=train)
     epochs = [run_epoch(run) for _ in range(2)]
     for start in (1, 4, len(run)):
         run.set_epoch(1, start)
@@ -421,7 +326,7 @@ def test_set_epoch_from_a_step_yields_the_rest_of_that_epoch(kind, train, textur
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_set_epoch_after_a_break(kind, textured):
-    run = make(kind, textured, train=True, batch_size=2, seed=4)
+    run = small_loader(kind, textured, train=True, batch_size=2, seed=4)
     epochs = [run_epoch(run) for _ in range(2)]
     next(iter(run))  # epoch 2, abandoned after one batch
     run.set_epoch(1)
@@ -429,28 +334,27 @@ def test_set_epoch_after_a_break(kind, textured):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_both_kinds_read_the_same_split(kind, folder):
+def test_both_kinds_read_the_same_split(kind, solid_folder_3x5):
     # the (class, image) of every sample, epoch by epoch and rank by rank, is shard_indices'
-    index = scan_image_folder(folder)
+    index = scan_image_folder(solid_folder_3x5)
     for rank in range(2):
         for train in (True, False):
-            loader = make(kind, folder, train=train, batch_size=3, seed=6, rank=rank,
-                          world_size=2)
+            loader = small_loader(kind, solid_folder_3x5, train=train, batch_size=3, seed=6, rank=rank,
+                                  world_size=2)
             for e in range(2):
                 order = shard_indices(15, train=train, seed=6, epoch=e, rank=rank, world_size=2)
                 want = [(index.labels[i], int(index.files[i].split("img")[1][0])) for i in order]
-                assert epoch(loader) == want[:len(loader) * 3]
+                assert epoch_ids(loader) == want[:len(loader) * 3]
 
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cifar_set_epoch_replays_an_epoch(kind, train, tmp_path):
-    from rmix.pipelines import build_cifar_loader
-    _write_cifar(tmp_path, False)
-    kw = dict(train=train, batch_size=4, seed=2, num_threads=2 if kind == "dali" else 0)
-    run = build_cifar_loader(kind, tmp_path, **kw)
+    write_coded_cifar(tmp_path, False)
+    kw = dict(train=train, batch_size=4, seed=2, workers=2 if kind == "dali" else 0)
+    run = loader_of(kind, read_arrays(tmp_path, "cifar10", train=train), **kw)
     epochs = [run_epoch(run) for _ in range(3)]
-    fresh = build_cifar_loader(kind, tmp_path, **kw)
+    fresh = loader_of(kind, read_arrays(tmp_path, "cifar10", train=train), **kw)
     fresh.set_epoch(2)
     assert same(run_epoch(fresh), epochs[2])
     run.set_epoch(0)
@@ -458,30 +362,30 @@ def test_cifar_set_epoch_replays_an_epoch(kind, train, tmp_path):
     assert same(epochs[0], epochs[1]) != train
 
 
-def test_dali_shuts_each_epochs_pipeline_down(folder):
+def test_dali_shuts_each_epochs_pipeline_down(solid_folder_3x5):
     from nvidia.dali import Pipeline
 
     def running():  # built and not shut down
         return sum(1 for ref in list(Pipeline._pipes) if ref() is not None and ref()._pipe)
     before = running()
-    loader = make("dali", folder, train=True, batch_size=4)
+    loader = small_loader("dali", solid_folder_3x5, train=True, batch_size=4)
     abandoned = iter(loader)
     next(abandoned)  # its generator keeps the pipeline alive; the next iter() shuts it down
     for _ in range(3):
-        epoch(loader)
+        epoch_ids(loader)
         assert running() == before + 1
     with pytest.raises(RuntimeError, match="replaced by a later iter"):
         next(abandoned)
 
 
-def test_torch_loader_needs_no_garbage_collector(folder):
+def test_torch_loader_needs_no_garbage_collector(solid_folder_3x5):
     """A DataLoader whose workers only the cycle collector can free waits 5 s per worker."""
     import gc
     import weakref
     gc.disable()
     try:
-        loader = make("torch", folder, train=True, batch_size=4, num_threads=2)
-        epoch(loader)
+        loader = small_loader("torch", solid_folder_3x5, train=True, batch_size=4, workers=2)
+        epoch_ids(loader)
         dataloader = weakref.ref(loader._loader)
         del loader
         assert dataloader() is None
@@ -511,7 +415,7 @@ def test_truncated_jpeg_names_its_batch(kind, threads, train, textured, tmp_path
     order = shard_indices(12, train=train, seed=2, epoch=1, rank=0, world_size=1)
     bad = files[order[4]]  # epoch 1: position 4, so batch 1 (batches of 3)
     _truncate(tmp_path / bad)
-    loader = make(kind, root, train=train, batch_size=3, seed=2, num_threads=threads)
+    loader = small_loader(kind, root, train=train, batch_size=3, seed=2, workers=threads)
     loader.set_epoch(1)
     with pytest.raises(DecodeError) as caught:
         for _ in loader:
@@ -529,17 +433,17 @@ def test_truncated_jpeg_names_its_batch(kind, threads, train, textured, tmp_path
 
 
 @pytest.mark.parametrize("kind,threads", CORRUPT_CASES)
-def test_header_cut_jpeg_names_its_batch(kind, threads, folder, tmp_path):
+def test_header_cut_jpeg_names_its_batch(kind, threads, solid_folder_3x5, tmp_path):
     """Half of a tiny JPEG is all headers: DALI cannot say which file, so "one of"."""
     import shutil
     root = tmp_path / "data"
-    shutil.copytree(folder, root)
+    shutil.copytree(solid_folder_3x5, root)
     index = scan_image_folder(root)
     bad = os.path.join(root, index.files[7])  # val: batch 1 (batches of 4)
     _truncate(tmp_path / bad)
-    loader = make(kind, root, train=False, batch_size=4, num_threads=threads)
+    loader = small_loader(kind, root, train=False, batch_size=4, workers=threads)
     with pytest.raises(DecodeError) as caught:
-        epoch(loader)
+        epoch_ids(loader)
     error = caught.value
     assert (error.epoch, error.step) == (0, 1)
     assert error.files == [os.path.join(root, f) for f in index.files[4:8]]
@@ -552,10 +456,11 @@ def test_header_cut_jpeg_names_its_batch(kind, threads, folder, tmp_path):
 
 FORK_AFTER_DALI = """
 import gc, sys, torch
-from rmix.pipelines import build_loader
+from rmix.pipelines import Backend, Crop, Share, loader, scan_image_folder
 from rmix.pipelines.torch_loader import TorchLoader
 
-dali = build_loader("dali", sys.argv[1], train=True, batch_size=2, crop_size=16, val_resize=16, num_threads=1)
+index = scan_image_folder(sys.argv[1])
+dali = loader(index, Share(index.num_samples, train=True, batch_size=2), Backend("dali", 1), Crop(16, val_resize=16))
 for _ in range(2):
     for _ in dali:
         pass
@@ -572,16 +477,16 @@ class Collecting(torch.utils.data.Dataset):
         return torch.zeros(16, 16, 3, dtype=torch.uint8), 0
 
 
-loader = TorchLoader(Collecting(), classes=["a"], train=True, batch_size=2, crop_size=16, seed=0, num_threads=1,
-                     device=torch.device("cpu"), rank=0, world_size=1)
+loader = TorchLoader(Collecting(), ["a"], Share(4, train=True, batch_size=2), Backend("torch", 1), 16)
 print(sum(len(x) for x, _ in loader))
 """
 
 
-def test_torch_workers_forked_after_dali_do_not_hang(folder):
+@pytest.mark.slow
+def test_torch_workers_forked_after_dali_do_not_hang(solid_folder_3x5):
     # Without the collection before the fork, the worker frees the dead DALI pipeline, whose
     # destructor waits for executor threads the fork did not copy: the epoch never ends.
-    r = subprocess.run([sys.executable, "-c", FORK_AFTER_DALI, str(folder)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", FORK_AFTER_DALI, str(solid_folder_3x5)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.split()[-1] == "4", r.stderr[-2000:]
 
@@ -642,9 +547,9 @@ def test_first_per_class_keeps_the_first_n_of_each_class_in_order_and_refuses_sh
 def test_a_class_folder_reached_through_a_link_is_scanned_and_counted(tmp_path):
     real = tmp_path / "elsewhere"
     real.mkdir()
-    _solid(20, 20, (1, 2, 3)).save(real / "x.jpg")
+    solid_image(20, 20, (1, 2, 3)).save(real / "x.jpg")
     (tmp_path / "root" / "a").mkdir(parents=True)
-    _solid(20, 20, (1, 2, 3)).save(tmp_path / "root" / "a" / "y.jpg")
+    solid_image(20, 20, (1, 2, 3)).save(tmp_path / "root" / "a" / "y.jpg")
     (tmp_path / "root" / "b").mkdir()
     (tmp_path / "root" / "b" / "linked").symlink_to(real)  # a folder linked in (datasets assembled by links)
     index = scan_image_folder(tmp_path / "root")
@@ -664,10 +569,10 @@ def test_first_per_class_of_no_classes_keeps_nothing():
     assert first_per_class([], 3, []).shape == (0,)
 
 
-def test_a_dataset_root_given_as_a_split_is_refused(tiny):
+def test_a_dataset_root_given_as_a_split_is_refused(jpeg_folder_4x6):
     # its train/ and val/ would be read as two classes
     with pytest.raises(ValueError, match="holds train/ and val/"):
-        scan_image_folder(tiny)
+        scan_image_folder(jpeg_folder_4x6)
 
 
 def test_a_negative_per_class_count_is_refused():
@@ -678,11 +583,11 @@ def test_a_negative_per_class_count_is_refused():
 
 @pytest.mark.parametrize("bad,message", [(dict(crop_size=0), "crop_size must be >= 1"),
                                          (dict(device="tpu0"), "device: 'tpu0' is not a torch device")])
-def test_loader_arguments_that_cannot_work_are_named(tiny, bad, message):
-    args = dict(train=True, batch_size=8, crop_size=16, val_resize=20, num_threads=1)
+def test_loader_arguments_that_cannot_work_are_named(jpeg_folder_4x6, bad, message):
+    args = dict(train=True, batch_size=8, crop_size=16, val_resize=20, workers=1)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        build_loader("torch", tiny / "train", **args)
+        loader_of("torch", scan_image_folder(jpeg_folder_4x6 / "train"), **args)
 
 
 def test_a_dangling_link_and_a_name_that_is_not_utf8_are_named(tmp_path):
@@ -706,4 +611,5 @@ def test_a_loader_seed_out_of_range_names_seed(tmp_path, seed):
             Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.jpg")
     for kind in ("dali", "torch"):
         with pytest.raises(ValueError, match=r"^seed: expected an integer in \[0, 2\*\*31\)"):
-            build_loader(kind, tmp_path, train=True, batch_size=2, crop_size=8, val_resize=8, num_threads=1, seed=seed)
+            loader_of(kind, scan_image_folder(tmp_path), train=True, batch_size=2, crop_size=8, val_resize=8, workers=1,
+                      seed=seed)

@@ -8,12 +8,11 @@ import time
 import pytest
 
 import rmix.engine as engine
+from helpers import assert_same_run, cli_train, train_args
 from rmix import checkpoint
 from rmix.preempt import Preemption
-from test_reliability import train_args
-from test_resume_steps import assert_same_run, reference, run  # noqa: F401 (a fixture)
 
-# tiny (conftest): 24 train images, batch 8: 3 steps per epoch, 3 epochs (TINY)
+# jpeg_folder_4x6 (conftest): 24 train images, batch 8: 3 steps per epoch, 3 epochs (helpers.THREE_EPOCHS)
 
 
 def signal_at(monkeypatch, call, sig=signal.SIGTERM):
@@ -29,11 +28,13 @@ def signal_at(monkeypatch, call, sig=signal.SIGTERM):
     monkeypatch.setattr(engine, "train_step", step_then_signal)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(tiny, tmp_path, monkeypatch, reference, loader):
+def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(jpeg_folder_4x6, tmp_path, monkeypatch,
+                                                               uninterrupted_runs, loader):
     signal_at(monkeypatch, 5)  # epoch 2, step 2 of 3
     out = tmp_path / "run"
-    r = run(tiny, out, "--loader", loader)
+    r = cli_train(jpeg_folder_4x6, out, "--loader", loader)
     assert r.exit_code == 0, r.output
     assert "stopped by SIGTERM at epoch 2, step 2;" in r.output and "--resume auto" in r.output
     assert "Traceback" not in r.output
@@ -41,32 +42,35 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_exactly(tiny, tmp_path, m
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
     monkeypatch.undo()
-    r = run(tiny, out, "--loader", loader, "--resume", "auto")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", loader, "--resume", "auto")
     assert r.exit_code == 0 and "resuming at epoch 2, step 2 " in r.output, r.output
-    assert_same_run(out, reference[loader])
+    assert_same_run(out, uninterrupted_runs[loader])
 
 
-def test_sigusr1_at_an_epoch_end_saves_the_epoch_and_resumes_exactly(tiny, tmp_path, monkeypatch, reference):
+@pytest.mark.slow
+def test_sigusr1_at_an_epoch_end_saves_the_epoch_and_resumes_exactly(jpeg_folder_4x6, tmp_path, monkeypatch,
+                                                                     uninterrupted_runs):
     signal_at(monkeypatch, 3, signal.SIGUSR1)  # the last step of epoch 1: the epoch ends, evaluates, saves
     out = tmp_path / "run"
-    r = run(tiny, out, "--loader", "torch")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", "torch")
     assert r.exit_code == 0, r.output
     assert "stopped by SIGUSR1 at the start of epoch 2;" in r.output
     ckpt = checkpoint.read(out / "latest.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     monkeypatch.undo()
-    r = run(tiny, out, "--loader", "torch", "--resume", "auto")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", "torch", "--resume", "auto")
     assert r.exit_code == 0, r.output
-    assert_same_run(out, reference["torch"])
+    assert_same_run(out, uninterrupted_runs["torch"])
 
 
-def test_a_signal_in_the_last_epoch_lets_the_run_finish(tiny, tmp_path, monkeypatch, reference):
+@pytest.mark.slow
+def test_a_signal_in_the_last_epoch_lets_the_run_finish(jpeg_folder_4x6, tmp_path, monkeypatch, uninterrupted_runs):
     signal_at(monkeypatch, 9)  # the very last step: nothing is left to resume
     out = tmp_path / "run"
-    r = run(tiny, out, "--loader", "torch")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", "torch")
     assert r.exit_code == 0 and "stopped by" not in r.output and "best val top-1" in r.output, r.output
-    assert_same_run(out, reference["torch"])
+    assert_same_run(out, uninterrupted_runs["torch"])
 
 
 def test_preemption_restores_the_handlers_it_replaced():
@@ -81,9 +85,11 @@ def test_preemption_restores_the_handlers_it_replaced():
         signal.signal(signal.SIGUSR1, old)
 
 
-def test_sigterm_to_the_cli_exits_0_with_the_way_to_resume(tiny, tmp_path):
+@pytest.mark.slow
+def test_sigterm_to_the_cli_exits_0_with_the_way_to_resume(jpeg_folder_4x6, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", *train_args(tiny, out, "--loader", "torch"),
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", *train_args(jpeg_folder_4x6, out,
+                                                                                 "--loader", "torch"),
            "--epochs", "500"]  # far more than the time to the signal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

@@ -128,6 +128,7 @@ def test_a_decoder_that_crashes_fails_its_files_not_the_check(folder, monkeypatc
     assert ok == 2 * len(GOOD) and len(classes) == 2
 
 
+@pytest.mark.slow
 def test_data_check_survives_many_undecodable_files_and_prints_only_its_report(tmp_path):
     # GIFs named .jpg and truncated JPEGs, many of each: `rmix data check` once died of SIGSEGV here
     import subprocess

@@ -13,12 +13,11 @@ from unittest import mock
 import pytest
 from click.testing import CliRunner
 
+from helpers import ROOT
 from imagenet_archives import LEAVES, write_archives
 from rmix.cli import cli
 from rmix.pipelines import prepare as P
 from rmix.pipelines.wds import index_shard, read_dali_index, scan_shards
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +42,7 @@ def archived_bytes(root):
     return out
 
 
+@pytest.mark.slow
 def test_archives_to_an_image_folder_with_the_ground_truth_labels(archives, tmp_path):
     root, truth = archives
     r = invoke("imagenet", "--archives", root, "--out", tmp_path / "in", "--skip-md5")
@@ -102,6 +102,7 @@ def test_archives_to_shards_hold_every_image_once_with_its_label(archives, tmp_p
         assert read_dali_index(str(shard)[:-4] + ".idx") == index_shard(str(shard))
 
 
+@pytest.mark.slow
 def test_a_killed_preparation_leaves_nothing_complete_looking_and_continues(archives, tmp_path):
     root, _ = archives
     out = tmp_path / "w"
@@ -254,12 +255,13 @@ def test_the_md5s_are_torchvisions_and_a_verified_archive_is_not_read_again(arch
     assert len(reads) == 3  # the second call trusted the first one's record (size and mtime)
 
 
-def test_any_image_folder_to_shards_and_back(tiny, tmp_path):
-    r = invoke("folder", "--src", tiny, "--out", tmp_path / "w", "--shard-size", "5")
+def test_any_image_folder_to_shards_and_back(jpeg_folder_4x6, tmp_path):
+    r = invoke("folder", "--src", jpeg_folder_4x6, "--out", tmp_path / "w", "--shard-size", "5")
     assert r.exit_code == 0, r.output
     train, val = scan_shards(tmp_path / "w", "train"), scan_shards(tmp_path / "w", "val")
-    assert len(train.samples) == 24 and len(val.samples) == 12 and train.classes == sorted(os.listdir(tiny / "train"))
-    files = {f"{p.parent.name}/{p.stem}": p.read_bytes() for p in (tiny / "train").glob("*/*")}
+    assert len(train.samples) == 24 and len(val.samples) == 12 \
+        and train.classes == sorted(os.listdir(jpeg_folder_4x6 / "train"))
+    files = {f"{p.parent.name}/{p.stem}": p.read_bytes() for p in (jpeg_folder_4x6 / "train").glob("*/*")}
     assert {s.member.rsplit(".", 1)[0]: train.read(i) for i, s in enumerate(train.samples)} == files
     assert all(train.classes[s.label] == s.member.split("/")[0] for s in train.samples)
     r = invoke("folder", "--src", tmp_path / "nothing", "--out", tmp_path / "x")
@@ -522,11 +524,11 @@ def test_a_run_refused_before_writing_an_image_starts_again_from_the_fixed_archi
 
 
 @pytest.mark.parametrize("fmt", ["folder", "wds"])
-def test_a_rerun_after_part_of_the_output_was_deleted_writes_it_again(tiny, tmp_path, fmt):
+def test_a_rerun_after_part_of_the_output_was_deleted_writes_it_again(jpeg_folder_4x6, tmp_path, fmt):
     import hashlib
     out = tmp_path / "out"
     from rmix.pipelines.prepare import prepare_folder
-    prepare_folder(str(tiny), str(out), fmt=fmt, shard_size=5, say=lambda t: None)
+    prepare_folder(str(jpeg_folder_4x6), str(out), fmt=fmt, shard_size=5, say=lambda t: None)
 
     def files():
         return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -543,6 +545,6 @@ def test_a_rerun_after_part_of_the_output_was_deleted_writes_it_again(tiny, tmp_
     for v in victims:
         v.unlink()
     said = []
-    prepare_folder(str(tiny), str(out), fmt=fmt, shard_size=5, say=said.append)
+    prepare_folder(str(jpeg_folder_4x6), str(out), fmt=fmt, shard_size=5, say=said.append)
     assert any("prepared before, but" in line and "writing that part again" in line for line in said), said
     assert files() == whole  # byte for byte what the first run wrote

@@ -63,23 +63,25 @@ def test_unknown_preset():
 
 
 def test_config_file_layers(tmp_path):
-    from rmix.cli import config_from_options, load_config_file
+    from rmix.cli import option_changes, option_fields
+    from rmix.config_file import read
     f = tmp_path / "c.toml"
     f.write_text('epochs = 7\n[mix]\nalpha = 0.3\npolicy = "cutmix"\n[optim]\nmilestones = [3, 5]\n')
-    cfg = load_config_file(f, preset("imagenet-r50-rm"))
+    cfg = C.replace(preset("imagenet-r50-rm"), **read(f, option_fields()))
     assert cfg.epochs == 7 and cfg.mix.alpha == 0.3 and cfg.optim.milestones == (3, 5)
     assert cfg.model == "resnet50"  # the preset's value survives
-    cfg = config_from_options({"epochs": 9, "mix__alpha": None}, cfg)
+    cfg = C.replace(cfg, **option_changes({"epochs": 9, "mix__alpha": None}))
     assert cfg.epochs == 9 and cfg.mix.alpha == 0.3
     bad = tmp_path / "bad.toml"
     bad.write_text("[mix]\nalhpa = 1\n")
     with pytest.raises(ValueError, match="alhpa"):
-        load_config_file(bad)
+        read(bad, option_fields())
 
 
 def test_run_config_json_round_trips(tmp_path):
-    from rmix.cli import load_config_file
+    from rmix.cli import option_fields
+    from rmix.config_file import read
     cfg = preset("cifar10-pyramidnet200-rm")
     f = tmp_path / "config.json"
     f.write_text(json.dumps(C.to_dict(cfg)))
-    assert load_config_file(f) == cfg
+    assert C.replace(C.TrainConfig(), **read(f, option_fields())) == cfg

@@ -10,28 +10,24 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import train_args
 from rmix import checkpoint
 from rmix.cli import cli
-
-TINY = ["--epochs", "3", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
-        "--workers", "1", "--log-every", "1"]
-
-
-def train_args(data, out, *extra):
-    return ["train", "--data-dir", str(data), "--out", str(out), *TINY, *extra]
 
 
 def weights(run_dir):
     return checkpoint.read(run_dir / "latest.pt")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, loader):
+def test_sigkill_then_resume_is_bit_identical(jpeg_folder_4x6, tmp_path, loader):
     ref = tmp_path / "ref"
-    r = CliRunner().invoke(cli, train_args(tiny, ref, "--loader", loader), catch_exceptions=False)
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, ref, "--loader", loader), catch_exceptions=False)
     assert r.exit_code == 0, r.output
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", *train_args(tiny, run, "--loader", loader)]
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", *train_args(jpeg_folder_4x6, run,
+                                                                                 "--loader", loader)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -43,7 +39,8 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, loader):
     proc.wait()
     done = (run / "metrics.jsonl").read_text().count("\n")
     assert proc.returncode == -signal.SIGKILL and done < 3, "the run finished before the kill"
-    r = CliRunner().invoke(cli, train_args(tiny, run, "--loader", loader, "--resume", "auto"), catch_exceptions=False)
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, run, "--loader", loader,
+                                           "--resume", "auto"), catch_exceptions=False)
     assert r.exit_code == 0, r.output
     want, got = weights(ref), weights(run)
     assert want.keys() == got.keys()
@@ -63,6 +60,7 @@ for i in range(10_000):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_a_readable_checkpoint(tmp_path):
     path = tmp_path / "latest.pt"
     for delay in (0.0, 0.07, 0.16):
@@ -78,7 +76,7 @@ def test_sigkill_during_save_leaves_a_readable_checkpoint(tmp_path):
         checkpoint.read(path)  # never half-written: the rename is the commit
 
 
-def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_before_the_step(jpeg_folder_4x6, tmp_path, monkeypatch):
     import rmix.engine as engine
     real = engine.mix_loss
     calls = {"n": 0}
@@ -89,16 +87,16 @@ def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] == 5 else loss  # epoch 2 (3 steps per epoch), step 1
     monkeypatch.setattr(engine, "mix_loss", poisoned)
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out))
     assert r.exit_code == 1
     assert "epoch 2, step 2" in r.output and "non-finite" in r.output
     assert checkpoint.read(out / "latest.pt")["epoch"] == 1  # nothing written after the bad step
 
 
-def test_preflight_refuses_bad_files_and_names_them(tiny, tmp_path):
+def test_preflight_refuses_bad_files_and_names_them(jpeg_folder_4x6, tmp_path):
     import shutil
     data = tmp_path / "data"
-    shutil.copytree(tiny, data)
+    shutil.copytree(jpeg_folder_4x6, data)
     bad = data / "train" / sorted(os.listdir(data / "train"))[0] / "zz_broken.jpg"
     bad.write_bytes(b"")
     r = CliRunner().invoke(cli, train_args(data, tmp_path / "run"))
@@ -125,8 +123,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args,needle", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_train_input(tiny, tmp_path, args, needle):
-    base = ["train", "--data-dir", str(tiny), "--batch-size", "8", "--epochs", "1"]
+def test_bad_train_input(jpeg_folder_4x6, tmp_path, args, needle):
+    base = ["train", "--data-dir", str(jpeg_folder_4x6), "--batch-size", "8", "--epochs", "1"]
     if args[0] != "--resume" or args[1] != "auto":
         base += ["--out", str(tmp_path / "run")]
     r = CliRunner().invoke(cli, base + args)
@@ -137,7 +135,7 @@ def test_bad_train_input(tiny, tmp_path, args, needle):
 
 
 # --- fp16: GradScaler skips overflowing steps; rmix stops after --max-skipped-steps of them in a row ---
-# 3 steps per epoch on `tiny` (24 images, batch 8). CPU autocast fp16 and the CPU GradScaler work on
+# 3 steps per epoch on `jpeg_folder_4x6` (24 images, batch 8). CPU autocast fp16 and the CPU GradScaler work on
 # torch 2.14, so these run the real scaler: the poisoned loss (x 1e8) stays finite in fp32, but its
 # scaled gradient overflows fp16 in the backward pass, so GradScaler skips the step and backs off.
 FP16 = ["--amp", "fp16", "--device", "cpu"]
@@ -175,10 +173,10 @@ def _error_line(output):
     return lines[0]
 
 
-def test_fp16_overflow_every_step_stops_after_max_skipped_steps(tiny, tmp_path, monkeypatch):
+def test_fp16_overflow_every_step_stops_after_max_skipped_steps(jpeg_folder_4x6, tmp_path, monkeypatch):
     log = _overflow_on(monkeypatch, lambda n: n >= 4)  # every step from epoch 2, step 0 on
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "2"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *FP16, "--max-skipped-steps", "2"))
     assert r.exit_code == 1, r.output
     line = _error_line(r.output)
     assert "3 steps in a row at epoch 2, step 3" in line and "--max-skipped-steps 2" in line, line
@@ -192,10 +190,10 @@ def test_fp16_overflow_every_step_stops_after_max_skipped_steps(tiny, tmp_path, 
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_fp16_isolated_overflows_do_not_stop_the_run(tiny, tmp_path, monkeypatch):
+def test_fp16_isolated_overflows_do_not_stop_the_run(jpeg_folder_4x6, tmp_path, monkeypatch):
     log = _overflow_on(monkeypatch, lambda n: n % 2 == 0)  # one step in every two overflows
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "1"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *FP16, "--max-skipped-steps", "1"))
     assert r.exit_code == 0, r.output  # the counter resets after each good step
     skipped = [s for _, _, s, _, _ in log]
     assert skipped == [False, True] * 4 + [False]  # 9 steps: exactly the poisoned ones were skipped
@@ -207,10 +205,10 @@ def test_fp16_isolated_overflows_do_not_stop_the_run(tiny, tmp_path, monkeypatch
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_fp16_skipped_steps_are_counted_across_epochs(tiny, tmp_path, monkeypatch):
+def test_fp16_skipped_steps_are_counted_across_epochs(jpeg_folder_4x6, tmp_path, monkeypatch):
     log = _overflow_on(monkeypatch, lambda n: True)  # every step overflows: the weights never change
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, *FP16, "--max-skipped-steps", "3"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *FP16, "--max-skipped-steps", "3"))
     assert r.exit_code == 1, r.output  # the 4th skip in a row is epoch 2's first step
     assert "4 steps in a row at epoch 2, step 1" in _error_line(r.output)
     assert len(log) == 4 and all(s for _, _, s, _, _ in log)
@@ -227,13 +225,13 @@ def _cut_after_scan_start(path, keep=8):
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_decode_error_mid_run_stops_and_keeps_the_checkpoint(tiny, tmp_path, loader):
+def test_decode_error_mid_run_stops_and_keeps_the_checkpoint(jpeg_folder_4x6, tmp_path, loader):
     import shutil
 
     from rmix.config import TrainConfig
     from rmix.pipelines import scan_image_folder, shard_indices
     data = tmp_path / "data"
-    shutil.copytree(tiny, data)
+    shutil.copytree(jpeg_folder_4x6, data)
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, train_args(data, out, "--loader", loader, "--epochs", "1"))
     assert r.exit_code == 0, r.output

@@ -3,14 +3,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT, write_random_cifar10
+from imagenet_archives import write_archives
 from rmix.pipelines.synth import synth_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None or shutil.which("rmix") is None,
                                 reason="needs the installed torchrun and rmix console scripts")
 
@@ -23,6 +22,7 @@ def smoke(script, *args):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_imagenet_smoke(tmp_path):
     data = synth_dataset(tmp_path / "data", classes=4, train_per_class=4, val_per_class=2, width=48, height=40)
     smoke("reproduce_imagenet.sh", data, 1, tmp_path / "out")
@@ -34,20 +34,18 @@ def test_reproduce_imagenet_smoke(tmp_path):
         assert json.loads((run / "eval.json").read_text())["images"] == 8
 
 
+@pytest.mark.slow
 def test_reproduce_cifar10_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_cli import write_cifar10
-    data = write_cifar10(tmp_path / "cifar", n=8)
+    data = write_random_cifar10(tmp_path / "cifar", n=8)
     out = smoke("reproduce_cifar10.sh", data, 1, tmp_path / "out")
     assert "over 3 seeds" in out
     seeds = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert seeds == [f"pyramidnet200-rm-seed{s}" for s in range(3)]
 
 
-@pytest.mark.parametrize("fmt", [pytest.param("folder", marks=pytest.mark.slow), "wds"])  # folder: test_prepare
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [pytest.param("folder", marks=pytest.mark.heavy), "wds"])  # folder: test_prepare
 def test_reproduce_imagenet_from_the_archives_prepares_once(tmp_path, fmt):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from imagenet_archives import write_archives
     archives = tmp_path / "archives"
     write_archives(archives, train_per_class=(4, 4, 4), val_ids=(1, 2, 3, 1, 2, 3))
     env = {**os.environ, "SMOKE": "1", "OMP_NUM_THREADS": "1", "FORMAT": fmt}

@@ -7,25 +7,26 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import Cut, assert_same_run, cut_after_save, train_args
 from rmix import checkpoint
 from rmix.cli import cli
-from rmix.engine import match_param_layout  # noqa
-from test_reliability import train_args
-from test_resume_steps import Cut, assert_same_run, cut_after_save
+from rmix.optim import match_param_layout  # noqa
 
 
 def as_cuda_run_saves(t):
     return t.to(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and t.dim() == 4 else t
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_a_channels_last_checkpoint_resumes_on_the_cpu_bit_identically(tiny, tmp_path, monkeypatch, optimizer):
+def test_a_channels_last_checkpoint_resumes_on_the_cpu_bit_identically(jpeg_folder_4x6, tmp_path, monkeypatch,
+                                                                       optimizer):
     args = ("--loader", "torch", "--optimizer", optimizer)
     ref = tmp_path / "ref"
-    assert CliRunner().invoke(cli, train_args(tiny, ref, *args)).exit_code == 0
+    assert CliRunner().invoke(cli, train_args(jpeg_folder_4x6, ref, *args)).exit_code == 0
     real = cut_after_save(monkeypatch, 1, 0)  # the process ends right after epoch 1's checkpoint
     out = tmp_path / "moved"
-    assert isinstance(CliRunner().invoke(cli, train_args(tiny, out, *args)).exception, Cut)
+    assert isinstance(CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *args)).exception, Cut)
     monkeypatch.setattr(checkpoint, "save", real)
     ckpt = checkpoint.read(out / "latest.pt")
     ckpt["model"] = {k: as_cuda_run_saves(v) for k, v in ckpt["model"].items()}
@@ -35,7 +36,7 @@ def test_a_channels_last_checkpoint_resumes_on_the_cpu_bit_identically(tiny, tmp
                 if isinstance(v, torch.Tensor) and v.dim() == 4 and not v.is_contiguous()]
     assert laid_out  # the test moves something
     checkpoint.save(out / "latest.pt", ckpt)
-    r = CliRunner().invoke(cli, train_args(tiny, out, *args, "--resume", "auto"))
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, *args, "--resume", "auto"))
     assert r.exit_code == 0, r.output
     assert_same_run(out, ref)
 

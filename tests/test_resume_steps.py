@@ -1,5 +1,4 @@
 """Mid-epoch checkpoints (--save-every-steps): a run cut inside an epoch resumes at that step exactly."""
-import json
 import signal
 import subprocess
 import sys
@@ -7,61 +6,17 @@ import time
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+from helpers import THREE_EPOCHS, Cut, assert_same_run, cli_train
 from rmix import checkpoint
-from rmix.cli import cli
-from test_reliability import TINY, train_args
 
-# tiny (conftest): 24 train images, batch 8: 3 steps per epoch, so --save-every-steps 1 saves after steps 1 and 2
-
-
-def run(data, out, *extra):
-    return CliRunner().invoke(cli, train_args(data, out, *extra))
+# jpeg_folder_4x6 (conftest): 24 train images, batch 8: 3 steps per epoch, so --save-every-steps 1 saves
+# after steps 1 and 2
 
 
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(got_dir, want_dir):
-    want, got = checkpoint.read(want_dir / "latest.pt")["model"], checkpoint.read(got_dir / "latest.pt")["model"]
-    assert want.keys() == got.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
-    keys = ("epoch", "train_loss", "train_top1", "val_top1", "val_loss")  # img_s is a clock
-    assert [[r[k] for k in keys] for r in rows(got_dir)] == [[r[k] for k in keys] for r in rows(want_dir)]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
-    """Uninterrupted runs, without mid-epoch saves: saving must not change the training."""
-    out = {}
-    for loader in ("dali", "torch"):
-        out[loader] = tmp_path_factory.mktemp("ref") / loader
-        r = run(tiny, out[loader], "--loader", loader)
-        assert r.exit_code == 0, r.output
-    return out
-
-
-class Cut(Exception):
-    pass
-
-
-def cut_after_save(monkeypatch, epoch, step):
-    """Make `checkpoint.save` raise Cut right after writing the checkpoint of (epoch, step); returns the real save."""
-    real = checkpoint.save
-
-    def save_then_cut(path, payload):
-        real(path, payload)
-        if payload["epoch"] == epoch and payload["step"] == step:
-            raise Cut
-    monkeypatch.setattr(checkpoint, "save", save_then_cut)
-    return real
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch, reference, loader):
+def test_cut_after_a_mid_epoch_save_resumes_exactly(jpeg_folder_4x6, tmp_path, monkeypatch, uninterrupted_runs, loader):
     real = checkpoint.save
 
     def save_then_cut(path, payload):  # the process dies right after epoch 2's step-2 checkpoint
@@ -72,7 +27,7 @@ def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch,
     monkeypatch.setattr(checkpoint, "save", save_then_cut)
     out = tmp_path / "cut"
     start = time.perf_counter()
-    r = run(tiny, out, "--loader", loader, "--save-every-steps", "1")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", loader, "--save-every-steps", "1")
     wall = time.perf_counter() - start
     assert isinstance(r.exception, Cut), r.output
     ckpt = checkpoint.read(out / "latest.pt")
@@ -81,17 +36,18 @@ def test_cut_after_a_mid_epoch_save_resumes_exactly(tiny, tmp_path, monkeypatch,
     history = ckpt["partial_ranks"][0]["policy"]["history"]
     assert history is not None and history.shape[0] == 8  # RecursiveMix's history travels along
     monkeypatch.setattr(checkpoint, "save", real)
-    r = run(tiny, out, "--loader", loader, "--save-every-steps", "1", "--resume", "auto")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", loader, "--save-every-steps", "1", "--resume", "auto")
     assert r.exit_code == 0, r.output
     assert "now holds" not in r.output  # the same data: no change to report
     assert checkpoint.read(out / "latest.pt")["step"] == 0  # the last save is the epoch end
-    assert_same_run(out, reference[loader])
+    assert_same_run(out, uninterrupted_runs[loader])
 
 
-def test_sigkill_with_mid_epoch_saves_resumes_exactly(tiny, tmp_path, reference):
+@pytest.mark.slow
+def test_sigkill_with_mid_epoch_saves_resumes_exactly(jpeg_folder_4x6, tmp_path, uninterrupted_runs):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(out),
-           *TINY, "--loader", "dali", "--save-every-steps", "1"]
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(jpeg_folder_4x6),
+           "--out", str(out), *THREE_EPOCHS, "--loader", "dali", "--save-every-steps", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # wait for a mid-epoch checkpoint of epoch 2
@@ -105,13 +61,13 @@ def test_sigkill_with_mid_epoch_saves_resumes_exactly(tiny, tmp_path, reference)
     proc.send_signal(signal.SIGKILL)  # wherever it is by now: a step, a save, or the epoch end
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
-    r = run(tiny, out, "--loader", "dali", "--save-every-steps", "1", "--resume", "auto")
+    r = cli_train(jpeg_folder_4x6, out, "--loader", "dali", "--save-every-steps", "1", "--resume", "auto")
     assert r.exit_code == 0, r.output
-    assert_same_run(out, reference["dali"])
+    assert_same_run(out, uninterrupted_runs["dali"])
 
 
-def test_save_every_steps_must_not_be_negative(tiny, tmp_path):
-    r = run(tiny, tmp_path / "x", "--save-every-steps", "-2")
+def test_save_every_steps_must_not_be_negative(jpeg_folder_4x6, tmp_path):
+    r = cli_train(jpeg_folder_4x6, tmp_path / "x", "--save-every-steps", "-2")
     assert r.exit_code == 2 and "--save-every-steps" in r.output and "-2" in r.output
     assert len(r.output.strip().splitlines()) == 1
 

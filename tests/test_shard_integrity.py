@@ -14,14 +14,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import loader_of, train_args
 from rmix.cli import cli
-from rmix.pipelines import build_shard_loader
 from rmix.pipelines.prepare import prepare_folder
 from rmix.pipelines.wds import index_shard as wds_index
 from rmix.pipelines.wds import read_dali_index, read_label, scan_shards, write_dali_index
-from test_reliability import train_args
 
-KW = dict(batch_size=4, crop_size=16, val_resize=20, num_threads=1, seed=3)
+KW = dict(batch_size=4, crop_size=16, val_resize=20, workers=1, seed=3)
 
 
 def jpeg(seed: int) -> bytes:
@@ -75,9 +74,10 @@ def refused(root, tmp_path, *names):
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny, tmp_path_factory):
+def prepared(jpeg_folder_4x6, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "w"
-    prepare_folder(str(tiny), str(out), shard_size=5, say=lambda t: None)  # 24 train in 5 shards, 12 val in 3
+    prepare_folder(str(jpeg_folder_4x6), str(out), shard_size=5,
+                   say=lambda t: None)  # 24 train in 5 shards, 12 val in 3
     return out
 
 
@@ -90,6 +90,7 @@ def copy(prepared, tmp_path):
 
 # one label reader --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_labels_with_newlines_train_and_evaluate_the_same_under_both_loaders(tmp_path):
     # 13 classes, each .cls ending in a newline as many writers do: 12\n is 12 and 2\n is 2 on every path
     train = [(f"t{i}", f"{i % 13}\n".encode()) for i in range(16)]
@@ -97,7 +98,7 @@ def test_labels_with_newlines_train_and_evaluate_the_same_under_both_loaders(tmp
     root = foreign(tmp_path / "nl", train, val)
     want = [(i * 5) % 13 for i in range(8)]
     for kind in ("dali", "torch"):
-        got = torch.cat([y for _, y in build_shard_loader(kind, root, "val", train=False, **KW)])
+        got = torch.cat([y for _, y in loader_of(kind, scan_shards(root, "val", labels=False), train=False, **KW)])
         assert got.tolist() == want, kind
     r = CliRunner().invoke(cli, train_args(root, tmp_path / "run", "--loader", "dali", "--epochs", "1"))
     assert r.exit_code == 0, r.output
@@ -129,7 +130,7 @@ def test_a_label_outside_the_index_classes_is_refused_by_every_path(copy, tmp_pa
     for kind in ("dali", "torch"):  # the loaders themselves, as with --no-preflight
         with pytest.raises(Exception, match="outside the classes") as e:
             for _epoch in range(2):
-                list(build_shard_loader(kind, copy, "train", train=True, **KW))
+                list(loader_of(kind, scan_shards(copy, "train", labels=False), train=True, **KW))
         assert name in str(e.value) and "\n" not in str(e.value)
 
 
@@ -230,7 +231,7 @@ def test_names_with_spaces_and_unicode_are_prepared_read_and_named(tmp_path):
     assert r.exit_code == 0, r.output
     want = [0, 0, 1, 1]
     for kind in ("dali", "torch"):
-        got = torch.cat([y for _, y in build_shard_loader(kind, out, "val", train=False, **KW)])
+        got = torch.cat([y for _, y in loader_of(kind, scan_shards(out, "val", labels=False), train=False, **KW)])
         assert got.tolist() == want, kind
         r = CliRunner().invoke(cli, train_args(out, tmp_path / kind, "--loader", kind, "--epochs", "1",
                                                "--batch-size", "4"))
@@ -269,7 +270,7 @@ def test_every_path_reads_the_same_member_and_label(seed, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["shards"]["val"]["samples"] == len(keys)
     for kind in ("dali", "torch"):  # val reads the shard in order: position i is member i
-        got = torch.cat([y for _, y in build_shard_loader(kind, root, "val", train=False, **KW)])
+        got = torch.cat([y for _, y in loader_of(kind, scan_shards(root, "val", labels=False), train=False, **KW)])
         assert got.tolist() == labels, kind
     from rmix.pipelines.dali import SampleLabels  # and DALI's own source info names each member
     mapping = SampleLabels(split)
@@ -306,7 +307,7 @@ def test_a_shard_cut_inside_a_tar_header_is_refused_by_every_reader(tmp_path):
     assert r.exit_code == 2 and "cut short or damaged" in r.output and "train-000000.tar" in r.output, r.output
     for kind in ("dali", "torch"):
         with pytest.raises(ValueError, match="cut short or damaged"):
-            build_shard_loader(kind, root, "train", train=True, **KW)
+            loader_of(kind, scan_shards(root, "train", labels=False), train=True, **KW)
 
 
 def test_member_names_dali_cannot_read_are_refused_where_dali_reads(tmp_path):
@@ -316,8 +317,8 @@ def test_member_names_dali_cannot_read_are_refused_where_dali_reads(tmp_path):
     r = CliRunner().invoke(cli, ["data", "check", str(root), "--threads", "1"])
     assert r.exit_code == 2 and f"train-000000.tar:{long}.jpg: DALI's readers.webdataset cannot read" in r.output
     with pytest.raises(ValueError, match="cannot read this member"):
-        build_shard_loader("dali", root, "train", train=True, **KW)
-    assert len(build_shard_loader("torch", root, "train", train=True, **KW).batch_sampler) >= 0  # torch reads it
+        loader_of("dali", scan_shards(root, "train", labels=False), train=True, **KW)
+    assert len(loader_of("torch", scan_shards(root, "train", labels=False), train=True, **KW).batch_sampler) >= 0  # torch reads it
 
 
 def test_a_typo_label_in_val_names_its_member(tmp_path):

@@ -8,24 +8,22 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import Cut, assert_same_run, cut_after_save, epoch_ids, loader_of, train_args
 from rmix import checkpoint
 from rmix.cli import cli
-from rmix.pipelines import build_loader, build_shard_loader
+from rmix.pipelines import Backend, Crop, Share, scan_image_folder
 from rmix.pipelines.dali import dali_slice
 from rmix.pipelines.prepare import prepare_folder
 from rmix.pipelines.wds import read_label, scan_shards
-from test_pipelines import epoch as solid_ids
-from test_pipelines import folder  # noqa: F401 (a fixture)
-from test_reliability import train_args
-from test_resume_steps import Cut, assert_same_run, cut_after_save
 
-KW = dict(batch_size=8, crop_size=16, val_resize=20, num_threads=1, seed=3)
+KW = dict(batch_size=8, crop_size=16, val_resize=20, workers=1, seed=3)
 
 
 @pytest.fixture(scope="module")
-def shards(tiny, tmp_path_factory):
+def shards(jpeg_folder_4x6, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "w"
-    prepare_folder(str(tiny), str(out), shard_size=5, say=lambda t: None)  # 24 train in 5 shards, 12 val in 3
+    prepare_folder(str(jpeg_folder_4x6), str(out), shard_size=5,
+                   say=lambda t: None)  # 24 train in 5 shards, 12 val in 3
     return out
 
 
@@ -50,10 +48,10 @@ def test_dali_slices_cover_every_sample_once():
 
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
-def test_val_on_shards_is_val_on_the_folder(tiny, shards, kind):
+def test_val_on_shards_is_val_on_the_folder(jpeg_folder_4x6, shards, kind):
     # val shards keep the files' order: the same batches, pixel for pixel, as the ImageFolder
-    a = batches(build_shard_loader(kind, shards, "val", train=False, **KW))
-    b = batches(build_loader(kind, tiny / "val", train=False, **KW))
+    a = batches(loader_of(kind, scan_shards(shards, "val", labels=False), train=False, **KW))
+    b = batches(loader_of(kind, scan_image_folder(jpeg_folder_4x6 / "val"), train=False, **KW))
     assert len(a) == len(b) == 2
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
@@ -61,7 +59,7 @@ def test_val_on_shards_is_val_on_the_folder(tiny, shards, kind):
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_a_train_epoch_reads_every_sample_once_and_is_addressable(shards, kind):
-    loader = build_shard_loader(kind, shards, "train", train=True, **KW)
+    loader = loader_of(kind, scan_shards(shards, "train", labels=False), train=True, **KW)
     split = scan_shards(shards, "train")
     assert len(loader) == 3 and loader.num_classes == 4 and loader.classes == split.classes
     e1 = batches(loader, 1)
@@ -79,15 +77,16 @@ def test_a_train_epoch_reads_every_sample_once_and_is_addressable(shards, kind):
 
 def test_dali_ranks_read_disjoint_slices_with_the_same_batch_count(shards):
     kw = dict(KW, batch_size=4)
-    loaders = [build_shard_loader("dali", shards, "train", train=True, rank=r, world_size=2, **kw) for r in (0, 1)]
+    loaders = [loader_of("dali", scan_shards(shards, "train", labels=False), train=True, rank=r, world_size=2, **kw) for r in (0, 1)]
     assert len(loaders[0]) == len(loaders[1]) == 3
     for epoch in (0, 1):
         got = [torch.cat([y for _, y in batches(ld, epoch)]) for ld in loaders]
         assert len(got[0]) == len(got[1]) == 12
-    val = [build_shard_loader("dali", shards, "val", train=False, rank=r, world_size=2, **kw) for r in (0, 1)]
+    val = [loader_of("dali", scan_shards(shards, "val", labels=False), train=False, rank=r, world_size=2, **kw) for r in (0, 1)]
     assert sum(len(y) for ld in val for _, y in ld) == 12
 
 
+@pytest.mark.slow
 def test_train_and_eval_on_shards_with_both_loaders(shards, tmp_path):
     for loader in ("dali", "torch"):
         r = CliRunner().invoke(cli, train_args(shards, tmp_path / loader, "--loader", loader, "--epochs", "2"))
@@ -144,7 +143,7 @@ def test_data_check_and_the_preflight_name_the_member(broken, tmp_path):
 def test_a_decode_error_on_shards_names_the_member(broken, kind):
     from rmix.pipelines import DecodeError
     out, name = broken
-    loader = build_shard_loader(kind, out, "train", train=True, **KW)
+    loader = loader_of(kind, scan_shards(out, "train", labels=False), train=True, **KW)
     with pytest.raises(DecodeError) as e:
         for epoch in range(3):
             batches(loader, epoch)
@@ -158,8 +157,8 @@ def test_shards_from_other_tools_without_an_index_are_read(shards, tmp_path):
     for p in shards.glob("*.tar"):
         shutil.copy(p, out / p.name)  # no .idx and no index.json: classes from the labels
     for kind in ("dali", "torch"):
-        got = batches(build_shard_loader(kind, out, "val", train=False, **KW))
-        want = batches(build_shard_loader(kind, shards, "val", train=False, **KW))
+        got = batches(loader_of(kind, scan_shards(out, "val", labels=False), train=False, **KW))
+        want = batches(loader_of(kind, scan_shards(shards, "val", labels=False), train=False, **KW))
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
 
 
@@ -180,10 +179,10 @@ def test_dali_reads_index_less_shards_through_the_index_rmix_counted_them_with(s
         seen.append([open(i).read() for i in index_paths or []]), real(paths, index_paths, **kw))[1])
     capfd.readouterr()
     before = set(Path(tempfile.gettempdir()).glob("rmix-wds-idx-*"))
-    loader = build_shard_loader("dali", out, "train", train=True, **KW)
+    loader = loader_of("dali", scan_shards(out, "train", labels=False), train=True, **KW)
     (held,) = set(Path(tempfile.gettempdir()).glob("rmix-wds-idx-*")) - before
     got = batches(loader, epoch=1)
-    want = batches(build_shard_loader("dali", shards, "train", train=True, **KW), epoch=1)
+    want = batches(loader_of("dali", scan_shards(shards, "train", labels=False), train=True, **KW), epoch=1)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want)) and len(got) == 3
     # the indexes rmix wrote are the ones `rmix data prepare` wrote beside its shards, byte for byte
     assert seen[0] == [(shards / p.name).with_suffix(".idx").read_text() for p in sorted(shards.glob("train-*.tar"))]
@@ -209,19 +208,19 @@ def test_keep_last_on_dali_shards_is_refused_where_ranks_would_differ(shards):
     from rmix.pipelines.dali import shard_loader
     split = scan_shards(shards, "train")
     nine = split._replace(samples=split.samples[:9])  # DALI's slices over 2 ranks: 4 and 5, so 1 and 2 batches of 4
-    kw = dict(KW, batch_size=4, seed=0)
+    share = Share(9, train=True, batch_size=4, seed=0, rank=0, world_size=2, drop_last=False)
     with pytest.raises(ValueError, match=r"--keep-last: DALI's shard slices of 9 samples give \[1, 2\] batches"):
-        shard_loader(nine, train=True, drop_last=False, rank=0, world_size=2, min_area=0.08, aug_plus=False,
-                     device=torch.device("cpu"), **kw)
+        shard_loader(nine, share, Crop(16, min_area=0.08, val_resize=20, aug_plus=False),
+                     Backend("dali", 1, device=torch.device("cpu")))
 
 
 @pytest.fixture(scope="module")
-def solid_shards(folder, tmp_path_factory):  # noqa: F811
-    """test_pipelines' solid-colour images (each tells which it is) as shards of 4: train and val alike."""
+def solid_shards(solid_folder_3x5, tmp_path_factory):
+    """solid_folder_3x5's solid-colour images (each tells which it is) as shards of 4: train and val alike."""
     import shutil
     src = tmp_path_factory.mktemp("solid")
     for split in ("train", "val"):
-        shutil.copytree(folder, src / split, ignore=shutil.ignore_patterns("*.txt"))
+        shutil.copytree(solid_folder_3x5, src / split, ignore=shutil.ignore_patterns("*.txt"))
     out = tmp_path_factory.mktemp("solid-shards") / "w"
     prepare_folder(str(src), str(out), shard_size=4, say=lambda t: None)
     return out
@@ -230,13 +229,13 @@ def solid_shards(folder, tmp_path_factory):  # noqa: F811
 def test_dali_train_slices_are_disjoint_within_an_epoch_and_rotate_across_epochs(solid_shards):
     # the loader contract: the ranks of an epoch read disjoint samples, and a rank reads another
     # slice each epoch (shard_id = (rank + epoch) % world), so no rank sees only a fixed part of the set
-    loaders = [build_shard_loader("dali", solid_shards, "train", train=True, rank=r, world_size=2, batch_size=3,
-                                  crop_size=16, val_resize=20, num_threads=1, seed=3) for r in (0, 1)]
+    loaders = [loader_of("dali", scan_shards(solid_shards, "train", labels=False), train=True, rank=r, world_size=2, batch_size=3,
+                         crop_size=16, val_resize=20, workers=1, seed=3) for r in (0, 1)]
     seen = {}
     for e in (0, 1, 2):
         for r, loader in enumerate(loaders):
             loader.set_epoch(e)
-            seen[r, e] = solid_ids(loader)
+            seen[r, e] = epoch_ids(loader)
             assert len(seen[r, e]) == len(set(seen[r, e])) == 6  # (15 // 2) // 3 batches of 3
         assert not set(seen[0, e]) & set(seen[1, e]), e  # disjoint within the epoch
     for r in (0, 1):
@@ -251,7 +250,7 @@ def test_dali_val_on_three_ranks_reads_every_image_once_with_an_empty_last_batch
     prepare_folder(str(data), str(tmp_path / "w"), shard_size=7, say=lambda t: None)
     sizes = []
     for r in range(3):
-        loader = build_shard_loader("dali", tmp_path / "w", "val", train=False, batch_size=16, crop_size=16,
-                                    val_resize=20, num_threads=1, rank=r, world_size=3)
+        loader = loader_of("dali", scan_shards(tmp_path / "w", "val", labels=False), train=False, batch_size=16, crop_size=16,
+                           val_resize=20, workers=1, rank=r, world_size=3)
         sizes.append([len(y) for _, y in loader])
     assert sizes == [[16, 0], [16, 1], [16, 1]] and sum(map(sum, sizes)) == 50

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import ROOT
 from rmix import checkpoint
 from rmix.dist import first_host, slurm_env, slurm_port
-from rmix.pipelines.synth import synth_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "resnet8", "--crop-size", "16", "--val-resize", "20", "--workers", "1", "--batch-size", "8",
         "--epochs", "4", "--loader", "torch", "--log-every", "1"]
 STEP = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
@@ -55,12 +54,6 @@ def test_torchrun_or_a_single_task_leave_the_environment_alone(change):
 def test_the_sites_master_wins():
     env = slurm_env({**STEP, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.1", "29500")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=3,
-                         width=24, height=24)
 
 
 def free_job_id():
@@ -101,13 +94,14 @@ def weights(run):
     return checkpoint.read(run / "latest.pt")["model"]
 
 
-def test_sbatch_preempts_saves_requeues_and_the_requeued_job_ends_as_an_uninterrupted_one(tmp_path, data):
+@pytest.mark.slow
+def test_sbatch_preempts_saves_requeues_and_the_requeued_job_ends_as_an_uninterrupted_one(tmp_path, jpeg_folder_4x8):
     job = free_job_id()
-    rc, out = finish(sbatch("one_node.sbatch", tmp_path, tmp_path / "ref", job, data))
+    rc, out = finish(sbatch("one_node.sbatch", tmp_path, tmp_path / "ref", job, jpeg_folder_4x8))
     assert rc == 0, out
     assert not (tmp_path / "scontrol.log").exists()  # no warning, no requeue
     run = tmp_path / "run"
-    p = sbatch("one_node.sbatch", tmp_path, run, job, data)
+    p = sbatch("one_node.sbatch", tmp_path, run, job, jpeg_folder_4x8)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:  # SLURM's warning comes once epoch 1 is saved
         try:
@@ -125,7 +119,7 @@ def test_sbatch_preempts_saves_requeues_and_the_requeued_job_ends_as_an_uninterr
     if ckpt["step"]:  # stopped inside an epoch: both ranks at the same step
         assert [r["step"] for r in ckpt["partial_ranks"]] == [ckpt["step"]] * 2
     assert "stopped by SIGUSR1" in out and "Traceback" not in out, out
-    rc, out = finish(sbatch("one_node.sbatch", tmp_path, run, job, data))  # the requeued job
+    rc, out = finish(sbatch("one_node.sbatch", tmp_path, run, job, jpeg_folder_4x8))  # the requeued job
     assert rc == 0 and "resuming at epoch" in out, out
     want, got = weights(tmp_path / "ref"), weights(run)
     for k in want:
@@ -182,6 +176,7 @@ def lone_rank(tmp_path, rank, timeout):
     return r, port
 
 
+@pytest.mark.slow
 def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_path):
     r, port = lone_rank(tmp_path, 0, 6)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -190,6 +185,7 @@ def test_a_lone_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_path):
     assert last.startswith("Error: rank 0: the other 1 process(es) of the job did not join"), r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_lone_non_master_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_path):
     # nothing listens at MASTER_PORT: rank 1 waits for rank 0's store, then one line (no C++ backtraces)
     r, port = lone_rank(tmp_path, 1, 4)
@@ -202,6 +198,7 @@ def test_a_lone_non_master_rank_says_whom_it_waits_for_and_ends_in_one_line(tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_master_port_in_use_is_named(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -223,6 +220,7 @@ def test_launch_variables_that_contradict_each_other_name_themselves(monkeypatch
     test_launch_variables_that_are_not_what_they_claim_name_themselves(monkeypatch, env, message)
 
 
+@pytest.mark.slow
 def test_a_master_that_is_not_a_store_is_one_line(tmp_path):
     # something else listens on MASTER_PORT (a web server, say): rank 1 cannot join, and says so
     import threading

@@ -37,6 +37,7 @@ def test_rss_is_read():
     assert rss > 2**20 and source  # a Python process with torch imported: many MB
 
 
+@pytest.mark.slow
 def test_soak_result_and_cli():
     d = soak(40, loader="dali")  # 5 epochs of 8 steps, 10 pipeline builds
     assert d["steps"] == 40 and d["epochs"] == 5 and d["steps_per_epoch"] == 8 and d["pipeline_builds"] == 10
@@ -72,7 +73,7 @@ def test_soak_refuses_bad_arguments():
     assert r.exit_code == 2 and "--steps: must be >= 1" in r.output
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_soak_memory_plateaus(loader):
     d = soak(3000, loader=loader)

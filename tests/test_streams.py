@@ -151,9 +151,10 @@ def test_a_hold_off_cuda_keeps_nothing():
     assert alive() is None and len(hold) == 0
 
 
-def test_the_torch_loaders_device_decode_goes_through_the_ordering(tiny, monkeypatch):
+def test_the_torch_loaders_device_decode_goes_through_the_ordering(jpeg_folder_4x6, monkeypatch):
     # every call of the device decoder, the batch's and a refused file's own, is ordered
-    from rmix.pipelines import build_loader, torch_loader
+    from helpers import loader_of
+    from rmix.pipelines import scan_image_folder, torch_loader
     calls, real = [], torch_loader.ordered_decode
 
     def spy(decode, data, device):
@@ -161,8 +162,8 @@ def test_the_torch_loaders_device_decode_goes_through_the_ordering(tiny, monkeyp
         return real(decode, data, device)
 
     monkeypatch.setattr(torch_loader, "ordered_decode", spy)
-    kw = dict(train=True, batch_size=8, crop_size=16, val_resize=20, num_threads=0, torch_decode="device")
-    assert len(list(build_loader("torch", tiny / "train", **kw))) == 3
+    kw = dict(train=True, batch_size=8, crop_size=16, val_resize=20, workers=0, torch_decode="device")
+    assert len(list(loader_of("torch", scan_image_folder(jpeg_folder_4x6 / "train"), **kw))) == 3
     assert calls == [8, 8, 8]
     calls.clear()
 
@@ -172,13 +173,14 @@ def test_the_torch_loaders_device_decode_goes_through_the_ordering(tiny, monkeyp
         return [torch.zeros(3, 5, 5, dtype=torch.uint8)]
 
     monkeypatch.setattr(torch_loader.DeviceDecode, "_jpegs", refuses_batches)
-    assert len(list(build_loader("torch", tiny / "train", **kw))) == 3
+    assert len(list(loader_of("torch", scan_image_folder(jpeg_folder_4x6 / "train"), **kw))) == 3
     assert calls == [8, *[1] * 8] * 3  # the batch, then each file alone
 
 
-def test_each_dali_batch_is_held_once_the_next_is_asked_for(tiny, monkeypatch):
+def test_each_dali_batch_is_held_once_the_next_is_asked_for(jpeg_folder_4x6, monkeypatch):
     # the loader hands every batch it yielded to its hold, after the consumer asked for the next one
-    from rmix.pipelines import build_loader, dali
+    from helpers import loader_of
+    from rmix.pipelines import dali, scan_image_folder
     held = []
 
     class Spy(streams.BatchHold):
@@ -187,8 +189,8 @@ def test_each_dali_batch_is_held_once_the_next_is_asked_for(tiny, monkeypatch):
             super().hold(*tensors)
 
     monkeypatch.setattr(dali, "BatchHold", Spy)
-    loader = build_loader("dali", tiny / "val", train=False, batch_size=4, crop_size=16, val_resize=20,
-                          num_threads=1, dali_device="cpu")
+    loader = loader_of("dali", scan_image_folder(jpeg_folder_4x6 / "val"), train=False, batch_size=4, crop_size=16,
+                       val_resize=20, workers=1, dali_device="cpu")
     seen = []
     for images, _ in loader:
         assert len(held) == len(seen)  # not before the consumer is done with it

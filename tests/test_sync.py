@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from rmix import config as C
-from rmix.engine import build_optimizer, build_policies, train_one_epoch
+from rmix.engine import build_optimizer, make_policy, train_one_epoch
 from rmix.guard import StepGuard, TrainingError
 from rmix.models import build
 from rmix.progress import Progress
+from rmix.state import RunState
 from rmix.syncs import SyncCounter as LibrarySyncCounter
 
 
@@ -35,7 +36,7 @@ def setup(policy_name, amp, optimizer="sgd"):
     optimizer = build_optimizer(model, cfg.optim)
     dtype = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
-    policy, _ = build_policies(cfg, torch.device("cpu"), dtype)
+    policy = make_policy(cfg, torch.device("cpu"), dtype)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=g),
                 torch.randint(0, 4, (8,), generator=g)) for _ in range(8)]
@@ -46,7 +47,7 @@ def reads_in_epoch(policy_name, amp, steps, log_every, optimizer="sgd"):
     cfg, model, optimizer, scaler, policy, dtype, batches = setup(policy_name, amp, optimizer)
     cfg = C.replace(cfg, log_every=log_every)
     with Progress(steps, "sync", enabled=False) as bar, SyncCounter() as counter:
-        train_one_epoch(model, policy, batches[:steps], optimizer, scaler, cfg, 1, dtype, bar)
+        train_one_epoch(model, policy, batches[:steps], optimizer, scaler, cfg, RunState(), dtype, bar)
     return counter.reads
 
 
@@ -93,7 +94,7 @@ def test_a_non_finite_step_never_reaches_the_weights_and_is_reported_later(monke
     monkeypatch.setattr(engine, "train_step", spy)
     with Progress(4, "sync", enabled=False) as bar, SyncCounter() as counter, \
             pytest.raises(TrainingError, match=r"non-finite loss \(nan\) or gradients at epoch 1, step 2"):
-        train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, 1, dtype, bar)
+        train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, RunState(), dtype, bar)
     assert unchanged == [False, True, False, False]  # the 2nd step skipped on the device; the host learnt it at the end
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(counter.reads) == 4  # the guard's one read, at the end of the pass
@@ -167,5 +168,5 @@ def test_the_guard_is_read_before_each_mid_epoch_save_and_only_then():
     cfg, model, optimizer, scaler, policy, dtype, batches = setup("recursive_mix", "none")
     cfg = C.replace(cfg, save_every_steps=3)
     with Progress(4, "sync", enabled=False) as bar, SyncCounter() as counter:
-        train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, 1, dtype, bar)
+        train_one_epoch(model, policy, batches[:4], optimizer, scaler, cfg, RunState(), dtype, bar)
     assert len(counter.reads) == 2 * 4, counter.reads  # 4 values of the guard, twice

@@ -9,7 +9,7 @@ from PIL import Image
 from rmix.pipelines import synth
 from rmix.pipelines.synth import CONCEPTS, MANIFEST, default_data_dir, synth_dataset
 
-TINY = dict(classes=10, train_per_class=3, val_per_class=2, width=24, height=24)
+SYNTH_ARGS = dict(classes=10, train_per_class=3, val_per_class=2, width=24, height=24)
 
 
 def _files(root):
@@ -17,30 +17,30 @@ def _files(root):
 
 
 def test_same_arguments_give_identical_bytes(tmp_path):
-    a = synth_dataset(tmp_path / "a", **TINY)
-    b = synth_dataset(tmp_path / "b", **TINY)
+    a = synth_dataset(tmp_path / "a", **SYNTH_ARGS)
+    b = synth_dataset(tmp_path / "b", **SYNTH_ARGS)
     assert _files(a) == _files(b)
     for rel in _files(a):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
 def test_seed_changes_the_pixels(tmp_path):
-    a = synth_dataset(tmp_path / "a", **TINY)
-    b = synth_dataset(tmp_path / "b", **TINY, seed=1)
+    a = synth_dataset(tmp_path / "a", **SYNTH_ARGS)
+    b = synth_dataset(tmp_path / "b", **SYNTH_ARGS, seed=1)
     assert (a / "train/circle/00000.jpg").read_bytes() != (b / "train/circle/00000.jpg").read_bytes()
 
 
 def test_smaller_sets_are_subsets(tmp_path):
     # Each file has its own seed, so fewer classes or images never reshuffle the rest.
-    full = synth_dataset(tmp_path / "full", **TINY)
-    part = synth_dataset(tmp_path / "part", **{**TINY, "classes": 3, "train_per_class": 2})
+    full = synth_dataset(tmp_path / "full", **SYNTH_ARGS)
+    part = synth_dataset(tmp_path / "part", **{**SYNTH_ARGS, "classes": 3, "train_per_class": 2})
     for rel in _files(part):
         if rel.suffix == ".jpg":
             assert (part / rel).read_bytes() == (full / rel).read_bytes(), rel
 
 
 def test_imagefolder_layout_and_counts(tmp_path):
-    out = synth_dataset(tmp_path / "d", **TINY)
+    out = synth_dataset(tmp_path / "d", **SYNTH_ARGS)
     for split, count in (("train", 3), ("val", 2)):
         classes = sorted(p.name for p in (out / split).iterdir())
         assert classes == sorted(CONCEPTS[:10])
@@ -53,13 +53,13 @@ def test_imagefolder_layout_and_counts(tmp_path):
 
 
 def test_no_leftovers_next_to_the_output(tmp_path):
-    synth_dataset(tmp_path / "d", **TINY)
+    synth_dataset(tmp_path / "d", **SYNTH_ARGS)
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
 @pytest.mark.parametrize("size", [(24, 24), (37, 29)])
 def test_files_decode_as_rgb_of_the_requested_size(tmp_path, size):
-    out = synth_dataset(tmp_path / "d", **{**TINY, "width": size[0], "height": size[1]})
+    out = synth_dataset(tmp_path / "d", **{**SYNTH_ARGS, "width": size[0], "height": size[1]})
     for path in out.rglob("*.jpg"):
         with Image.open(path) as image:
             assert image.format == "JPEG" and image.mode == "RGB" and image.size == size
@@ -75,20 +75,20 @@ def test_larger_sizes_draw_the_same_scene():
 
 
 def test_worker_pool_gives_the_same_bytes(tmp_path, monkeypatch):
-    a = synth_dataset(tmp_path / "a", **TINY)
+    a = synth_dataset(tmp_path / "a", **SYNTH_ARGS)
     monkeypatch.setattr(synth, "_PARALLEL_PIXELS", 0)
-    b = synth_dataset(tmp_path / "b", **TINY)
+    b = synth_dataset(tmp_path / "b", **SYNTH_ARGS)
     for rel in _files(a):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
 def test_complete_dataset_is_reused_and_foreign_dirs_are_refused(tmp_path):
-    out = synth_dataset(tmp_path / "d", **TINY)
+    out = synth_dataset(tmp_path / "d", **SYNTH_ARGS)
     stamp = (out / MANIFEST).stat().st_mtime_ns
-    assert synth_dataset(out, **TINY) == out
+    assert synth_dataset(out, **SYNTH_ARGS) == out
     assert (out / MANIFEST).stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError):
-        synth_dataset(out, **{**TINY, "seed": 1})
+        synth_dataset(out, **{**SYNTH_ARGS, "seed": 1})
 
 
 def test_interrupted_generation_leaves_no_output(tmp_path, monkeypatch):
@@ -103,16 +103,16 @@ def test_interrupted_generation_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "render", flaky)
     with pytest.raises(KeyboardInterrupt):
-        synth_dataset(tmp_path / "d", **TINY)
+        synth_dataset(tmp_path / "d", **SYNTH_ARGS)
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(synth, "render", real)
-    assert (synth_dataset(tmp_path / "d", **TINY) / MANIFEST).is_file()
+    assert (synth_dataset(tmp_path / "d", **SYNTH_ARGS) / MANIFEST).is_file()
 
 
 def test_partial_dir_without_manifest_is_not_complete(tmp_path):
-    out = synth_dataset(tmp_path / "d", **TINY)
+    out = synth_dataset(tmp_path / "d", **SYNTH_ARGS)
     (out / MANIFEST).unlink()
-    assert not synth._is_complete(out, synth._validate(**TINY, seed=0, quality=90))
+    assert not synth._is_complete(out, synth._validate(**SYNTH_ARGS, seed=0, quality=90))
 
 
 @pytest.mark.parametrize("name, value", [
@@ -121,13 +121,13 @@ def test_partial_dir_without_manifest_is_not_complete(tmp_path):
 ])
 def test_bad_arguments_name_the_argument_and_value(tmp_path, name, value):
     with pytest.raises(ValueError, match=rf"{name}.*{value}"):
-        synth_dataset(tmp_path / "d", **{**TINY, name: value})
+        synth_dataset(tmp_path / "d", **{**SYNTH_ARGS, name: value})
     assert not (tmp_path / "d").exists()
 
 
 def test_default_data_dir_honours_rmix_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RMIX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(synth, "DEFAULT_ARGS", {**TINY, "seed": 0, "quality": 90})
+    monkeypatch.setattr(synth, "DEFAULT_ARGS", {**SYNTH_ARGS, "seed": 0, "quality": 90})
     path = default_data_dir()
     assert path.parent == tmp_path / "cache" and path.name.startswith(f"shapes10-v{synth.VERSION}-24px")
     assert (path / MANIFEST).is_file()
@@ -137,7 +137,7 @@ def test_default_data_dir_honours_rmix_cache(tmp_path, monkeypatch):
 def test_default_data_dir_falls_back_to_xdg_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("RMIX_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(synth, "DEFAULT_ARGS", {**TINY, "seed": 0, "quality": 90})
+    monkeypatch.setattr(synth, "DEFAULT_ARGS", {**SYNTH_ARGS, "seed": 0, "quality": 90})
     assert default_data_dir().parent == tmp_path / "rmix"
 
 
@@ -181,6 +181,7 @@ def test_only_the_class_shape_is_a_concept(monkeypatch):
             assert [k for k, _ in drawn] == [label] and 0.26 * 40 <= drawn[0][1] <= 0.42 * 40
 
 
+@pytest.mark.slow
 def test_the_embedded_set_says_once_where_it_is_written(tmp_path, monkeypatch, capsys):
     from rmix.pipelines.synth import default_data_dir
     monkeypatch.setenv("RMIX_CACHE", str(tmp_path / "cache"))

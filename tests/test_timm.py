@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import train_args
 from rmix.cli import cli
 from rmix.models import build, roi_pool
-from test_reliability import train_args
 
 timm = pytest.importorskip("timm")
 
@@ -55,9 +55,9 @@ def test_a_vits_patch_tokens_are_laid_on_their_grid():
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
-def test_rmix_trains_a_timm_model_and_exports_timms_keys(tiny, tmp_path, name):
+def test_rmix_trains_a_timm_model_and_exports_timms_keys(jpeg_folder_4x6, tmp_path, name):
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, train_args(tiny, out, "--model", f"timm/{name}", "--epochs", "1",
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, out, "--model", f"timm/{name}", "--epochs", "1",
                                            "--max-steps", "2", "--crop-size", "32", "--val-resize", "36"))
     assert r.exit_code == 0, r.output
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["val_top1"] is not None
@@ -76,6 +76,6 @@ def test_rmix_trains_a_timm_model_and_exports_timms_keys(tiny, tmp_path, name):
     assert r.exit_code == 0, r.output
 
 
-def test_an_unknown_timm_name_is_one_line(tiny, tmp_path):
-    r = CliRunner().invoke(cli, train_args(tiny, tmp_path / "x", "--model", "timm/no_such_net"))
+def test_an_unknown_timm_name_is_one_line(jpeg_folder_4x6, tmp_path):
+    r = CliRunner().invoke(cli, train_args(jpeg_folder_4x6, tmp_path / "x", "--model", "timm/no_such_net"))
     assert r.exit_code == 2 and "unknown timm model 'no_such_net'" in r.output

@@ -74,6 +74,7 @@ def check(capability, size):
     return failures, reports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", [90, 80], ids=["sm_90", "sm_80"])
 def test_every_launch_compiles_without_spills(capability):
     failures, reports = check(capability, "imagenet")
@@ -81,12 +82,14 @@ def test_every_launch_compiles_without_spills(capability):
     assert len(reports) == 72  # 2 inputs x 3 dtypes x 2 layouts x 2 target kinds x (2 modes + no history)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["cifar", "mnist"])
 def test_small_image_launches_compile_without_spills(size):
     failures, reports = check(90, size)
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_a_planted_spill_is_caught():
     # the same kernel squeezed into 32 registers (ptxas must spill): what the tests above look for
     args, constexprs = launch(uint8=True, out_dtype="bf16", channels_last=True, index_targets=True,

@@ -17,15 +17,16 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from helpers import RESNET8_16PX
 from rmix import checkpoint
 from rmix.cli import cli
 
-TINY = ["--epochs", "2", "--batch-size", "8", "--crop-size", "16", "--val-resize", "20", "--model", "resnet8",
-        "--workers", "1"]
+TWO_EPOCHS_DEFAULT_LOG = ["--epochs", "2", *RESNET8_16PX]  # --log-every left at its default
 
 
 def train(data, out, *extra):
-    return CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--out", str(out), *TINY, *extra])
+    return CliRunner().invoke(cli, ["train", "--data-dir", str(data), "--out", str(out), *TWO_EPOCHS_DEFAULT_LOG,
+                                    *extra])
 
 
 def snapshot(run_dir):
@@ -41,10 +42,10 @@ def one_error_line(output):
 
 
 @pytest.fixture(scope="module")
-def finished(tiny, tmp_path_factory):
+def finished(jpeg_folder_4x6, tmp_path_factory):
     """A finished 2-epoch run (copied by each test that changes it)."""
     out = tmp_path_factory.mktemp("runs") / "done"
-    r = train(tiny, out)
+    r = train(jpeg_folder_4x6, out)
     assert r.exit_code == 0, r.output
     return out
 
@@ -55,20 +56,20 @@ def copy_run(finished, tmp_path):
     return run
 
 
-def test_training_into_a_finished_run_is_refused_and_changes_nothing(tiny, finished, tmp_path):
+def test_training_into_a_finished_run_is_refused_and_changes_nothing(jpeg_folder_4x6, finished, tmp_path):
     run = copy_run(finished, tmp_path)
     before = snapshot(run)
-    r = train(tiny, run)
+    r = train(jpeg_folder_4x6, run)
     assert r.exit_code == 2
     line = one_error_line(r.output)
     assert str(run) in line and "already holds a run" in line and "--resume auto" in line
     assert snapshot(run) == before
 
 
-def test_resuming_a_finished_run_says_it_is_complete(tiny, finished, tmp_path):
+def test_resuming_a_finished_run_says_it_is_complete(jpeg_folder_4x6, finished, tmp_path):
     run = copy_run(finished, tmp_path)
     before = snapshot(run)
-    r = train(tiny, run, "--resume", "auto")
+    r = train(jpeg_folder_4x6, run, "--resume", "auto")
     assert r.exit_code == 0, r.output
     assert "is complete: 2 of 2 epochs trained" in r.output and "Traceback" not in r.output
     assert snapshot(run) == before
@@ -84,32 +85,33 @@ time.sleep(600)
 """
 
 
-def test_a_second_run_into_a_live_run_directory_is_refused_naming_the_pid(tiny, tmp_path):
+def test_a_second_run_into_a_live_run_directory_is_refused_naming_the_pid(jpeg_folder_4x6, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        r = train(tiny, run)
+        r = train(jpeg_folder_4x6, run)
         assert r.exit_code == 2
         line = one_error_line(r.output)
         assert f"in use by another rmix run (pid {holder.pid})" in line, line
         assert sorted(os.listdir(run)) == [".lock"]  # nothing of the refused run was written
-        r = train(tiny, run, "--resume", "auto")  # a resume is refused the same way
+        r = train(jpeg_folder_4x6, run, "--resume", "auto")  # a resume is refused the same way
         assert r.exit_code == 2 and f"pid {holder.pid}" in r.output
     finally:
         holder.kill()
         holder.wait()
     # the holder died (SIGKILL): the kernel dropped its lock, so the stale .lock blocks nothing
-    r = train(tiny, run)
+    r = train(jpeg_folder_4x6, run)
     assert r.exit_code == 0, r.output
     assert (run / "latest.pt").is_file()
 
 
-def test_two_runs_started_together_one_is_refused(tiny, tmp_path):
+@pytest.mark.slow
+def test_two_runs_started_together_one_is_refused(jpeg_folder_4x6, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny), "--out", str(run),
-           *TINY, "--epochs", "1"]
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(jpeg_folder_4x6),
+           "--out", str(run), *TWO_EPOCHS_DEFAULT_LOG, "--epochs", "1"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
@@ -120,15 +122,15 @@ def test_two_runs_started_together_one_is_refused(tiny, tmp_path):
     assert epochs == [1]  # one run's rows, not two interleaved
 
 
-def test_out_naming_a_file_is_one_line(tiny, tmp_path):
+def test_out_naming_a_file_is_one_line(jpeg_folder_4x6, tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("mine\n")
-    r = train(tiny, f)
+    r = train(jpeg_folder_4x6, f)
     assert r.exit_code == 2 and "is a file, not a directory" in one_error_line(r.output)
     assert f.read_text() == "mine\n"
 
 
-def test_read_only_out_is_one_line(tiny, tmp_path):
+def test_read_only_out_is_one_line(jpeg_folder_4x6, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
@@ -136,7 +138,7 @@ def test_read_only_out_is_one_line(tiny, tmp_path):
         pytest.skip("needs root to mount a read-only tmpfs (root ignores chmod)")
     try:
         for out in (ro, ro / "run"):
-            r = train(tiny, out)
+            r = train(jpeg_folder_4x6, out)
             assert r.exit_code == 2, r.output
             line = one_error_line(r.output)
             assert str(out) in line and ("not writable" in line or "Read-only" in line), line
@@ -144,7 +146,7 @@ def test_read_only_out_is_one_line(tiny, tmp_path):
         subprocess.run(["umount", str(ro)], check=False)
 
 
-def test_a_full_disk_during_training_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+def test_a_full_disk_during_training_keeps_the_last_checkpoint(jpeg_folder_4x6, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = checkpoint._write
 
@@ -155,7 +157,7 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(tiny, tmp_path, m
         real(f, data)
     monkeypatch.setattr(checkpoint, "_write", filling)
     run = tmp_path / "run"
-    r = train(tiny, run)
+    r = train(jpeg_folder_4x6, run)
     assert r.exit_code == 1
     line = one_error_line(r.output)
     assert "latest.pt" in line and "No space left on device" in line and "intact" in line, line
@@ -163,24 +165,24 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(tiny, tmp_path, m
     assert not [p for p in os.listdir(run) if p.startswith(".tmp-")]  # no half-written file left behind
 
 
-def test_resume_with_another_setting_is_refused_listing_it(tiny, finished, tmp_path):
+def test_resume_with_another_setting_is_refused_listing_it(jpeg_folder_4x6, finished, tmp_path):
     run = copy_run(finished, tmp_path)
     before = snapshot(run)
-    r = train(tiny, run, "--resume", "auto", "--lr", "0.5", "--epochs", "3")
+    r = train(jpeg_folder_4x6, run, "--resume", "auto", "--lr", "0.5", "--epochs", "3")
     assert r.exit_code == 2
     line = one_error_line(r.output)
     assert "optim.lr: saved 0.1, now 0.5" in line and "epochs: saved 2, now 3" in line, line
     assert "--allow-changes" in line
-    r = train(tiny, run, "--resume", "auto", "--aug", "cutmix", "--allow-changes", "aug")
+    r = train(jpeg_folder_4x6, run, "--resume", "auto", "--aug", "cutmix", "--allow-changes", "aug")
     assert r.exit_code == 2
     assert "mix.policy cannot change in a run" in one_error_line(r.output)
     assert snapshot(run) == before
 
 
-def test_an_allowed_change_continues_and_is_recorded(tiny, finished, tmp_path):
+def test_an_allowed_change_continues_and_is_recorded(jpeg_folder_4x6, finished, tmp_path):
     run = copy_run(finished, tmp_path)
     config = (run / "config.json").read_bytes()
-    r = train(tiny, run, "--resume", "auto", "--epochs", "3", "--allow-changes", "epochs")
+    r = train(jpeg_folder_4x6, run, "--resume", "auto", "--epochs", "3", "--allow-changes", "epochs")
     assert r.exit_code == 0, r.output
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (run / "config.json").read_bytes() == config  # the run's original settings stay its record
@@ -188,10 +190,10 @@ def test_an_allowed_change_continues_and_is_recorded(tiny, finished, tmp_path):
     assert rows == [{"from_epoch": 3, "step": 0, "changes": {"epochs": [2, 3]}}]
 
 
-def test_a_resume_that_repeats_the_same_settings_is_not_a_change(tiny, tmp_path):
+def test_a_resume_that_repeats_the_same_settings_is_not_a_change(jpeg_folder_4x6, tmp_path):
     run = tmp_path / "run"
-    assert train(tiny, run, "--epochs", "1").exit_code == 0
-    r = train(tiny, run, "--resume", "auto", "--epochs", "1", "--workers", "0")  # workers: runtime, free
+    assert train(jpeg_folder_4x6, run, "--epochs", "1").exit_code == 0
+    r = train(jpeg_folder_4x6, run, "--resume", "auto", "--epochs", "1", "--workers", "0")  # workers: runtime, free
     assert r.exit_code == 0 and "complete" in r.output, r.output
     assert not (run / "changes.jsonl").exists()
 
@@ -204,31 +206,32 @@ def test_a_resume_that_repeats_the_same_settings_is_not_a_change(tiny, tmp_path)
     ("[optim]\nmomentun = 0.9\n", "unknown key 'momentun' in [optim] (did you mean 'momentum'?)"),
     ("[optimiser]\nlr = 0.1\n", "unknown table [optimiser]"),
 ])
-def test_bad_config_files_are_one_line(tiny, tmp_path, text, needle):
+def test_bad_config_files_are_one_line(jpeg_folder_4x6, tmp_path, text, needle):
     cfg = tmp_path / "run.toml"
     cfg.write_text(text)
-    r = CliRunner().invoke(cli, ["train", "--config", str(cfg), "--data-dir", str(tiny), "--out", str(tmp_path / "r")])
+    r = CliRunner().invoke(cli, ["train", "--config", str(cfg), "--data-dir", str(jpeg_folder_4x6),
+                                 "--out", str(tmp_path / "r")])
     assert r.exit_code == 2
     assert needle in one_error_line(r.output)
     assert not (tmp_path / "r").exists()
 
 
-def test_config_files_take_the_options_names(tiny, tmp_path):
+def test_config_files_take_the_options_names(jpeg_folder_4x6, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('lr = 0.05\naug-alpha = 0.3\nepochs = 1\nbatch-size = 8\nmodel = "resnet8"\n'
                    "crop-size = 16\nval-resize = 20\n")
     run = tmp_path / "r"
-    r = CliRunner().invoke(cli, ["train", "--config", str(cfg), "--data-dir", str(tiny), "--out", str(run)])
+    r = CliRunner().invoke(cli, ["train", "--config", str(cfg), "--data-dir", str(jpeg_folder_4x6), "--out", str(run)])
     assert r.exit_code == 0, r.output
     saved = json.loads((run / "config.json").read_text())
     assert saved["optim"]["lr"] == 0.05 and saved["mix"]["alpha"] == 0.3 and saved["batch_size"] == 8
 
 
-def test_a_one_class_dataset_is_refused(tiny, tmp_path):
+def test_a_one_class_dataset_is_refused(jpeg_folder_4x6, tmp_path):
     data = tmp_path / "one"
     for split in ("train", "val"):
-        first = sorted(os.listdir(tiny / split))[0]
-        shutil.copytree(tiny / split / first, data / split / first)
+        first = sorted(os.listdir(jpeg_folder_4x6 / split))[0]
+        shutil.copytree(jpeg_folder_4x6 / split / first, data / split / first)
     r = train(data, tmp_path / "run", "--batch-size", "2")
     assert r.exit_code == 2
     assert "has 1 class" in one_error_line(r.output)
@@ -244,9 +247,10 @@ def test_what_is_not_a_checkpoint_says_so(tmp_path):
         checkpoint.read(tmp_path)
 
 
-def test_ctrl_c_names_the_resume(tmp_path, tiny):
-    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(tiny),
-           "--out", str(tmp_path / "r"), *TINY, "--epochs", "200"]
+@pytest.mark.slow
+def test_ctrl_c_names_the_resume(tmp_path, jpeg_folder_4x6):
+    cmd = [sys.executable, "-c", "from rmix import cli; cli.main()", "train", "--data-dir", str(jpeg_folder_4x6),
+           "--out", str(tmp_path / "r"), *TWO_EPOCHS_DEFAULT_LOG, "--epochs", "200"]
     # Ctrl-C's disposition restored: a suite started in the background (`cmd &`) inherits SIGINT ignored,
     # and Python then installs no handler in the child, rightly (nohup'ed runs ignore Ctrl-C)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

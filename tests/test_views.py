@@ -102,19 +102,12 @@ def test_export_small_model_and_errors(tmp_path):
     assert not (tmp_path / "e.pth").exists() and not (tmp_path / "n.pth").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from rmix.pipelines.synth import synth_dataset
-    return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=2,
-                         width=24, height=24)
-
-
 @pytest.mark.parametrize("aug,loader", [("recursive_mix", "dali"), ("recursive_mix", "torch"), ("cutmix", "dali"),
                                         ("mixup", "dali"), ("none", "dali")])
-def test_show_writes_a_png_of_the_documented_size(tiny, tmp_path, aug, loader):
+def test_show_writes_a_png_of_the_documented_size(jpeg_folder_4x8_val2, tmp_path, aug, loader):
     out = tmp_path / f"{aug}.png"
-    r = run(["show", "--data-dir", str(tiny), "--aug", aug, "--loader", loader, "--batch", "4", "--steps", "3",
-             "--out", str(out)])
+    r = run(["show", "--data-dir", str(jpeg_folder_4x8_val2), "--aug", aug, "--loader", loader, "--batch", "4",
+             "--steps", "3", "--out", str(out)])
     assert r.exit_code == 0, r.output
     with Image.open(out) as im:
         im.load()
@@ -123,9 +116,10 @@ def test_show_writes_a_png_of_the_documented_size(tiny, tmp_path, aug, loader):
         assert im.size == grid_size(4) == (2 * 132 + 4, 2 * (128 + 39 + 4) + 4)
 
 
-def test_show_is_deterministic_and_draws_the_box(tiny, tmp_path):
+def test_show_is_deterministic_and_draws_the_box(jpeg_folder_4x8_val2, tmp_path):
     from rmix.show import BOX
-    args = ["show", "--data-dir", str(tiny), "--aug", "recursive_mix", "--batch", "4", "--steps", "3", "--seed", "1"]
+    args = ["show", "--data-dir", str(jpeg_folder_4x8_val2), "--aug", "recursive_mix", "--batch", "4", "--steps", "3",
+            "--seed", "1"]
     for name in ("a.png", "b.png"):
         assert run([*args, "--out", str(tmp_path / name)]).exit_code == 0
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
@@ -141,10 +135,10 @@ def test_draw_grid_with_boxes_under_a_pixel():
     assert grid.size == grid_size(2, tile=64, top=2) == (2 * 68 + 4, 64 + 26 + 8)
 
 
-def test_show_rejects_bad_options(tiny, tmp_path):
-    assert "--steps" in one_line_error(run(["show", "--data-dir", str(tiny), "--steps", "0",
+def test_show_rejects_bad_options(jpeg_folder_4x8_val2, tmp_path):
+    assert "--steps" in one_line_error(run(["show", "--data-dir", str(jpeg_folder_4x8_val2), "--steps", "0",
                                             "--out", str(tmp_path / "g.png")]))
-    assert "--alpha:" in one_line_error(run(["show", "--data-dir", str(tiny), "--alpha", "2",
+    assert "--alpha:" in one_line_error(run(["show", "--data-dir", str(jpeg_folder_4x8_val2), "--alpha", "2",
                                                 "--out", str(tmp_path / "g.png")]))
 
 
@@ -200,10 +194,10 @@ def test_progress_without_a_terminal_writes_plain_lines():
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_show_on_a_file_that_does_not_decode_is_one_line(tiny, tmp_path, loader):
+def test_show_on_a_file_that_does_not_decode_is_one_line(jpeg_folder_4x8_val2, tmp_path, loader):
     import shutil
     data = tmp_path / "data"
-    shutil.copytree(tiny, data)
+    shutil.copytree(jpeg_folder_4x8_val2, data)
     for p in sorted((data / "train").glob("*/*"))[:3]:
         p.write_bytes(b"GIF89a" + b"\0" * 64)  # not what its .jpg says
     line = one_line_error(run(["show", "--data-dir", str(data), "--loader", loader, "--batch", "32", "--steps", "1",
@@ -212,8 +206,8 @@ def test_show_on_a_file_that_does_not_decode_is_one_line(tiny, tmp_path, loader)
 
 
 @pytest.mark.parametrize("out", ["/proc/x.png", "/proc/self/nope/x.png"])
-def test_show_to_a_place_that_takes_no_file_names_its_out(tiny, tmp_path, out):
-    line = one_line_error(run(["show", "--data-dir", str(tiny), "--out", out]))
+def test_show_to_a_place_that_takes_no_file_names_its_out(jpeg_folder_4x8_val2, tmp_path, out):
+    line = one_line_error(run(["show", "--data-dir", str(jpeg_folder_4x8_val2), "--out", out]))
     assert line.startswith(f"Error: --out: cannot write {out}: ") and "Errno" not in line, line
 
 

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from rmix import config as C
 from rmix import engine
-from rmix.engine import build_optimizer, build_policies, train_one_epoch
+from rmix.engine import build_optimizer, make_normalize, make_policy, train_one_epoch
 from rmix.mixing import CutMix, Mixup, RecursiveMix
 from rmix.models import build
 from rmix.progress import Progress
+from rmix.state import RunState
 
 # distinct from each other and from the defaults (alpha 0.5, omega 0.5, nearest, ...)
 MIX = {"mix.alpha": 0.3, "mix.omega": 0.1, "mix.interpolate": "bilinear", "mix.per_sample": True,
@@ -24,20 +25,26 @@ def config(**changes):
     return C.replace(base, **changes)
 
 
-def test_build_policies_hands_every_mix_setting_to_the_policy():
+def test_make_policy_hands_every_mix_setting_to_the_policy():
     assert C.TrainConfig().mix.alpha == 0.5 and C.TrainConfig().mix.omega == 0.5  # the defaults the values avoid
-    policy, normalize = build_policies(config(**MIX), torch.device("cpu"), None)
+    policy = make_policy(config(**MIX), torch.device("cpu"), None)
     assert isinstance(policy, RecursiveMix)
     assert (policy.alpha, policy.omega, policy.interpolate, policy.per_sample) == (0.3, 0.1, "bilinear", True)
     assert (policy.smoothing, policy.smoothing_form) == (0.2, "uniform")
-    assert normalize.smoothing == 0.0  # evaluation's targets are never smoothed
+    # evaluation's targets are never smoothed: its loss is the plain cross-entropy, whatever mix.smoothing says
+    normalize = make_normalize(config(**MIX), torch.device("cpu"), None)
+    model = build("resnet8", 5).eval()
+    images, targets = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        plain = F.cross_entropy(model(normalize(images)), targets).item()
+    assert engine.evaluate(model, [(images, targets)], normalize, None)["loss"] == pytest.approx(plain, rel=1e-6)
     for name, cls in (("mixup", Mixup), ("cutmix", CutMix)):
-        p, _ = build_policies(config(**{**MIX, "mix.policy": name}), torch.device("cpu"), None)
+        p = make_policy(config(**{**MIX, "mix.policy": name}), torch.device("cpu"), None)
         assert isinstance(p, cls) and p.alpha == 0.3 and p.smoothing == 0.2
 
 
 def test_alpha_bounds_the_pasted_area_and_per_sample_draws_one_box_per_image():
-    policy, _ = build_policies(config(**MIX), torch.device("cpu"), None)
+    policy = make_policy(config(**MIX), torch.device("cpu"), None)
     boxes = torch.cat([policy.sample_boxes(8, 64, 64) for _ in range(200)])
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).double() / (64 * 64)
     assert area.max() <= 0.3 + 1e-9 and area.max() > 0.25  # sqrt(U(0, 0.3)) sides: up to 0.3, not 0.5 or 0.1
@@ -45,7 +52,7 @@ def test_alpha_bounds_the_pasted_area_and_per_sample_draws_one_box_per_image():
 
 
 def test_smoothing_and_its_form_reach_the_targets():
-    policy, _ = build_policies(config(**MIX), torch.device("cpu"), None)
+    policy = make_policy(config(**MIX), torch.device("cpu"), None)
     images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
     out = policy(images, torch.tensor([0, 1, 2, 3]))  # the first step: nothing pasted, targets only smoothed
     # uniform form: 1 - s + s / K on the class, s / K elsewhere (K = 5, s = 0.2)
@@ -61,7 +68,7 @@ def run_epochs(cfg, epochs=2, steps=4, n=6):
     model = build(cfg.model, cfg.num_classes)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    policy, _ = build_policies(cfg, torch.device("cpu"), None)
+    policy = make_policy(cfg, torch.device("cpu"), None)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g),
                 torch.randint(0, cfg.num_classes, (n,), generator=g)) for _ in range(steps)]
@@ -83,7 +90,7 @@ def run_epochs(cfg, epochs=2, steps=4, n=6):
         mp.setattr(type(policy), "__call__", call_spy)
         for epoch in range(1, epochs + 1):
             with Progress(steps, "test", enabled=False) as bar:
-                train_one_epoch(model, policy, batches, optimizer, scaler, cfg, epoch, None, bar)
+                train_one_epoch(model, policy, batches, optimizer, scaler, cfg, RunState(epoch=epoch), None, bar)
     return calls, outs, policy
 
 
@@ -135,7 +142,7 @@ def test_the_epochs_learning_rate_is_the_schedules():
 
 # --- what the mutation run found untested in the engine's step and epoch ---
 
-def epoch_of(cfg, batches, hits=None, **kw):
+def epoch_of(cfg, batches, hits=None, state=None, **kw):
     """train_one_epoch over `batches`: (its sums, each step's loss); `hits`, a list, gets each step's
     count of images whose largest logit is their largest target share, counted here."""
     torch.manual_seed(0)
@@ -143,7 +150,7 @@ def epoch_of(cfg, batches, hits=None, **kw):
     optimizer = build_optimizer(model, cfg.optim)
     dtype = {"auto": None, "none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.amp]  # auto: fp32 on a CPU
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
-    policy, _ = build_policies(cfg, torch.device("cpu"), dtype)
+    policy = make_policy(cfg, torch.device("cpu"), dtype)
     losses, real, hits = [], engine.mix_loss, [] if hits is None else hits
 
     def spy(*a, **kw):
@@ -155,7 +162,7 @@ def epoch_of(cfg, batches, hits=None, **kw):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "mix_loss", spy)
         with Progress(len(batches), "test", enabled=False) as bar:
-            sums = train_one_epoch(model, policy, batches, optimizer, scaler, cfg, 1, dtype, bar, **kw)
+            sums = train_one_epoch(model, policy, batches, optimizer, scaler, cfg, state or RunState(), dtype, bar, **kw)
     return sums, losses
 
 
@@ -181,7 +188,7 @@ def test_a_loader_shorter_than_its_length_ends_the_epoch_and_a_stepless_epoch_su
                      torch.randint(0, 5, (4,), generator=g)) for _ in range(2))
     sums, losses = epoch_of(cfg, batches)
     assert len(losses) == 2 and sums[2].item() == 8
-    sums, losses = epoch_of(cfg, list(batches), start_step=2)  # resumed at its end: no step left
+    sums, losses = epoch_of(cfg, list(batches), state=RunState(step=2))  # resumed at its end: no step left
     assert losses == [] and sums.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -196,9 +203,10 @@ def test_fp16_steps_that_do_not_overflow_are_not_counted_as_skipped():
 
 
 def test_policies_write_nchw_on_the_cpu_whatever_channels_last_says():
-    policy, normalize = build_policies(config(channels_last=True), torch.device("cpu"), None)
+    cfg = config(channels_last=True)
+    policy, normalize = make_policy(cfg, torch.device("cpu"), None), make_normalize(cfg, torch.device("cpu"), None)
     assert not policy.channels_last and not normalize.channels_last  # channels_last is for CUDA runs only
-    policy, _ = build_policies(config(channels_last=True), torch.device("cuda", 0), None)
+    policy = make_policy(config(channels_last=True), torch.device("cuda", 0), None)
     assert policy.channels_last
 
 
@@ -223,18 +231,18 @@ def test_the_default_rank_is_rank_zero_and_shared_boxes_share_one_stream():
     cfg = config(**MIX)
     draws = {}
     for rank in (None, 0, 1):
-        policy, _ = build_policies(cfg, torch.device("cpu"), None, **({} if rank is None else {"rank": rank}))
+        policy = make_policy(cfg, torch.device("cpu"), None, **({} if rank is None else {"rank": rank}))
         draws[rank] = policy.sample_boxes(4, 32, 32)
     assert torch.equal(draws[None], draws[0]) and not torch.equal(draws[0], draws[1])
     shared = C.replace(cfg, **{"mix.shared_boxes": True})
-    a, _ = build_policies(shared, torch.device("cpu"), None, rank=0)
-    b, _ = build_policies(shared, torch.device("cpu"), None, rank=3)
+    a = make_policy(shared, torch.device("cpu"), None, rank=0)
+    b = make_policy(shared, torch.device("cpu"), None, rank=3)
     assert torch.equal(a.sample_boxes(4, 32, 32), b.sample_boxes(4, 32, 32))
 
 
 def test_to_cpu_moves_tensors_and_keeps_every_other_value():
     # a policy's state dict: tensors (CUDA ones in a real run) beside plain values such as None
-    from rmix.engine import _to_cpu
+    from rmix.state import _to_cpu
     state = {"history": torch.ones(2, 3), "prev_logits": None, "count": 3}
     out = _to_cpu(state)
     assert out.keys() == state.keys() and out["prev_logits"] is None and out["count"] == 3
@@ -271,7 +279,7 @@ class list_like:
 @pytest.mark.parametrize("momentum,dampening,zeroed", [(0.9, 0.0, True), (0.9, 0.5, False), (0.0, 0.0, False)])
 def test_momentum_buffers_are_zeroed_only_where_the_first_step_would_equal_a_zero_buffer(momentum, dampening, zeroed):
     # with dampening the first step is buf = grad, not momentum * 0 + (1 - dampening) * grad; without momentum no buffer
-    from rmix.engine import init_momentum
+    from rmix.optim import init_momentum
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1, momentum=momentum, dampening=dampening)
     init_momentum(opt)
@@ -291,6 +299,6 @@ def test_the_stop_check_is_told_the_epochs_last_step_only_there():
 @pytest.mark.parametrize("amp,dtype", [(None, torch.float32), (torch.bfloat16, torch.bfloat16)])
 def test_the_policy_hands_the_model_images_in_the_autocast_dtype(amp, dtype):
     cfg = config()
-    policy, normalize = build_policies(cfg, torch.device("cpu"), amp)
+    policy, normalize = make_policy(cfg, torch.device("cpu"), amp), make_normalize(cfg, torch.device("cpu"), amp)
     images, targets = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 3])
-    assert policy(images, targets).images.dtype == dtype and normalize(images, targets).images.dtype == dtype
+    assert policy(images, targets).images.dtype == dtype and normalize(images).dtype == dtype

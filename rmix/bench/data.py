@@ -5,9 +5,9 @@
 
 Every loader yields uint8 (N, size, size, 3) batches of random-resized crops (area in
 [min_area, 1], aspect ratio in [3/4, 4/3], antialiased bilinear resize) flipped with p = 0.5:
-- dali: rmix's loader, `pipelines.build_loader("dali")`: ROI decode of the crop, resize, flip
+- dali: rmix's loader, `pipelines.loader` with `Backend("dali")`: ROI decode of the crop, resize, flip
   (with the CPU decoder the resize and flip are torch's, on `pipelines.host_resize`'s thread).
-- torch_pil: rmix's torchvision loader, `pipelines.build_loader("torch")`: PIL decode and resize.
+- torch_pil: rmix's torchvision loader, `Backend("torch")`: PIL decode and resize.
 - torch_v2: `torchvision.io.decode_image` (libjpeg-turbo's decode_jpeg for JPEGs) and
   `transforms.v2` on uint8 tensors, in a DataLoader with as many workers as the others' threads.
 - decode_only, the ceiling: DALI's own decoder (libjpeg-turbo on the CPU, nvJPEG with the GPU)
@@ -34,8 +34,11 @@ import numpy as np
 import torch
 
 from rmix.bench.timing import cpu_seconds, machine_info, median, synchronize, torch_threads
-from rmix.pipelines import FolderIndex, build_loader, scan_image_folder
+from rmix.pipelines import build
+from rmix.pipelines.build import Backend, Crop
+from rmix.pipelines.folders import FolderIndex, scan_image_folder
 from rmix.pipelines.paths import cache_dir
+from rmix.pipelines.split import Share
 
 LOADERS = ("torch_pil", "torch_v2", "decode_only", "dali")  # run order: forked workers before DALI threads
 SYNTH = dict(width=500, height=375, quality=96, classes=8)  # ImageNet-like: ~100 KB, 500x375
@@ -197,8 +200,9 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
         device = torch.device("cuda", torch.cuda.current_device())
     skipped = {}
     try:
-        from rmix.pipelines.dali import resolve_dali_device
-        decoder, device_id = resolve_dali_device(dali_device, device)
+        from rmix.pipelines.dali import decoder_device, resolve_dali_device
+        resolved, device_id = resolve_dali_device(dali_device, device)
+        decoder = decoder_device(resolved)  # DALI's name: "cpu" or "mixed"
     except ImportError as e:  # a machine without DALI still compares the torchvision loaders
         decoder, device_id = None, None
         skipped = {name: f"DALI is not installed ({e})" for name in ("dali", "decode_only") if name in loaders}
@@ -232,8 +236,8 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
         sizes = [os.path.getsize(os.path.join(index.root, f)) for f in index.files]
         result.update(images=n_batches * batch, files=len(index.files), batches=n_batches,
                       mean_file_kb=round(sum(sizes) / len(sizes) / 1e3, 1))
-        common = dict(train=True, batch_size=batch, crop_size=size, min_area=min_area, val_resize=size,
-                      seed=seed, num_threads=threads, device=device)
+        share = Share(index.num_samples, train=True, batch_size=batch, seed=seed)
+        crop = Crop(size, min_area, val_resize=size)
         for name in LOADERS:
             if name not in loaders:
                 continue
@@ -249,8 +253,8 @@ def bench_data(data_dir=None, *, batch=None, threads=None, size=224, reps=3, ima
                     loader = TorchV2Loader(index, batch_size=batch, size=size, min_area=min_area,
                                            num_threads=threads, device=device, seed=seed)
                 else:
-                    loader = build_loader("dali" if name == "dali" else "torch", index.root,
-                                          dali_device=dali_device, **common)
+                    backend = Backend("dali" if name == "dali" else "torch", threads, dali_device, device=device)
+                    loader = build.loader(index, share, backend, crop)
                 rates, cpu_ms = _passes(partial(_epoch, loader), reps, device)
                 del loader  # stops DataLoader workers / DALI threads before the next loader runs
             result["passes"][name] = [round(r, 1) for r in rates]
@@ -369,7 +373,6 @@ def bench_shards(data_dir, *, batch=None, threads=None, size=224, reps=3, images
     this measures the readers' own cost: the page cache hides what shards save on network storage.
     """
     from rmix.engine import resolve_device
-    from rmix.pipelines import build_shard_loader
     from rmix.pipelines.wds import ShardWriter, member_key, scan_shards, shard_name
     device = resolve_device(device)
     batch = batch or (256 if device.type == "cuda" else 64)
@@ -406,14 +409,15 @@ def bench_shards(data_dir, *, batch=None, threads=None, size=224, reps=3, images
         n_batches = len(pick) // batch
         result.update(images=n_batches * batch, files=len(pick), batches=n_batches,
                       mean_file_kb=round(sum(sizes) / len(sizes) / 1e3, 1))
-        common = dict(train=True, batch_size=batch, crop_size=size, min_area=min_area, val_resize=size,
-                      seed=seed, num_threads=threads, device=device, dali_device=dali_device)
+        crop = Crop(size, min_area, val_resize=size)
         for name in SHARD_LOADERS:
             kind, form = name.split("_")
             if log is not None:
                 log(f"{name}: {reps} passes of {n_batches} batches after a warm-up pass")
-            loader = (build_shard_loader(kind, tmp / "shards", "train", **common) if form == "wds" else
-                      build_loader(kind, tmp / "files" / "train", **common))
+            source = (scan_shards(tmp / "shards", "train", labels=False) if form == "wds" else
+                      scan_image_folder(tmp / "files" / "train"))
+            share = Share(source.num_samples, train=True, batch_size=batch, seed=seed)
+            loader = build.loader(source, share, Backend(kind, threads, dali_device, device=device), crop)
             rates, cpu_ms = _passes(partial(_epoch, loader), reps, device)
             del loader
             result["passes"][name] = [round(r, 1) for r in rates]

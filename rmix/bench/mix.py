@@ -68,8 +68,8 @@ def _timer(device):
     """fn -> milliseconds of one call; CUDA events on a GPU, perf_counter on the CPU.
 
     On a GPU the events bracket BACK_TO_BACK calls queued one after another, as in training (the
-    host runs ahead): the fused op is one kernel of ~30 us at 256 x 224 px, less than the host takes
-    to launch it and its small setup ops, so a single call would measure the launches, not the kernel.
+    host runs ahead): the fused op is one short kernel, shorter than the host takes to launch it and
+    its small setup ops, so a single call would measure the launches, not the kernel.
     """
     if device.type == "cuda":
         def run(fn):

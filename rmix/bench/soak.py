@@ -33,9 +33,19 @@ import torch
 from rmix import config as C
 from rmix.bench.timing import machine_info, torch_threads
 from rmix.data import make_loaders, resolve_data
-from rmix.engine import amp_dtype, build_optimizer, build_policies, evaluate, resolve_device, set_lr, train_one_epoch
+from rmix.engine import (
+    amp_dtype,
+    build_optimizer,
+    evaluate,
+    make_normalize,
+    make_policy,
+    resolve_device,
+    set_lr,
+    train_one_epoch,
+)
 from rmix.models import build
 from rmix.progress import Progress
+from rmix.state import RunState
 
 LIMIT_PCT = 5.0  # issue #8: less than 5% growth after warm-up
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIDE = 4, 16, 4, 24  # the tiny data set
@@ -117,7 +127,7 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
     optimizer = build_optimizer(net, cfg.optim)
     amp = amp_dtype(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
-    policy, normalize = build_policies(cfg, dev, amp)
+    policy, normalize = make_policy(cfg, dev, amp), make_normalize(cfg, dev, amp)
 
     start_rss, source = rss_bytes()
     samples, done, val = [], 0, None
@@ -126,7 +136,7 @@ def soak(steps=3000, *, loader="dali", model="resnet8", batch=8, size=16, warmup
         set_lr(optimizer, cfg, epoch)
         train_loader.set_epoch(epoch - 1)
         with Progress(per_epoch, f"epoch {epoch}", enabled=False) as bar:
-            sums = train_one_epoch(net, policy, train_loader, optimizer, scaler, cfg, epoch, amp, bar)
+            sums = train_one_epoch(net, policy, train_loader, optimizer, scaler, cfg, RunState(epoch=epoch), amp, bar)
         done += int(sums[2].item()) // batch
         val = evaluate(net, val_loader, normalize, amp)
         samples.append(rss_bytes()[0])

@@ -26,8 +26,8 @@ from rmix.data import CIFAR_DIRS, make_loader, resolve_data
 from rmix.engine import (
     amp_dtype,
     build_optimizer,
-    build_policies,
     compile_model,
+    make_policy,
     resolve_device,
     set_determinism,
     train_step,
@@ -69,7 +69,7 @@ class Runner:
         self.amp = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
         self.channels_last = cfg.channels_last and device.type == "cuda"
-        policy, _ = build_policies(C.replace(cfg, num_classes=num_classes), device, self.amp, name=aug)
+        policy = make_policy(C.replace(cfg, num_classes=num_classes), device, self.amp, name=aug)
         self.step_timer, self.mix_timer = StepTimer(device), StepTimer(device)
         self.policy = TimedPolicy(policy, self.mix_timer)
         self.omega = cfg.mix.omega

@@ -10,6 +10,7 @@ from rmix.models.pyramidnet import PyramidNet
 from rmix.models.roi import count_parameters
 from rmix.models.timm_backbone import TimmBackbone
 from rmix.models.torchvision_resnet import ARCHS, TorchvisionResNet
+from rmix.pipelines.errors import one_line
 
 _CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 _PYRAMIDNETS = {  # name: (depth, alpha, bottleneck)
@@ -79,7 +80,7 @@ def check_input_size(name: str, num_classes: int, image_size: int, *, share_fc: 
         try:
             model(torch.empty(2, 3, image_size, image_size))
         except (RuntimeError, ValueError, AssertionError) as e:
-            why = " ".join(str(e).split())[:200]
+            why = one_line(e, 200, typed=False, ellipsis=False)
             raise ValueError(f"--crop-size: {image_size} px is too small for model {name!r} ({why}); "
                              "give a larger --crop-size or another --model") from None
 

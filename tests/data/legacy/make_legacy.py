@@ -1,6 +1,9 @@
 """Runs written by main at e8bca81 (before #38): an epoch-end and a mid-epoch checkpoint, both with EMA."""
-import json, pathlib, shutil, sys
+import pathlib
+import sys
+
 from click.testing import CliRunner
+
 from rmix import checkpoint
 from rmix.cli import cli
 from rmix.pipelines.synth import synth_dataset
