@@ -109,15 +109,15 @@ def sharded(root: Path, dataset: str) -> bool:
 
 def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, world_size=1):
     """This process's loader of one split; the batch size is the global one split over ranks."""
-    d = cfg.data
+    data = cfg.data
     if cfg.batch_size % world_size:
         raise ValueError(f"--batch-size: {cfg.batch_size} does not split evenly over {world_size} processes")
-    backend = Backend(d.loader, d.workers, d.dali_device, d.torch_decode, device)
-    split, per_class, shards = ("train" if train else "val"), (d.train_per_class if train else 0), False
+    backend = Backend(data.loader, data.workers, data.dali_device, data.torch_decode, device)
+    split, per_class, shards = ("train" if train else "val"), (data.train_per_class if train else 0), False
     if dataset in ARRAY_SETS:
         source, crop = read_arrays(root, dataset, train=train), None
     else:
-        crop = Crop(d.crop_size, d.min_area, d.val_resize, d.aug_plus and train)
+        crop = Crop(data.crop_size, data.min_area, data.val_resize, data.aug_plus and train)
         shards = sharded(root, dataset)
         if shards and per_class:
             raise ValueError("--train-per-class: not for WebDataset shards (their samples are mixed); "
@@ -127,7 +127,7 @@ def make_loader(cfg, root: Path, dataset: str, device, *, train: bool, rank=0, w
     if per_class:
         source = source.subset(first_per_class(source.labels, per_class, source.classes))
     share = Share(source.num_samples, train=train, batch_size=cfg.batch_size // world_size, seed=cfg.seed,
-                  rank=rank, world_size=world_size, drop_last=d.drop_last)
+                  rank=rank, world_size=world_size, drop_last=data.drop_last)
     loader = build.loader(source, share, backend, crop)
     if shards and rank == 0 and not (root / INDEX).is_file():  # nothing to verify against: a short set shows here
         print(f"{root}: no {INDEX}; {split}: {loader.num_samples} samples in "

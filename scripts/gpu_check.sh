@@ -43,7 +43,8 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : > "$LOG"
 BUDGET_S=${BUDGET_S:-510}
-DEADLINE=$(( $(date +%s) + BUDGET_S ))
+START=$(date +%s)
+DEADLINE=$(( START + BUDGET_S ))
 export RMIX_CACHE=${RMIX_CACHE:-/tmp/rmix-cache}
 IMAGES=${IMAGES:-1024}
 WORKERS=${WORKERS:-12}
@@ -76,8 +77,11 @@ after() {  # after NAME: the seconds the steps after NAME are owed (their shares
     done
     echo "$sum"
 }
+now() {  # the clock; a dry run's stands still, so its limits are the plan's, whatever the machine's load
+    if [ "$DRY" = 1 ]; then echo "$START"; else date +%s; fi
+}
 limit() {  # limit NAME: its share plus what the steps before it left, never the later steps' shares
-    local left=$(( DEADLINE - $(date +%s) - $(after "$1") ))
+    local left=$(( DEADLINE - $(now) - $(after "$1") ))
     echo $(( left > 0 ? left : 0 ))
 }
 
