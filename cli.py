@@ -128,6 +128,10 @@ TRAIN_OPTIONS = [
     ("--seed", "seed", int, ""),
     ("--out", "out", str, "run directory [default: runs/<model>-<aug>-<time>]"),
     ("--resume", "resume", str, "checkpoint to resume, or 'auto' (the run directory's latest.pt)"),
+    ("--init-from", "init_from", str,
+     "start from these weights: an rmix checkpoint, the paper's, or a torchvision or timm state dict (.pth, .pt, "
+     ".safetensors); a classifier of another class count starts fresh, with the RoI head "
+     "[default: none, the model's own init]"),
     ("--save-every-steps", "save_every_steps", int,
      "also checkpoint every N steps inside an epoch; resume continues at that step exactly [default: 0 = epoch ends]"),
     ("--log-every", "log_every", int, "steps between progress lines"),

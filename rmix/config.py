@@ -102,6 +102,8 @@ class TrainConfig:
     deterministic: bool = False  # cuda: deterministic kernels (bit-identical reruns, slower); else cudnn.benchmark
     out: str = ""                # run directory; "" = runs/<model>-<aug>-<time>
     resume: str = ""             # checkpoint path, or "auto" for the run directory's latest
+    init_from: str = ""          # weights a new run starts from (rmix.init_from); "" = the model's own init
+    init_from_sha256: str = ""   # set by train: the sha256 of the init_from file it read
     log_every: int = 20          # steps between progress updates (and step rows of TensorBoard and W&B)
     log: tuple = ()              # run logs beside metrics.jsonl (and TensorBoard when installed): ("wandb",)
     eval_every: int = 1          # evaluate every N epochs, and always after the last; best.pt follows them

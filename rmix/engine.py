@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rmix import checkpoint, dist, resume, rundir
+from rmix import checkpoint, dist, init_from, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from rmix.data import ARRAY_SETS, DATASET_KINDS, check_classes, make_loader, make_loaders, resolve_data, sharded
@@ -320,6 +320,11 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
         cfg, ckpt, path, changes = resume.resolve(cfg, run_dir, given=given, allow=allow_changes)
         if ckpt is not None and ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
             return _complete(cfg, ckpt, Path(path).parent, run_dir, world)
+        # a new run's --init-from: read now, so a file that holds no weights stops it before anything runs;
+        # config.json records the file's digest. A resumed run's weights are its checkpoint's.
+        source = init_from.read(cfg.init_from) if ckpt is None and cfg.init_from else None
+        if ckpt is None:
+            cfg = replace(cfg, init_from_sha256=source.sha256 if source else "")
 
         # the data
         root, dataset = resolve_data(cfg.data.data_dir, cfg.data.dataset)
@@ -336,6 +341,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
 
         # model, optimizer, loss scale, policies, EMA; the state a checkpoint restores; then DDP and compile
         raw_model = build_model(cfg, device)  # saved, exported and evaluated: plain keys, eager
+        loaded = init_from.load(raw_model, source, cfg.model) if source else None  # before the EMA copies it
         optimizer = build_optimizer(raw_model, cfg.optim)
         amp = amp_dtype(cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -356,7 +362,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
         logs = cleanup.enter_context(RunLogs(run_dir, to_dict(cfg), state.epoch, backends=cfg.log, show=show,
                                              enabled=world.is_main))
         if show:  # everything checked: say what was read and where the run goes, before its first step
-            _say_start(cfg, run_dir, device, why, detected, ckpt, path, state)
+            _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded)
 
         # the epochs
         guard = StepGuard(cfg.max_skipped_steps)  # bad steps, on the device, across epoch boundaries
@@ -484,12 +490,15 @@ def _array_settings(cfg, root, dataset):
                          f"{'them' if len(unused) > 1 else 'it'}")
 
 
-def _say_start(cfg, run_dir, device, why, detected, ckpt, path, state):
-    """The lines said before the first step: what was read, where the run goes, what it resumes."""
+def _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded):
+    """The lines said before the first step: what was read, where the run goes, what it resumes or
+    starts from (`loaded`: rmix.init_from.load's line)."""
     if detected:
         Progress.line(f"--data-dir {cfg.data.data_dir}: read as {DATASET_KINDS.get(cfg.data.dataset, cfg.data.dataset)}, "
                       "from its files (--dataset names it otherwise)")
     Progress.line(f"run directory: {run_dir}")
+    if loaded:
+        Progress.line(loaded)
     if ckpt is not None:
         resume.say_what_it_lacks(run_dir, path, ckpt)
         edited = resume.config_json_differs(run_dir, to_dict(cfg), path)  # changes.jsonl has this one

@@ -17,15 +17,6 @@ from rmix.config import EXPORT_FORMATS
 from rmix.models.loading import _is_roi, _strip
 
 
-def _classifier_prefix(model) -> str:
-    """The dotted module name of the model's classifier (`fc`, or timm's `body.head.fc`, ...)."""
-    head = model.classifier()
-    for name, module in model.named_modules():
-        if module is head:
-            return name
-    raise ValueError("the model's classifier is not one of its modules")  # not reached for rmix models
-
-
 def _meta_model(name, num_classes, share_fc, image_size=None):
     """Build `name` on the meta device: the key names and shapes without allocating the weights."""
     from rmix.models import build
@@ -35,7 +26,7 @@ def _meta_model(name, num_classes, share_fc, image_size=None):
 
 def _num_classes(name, state, share_fc, image_size=None):
     """num_classes read from the checkpoint's classifier weight (rows of `<classifier>.weight`)."""
-    key = _classifier_prefix(_meta_model(name, 1, share_fc, image_size)) + ".weight"
+    key = _meta_model(name, 1, share_fc, image_size).head_names()[0] + ".weight"  # the classifier's
     if key not in state:
         raise ValueError(f"checkpoint has no classifier weight {key!r} for model {name!r}")
     return int(state[key].shape[0])
@@ -79,11 +70,11 @@ def export_state(path, *, model=None, drop_classifier=False, ema=False) -> tuple
     with warnings.catch_warnings():  # copying into meta tensors is a no-op: we only want the checks
         warnings.simplefilter("ignore")
         load_state_dict_flexible(meta, state)  # one-line ValueError naming the first bad key
-    head = _classifier_prefix(meta) + "."
+    head = meta.head_names()[0] + "."  # the classifier (`fc`, timm's `body.head.fc`, ...)
     roi = [k for k in state if _is_roi(k)]
     fc = [k for k in state if k.startswith(head)]
     drop = set(roi) | (set(fc) if drop_classifier else set())
-    strip = "body." if name.startswith("timm/") else ""  # timm models: timm's own key names
+    strip = meta.library_prefix  # timm models: timm's own key names
     out = {k[len(strip):] if strip and k.startswith(strip) else k: v.detach().to("cpu").contiguous().clone()
            for k, v in state.items() if k not in drop}
     info = {"model": name, "num_classes": int(state[head + "weight"].shape[0]), "tensors": len(out),

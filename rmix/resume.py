@@ -18,8 +18,9 @@ from rmix.progress import Progress
 # May differ on resume: where things are and how fast they run, not what is trained.
 RUNTIME = ("out", "resume", "device", "compile", "deterministic", "log_every", "log", "dist_timeout", "data.workers", "data.preflight",
            "data.data_dir", "data.dali_device", "data.torch_decode", "max_skipped_steps")
-# Never, even when allowed: the optimizer's state or the weights would no longer fit.
-NEVER = ("model", "num_classes", "mix.policy", "mix.share_fc", "optim.optimizer", "data.dataset")
+# Never, even when allowed: the optimizer's state or the weights would no longer fit, or come from elsewhere.
+NEVER = ("model", "num_classes", "mix.policy", "mix.share_fc", "optim.optimizer", "data.dataset", "init_from",
+         "init_from_sha256")
 
 
 get = C.get
@@ -96,7 +97,8 @@ def resolve(cfg, run_dir, *, given=None, allow=()):
     None, its path, the changes `allow` let in).
 
     A resume goes on with the checkpoint's config merged with the options given now (`merge`);
-    `--resume auto` with no latest.pt starts afresh where that loses nothing (`_fresh_start`)."""
+    `--resume auto` with no latest.pt starts afresh where that loses nothing (`_fresh_start`), from
+    --init-from's weights where given; a checkpoint's run takes no --init-from but its own (`_own_weights`)."""
     if not cfg.resume:
         return cfg, None, None, {}
     path = run_dir / "latest.pt" if cfg.resume == "auto" else Path(cfg.resume)
@@ -111,9 +113,22 @@ def resolve(cfg, run_dir, *, given=None, allow=()):
         raise checkpoint.CheckpointError(f"{e}; `--resume {best}` continues from best.pt's epoch") from None
     if ckpt["foreign"]:
         raise checkpoint.CheckpointError(f"{path}: not an rmix training checkpoint (cannot resume from it)")
-    cfg, changes = merge(cfg, C.from_dict(ckpt["config"]), path, given=given, allow=allow)
+    saved = C.from_dict(ckpt["config"])
+    _own_weights(cfg, saved, path, given)
+    cfg, changes = merge(cfg, saved, path, given=given, allow=allow)
     metrics_rows(run_dir / "metrics.jsonl")  # a bad row is refused before anything is written
     return cfg, ckpt, path, changes
+
+
+def _own_weights(cfg, saved, path, given):
+    """--init-from on a resume: the checkpoint holds the run's weights, and the run goes on from them.
+
+    The run's own --init-from given again (the same command relaunched with `--resume auto`) changes
+    nothing and loads nothing; any other is refused."""
+    if cfg.init_from and cfg.init_from != saved.init_from and (given is None or "init_from" in given):
+        was = f"started from --init-from {saved.init_from}" if saved.init_from else "started from random weights"
+        raise ValueError(f"--init-from: a --resume goes on from the run's own weights in {path} ({was}), not "
+                         f"{cfg.init_from}'s; drop --init-from to resume, or start a new run from it in a new --out")
 
 
 def _fresh_start(cfg, run_dir, given, allow):

@@ -102,6 +102,13 @@ def jpeg_folder_4x6(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def jpeg_folder_10x2(tmp_path_factory):
+    """10 classes x 2 train / 1 val JPEGs of 24 px: another class count than jpeg_folder_4x6's (--init-from)."""
+    return synth_dataset(tmp_path_factory.mktemp("d") / "ten", classes=10, train_per_class=2, val_per_class=1,
+                         width=24, height=24)
+
+
+@pytest.fixture(scope="module")
 def jpeg_folder_4x8(tmp_path_factory):
     """4 classes x 8 train / 3 val JPEGs of 24 px: 32 train images, 12 val images (two ranks' DDP runs)."""
     return synth_dataset(tmp_path_factory.mktemp("data") / "tiny", classes=4, train_per_class=8, val_per_class=3,

@@ -12,6 +12,10 @@ class RoIClassifier(nn.Module):
     `self._init_roi_head(share_fc)` once the classifier exists.
     """
 
+    # The model's keys are its library's own (torchvision's, timm's) with this in front: what a state dict
+    # saved by that library needs to load here (`rmix export` strips it).
+    library_prefix = ""
+
     def _init_roi_head(self, share_fc: bool) -> None:
         self.share_fc = bool(share_fc)
         if not self.share_fc:
@@ -26,6 +30,13 @@ class RoIClassifier(nn.Module):
     def roi_classifier(self) -> nn.Module:
         """The classifier applied to RoI features: `fc_roi`, or `fc` when `share_fc`."""
         return self.classifier() if self.share_fc else self.fc_roi
+
+    def head_names(self) -> tuple[str, ...]:
+        """Dotted module names of the classifier, then `fc_roi` where it has its own: the modules whose
+        shapes follow the class count (a checkpoint of another class count cannot fill them)."""
+        heads = (self.classifier(),) if self.share_fc else (self.classifier(), self.fc_roi)
+        names = {id(module): name for name, module in self.named_modules()}
+        return tuple(names[id(head)] for head in heads)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -33,6 +33,8 @@ def _timm():
 class TimmBackbone(RoIClassifier):
     """A timm model under `body` (so `rmix export` strips `body.` to give timm's own key names)."""
 
+    library_prefix = "body."
+
     def __init__(self, name: str, num_classes: int, share_fc: bool = False, image_size: int | None = None, **kw):
         super().__init__()
         timm = _timm()
