@@ -38,6 +38,16 @@ PRESETS = {
                      "optim.lr": 0.1, "optim.schedule": "cos", "optim.nesterov": True, "optim.momentum": 0.9,
                      "optim.weight_decay": 5e-4, "mix.policy": "recursive_mix", "mix.alpha": 0.5,
                      "mix.omega": 0.1}),
+    # Fine-tuning on Fashion-MNIST (docs/RESULTS.md, settings fixed by issue 39 before any run): the
+    # cpu-fashion data and model, 30 epochs at lr 0.05, from `--init-from` weights or from scratch alike.
+    # scripts/finetune_cpu.py pretrains ResNet-14 on the embedded set and runs both arms.
+    "cpu-fashion-finetune": ("fine-tuning on Fashion-MNIST on a CPU: 300 images a class, ResNet-14, 30 epochs at lr "
+                             "0.05; give --init-from (docs/TRAINING.md)",
+                             {"model": "resnet14", "epochs": 30, "batch_size": 64, "data.dataset": "fashion-mnist",
+                              "data.train_per_class": 300, "data.workers": 1, "data.drop_last": False,
+                              "eval_every": 5, "optim.lr": 0.05, "optim.schedule": "cos", "optim.nesterov": True,
+                              "optim.momentum": 0.9, "optim.weight_decay": 5e-4, "mix.policy": "recursive_mix",
+                              "mix.alpha": 0.5, "mix.omega": 0.1}),
     "cifar10-pyramidnet200-rm": ("the paper's CIFAR-10 command (97.65% top-1, mean of 3 runs)",
                                  {**_CIFAR, "data.dataset": "cifar10"}),
     "cifar100-pyramidnet200-rm": ("the CIFAR-10 recipe on CIFAR-100",

@@ -14,6 +14,10 @@ EXPECTED = {
     # issue 17's settings, fixed before any run
     "cpu-fashion": dict(model="resnet14", epochs=100, batch_size=64, dataset="fashion-mnist", lr=0.1, schedule="cos",
                         warmup=0, wd=5e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
+    # issue 39's settings, fixed before any run: one recipe for the pretrained and the from-scratch arm
+    "cpu-fashion-finetune": dict(model="resnet14", epochs=30, batch_size=64, dataset="fashion-mnist", lr=0.05,
+                                 schedule="cos", warmup=0, wd=5e-4, nesterov=True, policy="recursive_mix",
+                                 alpha=0.5, omega=0.1),
     "cifar10-pyramidnet200-rm": dict(model="pyramidnet_200_240", epochs=300, batch_size=64, dataset="cifar10",
                                      lr=0.25, schedule="step", milestones=(150, 225), gamma=0.1, warmup=5,
                                      wd=1e-4, nesterov=True, policy="recursive_mix", alpha=0.5, omega=0.1),
@@ -39,7 +43,7 @@ def test_preset_values(name):
                nesterov=cfg.optim.nesterov, policy=cfg.mix.policy, alpha=cfg.mix.alpha, omega=cfg.mix.omega)
     want = EXPECTED[name]
     assert {k: got[k] for k in want} == want
-    if name == "cpu-fashion":
+    if name in ("cpu-fashion", "cpu-fashion-finetune"):
         assert (cfg.data.train_per_class, cfg.eval_every, cfg.data.data_dir) == (300, 5, "")
     if name.startswith("imagenet"):
         assert cfg.data.aug_plus and cfg.data.crop_size == 224 and cfg.data.val_resize == 256
