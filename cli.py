@@ -82,7 +82,12 @@ TRAIN_OPTIONS = [
     ("--dataset", "data.dataset", click.Choice(C.DATASETS), "[default: auto, detected from --data-dir]"),
     ("--model", "model", str, "model name, see `rmix models`"),
     ("--epochs", "epochs", int, "number of epochs"),
-    ("--batch-size", "batch_size", int, "global batch size, split over processes"),
+    ("--batch-size", "batch_size", int, "global batch size of an optimizer step, split over processes"),
+    ("--accum-steps", "accum_steps", str,
+     "accumulate gradients: each process's batch is cut into K micro-batches, one forward and backward each, "
+     "then one optimizer step; auto = as many as make --micro-batch images a process [default: 1]"),
+    ("--micro-batch", "micro_batch", int, "read by --accum-steps auto only: the images a process takes per forward "
+                                          "[default: 0, or a preset's]"),
     ("--lr", "optim.lr", float, "peak learning rate"),
     ("--optimizer", "optim.optimizer", click.Choice(C.OPTIMIZERS), ""),
     ("--momentum", "optim.momentum", float, "SGD momentum"),
@@ -132,6 +137,11 @@ TRAIN_OPTIONS = [
      "start from these weights: an rmix checkpoint, the paper's, or a torchvision or timm state dict (.pth, .pt, "
      ".safetensors); a classifier of another class count starts fresh, with the RoI head "
      "[default: none, the model's own init]"),
+    ("--pretrained/--no-pretrained", "pretrained", None,
+     "start from torchvision's or timm's pretrained weights for --model, through the library's own cache and "
+     "download; the classifier and RoI head start fresh where the class count differs [default: off]"),
+    ("--pretrained-file", "pretrained_file", str,
+     "with --pretrained: read the library's weights from this local file (offline), not its cache or download"),
     ("--save-every-steps", "save_every_steps", int,
      "also checkpoint every N steps inside an epoch; resume continues at that step exactly [default: 0 = epoch ends]"),
     ("--log-every", "log_every", int, "steps between progress lines"),
@@ -184,6 +194,11 @@ def option_changes(opts: dict) -> dict:
                 v = tuple(int(m) for m in v.split(",") if m.strip())
             except ValueError:
                 raise ValueError(f"--milestones: expected comma-separated epochs like 150,225, got {v!r}") from None
+        if key == "accum_steps":
+            try:
+                v = 0 if v.strip() == "auto" else int(v)
+            except ValueError:
+                raise ValueError(f"--accum-steps: expected a number of micro-batches or auto, got {v!r}") from None
         if key == "log":
             v = tuple(name.strip() for name in v.split(",") if name.strip())
         changes[key] = v

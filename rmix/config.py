@@ -93,7 +93,11 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: str = "resnet14"      # any name of `rmix models`
     epochs: int = 30
-    batch_size: int = 64         # global: split evenly over the processes
+    batch_size: int = 64         # global, per optimizer step: split evenly over the processes, then the micro-batches
+    accum_steps: int = 1         # micro-batches per optimizer step, each batch_size / processes / accum_steps images;
+                                 # 0 = auto: as many as keep micro_batch images a process (`accumulation`)
+    micro_batch: int = 0         # read by accum_steps 0 only: the per-process batch the recipe ran with (the
+                                 # paper's ImageNet: 64); a preset's, so --accum-steps K overrides it
     seed: int = 0
     device: str = "auto"         # "auto" (cuda when present) | "cpu" | "cuda"
     amp: str = "auto"            # "auto" (bf16 where native, fp16 on older GPUs, none on cpu) | "none" | "bf16" | "fp16"
@@ -103,7 +107,9 @@ class TrainConfig:
     out: str = ""                # run directory; "" = runs/<model>-<aug>-<time>
     resume: str = ""             # checkpoint path, or "auto" for the run directory's latest
     init_from: str = ""          # weights a new run starts from (rmix.init_from); "" = the model's own init
-    init_from_sha256: str = ""   # set by train: the sha256 of the init_from file it read
+    init_from_sha256: str = ""   # set by train: the sha256 of the init_from (or pretrained) file it read
+    pretrained: bool = False     # start from the model library's pretrained weights (torchvision's, timm's)
+    pretrained_file: str = ""    # pretrained: read from this file, not the library's cache or download
     log_every: int = 20          # steps between progress updates (and step rows of TensorBoard and W&B)
     log: tuple = ()              # run logs beside metrics.jsonl (and TensorBoard when installed): ("wandb",)
     eval_every: int = 1          # evaluate every N epochs, and always after the last; best.pt follows them
@@ -241,6 +247,24 @@ def late_milestones(cfg: TrainConfig) -> list:
     return [m for m in cfg.optim.milestones if m >= cfg.epochs] if cfg.optim.schedule == "step" else []
 
 
+def accumulation(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on `world_size` processes: `accum_steps`, or with 0 (auto) as many
+    as make `micro_batch` images a process. ValueError (one line) where the batch does not split evenly."""
+    per = cfg.batch_size // world_size
+    k = cfg.accum_steps or max(1, per // cfg.micro_batch)
+    if not cfg.accum_steps and per > cfg.micro_batch and per % cfg.micro_batch:
+        raise ValueError(f"--accum-steps auto: --batch-size {cfg.batch_size} over {processes(world_size)} is "
+                         f"{per} a process, not a whole number of --micro-batch {cfg.micro_batch}; give --accum-steps K")
+    if per % k:
+        raise ValueError(f"--accum-steps {k}: --batch-size {cfg.batch_size} over {processes(world_size)} is {per} "
+                         f"a process, which does not split into {k} equal micro-batches")
+    return k
+
+
+def processes(n: int) -> str:
+    return f"{n} process" + "es" * (n != 1)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ValueError naming the option and the value for anything out of range."""
     def need(ok, option, value, why):
@@ -257,6 +281,15 @@ def validate(cfg: TrainConfig) -> None:
          f"expected {' or '.join(INTERPOLATIONS)}")
     need(cfg.epochs > 0, "--epochs", cfg.epochs, "must be positive")
     need(cfg.batch_size > 0, "--batch-size", cfg.batch_size, "must be positive")
+    need(cfg.accum_steps >= 0, "--accum-steps", cfg.accum_steps, "must be >= 1, or auto (0)")
+    need(cfg.accum_steps <= cfg.batch_size, "--accum-steps", cfg.accum_steps,
+         f"must be at most --batch-size ({cfg.batch_size}): a micro-batch holds at least one image")
+    need(cfg.micro_batch >= 0, "--micro-batch", cfg.micro_batch, "must be >= 0")
+    need(cfg.accum_steps or cfg.micro_batch, "--accum-steps", "auto",
+         "needs --micro-batch N, the images a process takes per forward")
+    need(not (cfg.pretrained and cfg.init_from), "--pretrained", cfg.pretrained,
+         f"and --init-from {cfg.init_from} both say where the weights start: give one")
+    need(cfg.pretrained or not cfg.pretrained_file, "--pretrained-file", cfg.pretrained_file, "needs --pretrained")
     # a 31-bit --seed: every stream is derived from it, per rank and epoch (rmix.pipelines.seeds)
     need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31, "--seed", cfg.seed, "must be in [0, 2**31)")
     for option, value in (("--lr", cfg.optim.lr), ("--weight-decay", cfg.optim.weight_decay),

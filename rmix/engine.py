@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rmix import checkpoint, dist, init_from, resume, rundir
+from rmix import checkpoint, dist, init_from, pretrained, resume, rundir
 from rmix import config as C
 from rmix.config import TrainConfig, replace, to_dict, validate
 from rmix.data import ARRAY_SETS, DATASET_KINDS, check_classes, make_loader, make_loaders, resolve_data, sharded
@@ -156,26 +156,50 @@ def mix_settings(cfg, name):
     return dict(alpha=cfg.mix.alpha, smoothing=cfg.mix.smoothing, smoothing_form=cfg.mix.smoothing_form, **own)
 
 
-def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm):
-    """One optimizer step on a batch: mix, forward under autocast, loss, backward, step, remember.
+def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *, rm, accum=1):
+    """One optimizer step on a batch: for each of its `accum` micro-batches mix, forward under autocast,
+    loss, backward, remember; then the step.
 
-    Returns (loss, logits, out, bad): the loss (not detached), the logits, the policy's MixOut,
-    and a one-element device tensor, nonzero when the update was skipped (a non-finite loss or
-    gradient; with fp16, GradScaler's overflow). No value is read back to the host: the skip
-    happens in the fused optimizer's kernel, and rmix.guard.StepGuard reports it later.
+    The micro-batches are the batch cut in `accum` equal parts (an epoch's last partial batch: parts
+    differing by one image at most). Each one's loss is scaled by its share of the batch (1/accum
+    when equal), so the summed gradient is the whole batch's mean; under DDP only the last backward
+    all-reduces (`no_sync` before it). RecursiveMix's history is the previous micro-batch: the
+    paper's per-iteration history, an iteration being one forward.
+    Returns (loss, logits, soft_targets, bad) over the whole batch: the loss (the last micro-batch's
+    graph; the value is the batch's mean), the logits and mixed targets of every image, and a
+    one-element device tensor, nonzero when the update was skipped (a non-finite loss or gradient;
+    with fp16, GradScaler's overflow). No value is read back to the host: the skip happens in the
+    fused optimizer's kernel, and rmix.guard.StepGuard reports it later.
     `rm`: the policy is RecursiveMix (the model also returns roi_logits).
     """
-    torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: a new step, new graph outputs
-    out = policy(images, targets)
-    h, w = out.images.shape[-2:]
-    with torch.autocast(out.images.device.type, dtype=amp, enabled=amp is not None):
-        if rm:
-            logits, roi_logits = model(out.images, roi_boxes(out, h, w))
-        else:
-            logits, roi_logits = model(out.images), None
-        loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
-                        out.lam, omega, check_values=False)
-    scaler.scale(loss).backward()  # under DDP the gradients are now the same on every rank
+    n = images.shape[0]
+    parts = [(x, y) for x, y in zip(images.tensor_split(accum), targets.tensor_split(accum)) if len(y)]
+    losses, all_logits, all_targets = [], [], []
+    for i, (x, y) in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last else _no_sync(model):  # DDP: all-reduce once, at the last backward
+            torch.compiler.cudagraph_mark_step_begin()  # --compile reduce-overhead: a new forward, new graph outputs
+            out = policy(x, y)
+            h, w = out.images.shape[-2:]
+            with torch.autocast(out.images.device.type, dtype=amp, enabled=amp is not None):
+                if rm:
+                    logits, roi_logits = model(out.images, roi_boxes(out, h, w))
+                else:
+                    logits, roi_logits = model(out.images), None
+                loss = mix_loss(logits, roi_logits, out.soft_targets, getattr(policy, "prev_logits", None),
+                                out.lam, omega, check_values=False)
+            if len(parts) > 1:
+                loss = loss * (len(y) / n)  # its share of the batch's mean
+            scaler.scale(loss).backward()  # under DDP, after the last: the same gradients on every rank
+        policy.remember(out.images, out.soft_targets, logits)  # the next micro-batch's history
+        losses.append(loss)
+        all_logits.append(logits)
+        all_targets.append(out.soft_targets)
+    if len(parts) > 1:
+        loss = losses[-1] + sum(part.detach() for part in losses[:-1])
+        logits, soft_targets = torch.cat(all_logits), torch.cat(all_targets)
+    else:
+        soft_targets = out.soft_targets
     if scaler.is_enabled():  # fp16: GradScaler finds overflows and skips on the device (fused optimizer)
         scale = scaler._get_scale_async().clone()
         scaler.step(optimizer)
@@ -185,12 +209,17 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
         bad = nonfinite(loss, optimizer)
         step_skipping(optimizer, bad)
     optimizer.zero_grad(set_to_none=True)
-    policy.remember(out.images, out.soft_targets, logits)
-    return loss, logits, out, bad
+    return loss, logits, soft_targets, bad
+
+
+def _no_sync(model):
+    """DDP's no_sync (through torch.compile's wrapper too); nothing to hold back without DDP."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if no_sync is not None else contextlib.nullcontext()
 
 
 def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, state, amp, progress, *, guard=None, stop=None,
-                    ema=None, checkpoints=None):
+                    ema=None, checkpoints=None, accum=1):
     """One pass over `loader` in epoch `state.epoch` (rmix.state.RunState), from step `state.step` on;
     advances `state` (steps, sums, images) and returns this rank's summed (loss, correct, images) as a tensor.
 
@@ -202,7 +231,8 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, state, amp, p
     when true (preemption, rmix.preempt).
     `guard` (rmix.guard.StepGuard, carried across epochs by train()) holds the bad steps on the
     device; it is read at the sync points below and raises TrainingError there. `ema`
-    (rmix.ema.ModelEma) is updated after each optimizer step.
+    (rmix.ema.ModelEma) is updated after each optimizer step. `accum`: micro-batches per step
+    (`train_step`); a step is one loader batch, so steps, checkpoints and `--max-steps` count optimizer steps.
 
     Sync points (where the host waits for the device), and nowhere else in the loop:
     - the progress line, every `cfg.log_every` steps and at the last: the loss, and the guard;
@@ -227,13 +257,13 @@ def train_one_epoch(model, policy, loader, optimizer, scaler, cfg, state, amp, p
             which = ", ".join(e.bad_files) if e.bad_files else f"one of {len(e.files)} files"
             raise TrainingError(f"cannot decode {which} at epoch {state.epoch}, step {step + 1} ({e.reason}); "
                                 f"the batch's files: {', '.join(e.files)}; run `rmix data check`") from None
-        loss, logits, out, bad = train_step(model, policy, images, targets, optimizer, scaler, amp,
-                                            cfg.mix.omega, rm=rm)
+        loss, logits, soft_targets, bad = train_step(model, policy, images, targets, optimizer, scaler, amp,
+                                                     cfg.mix.omega, rm=rm, accum=accum)
         guard.update(step, bad, loss, fp16)
         if ema is not None:
             ema.update()  # device ops only (rmix.ema)
         n = images.shape[0]
-        correct = (logits.argmax(-1) == out.soft_targets.argmax(-1)).sum()
+        correct = (logits.argmax(-1) == soft_targets.argmax(-1)).sum()
         stats = torch.stack([loss.detach().double() * n, correct.double()])
         # summed on the device: no CPU-GPU sync per step for the statistics
         state.sums = stats if state.sums is None else state.sums.to(stats.device) + stats
@@ -301,6 +331,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
     check_input_size(cfg.model, 2, cfg.data.crop_size, share_fc=cfg.mix.share_fc)  # before --out is created
     device = resolve_device(cfg.device)
     world = dist.setup(device.type, cfg.dist_timeout)
+    accum = C.accumulation(cfg, world.world_size)  # micro-batches per optimizer step
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     set_determinism(cfg.deterministic, device)
@@ -320,9 +351,10 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
         cfg, ckpt, path, changes = resume.resolve(cfg, run_dir, given=given, allow=allow_changes)
         if ckpt is not None and ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
             return _complete(cfg, ckpt, Path(path).parent, run_dir, world)
-        # a new run's --init-from: read now, so a file that holds no weights stops it before anything runs;
+        # a new run's --init-from or --pretrained: read now, so a file that holds no weights stops it before anything runs;
         # config.json records the file's digest. A resumed run's weights are its checkpoint's.
-        source = init_from.read(cfg.init_from) if ckpt is None and cfg.init_from else None
+        source = None if ckpt is not None else init_from.read(cfg.init_from) if cfg.init_from else \
+            pretrained.read(cfg.model, cfg.pretrained_file, cfg.data.crop_size) if cfg.pretrained else None
         if ckpt is None:
             cfg = replace(cfg, init_from_sha256=source.sha256 if source else "")
 
@@ -341,7 +373,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
 
         # model, optimizer, loss scale, policies, EMA; the state a checkpoint restores; then DDP and compile
         raw_model = build_model(cfg, device)  # saved, exported and evaluated: plain keys, eager
-        loaded = init_from.load(raw_model, source, cfg.model) if source else None  # before the EMA copies it
+        loaded = init_from.load(raw_model, source, cfg.model, data["classes"]) if source else None  # before the EMA
         optimizer = build_optimizer(raw_model, cfg.optim)
         amp = amp_dtype(cfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -362,7 +394,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
         logs = cleanup.enter_context(RunLogs(run_dir, to_dict(cfg), state.epoch, backends=cfg.log, show=show,
                                              enabled=world.is_main))
         if show:  # everything checked: say what was read and where the run goes, before its first step
-            _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded)
+            _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded, world.world_size, accum)
 
         # the epochs
         guard = StepGuard(cfg.max_skipped_steps)  # bad steps, on the device, across epoch boundaries
@@ -376,7 +408,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
             with Progress(max(steps - state.step, 0), f"epoch {epoch}/{cfg.epochs}", enabled=show,
                           every=cfg.log_every, on_log=logs.step_logger(epoch, steps, state.step)) as bar:
                 sums = train_one_epoch(model, policy, train_loader, optimizer, scaler, cfg, state, amp, bar,
-                                       guard=guard, stop=preempt.stop, ema=ema, checkpoints=checkpoints)
+                                       guard=guard, stop=preempt.stop, ema=ema, checkpoints=checkpoints, accum=accum)
             if preempt.signal and preempt.at < steps:  # stopped inside the epoch: save at that step
                 checkpoints.save_mid_epoch(state)
                 preempted = {"signal": preempt.signal, "epoch": epoch, "step": preempt.at}
@@ -490,9 +522,9 @@ def _array_settings(cfg, root, dataset):
                          f"{'them' if len(unused) > 1 else 'it'}")
 
 
-def _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded):
+def _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded, processes, accum):
     """The lines said before the first step: what was read, where the run goes, what it resumes or
-    starts from (`loaded`: rmix.init_from.load's line)."""
+    starts from (`loaded`: rmix.init_from.load's line), how a step's batch is accumulated."""
     if detected:
         Progress.line(f"--data-dir {cfg.data.data_dir}: read as {DATASET_KINDS.get(cfg.data.dataset, cfg.data.dataset)}, "
                       "from its files (--dataset names it otherwise)")
@@ -504,6 +536,12 @@ def _say_start(cfg, run_dir, device, why, detected, ckpt, path, state, loaded):
         edited = resume.config_json_differs(run_dir, to_dict(cfg), path)  # changes.jsonl has this one
         if edited:  # settings edited (or damaged) by hand since: the checkpoint's are the run's
             Progress.line(edited)
+    if accum > 1 or not cfg.accum_steps:
+        per = cfg.batch_size // processes
+        how = (f"--accum-steps auto (a micro-batch of {cfg.micro_batch} a process)" if not cfg.accum_steps
+               else f"--accum-steps {accum}")
+        Progress.line(f"{how}: each optimizer step's batch of {cfg.batch_size} is {C.processes(processes)} x "
+                      f"{accum} micro-batch{'es' * (accum > 1)} of {per // accum}")
     if cfg.amp == "auto" and device.type == "cuda":
         Progress.line("--amp auto: {} ({})".format(*auto_amp(device)))
     if why:

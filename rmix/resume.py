@@ -20,7 +20,7 @@ RUNTIME = ("out", "resume", "device", "compile", "deterministic", "log_every", "
            "data.data_dir", "data.dali_device", "data.torch_decode", "max_skipped_steps")
 # Never, even when allowed: the optimizer's state or the weights would no longer fit, or come from elsewhere.
 NEVER = ("model", "num_classes", "mix.policy", "mix.share_fc", "optim.optimizer", "data.dataset", "init_from",
-         "init_from_sha256")
+         "init_from_sha256", "pretrained", "pretrained_file")
 
 
 get = C.get

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rmix import checkpoint, dist
-from rmix.config import TrainConfig, to_dict
+from rmix.config import TrainConfig, accumulation, to_dict
 from rmix.data import check_classes
 from rmix.ema import ModelEma
 from rmix.optim import load_optimizer_state
@@ -143,6 +143,7 @@ class Checkpoints:
     def _restore_mid_epoch(self, ckpt, path, state):
         """This rank's share of the epoch a mid-epoch checkpoint cut (its history restored into the policy)."""
         parts, world, batch = ckpt["partial_ranks"], self.world, self.cfg.batch_size // self.world.world_size
+        micro = batch // accumulation(self.cfg, world.world_size)  # what the next forward takes
         if len(parts) != world.world_size:  # another split of the data: no exact continuation exists
             raise ValueError(f"--resume: {path} was saved at step {ckpt['step']} of epoch {ckpt['epoch'] + 1} "
                              f"by {len(parts)} processes, this run has {world.world_size}; resume with as many")
@@ -150,11 +151,12 @@ class Checkpoints:
         state.step, state.sums, state.seen, state.seconds = part["step"], part["sums"], part["seen"], part["seconds"]
         self.policy.load_state_dict(part["policy"], self.device)
         history = part["policy"].get("history")
-        if history is not None and history.shape[0] < batch:
+        if history is not None and history.shape[0] < micro:
             self.policy.reset()  # a bigger batch than the history holds: the next step starts one, as an epoch does
             if world.is_main:
                 Progress.line(f"--batch-size {self.cfg.batch_size}: the saved history holds {history.shape[0]} images "
-                              "a process; the next step pastes nothing, as an epoch's first does")
+                              f"a process, a forward now takes {micro}; the next step pastes nothing, as an "
+                              "epoch's first does")
 
     def _payload(self, epoch, state, ranks, step=0, best_of=None):
         """A training checkpoint: `epoch` complete epochs and `step` steps of the next; per-rank state.

@@ -187,7 +187,8 @@ def test_a_mid_epoch_resume_with_another_batch_size_continues_at_the_same_image(
     else:
         assert r.exit_code == 0, r.output
         assert sum(sizes) == images_after and set(sizes) <= {batch}, sizes  # 16: its one batch was the first 16
-        assert ("the saved history holds 8 images a process; the next step pastes nothing" in r.output) == (batch > 8)
+        assert (f"the saved history holds 8 images a process, a forward now takes {batch}; the next step pastes "
+                "nothing" in r.output) == (batch > 8)
 
 
 @pytest.mark.parametrize("extra,option", [

@@ -89,7 +89,7 @@ class Pretrained:
     why: str = ""            # why `fresh` is fresh, for a message ("10 classes in the source, 4 in the model")
 
 
-def load_pretrained(model: nn.Module, state: Mapping) -> Pretrained:
+def load_pretrained(model: nn.Module, state: Mapping, other_classes: str = "") -> Pretrained:
     """Load pretrained weights into `model` (an rmix RoIClassifier) to fine-tune it.
 
     `state` is what load_state_dict_flexible takes, or a state dict in the model's library's own key
@@ -98,6 +98,8 @@ def load_pretrained(model: nn.Module, state: Mapping) -> Pretrained:
     another shape (another class count) or none in the state, and then the RoI head too (it maps the
     same features to the same classes); a RoI head the state lacks. Every other tensor must match:
     load_state_dict_flexible's one-line ValueError names the first that does not, and nothing loads.
+    `other_classes`: the caller knows the state's classes are not the model's, and says how; the head
+    then starts fresh whatever its shape.
     """
     target = _unwrap_model(model)
     state = _plain_state(state)
@@ -111,12 +113,12 @@ def load_pretrained(model: nn.Module, state: Mapping) -> Pretrained:
         return [k for k in keys if k.startswith(name + ".")]
     mine, theirs = keys_of(classifier, own), keys_of(classifier, state)
     differ = [k for k in mine if k in state and getattr(state[k], "shape", None) != own[k].shape]
-    why = ""
-    if differ:
+    why = other_classes
+    if not why and differ:
         weight, rows = state.get(f"{classifier}.weight"), own[f"{classifier}.weight"].shape[0]
         why = (f"{weight.shape[0]} classes in the source, {rows} in the model"
                if isinstance(weight, torch.Tensor) and weight.dim() == 2 else f"{differ[0]!r} has another shape")
-    elif not theirs:
+    elif not why and not theirs:
         why = "no classifier in the source"
     fresh = set(mine) if why else set()
     dropped = set(theirs) if why else set()
