@@ -10,6 +10,7 @@ The hooks are read from the environment here, never by the library:
   RMIX_TEST_SKEW_CLOCK    give each rank its own default run directory, as clocks that disagree would
   RMIX_TEST_NO_COMPILE    record the mode each rank would torch.compile with (RESULTS/compile{r}.json)
                           and run eager: what the engine asks for, without minutes of inductor
+  RMIX_TEST_COUNT_REDUCE  count DDP's gradient all-reduces, one per bucket (RESULTS/reduce{r}.json)
 """
 import json
 import os
@@ -68,6 +69,21 @@ if os.environ.get("RMIX_TEST_NO_COMPILE"):
         (Path(RESULTS) / f"compile{RANK}.json").write_text(json.dumps({"mode": mode}))
         return model
     engine.compile_model = compile_model
+
+if os.environ.get("RMIX_TEST_COUNT_REDUCE"):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    _wrap_ddp, _reduces = engine.wrap_ddp, [0]
+
+    def counting(state, bucket):
+        _reduces[0] += 1
+        (Path(RESULTS) / f"reduce{RANK}.json").write_text(json.dumps({"buckets": _reduces[0]}))
+        return allreduce_hook(state, bucket)
+
+    def wrap_ddp(*args, **kwargs):
+        model = _wrap_ddp(*args, **kwargs)
+        model.register_comm_hook(None, counting)
+        return model
+    engine.wrap_ddp = wrap_ddp
 
 if __name__ == "__main__":
     cli.main()

@@ -261,3 +261,20 @@ def test_rmix_train_on_shards_under_torchrun(jpeg_folder_4x8, tmp_path):
         rows = [json.loads(r) for r in (tmp_path / f"run-{loader}/metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2]
         assert checkpoint.read(tmp_path / f"run-{loader}/best.pt")["config"]["data"]["dataset"] == "wds"
+
+
+@pytest.mark.slow
+def test_accumulation_all_reduces_once_an_optimizer_step(jpeg_folder_4x8, tmp_path):
+    # batch 8 over 2 ranks on 32 images: 4 steps an epoch; with --accum-steps 2, two forwards and backwards
+    # a step, and DDP's all-reduce only in the last (no_sync before it): as many bucket all-reduces as without
+    counts = {}
+    for k in (1, 2):
+        results = tmp_path / f"results{k}"
+        results.mkdir()
+        rc, out = launch([ROOT / "tests/ddp_cli.py", "train", "--data-dir", jpeg_folder_4x8, *TWO_EPOCHS_TORCH,
+                          "--accum-steps", str(k), "--out", f"run{k}"], cwd=tmp_path,
+                         env={"RMIX_TEST_COUNT_REDUCE": "1", "RMIX_TEST_RESULTS": str(results)})
+        assert rc == 0, out
+        counts[k] = [json.loads((results / f"reduce{r}.json").read_text())["buckets"] for r in (0, 1)]
+    assert counts[1][0] >= 8 and counts[1][0] % 8 == 0  # 8 steps, each its buckets
+    assert counts[2] == counts[1] == [counts[1][0]] * 2

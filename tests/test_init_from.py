@@ -183,3 +183,29 @@ def test_a_file_that_is_not_weights_is_one_line_and_writes_nothing(jpeg_folder_4
     assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("Error: --init-from")
     assert f"{path}" in r.output and why in r.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", ["the same", "others"])
+def test_a_head_of_the_same_count_loads_only_for_the_same_classes(jpeg_folder_4x6, tmp_path, monkeypatch, names):
+    # 4 classes into 4: the classifier's shape fits either way; it means the same only where the names match
+    data = tmp_path / "data"
+    shutil.copytree(jpeg_folder_4x6, data)
+    if names == "others":
+        for split in ("train", "val"):
+            for i, folder in enumerate(sorted((data / split).iterdir())):
+                folder.rename(data / split / f"garment{i}")
+    r = train(data, tmp_path / "source")
+    assert r.exit_code == 0, r.output
+    source = checkpoint.read(tmp_path / "source" / "latest.pt")["model"]
+    scratch, fresh = first_weights(monkeypatch, jpeg_folder_4x6, tmp_path / "scratch")
+    r, got = first_weights(monkeypatch, jpeg_folder_4x6, tmp_path / "ft", "--init-from",
+                           str(tmp_path / "source" / "latest.pt"))
+    assert r.exit_code == 0, r.output
+    for k in got:
+        want = fresh[k] if names == "others" and k in HEAD else source[k]
+        torch.testing.assert_close(got[k], want, rtol=0, atol=0, msg=k)
+    first = sorted(p.name for p in (jpeg_folder_4x6 / "train").iterdir())[0]
+    why = (f"4 started fresh (the source's classes are not the run's: class 0 is 'garment0' there, {first!r} here: "
+           f"{', '.join(HEAD)})")
+    assert (why in r.output) == (names == "others") and ("none started fresh" in r.output) == (names != "others")
