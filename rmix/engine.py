@@ -193,7 +193,8 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
             scaler.scale(loss).backward()  # under DDP, after the last: the same gradients on every rank
         policy.remember(out.images, out.soft_targets, logits)  # the next micro-batch's history
         losses.append(loss)
-        all_logits.append(logits)
+        # copied where there are more: the next forward's CUDA-graph replay (--compile reduce-overhead) reuses its outputs
+        all_logits.append(logits.detach().clone() if len(parts) > 1 else logits)
         all_targets.append(out.soft_targets)
     if len(parts) > 1:
         loss = losses[-1] + sum(part.detach() for part in losses[:-1])

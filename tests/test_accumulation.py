@@ -219,3 +219,19 @@ def test_a_bad_accum_steps_is_one_line_and_nothing_is_written(jpeg_folder_4x6, t
     r = cli_train(jpeg_folder_4x6, tmp_path / "run", "--accum-steps", value)
     assert r.exit_code == 2 and r.output.strip() == f"Error: {message}", r.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_accum_steps_auto_keeps_the_micro_batch_and_says_how(jpeg_folder_4x6, tmp_path, monkeypatch):
+    steps, real = [], engine.train_step
+
+    def counted(model, policy, images, *a, **kw):
+        steps.append((images.shape[0], kw["accum"]))
+        return real(model, policy, images, *a, **kw)
+    monkeypatch.setattr(engine, "train_step", counted)
+    r = cli_train(jpeg_folder_4x6, tmp_path / "run", "--epochs", "1", "--accum-steps", "auto", "--micro-batch", "2")
+    assert r.exit_code == 0, r.output
+    assert ("--accum-steps auto (a micro-batch of 2 a process): each optimizer step's batch of 8 is 1 process x 4 "
+            "micro-batches of 2") in r.output.splitlines(), r.output
+    assert steps == [(8, 4)] * 3
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["accum_steps"] == 0  # auto, resolved per world
