@@ -26,6 +26,8 @@ def read(path, aliases: dict) -> dict:
     changes = {}
     for key, value in flat.items():
         field = field_name(key, aliases)
+        if field == "accum_steps" and value == "auto":  # as --accum-steps auto; config.json keeps its 0
+            value = 0
         try:
             changes[field] = C.check_value(field, value, types)
         except ValueError as e:

@@ -235,3 +235,29 @@ def test_accum_steps_auto_keeps_the_micro_batch_and_says_how(jpeg_folder_4x6, tm
             "micro-batches of 2") in r.output.splitlines(), r.output
     assert steps == [(8, 4)] * 3
     assert json.loads((tmp_path / "run" / "config.json").read_text())["accum_steps"] == 0  # auto, resolved per world
+
+
+def test_a_config_file_takes_accum_steps_auto_as_the_option_does(tmp_path):
+    from rmix.cli import option_changes, option_fields
+    from rmix.config_file import read
+    (tmp_path / "c.toml").write_text('accum_steps = "auto"\nmicro-batch = 16\n')
+    assert read(tmp_path / "c.toml", option_fields()) == {"accum_steps": 0, "micro_batch": 16}
+    assert option_changes({"accum_steps": "auto"}) == {"accum_steps": 0}
+    assert option_changes({"accum_steps": "4"}) == {"accum_steps": 4}
+
+
+@pytest.mark.slow
+def test_a_resume_changes_accum_steps_only_when_allowed_and_says_what_the_history_becomes(jpeg_folder_4x6, tmp_path,
+                                                                                          monkeypatch):
+    out = tmp_path / "cut"
+    real = cut_after_save(monkeypatch, 1, 2)
+    assert isinstance(cli_train(jpeg_folder_4x6, out, "--accum-steps", "2", "--save-every-steps", "1").exception, Cut)
+    monkeypatch.setattr(checkpoint, "save", real)
+    r = cli_train(jpeg_folder_4x6, out, "--accum-steps", "1", "--save-every-steps", "1", "--resume", "auto")
+    assert r.exit_code == 2 and "accum_steps: saved 2, now 1" in r.output, r.output
+    r = cli_train(jpeg_folder_4x6, out, "--accum-steps", "1", "--save-every-steps", "1", "--resume", "auto",
+                  "--allow-changes", "accum_steps")
+    assert r.exit_code == 0, r.output
+    # the history is a micro-batch of 4, a forward now takes the whole 8: the next step starts a history afresh
+    assert ("--batch-size 8: the saved history holds 4 images a process, a forward now takes 8; the next step pastes "
+            "nothing, as an epoch's first does") in r.output, r.output
