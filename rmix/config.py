@@ -287,8 +287,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.micro_batch >= 0, "--micro-batch", cfg.micro_batch, "must be >= 0")
     need(cfg.accum_steps or cfg.micro_batch, "--accum-steps", "auto",
          "needs --micro-batch N, the images a process takes per forward")
-    need(not (cfg.pretrained and cfg.init_from), "--pretrained", cfg.pretrained,
-         f"and --init-from {cfg.init_from} both say where the weights start: give one")
+    need(not (cfg.pretrained and cfg.init_from), "--init-from", cfg.init_from,
+         "a run starts from --init-from or from --pretrained, not both")
     need(cfg.pretrained or not cfg.pretrained_file, "--pretrained-file", cfg.pretrained_file, "needs --pretrained")
     # a 31-bit --seed: every stream is derived from it, per rank and epoch (rmix.pipelines.seeds)
     need(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31, "--seed", cfg.seed, "must be in [0, 2**31)")

@@ -73,11 +73,15 @@ def set_determinism(deterministic: bool, device) -> None:
 DDP_COMPILE = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def compile_mode_for(mode: str, world) -> tuple[str, str | None]:
-    """(the mode to compile with, a line saying why it changed or None)."""
-    if not world.enabled or mode not in DDP_COMPILE:
+def compile_mode_for(mode: str, world, accum: int = 1) -> tuple[str, str | None]:
+    """(the mode to compile with, a line saying why it changed or None): no CUDA graphs under torchrun or
+    with micro-batches."""
+    if mode not in DDP_COMPILE or not (world.enabled or accum > 1):
         return mode, None
     to = DDP_COMPILE[mode]
+    if accum > 1:  # each replay's gradient outputs become param.grad and the next replay overwrites them
+        return to, (f"--compile {mode}: its CUDA graphs keep only the last micro-batch's gradients of an "
+                    f"--accum-steps {accum} step (pytorch#169545, #96693); compiling with {to!r} instead")
     return to, (f"--compile {mode}: its CUDA graphs under torchrun hit open torch problems (pytorch#139207, "
                 f"#113809); compiling with {to!r} instead")
 
@@ -173,6 +177,8 @@ def train_step(model, policy, images, targets, optimizer, scaler, amp, omega, *,
     `rm`: the policy is RecursiveMix (the model also returns roi_logits).
     """
     n = images.shape[0]
+    if n == 0:
+        raise ValueError("train_step: an empty batch (each rank's share of an epoch is whole batches)")
     parts = [(x, y) for x, y in zip(images.tensor_split(accum), targets.tensor_split(accum)) if len(y)]
     losses, all_logits, all_targets = [], [], []
     for i, (x, y) in enumerate(parts):
@@ -332,7 +338,6 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
     check_input_size(cfg.model, 2, cfg.data.crop_size, share_fc=cfg.mix.share_fc)  # before --out is created
     device = resolve_device(cfg.device)
     world = dist.setup(device.type, cfg.dist_timeout)
-    accum = C.accumulation(cfg, world.world_size)  # micro-batches per optimizer step
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     set_determinism(cfg.deterministic, device)
@@ -350,6 +355,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
 
         # start or resume: the checkpoint to go on from, and the run's config (the saved one, on resume)
         cfg, ckpt, path, changes = resume.resolve(cfg, run_dir, given=given, allow=allow_changes)
+        accum = C.accumulation(cfg, world.world_size)  # micro-batches per optimizer step: the run's own setting
         if ckpt is not None and ckpt["epoch"] >= cfg.epochs and not ckpt.get("step"):
             return _complete(cfg, ckpt, Path(path).parent, run_dir, world)
         # a new run's --init-from or --pretrained: read now, so a file that holds no weights stops it before anything runs;
@@ -382,7 +388,7 @@ def train(cfg: TrainConfig, *, given=None, allow_changes=()) -> dict:
         ema = ModelEma(raw_model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
         checkpoints = Checkpoints(cfg, world, run_dir, raw_model, optimizer, scaler, policy, ema, data, device)
         state = checkpoints.restore(ckpt, path) if ckpt is not None else RunState()
-        mode, why = compile_mode_for(cfg.compile, world)
+        mode, why = compile_mode_for(cfg.compile, world, accum)
         model = compile_model(wrap_ddp(raw_model, device, world, sync_bn=cfg.sync_bn), mode)
 
         # the run's files: config.json (a resume keeps the original), changes.jsonl, the logs; the main rank's

@@ -153,8 +153,10 @@ class Checkpoints:
         history = part["policy"].get("history")
         if history is not None and history.shape[0] < micro:
             self.policy.reset()  # a bigger batch than the history holds: the next step starts one, as an epoch does
-            if world.is_main:
-                Progress.line(f"--batch-size {self.cfg.batch_size}: the saved history holds {history.shape[0]} images "
+            if world.is_main:  # named by what changed: the micro-batches, or the batch
+                how = f"--accum-steps {self.cfg.accum_steps or 'auto'}" if ckpt["config"].get("accum_steps", 1) != \
+                    self.cfg.accum_steps else f"--batch-size {self.cfg.batch_size}"
+                Progress.line(f"{how}: the saved history holds {history.shape[0]} images "
                               f"a process, a forward now takes {micro}; the next step pastes nothing, as an "
                               "epoch's first does")
 

@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
 from helpers import Cut, assert_same_run, cli_train, cut_after_save, rows
 from rmix import checkpoint, engine
 from rmix import config as C
+from rmix.cli import cli
 from rmix.engine import build_optimizer, make_policy, train_step
 from rmix.models.roi import RoIClassifier
 from rmix.schedule import lr_at
@@ -259,5 +261,27 @@ def test_a_resume_changes_accum_steps_only_when_allowed_and_says_what_the_histor
                   "--allow-changes", "accum_steps")
     assert r.exit_code == 0, r.output
     # the history is a micro-batch of 4, a forward now takes the whole 8: the next step starts a history afresh
-    assert ("--batch-size 8: the saved history holds 4 images a process, a forward now takes 8; the next step pastes "
-            "nothing, as an epoch's first does") in r.output, r.output
+    assert ("--accum-steps 1: the saved history holds 4 images a process, a forward now takes 8; the next step "
+            "pastes nothing, as an epoch's first does") in r.output, r.output
+
+
+@pytest.mark.slow
+def test_a_resume_without_accum_steps_goes_on_with_the_runs_own(jpeg_folder_4x6, tmp_path, monkeypatch):
+    # the relaunch names only --resume: the run's saved --accum-steps 2 holds, not the default 1
+    whole = tmp_path / "whole"
+    assert cli_train(jpeg_folder_4x6, whole, "--accum-steps", "2").exit_code == 0
+    out = tmp_path / "cut"
+    real = cut_after_save(monkeypatch, 1, 2)
+    assert isinstance(cli_train(jpeg_folder_4x6, out, "--accum-steps", "2", "--save-every-steps", "1").exception, Cut)
+    monkeypatch.setattr(checkpoint, "save", real)
+    steps, step = [], engine.train_step
+
+    def counted(model, policy, images, *a, **kw):
+        steps.append(kw["accum"])
+        return step(model, policy, images, *a, **kw)
+    monkeypatch.setattr(engine, "train_step", counted)
+    r = CliRunner().invoke(cli, ["train", "--out", str(out), "--resume", "auto"])
+    assert r.exit_code == 0, r.output
+    assert "--accum-steps 2: each optimizer step's batch of 8 is 1 process x 2 micro-batches of 4" in r.output
+    assert steps and set(steps) == {2}
+    assert_same_run(out, whole)

@@ -82,6 +82,12 @@ def test_cuda_graph_compile_modes_are_mapped_under_torchrun_only(mode, want):
     if why:
         assert why.startswith(f"--compile {mode}:") and repr(want) in why and "pytorch#139207" in why
     assert compile_mode_for(mode, Dist()) == (mode, None)  # one process: as asked
+    # micro-batches, on one process too: CUDA graph replays would overwrite the micro-batches' gradients
+    got, why = compile_mode_for(mode, Dist(), accum=2)
+    assert got == want and (why is None) == (mode == want)
+    if why:
+        assert why.startswith(f"--compile {mode}: its CUDA graphs keep only the last micro-batch's gradients of an "
+                              "--accum-steps 2 step (pytorch#169545") and repr(want) in why
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8, 12, 13, 16, 32])

@@ -146,8 +146,8 @@ def test_timm_weights_missing_offline_are_one_line_naming_the_cache(jpeg_folder_
 @pytest.mark.parametrize("extra, message", [
     (["--model", "resnet8", "--pretrained"], "--pretrained: --model resnet8 is one of rmix's CIFAR-sized models, which "
                                              "no library publishes weights for; start from a checkpoint with --init-from"),
-    (["--pretrained", "--init-from", "x.pt"], "--pretrained: and --init-from x.pt both say where the weights start: "
-                                              "give one, got True"),
+    (["--pretrained", "--init-from", "x.pt"], "--init-from: a run starts from --init-from or from --pretrained, not "
+                                              "both, got 'x.pt'"),
     (["--pretrained-file", "x.pt"], "--pretrained-file: needs --pretrained, got 'x.pt'"),
     (["--model", "resnet18", "--pretrained", "--pretrained-file", "missing.pt"],
      "--pretrained-file: missing.pt: no such file"),
