@@ -38,7 +38,7 @@ def _torchvision(arch: str, file: str) -> init_from.Source:
     name = f"torchvision {type(weights).__name__}.{weights.name}"
     if file:
         return _named(init_from.read(file, "--pretrained-file"), name)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    path = _hub_file(weights.url)
     if not path.is_file():  # torchvision's own download, into its own cache (its file name's hash checked)
         try:
             torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
@@ -91,7 +91,7 @@ def _timm_cache(cfg) -> str:
     if cfg.hf_hub_id:
         from huggingface_hub.constants import HF_HUB_CACHE
         return f"the Hugging Face cache {HF_HUB_CACHE} (repo {cfg.hf_hub_id})"
-    return f"torch's hub cache {Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(urlparse(cfg.url).path)}"
+    return f"torch's hub cache {_hub_file(cfg.url)}"
 
 
 def _cached_file(cfg) -> tuple[str, str]:
@@ -105,11 +105,16 @@ def _cached_file(cfg) -> tuple[str, str]:
             if isinstance(found, str):
                 candidates.append(found)
     if cfg.url:
-        candidates.append(str(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)))
+        candidates.append(str(_hub_file(cfg.url)))
     for path in candidates:
         if os.path.isfile(path):
             return path, init_from.sha256(path)
     return "", ""
+
+
+def _hub_file(url: str) -> Path:
+    """Where torch.hub's load_state_dict_from_url keeps `url`'s file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
 def _named(source: init_from.Source, name: str) -> init_from.Source:

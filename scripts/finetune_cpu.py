@@ -17,12 +17,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from replicate_cpu import _lines, finished, fmt, write_section
+from replicate_cpu import _lines, finished, fmt, run, write_section
 
 PRESET = "cpu-fashion-finetune"
 METHODS = {"none": [], "cutmix": ["--aug-alpha", "1.0"], "recursive_mix": []}
@@ -38,18 +36,6 @@ def command(start, method, seed, out):
     init = ["--init-from", str(out / "pretrain-shapes" / "latest.pt")] if start == "pretrained" else []
     return ["rmix", "train", "--preset", PRESET, "--aug", method, *METHODS[method], *init, "--seed", str(seed),
             "--out", str(out / start / f"{method}-s{seed}"), "--resume", "auto"]
-
-
-def run(cmd, run_dir: Path):
-    """Train (or resume) one run; adds its wall time to RUN/wall.json."""
-    if finished(run_dir):
-        return
-    print("+", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    wall = run_dir / "wall.json"
-    done = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
-    wall.write_text(json.dumps({"seconds": done + time.time() - t0}) + "\n")
 
 
 def scores(run_dir: Path):

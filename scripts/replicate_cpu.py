@@ -57,11 +57,14 @@ def _lines(path: Path):
 
 
 def run_one(preset, method, seed, out):
-    """Train (or resume) one run; adds its wall time to RUN/wall.json."""
-    run_dir = out / f"{method}-s{seed}"
+    """Train (or resume) one method and seed."""
+    run(command(preset, method, seed, out), out / f"{method}-s{seed}")
+
+
+def run(cmd, run_dir: Path):
+    """Run `cmd`, which trains (or resumes) into `run_dir`, unless finished; adds its wall time to RUN/wall.json."""
     if finished(run_dir):
         return
-    cmd = command(preset, method, seed, out)
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)

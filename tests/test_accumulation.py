@@ -154,6 +154,18 @@ def test_the_batch_must_split_into_equal_micro_batches_and_auto_keeps_the_micro_
 
 
 @pytest.fixture
+def steps(monkeypatch):
+    """(images, accum) of every train_step the engine calls from now on."""
+    calls, real = [], engine.train_step
+
+    def counted(model, policy, images, *a, **kw):
+        calls.append((images.shape[0], kw["accum"]))
+        return real(model, policy, images, *a, **kw)
+    monkeypatch.setattr(engine, "train_step", counted)
+    return calls
+
+
+@pytest.fixture
 def no_norm_model(monkeypatch):
     monkeypatch.setattr(engine, "build_model", lambda cfg, device: NoNorm(cfg.num_classes).to(device))
 
@@ -178,13 +190,7 @@ def test_a_run_with_accum_steps_trains_as_one_with_whole_batches(jpeg_folder_4x6
 
 
 @pytest.mark.slow
-def test_max_steps_and_the_schedule_count_optimizer_steps(jpeg_folder_4x6, tmp_path, monkeypatch):
-    steps, real = [], engine.train_step
-
-    def counted(model, policy, images, *a, **kw):
-        steps.append((images.shape[0], kw["accum"]))
-        return real(model, policy, images, *a, **kw)
-    monkeypatch.setattr(engine, "train_step", counted)
+def test_max_steps_and_the_schedule_count_optimizer_steps(jpeg_folder_4x6, tmp_path, steps):
     r = cli_train(jpeg_folder_4x6, tmp_path / "run", "--accum-steps", "4", "--max-steps", "2", "--schedule", "cos")
     assert r.exit_code == 0, r.output
     assert steps == [(8, 4)] * 6  # 2 optimizer steps of the whole batch in each of the 3 epochs
@@ -224,13 +230,7 @@ def test_a_bad_accum_steps_is_one_line_and_nothing_is_written(jpeg_folder_4x6, t
 
 
 @pytest.mark.slow
-def test_accum_steps_auto_keeps_the_micro_batch_and_says_how(jpeg_folder_4x6, tmp_path, monkeypatch):
-    steps, real = [], engine.train_step
-
-    def counted(model, policy, images, *a, **kw):
-        steps.append((images.shape[0], kw["accum"]))
-        return real(model, policy, images, *a, **kw)
-    monkeypatch.setattr(engine, "train_step", counted)
+def test_accum_steps_auto_keeps_the_micro_batch_and_says_how(jpeg_folder_4x6, tmp_path, steps):
     r = cli_train(jpeg_folder_4x6, tmp_path / "run", "--epochs", "1", "--accum-steps", "auto", "--micro-batch", "2")
     assert r.exit_code == 0, r.output
     assert ("--accum-steps auto (a micro-batch of 2 a process): each optimizer step's batch of 8 is 1 process x 4 "
@@ -266,7 +266,7 @@ def test_a_resume_changes_accum_steps_only_when_allowed_and_says_what_the_histor
 
 
 @pytest.mark.slow
-def test_a_resume_without_accum_steps_goes_on_with_the_runs_own(jpeg_folder_4x6, tmp_path, monkeypatch):
+def test_a_resume_without_accum_steps_goes_on_with_the_runs_own(jpeg_folder_4x6, tmp_path, monkeypatch, request):
     # the relaunch names only --resume: the run's saved --accum-steps 2 holds, not the default 1
     whole = tmp_path / "whole"
     assert cli_train(jpeg_folder_4x6, whole, "--accum-steps", "2").exit_code == 0
@@ -274,14 +274,9 @@ def test_a_resume_without_accum_steps_goes_on_with_the_runs_own(jpeg_folder_4x6,
     real = cut_after_save(monkeypatch, 1, 2)
     assert isinstance(cli_train(jpeg_folder_4x6, out, "--accum-steps", "2", "--save-every-steps", "1").exception, Cut)
     monkeypatch.setattr(checkpoint, "save", real)
-    steps, step = [], engine.train_step
-
-    def counted(model, policy, images, *a, **kw):
-        steps.append(kw["accum"])
-        return step(model, policy, images, *a, **kw)
-    monkeypatch.setattr(engine, "train_step", counted)
+    steps = request.getfixturevalue("steps")  # counted from the resume on
     r = CliRunner().invoke(cli, ["train", "--out", str(out), "--resume", "auto"])
     assert r.exit_code == 0, r.output
     assert "--accum-steps 2: each optimizer step's batch of 8 is 1 process x 2 micro-batches of 4" in r.output
-    assert steps and set(steps) == {2}
+    assert steps and {accum for _, accum in steps} == {2}
     assert_same_run(out, whole)
